@@ -1,0 +1,48 @@
+# qtools: thin targets over scripts/ and the `qtools` CLI. `make help` lists them.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON  ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+QTOOLS  := $(VENV)/bin/qtools
+STAMP   := $(VENV)/.qtools-installed
+
+BITS    ?= 5
+GROUP   ?= 64
+FROM    ?= models/fused_f16
+BASE    ?= models/demo_base
+ADAPTER ?= models/demo_adapter
+OUT     ?= models/fused_f16
+SUITE   ?= suites/demo.jsonl
+RECIPE  ?= uniform
+FORCE   ?= 0
+LOGS    ?= logs
+VALID_BITS := 2 3 4 5 6 8
+VALID_GROUPS := 32 64 128
+
+# Refuse bit-widths and group sizes MLX affine quantization does not support.
+$(foreach b,$(BITS),$(if $(filter $(b),$(VALID_BITS)),,$(error BITS=$(b) is not supported: use one of $(VALID_BITS))))
+$(if $(filter $(GROUP),$(VALID_GROUPS)),,$(error GROUP=$(GROUP) is not supported: use one of $(VALID_GROUPS)))
+
+export FORCE GROUP LOGS
+
+.PHONY: help install test demo survival-demo fuse quantize validate sweep survival compare bench calibrate clean
+
+help: ## Show this help
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+install: $(STAMP) ## Create .venv and build/install qtools (C++ kernel included)
+
+$(STAMP): pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h) scripts/install.sh
+	PYTHON=$(PYTHON) VENV=$(VENV) scripts/install.sh
+	@touch $@
+
+test: $(STAMP) ## Run the test suite
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP) ## Benchmark the kernel against numpy and MLX-CPU on a 1 GB synthetic model
+	$(PY) scripts/bench.py
+
+survival-demo: $(STAMP) ## Run delta-survival on a generated tiny model + adapter
+	scripts/survival_demo.sh

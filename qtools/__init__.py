@@ -1,0 +1,10 @@
+"""qtools: predict which MLX bit-width keeps a LoRA fine-tune alive, then prove it."""
+
+__version__ = "0.1.0"
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
+SUPPORTED_GROUP_SIZES = (32, 64, 128)
+
+
+class QtoolsError(Exception):
+    """An error caused by the user's input; the CLI prints it as one `Error: ...` line."""
