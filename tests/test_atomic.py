@@ -1,0 +1,70 @@
+import errno
+
+import pytest
+
+from qtools import QtoolsError
+from qtools.atomic import TMP_PREFIX, atomic_output_dir
+
+
+def _leftovers(parent):
+    return [p.name for p in parent.iterdir() if p.name.startswith(TMP_PREFIX)]
+
+
+def test_success_renames_into_place(tmp_path):
+    out = tmp_path / "models" / "fused_5bit"
+    with atomic_output_dir(out) as tmp:
+        assert tmp.parent == out.parent and tmp != out
+        (tmp / "config.json").write_text("{}")
+        assert not out.exists()
+    assert (out / "config.json").read_text() == "{}"
+    assert _leftovers(out.parent) == []
+
+
+def test_existing_output_refused_without_force(tmp_path):
+    out = tmp_path / "m"
+    out.mkdir()
+    with pytest.raises(QtoolsError) as info:
+        with atomic_output_dir(out):
+            pass
+    assert str(out) in str(info.value)
+    assert "--force" in str(info.value) and "FORCE=1" in str(info.value)
+
+
+def test_force_replaces_existing(tmp_path):
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with atomic_output_dir(out, force=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_failure_leaves_nothing(tmp_path, exc):
+    out = tmp_path / "m"
+    with pytest.raises(type(exc)):
+        with atomic_output_dir(out) as tmp:
+            (tmp / "config.json").write_text("{}")
+            raise exc
+    assert not out.exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_failure_with_force_keeps_old_output(tmp_path):
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_output_dir(out, force=True):
+            raise RuntimeError("boom")
+    assert (out / "old.txt").read_text() == "old"
+
+
+def test_full_disk_is_clean_error(tmp_path):
+    out = tmp_path / "m"
+    with pytest.raises(QtoolsError, match="no space left on device while writing"):
+        with atomic_output_dir(out):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert not out.exists()
+    assert _leftovers(tmp_path) == []
