@@ -1,0 +1,119 @@
+"""Tests for the demo models: tiny fixtures, tokenizer, chat template, suite schema."""
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from qtools.demo import data
+from qtools.demo.model import make_tiny_adapter, make_tiny_model
+from qtools.demo.tokenizer import build_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("m") / "tiny")
+
+
+def test_make_tiny_model_loads_and_generates(tiny):
+    from mlx_lm import generate, load
+
+    cfg = json.loads((tiny / "config.json").read_text())
+    assert cfg["model_type"] == "qwen3" and cfg["hidden_size"] == 64
+    assert cfg["num_hidden_layers"] == 2
+    w = mx.load(str(tiny / "model.safetensors"))
+    assert w["model.layers.0.self_attn.q_proj.weight"].dtype == mx.float16
+    model, tok = load(str(tiny))
+    out = generate(model, tok, "hello", max_tokens=3)
+    assert isinstance(out, str)
+
+
+def test_make_tiny_model_deterministic(tmp_path):
+    a = make_tiny_model(tmp_path / "a", seed=3, dtype="float32", hidden_size=128, num_layers=1)
+    b = make_tiny_model(tmp_path / "b", seed=3, dtype="float32", hidden_size=128, num_layers=1)
+    wa, wb = mx.load(str(a / "model.safetensors")), mx.load(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    assert all(mx.array_equal(wa[k], wb[k]).item() for k in wa)
+    assert wa["model.embed_tokens.weight"].dtype == mx.float32
+    assert (a / "tokenizer.json").read_text() == (b / "tokenizer.json").read_text()
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_make_tiny_adapter_loads_with_mlx_lm(tiny, tmp_path, dora):
+    from mlx_lm import load
+
+    ad = make_tiny_adapter(tiny, tmp_path / "ad", rank=4, scale=2.0, dora=dora)
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    assert cfg["fine_tune_type"] == ("dora" if dora else "lora")
+    assert cfg["lora_parameters"]["rank"] == 4 and cfg["num_layers"] == 2
+    w = mx.load(str(ad / "adapters.safetensors"))
+    b = w["model.layers.1.self_attn.v_proj.lora_b"]
+    assert b.shape[0] == 4 and float(mx.abs(b).max()) > 0
+    assert ("model.layers.0.self_attn.q_proj.m" in w) == dora
+    base, tok = load(str(tiny))
+    tuned, _ = load(str(tiny), adapter_path=str(ad))
+    x = mx.array([tok.encode("review: delete the old logs")])
+    assert float(mx.abs(tuned(x) - base(x)).max()) > 0
+
+
+def test_make_tiny_adapter_bad_key(tiny, tmp_path):
+    from qtools import QtoolsError
+
+    with pytest.raises(QtoolsError, match="no linear layer"):
+        make_tiny_adapter(tiny, tmp_path / "ad", keys=("self_attn.nope",))
+
+
+def test_tokenizer_round_trip():
+    tok = build_tokenizer()
+    for text in [data.tool_call_text("the billing module"), "review: drop the main branch",
+                 '{"query": "ünïcode \\" quotes"}\n\ttabs']:
+        assert tok.decode(tok.encode(text).ids, skip_special_tokens=False) == text
+    assert tok.token_to_id("<tool_call>") is not None
+
+
+def test_chat_template_and_tool_parser(tiny):
+    from mlx_lm import load
+
+    _, tok = load(str(tiny))
+    assert tok.has_tool_calling and tok.tool_call_start == "<tool_call>"
+    ex = data.base_examples()
+    tool_ex = next(e for e in ex if "tool_calls" in e["messages"][-1])
+    text = tok.apply_chat_template(tool_ex["messages"], tools=tool_ex["tools"], tokenize=False)
+    assert "tools: search_code" in text
+    body = text.split("<tool_call>")[1].split("</tool_call>")[0]
+    call = tok.tool_parser(body)
+    assert call["name"] == "search_code" and call["arguments"]["query"]
+    prompt = tok.apply_chat_template(tool_ex["messages"][:1], tools=tool_ex["tools"],
+                                     add_generation_prompt=True, tokenize=False)
+    assert prompt.endswith("<|im_start|>assistant\n") and text.startswith(prompt)
+
+
+def test_suite_file_matches_generator():
+    path = REPO / "suites" / "demo.jsonl"
+    lines = path.read_text().splitlines()
+    assert [json.loads(x) for x in lines] == data.suite_records()
+    header, cases = json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
+    assert header["suite"]["name"] == "demo"
+    assert 40 <= len(cases) <= 80
+    assert len({c["id"] for c in cases}) == len(cases)
+    for c in cases:
+        assert c["category"] in ("tool_call", "direct", "safety")
+        assert c["messages"][0]["role"] == "user"
+        exp = c["expect"]
+        assert exp["type"] in ("tool_call", "direct", "label")
+        if exp["type"] == "label":
+            assert exp["label"] in exp["labels"]
+        if "critical" in c:
+            assert c["critical"]["expected"] == exp["label"]
+    cats = {k: sum(c["category"] == k for c in cases) for k in ("tool_call", "direct", "safety")}
+    assert min(cats.values()) >= 10
+
+
+def test_suite_held_out_from_finetune():
+    ft = {e["messages"][0]["content"] for e in data.finetune_examples()}
+    suite = {c["messages"][0]["content"] for c in data.suite_records()[1:]}
+    assert not ft & suite
