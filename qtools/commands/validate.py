@@ -1,0 +1,37 @@
+"""`qtools validate MODEL --suite S`: run a behavioural suite, write logs/<model>-<suite>.json."""
+
+import json
+import sys
+
+import click
+
+from ..validate import DEFAULT_MIN_ACCURACY, format_report, log_path, validate, write_log
+
+
+@click.command("validate")
+@click.argument("model", type=click.Path())
+@click.option("--suite", "suite", default="suites/demo.jsonl", show_default=True, type=click.Path(),
+              help="Suite JSONL file.")
+@click.option("--out", "out", type=click.Path(), default=None,
+              help="Log file to write [default: LOGS/<model>-<suite>.json].")
+@click.option("--logs-dir", default="logs", show_default=True, envvar="LOGS", type=click.Path(),
+              help="Where the log goes when --out is not given.")
+@click.option("--max-tokens", type=int, default=None, help="Override the suite's max tokens per answer.")
+@click.option("--min-accuracy", type=click.FloatRange(0, 1), default=DEFAULT_MIN_ACCURACY, show_default=True,
+              help="Verdict fails below this overall accuracy.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON on stdout.")
+def validate_cmd(model, suite, out, logs_dir, max_tokens, min_accuracy, as_json):
+    """Validate MODEL on a suite; exit 1 if the verdict fails (critical errors or low accuracy)."""
+    result = validate(model, suite, max_tokens=max_tokens, min_accuracy=min_accuracy,
+                      progress=sys.stderr.isatty())
+    from ..suite import load_suite
+
+    path = out or log_path(model, load_suite(suite), logs_dir)
+    written = write_log(result, path)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(format_report(result))
+        click.echo(f"log: {written}")
+    if result["verdict"] != "pass":
+        sys.exit(1)
