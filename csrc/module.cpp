@@ -1,0 +1,162 @@
+// nanobind bindings: qtools._ext
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "affine.h"
+#include "quant_stats.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+using AnyArray = nb::ndarray<nb::ro, nb::c_contig, nb::device::cpu>;
+using F32Array = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+
+int parse_dtype(const std::string& s) {
+  if (s == "float32" || s == "F32") return qtools::F32;
+  if (s == "float16" || s == "F16") return qtools::F16;
+  if (s == "bfloat16" || s == "BF16") return qtools::BF16;
+  throw std::invalid_argument("unsupported dtype " + s + " (float16, bfloat16, float32)");
+}
+
+// Checks that a raw array holds `dtype` elements (16-bit types arrive as uint16
+// or float16 views, since numpy has no bfloat16) and returns rows x cols.
+void check_raw(const AnyArray& a, int dtype, const char* what) {
+  if (a.ndim() != 2) throw std::invalid_argument(std::string(what) + " must be 2-D (rows x cols)");
+  bool ok = dtype == qtools::F32 ? a.dtype() == nb::dtype<float>()
+                                 : (a.dtype() == nb::dtype<uint16_t>() ||
+                                    a.dtype() == nb::dtype<int16_t>() ||
+                                    (a.dtype().code == (uint8_t)nb::dlpack::dtype_code::Float &&
+                                     a.dtype().bits == 16));
+  if (!ok) throw std::invalid_argument(std::string(what) + ": array element type does not match dtype");
+}
+
+template <typename T>
+nb::ndarray<nb::numpy, T> to_numpy(std::vector<T>&& v, std::vector<size_t> shape) {
+  auto* heap = new std::vector<T>(std::move(v));
+  nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<std::vector<T>*>(p); });
+  return nb::ndarray<nb::numpy, T>(heap->data(), shape.size(), shape.data(), owner);
+}
+
+nb::dict analyze(const AnyArray& w1, const std::string& w1_dtype, std::vector<int> bits,
+                 int group_size, std::optional<AnyArray> w0, std::optional<std::string> w0_dtype,
+                 std::optional<F32Array> bt, std::optional<F32Array> at, int64_t experts,
+                 std::optional<F32Array> u, std::optional<F32Array> vt, int threads) {
+  qtools::AnalyzeInput in;
+  in.w1_dtype = parse_dtype(w1_dtype);
+  check_raw(w1, in.w1_dtype, "w1");
+  in.w1 = w1.data();
+  in.rows = static_cast<int64_t>(w1.shape(0));
+  in.cols = static_cast<int64_t>(w1.shape(1));
+  in.group_size = group_size;
+  in.bits = bits;
+  in.experts = experts;
+  in.threads = threads;
+  if (w0) {
+    in.w0_dtype = parse_dtype(w0_dtype.value_or(w1_dtype));
+    check_raw(*w0, in.w0_dtype, "w0");
+    if (w0->shape(0) != w1.shape(0) || w0->shape(1) != w1.shape(1))
+      throw std::invalid_argument("w0 and w1 shapes differ");
+    in.w0 = w0->data();
+  }
+  if (bt.has_value() != at.has_value()) throw std::invalid_argument("bt and at go together");
+  if (bt) {
+    in.rank = static_cast<int>(bt->shape(1));
+    if (static_cast<int64_t>(bt->shape(0)) != in.rows)
+      throw std::invalid_argument("adapter factor B has " + std::to_string(bt->shape(0)) +
+                                  " rows, the weight has " + std::to_string(in.rows));
+    if (static_cast<int64_t>(at->shape(0)) != experts * in.rank ||
+        static_cast<int64_t>(at->shape(1)) != in.cols)
+      throw std::invalid_argument("adapter factor A does not match the weight's input dimension");
+    in.bt = bt->data();
+    in.at = at->data();
+  }
+  if (u.has_value() != vt.has_value()) throw std::invalid_argument("u and vt go together");
+  if (u) {
+    int r = static_cast<int>(u->shape(1));
+    if (in.rank && r != in.rank) throw std::invalid_argument("subspace rank differs from adapter rank");
+    in.rank = r;
+    if (static_cast<int64_t>(u->shape(0)) != in.rows ||
+        static_cast<int64_t>(vt->shape(0)) != experts * r ||
+        static_cast<int64_t>(vt->shape(1)) != in.cols)
+      throw std::invalid_argument("subspace bases do not match the weight's shape");
+    in.u = u->data();
+    in.vt = vt->data();
+  }
+  qtools::check_params(in.bits, in.group_size, in.cols);
+
+  qtools::AnalyzeOutput out;
+  {
+    nb::gil_scoped_release release;
+    qtools::analyze(in, out);
+  }
+
+  const size_t nb_ = bits.size();
+  std::vector<double> sse(nb_), max_abs(nb_), sse0(nb_), dot(nb_), dq2(nb_), err2(nb_), sub(nb_);
+  std::vector<int64_t> changed(nb_), agree(nb_);
+  for (size_t b = 0; b < nb_; ++b) {
+    const auto& s = out.by_bits[b];
+    sse[b] = s.sse; max_abs[b] = s.max_abs; sse0[b] = s.sse0; dot[b] = s.dot;
+    dq2[b] = s.dq2; err2[b] = s.err2; sub[b] = s.sub_noise;
+    changed[b] = s.changed; agree[b] = s.sign_agree;
+  }
+  const size_t ngroups = nb_ ? out.steps.size() / nb_ : 0;
+  nb::dict d;
+  d["sse"] = to_numpy(std::move(sse), {nb_});
+  d["max_abs"] = to_numpy(std::move(max_abs), {nb_});
+  d["sse0"] = to_numpy(std::move(sse0), {nb_});
+  d["dot"] = to_numpy(std::move(dot), {nb_});
+  d["dq2"] = to_numpy(std::move(dq2), {nb_});
+  d["err2"] = to_numpy(std::move(err2), {nb_});
+  d["sub_noise"] = to_numpy(std::move(sub), {nb_});
+  d["changed"] = to_numpy(std::move(changed), {nb_});
+  d["sign_agree"] = to_numpy(std::move(agree), {nb_});
+  d["steps"] = to_numpy(std::move(out.steps), {nb_, ngroups});
+  d["group_sse"] = to_numpy(std::move(out.group_sse), {nb_, ngroups});
+  d["w2"] = out.w2;
+  d["d2"] = out.d2;
+  d["sub_d2"] = out.sub_d2;
+  d["nonzero_d"] = out.nonzero_d;
+  d["nonfinite"] = out.nonfinite;
+  d["n"] = in.rows * in.cols;
+  return d;
+}
+
+nb::tuple quantize_dequantize(const AnyArray& w, const std::string& dtype, int bits, int group_size) {
+  int dt = parse_dtype(dtype);
+  check_raw(w, dt, "w");
+  const size_t rows = w.shape(0), cols = w.shape(1);
+  qtools::check_params({bits}, group_size, static_cast<int64_t>(cols));
+  std::vector<uint8_t> codes(rows * cols);
+  std::vector<float> scales(rows * cols / group_size), biases(rows * cols / group_size), deq(rows * cols);
+  {
+    nb::gil_scoped_release release;
+    qtools::quantize_dequantize(w.data(), dt, rows, cols, bits, group_size, codes.data(),
+                                scales.data(), biases.data(), deq.data());
+  }
+  const size_t g = cols / group_size;
+  return nb::make_tuple(to_numpy(std::move(codes), {rows, cols}), to_numpy(std::move(scales), {rows, g}),
+                        to_numpy(std::move(biases), {rows, g}), to_numpy(std::move(deq), {rows, cols}));
+}
+
+}  // namespace
+
+NB_MODULE(_ext, m) {
+  m.doc() = "qtools native kernels: MLX-exact affine quantization statistics";
+  m.def("analyze", &analyze, "w1"_a, "w1_dtype"_a, "bits"_a, "group_size"_a, "w0"_a = nb::none(),
+        "w0_dtype"_a = nb::none(), "bt"_a = nb::none(), "at"_a = nb::none(), "experts"_a = 1,
+        "u"_a = nb::none(), "vt"_a = nb::none(), "threads"_a = 0,
+        "One pass over a weight tensor (rows x cols, raw dtype): quantization error for each\n"
+        "bit-width and, with w0 or the adapter factors bt/at, the delta's survival statistics.");
+  m.def("quantize_dequantize", &quantize_dequantize, "w"_a, "dtype"_a, "bits"_a, "group_size"_a,
+        "MLX affine quantization of one bit-width: (codes, scales, biases, dequantized), float32.");
+}

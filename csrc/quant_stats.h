@@ -1,0 +1,71 @@
+// One pass over a weight tensor: MLX affine quantization error for several
+// bit-widths at once and, given the base weights (or the adapter's low-rank
+// factors), how much of the fine-tuning delta survives each bit-width.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace qtools {
+
+constexpr int kMaxBits = 6;    // bit-widths per call (2 3 4 5 6 8)
+constexpr int kMaxRank = 128;  // adapter rank for the low-rank paths
+
+struct AnalyzeInput {
+  const void* w1 = nullptr;  // fused (or only) weights, rows x cols, dtype w1_dtype
+  int w1_dtype = 0;
+  int64_t rows = 0, cols = 0;
+  int group_size = 64;
+  std::vector<int> bits;
+
+  // Delta source, at most one of:
+  const void* w0 = nullptr;  // base weights, same shape, dtype w0_dtype
+  int w0_dtype = 0;
+  const float* bt = nullptr;  // (rows x rank): scale * lora_b^T per row
+  const float* at = nullptr;  // (experts*rank x cols): lora_a^T per expert
+  int rank = 0;
+  int64_t experts = 1;  // rows are split evenly between experts
+
+  // Optional adapter subspace (orthonormal bases) for projected noise.
+  const float* u = nullptr;   // (rows x rank): basis of the output subspace per expert
+  const float* vt = nullptr;  // (experts*rank x cols): basis of the input subspace
+  int threads = 0;
+};
+
+struct BitsStats {
+  double sse = 0;        // sum of squared quantization error of w1
+  double max_abs = 0;    // max |error|
+  double sse0 = 0;       // same for w0
+  double dot = 0;        // <Dq, D>
+  double dq2 = 0;        // |Dq|^2
+  double err2 = 0;       // |Dq - D|^2
+  double sub_noise = 0;  // |U^T (Dq - D) V|^2
+  int64_t changed = 0;   // codes that differ between w1 and w0
+  int64_t sign_agree = 0;
+};
+
+struct AnalyzeOutput {
+  std::vector<BitsStats> by_bits;
+  double w2 = 0;       // |W1|^2
+  double d2 = 0;       // |D|^2
+  double sub_d2 = 0;   // |U^T D V|^2
+  int64_t nonzero_d = 0;
+  int64_t nonfinite = 0;  // NaN/Inf elements found (w1 or w0)
+  std::vector<float> steps;       // bits x groups: |stored scale| of w1
+  std::vector<float> group_sse;   // bits x groups: squared error per group
+};
+
+// Throws std::invalid_argument on unsupported bits/group size/shapes.
+void analyze(const AnalyzeInput& in, AnalyzeOutput& out);
+
+// Reference-friendly single bit-width quantization: codes (rows x cols),
+// stored scales and biases (rows x cols/group) and the dequantized weights,
+// all as MLX computes them.
+void quantize_dequantize(const void* w, int dtype, int64_t rows, int64_t cols,
+                         int bits, int group_size, uint8_t* codes,
+                         float* scales, float* biases, float* deq);
+
+void check_params(const std::vector<int>& bits, int group_size, int64_t cols);
+
+}  // namespace qtools
