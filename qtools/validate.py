@@ -258,20 +258,21 @@ def quantization_info(config: dict) -> dict:
         return {"quantized": False, "bits": 32 if "32" in dtype else 16, "group_size": None,
                 "mixed": False, "dtype": dtype}
     layer_bits = {v.get("bits") for v in q.values() if isinstance(v, dict) and "bits" in v}
-    return {"quantized": True, "bits": q["bits"], "group_size": q.get("group_size"),
+    # Mixed precision is reported by its lowest bit-width (where the delta dies first).
+    return {"quantized": True, "bits": min(layer_bits | {q["bits"]}), "group_size": q.get("group_size"),
             "mixed": bool(layer_bits - {q["bits"]}), "mode": q.get("mode", "affine")}
 
 
-def check_model_dir(model: str | Path) -> Path:
+def check_model_dir(model: str | Path, what: str = "model") -> Path:
     path = Path(model)
     if not path.exists():
-        raise QtoolsError(f"model {path} does not exist")
+        raise QtoolsError(f"{what} {path} does not exist")
     if not path.is_dir():
-        raise QtoolsError(f"model {path} is not a directory")
+        raise QtoolsError(f"{what} {path} is not a directory")
     if not (path / "config.json").is_file():
-        raise QtoolsError(f"model {path} has no config.json (not an mlx-lm model directory)")
+        raise QtoolsError(f"{what} {path} has no config.json (not an mlx-lm model directory)")
     if not list(path.glob("*.safetensors")):
-        raise QtoolsError(f"model {path} has no weights (*.safetensors)")
+        raise QtoolsError(f"{what} {path} has no weights (*.safetensors)")
     return path
 
 

@@ -1,0 +1,53 @@
+"""`qtools quantize --model M --bits B --out O`: MLX affine quantization through mlx-lm."""
+
+import json
+
+import click
+
+from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from ..quantize import RECIPES, quantize
+from ._fmt import human_bytes
+
+
+@click.command("quantize")
+@click.option("--model", default="models/fused_f16", show_default=True, type=click.Path(),
+              help="Float model directory to quantize (usually the fused float16 model).")
+@click.option("--bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default="5", show_default=True,
+              help="Bits per weight (MLX affine).")
+@click.option("--group-size", type=click.Choice([str(g) for g in SUPPORTED_GROUP_SIZES]), default="64",
+              show_default=True, help="Weights per quantization group.")
+@click.option("--recipe", type=click.Choice(RECIPES), default="uniform", show_default=True,
+              help="uniform, or one of mlx-lm's mixed-precision recipes (ignores --bits).")
+@click.option("--layer-bits", "layer_bits_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="JSON file {layer path: bits (0 = keep float)} overriding single layers.")
+@click.option("--out", default=None, type=click.Path(), help="Output directory [default: models/fused_<bits>bit].")
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def quantize_cmd(model, bits, group_size, recipe, layer_bits_file, out, force, as_json):
+    """Quantize MODEL to --bits; report bits per weight and disk size."""
+    from .. import QtoolsError
+
+    bits, group_size = int(bits), int(group_size)
+    layer_bits = None
+    if layer_bits_file:
+        try:
+            with open(layer_bits_file) as f:
+                layer_bits = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise QtoolsError(f"cannot read --layer-bits {layer_bits_file}: {exc}") from None
+        if not isinstance(layer_bits, dict):
+            raise QtoolsError(f"--layer-bits {layer_bits_file} must hold a JSON object")
+    suffix = f"{bits}bit" if recipe == "uniform" else recipe
+    out = out or f"models/fused_{suffix}"
+    report = quantize(model, out, bits=bits, group_size=group_size, recipe=recipe,
+                      layer_bits=layer_bits, force=force)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    ratio = report["disk_bytes"] / report["source_disk_bytes"] if report["source_disk_bytes"] else 0
+    click.echo(
+        f"quantized {report['source']} -> {report['out']} "
+        f"({recipe if recipe != 'uniform' else str(bits) + '-bit'}, group {group_size}): "
+        f"{report['bits_per_weight']:.3f} bits/weight, {human_bytes(report['disk_bytes'])} "
+        f"({ratio:.0%} of {human_bytes(report['source_disk_bytes'])}) in {report['seconds']:.1f} s"
+    )

@@ -1,0 +1,141 @@
+"""Quantize a float model with MLX affine quantization, through mlx-lm.
+
+`layer_bits` ({"model.layers.3.mlp.down_proj": 8, ...}) keeps chosen layers at
+other bit-widths (or unquantized with 0/None) through mlx-lm's per-layer
+quantization config, for survival-aware mixed precision. `recipe` also offers
+mlx-lm's mixed_3_6 / mixed_4_6 recipes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from . import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QtoolsError
+from .atomic import atomic_output_dir, check_output_free
+from .fuse import PROVENANCE, _mlx_versions
+from .validate import check_model_dir, dir_size
+
+RECIPES = ("uniform", "mixed_3_6", "mixed_4_6")
+
+
+def check_bits(bits: int, group_size: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise QtoolsError(
+            f"bits={bits} is not supported by MLX affine quantization: use one of "
+            + " ".join(map(str, SUPPORTED_BITS))
+        )
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise QtoolsError(
+            f"group size {group_size} is not supported: use one of "
+            + " ".join(map(str, SUPPORTED_GROUP_SIZES))
+        )
+
+
+def make_predicate(
+    model, bits: int, group_size: int, recipe: str = "uniform", layer_bits: dict | None = None
+) -> Callable | None:
+    """The quant_predicate for mlx_lm.utils.quantize_model (None = uniform)."""
+    base = None
+    if recipe != "uniform":
+        from mlx_lm.convert import mixed_quant_predicate_builder
+
+        try:
+            base = mixed_quant_predicate_builder(recipe, model, group_size)
+        except ValueError as exc:
+            raise QtoolsError(f"recipe {recipe} does not apply to this model: {exc}") from None
+    if not layer_bits:
+        return base
+    for path, b in layer_bits.items():
+        if b and b not in SUPPORTED_BITS:
+            raise QtoolsError(f"layer {path}: bits={b} is not supported (use one of {SUPPORTED_BITS} or 0 to keep float)")
+    known = {name for name, _ in model.named_modules()}
+    missing = sorted(set(layer_bits) - known)
+    if missing:
+        raise QtoolsError(f"layer_bits names layers the model does not have: {', '.join(missing[:5])}")
+
+    def predicate(path, module):
+        if path in layer_bits:
+            b = layer_bits[path]
+            if not b:
+                return False
+            return {"group_size": group_size, "bits": int(b), "mode": "affine"}
+        return base(path, module) if base is not None else True
+
+    return predicate
+
+
+def quantize(
+    model: str | Path,
+    out: str | Path,
+    bits: int = 5,
+    group_size: int = 64,
+    recipe: str = "uniform",
+    layer_bits: dict | None = None,
+    force: bool = False,
+    quant_predicate: Callable | None = None,
+) -> dict:
+    """Quantize MODEL (a float model dir) into OUT atomically; return a report dict."""
+    from mlx_lm.utils import compute_bits_per_weight, load, quantize_model, save
+
+    if recipe not in RECIPES:
+        raise QtoolsError(f"recipe {recipe!r} is not known: use one of {', '.join(RECIPES)}")
+    if recipe != "uniform":
+        bits = int(recipe.split("_")[1])  # mixed_L_H: most layers at L bits
+    check_bits(bits, group_size)
+    src = check_model_dir(model)
+    check_output_free(out, force)
+    config_src = json.loads((src / "config.json").read_text())
+    if config_src.get("quantization"):
+        q = config_src["quantization"]
+        raise QtoolsError(
+            f"{src} is already quantized ({q.get('bits')}-bit); quantize the float16 fused model instead"
+        )
+    tic = time.perf_counter()
+    try:
+        net, tokenizer, config = load(str(src), return_config=True, lazy=True)
+    except Exception as exc:
+        raise QtoolsError(f"cannot load model {src}: {exc}") from None
+    predicate = quant_predicate or make_predicate(net, bits, group_size, recipe, layer_bits)
+    with contextlib.redirect_stdout(sys.stderr):  # mlx-lm prints [INFO] lines
+        net, qconfig = quantize_model(net, config, group_size, bits, quant_predicate=predicate)
+    bpw = float(compute_bits_per_weight(net))
+
+    provenance = {}
+    if (src / PROVENANCE).is_file():
+        with contextlib.suppress(ValueError, OSError):
+            provenance = json.loads((src / PROVENANCE).read_text())
+    provenance.update({
+        "kind": "quantized",
+        "quantized_from": str(src.resolve()),
+        "bits": bits,
+        "group_size": group_size,
+        "recipe": recipe,
+        "layer_bits": layer_bits or {},
+        "bits_per_weight": bpw,
+        "quantized": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "quantize_versions": _mlx_versions(),
+    })
+    with atomic_output_dir(out, force) as tmp:
+        with contextlib.redirect_stdout(sys.stderr):
+            save(tmp, str(src), net, tokenizer, qconfig, donate_model=True)
+        (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
+    del net
+    out = Path(out)
+    return {
+        "out": str(out),
+        "source": str(src),
+        "bits": bits,
+        "group_size": group_size,
+        "recipe": recipe,
+        "layer_overrides": len(layer_bits or {}),
+        "bits_per_weight": bpw,
+        "disk_bytes": dir_size(out),
+        "source_disk_bytes": dir_size(src),
+        "seconds": time.perf_counter() - tic,
+    }

@@ -1,0 +1,198 @@
+"""fuse and quantize on tiny generated models: numerics, provenance, bad input, atomic writes."""
+
+import errno
+import json
+
+import mlx.core as mx
+import pytest
+from click.testing import CliRunner
+
+from qtools.atomic import TMP_PREFIX
+from qtools.cli import cli
+from qtools.demo.model import make_tiny_adapter, make_tiny_model
+
+Q = "model.layers.1.self_attn.q_proj"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("base") / "base")
+
+
+@pytest.fixture(scope="module")
+def adapter(base, tmp_path_factory):
+    return make_tiny_adapter(base, tmp_path_factory.mktemp("ad") / "ad", scale=2.0)
+
+
+@pytest.fixture(scope="module")
+def fused(base, adapter, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fused") / "fused_f16"
+    r = CliRunner().invoke(cli, ["fuse", "--base", str(base), "--adapter", str(adapter), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def weights(path):
+    name = "adapters.safetensors" if (path / "adapters.safetensors").exists() else "model.safetensors"
+    return mx.load(str(path / name))
+
+
+def expected_fused(w, adapter, name, scale=2.0):
+    ad = weights(adapter)
+    a, b = ad[f"{name}.lora_a"].astype(mx.float32), ad[f"{name}.lora_b"].astype(mx.float32)
+    return (w.astype(mx.float32) + (scale * b.T) @ a.T).astype(mx.float16)
+
+
+def test_fuse_is_float32_math_saved_float16(base, adapter, fused):
+    got = weights(fused)[f"{Q}.weight"]
+    assert got.dtype == mx.float16
+    want = expected_fused(weights(base)[f"{Q}.weight"], adapter, Q)
+    assert mx.array_equal(got, want).item()
+    # Untouched layers are carried over bit for bit.
+    k = "model.layers.0.mlp.down_proj.weight"
+    assert mx.array_equal(weights(fused)[k], weights(base)[k]).item()
+
+
+def test_fuse_provenance(base, adapter, fused):
+    prov = json.loads((fused / "qtools_provenance.json").read_text())
+    assert prov["base"] == str(base.resolve()) and prov["adapter"] == str(adapter.resolve())
+    assert (prov["scale"], prov["rank"], prov["dtype"], prov["fuse_dtype"]) == (2.0, 4, "float16", "float32")
+    assert f"{Q}" in prov["fused_modules"]
+    cfg = json.loads((fused / "config.json").read_text())
+    assert "quantization" not in cfg
+
+
+def test_fuse_dequantizes_quantized_base(base, adapter, tmp_path):
+    q4 = tmp_path / "base_4bit"
+    assert run("quantize", "--model", base, "--bits", 4, "--out", q4).exit_code == 0
+    out = tmp_path / "fused"
+    r = run("fuse", "--base", q4, "--adapter", adapter, "--out", out)
+    assert r.exit_code == 0, r.output
+    assert "base dequantized" in r.output
+    assert "quantization" not in json.loads((out / "config.json").read_text())
+    wq = weights(q4)
+    deq = mx.dequantize(wq[f"{Q}.weight"], wq[f"{Q}.scales"], wq[f"{Q}.biases"], group_size=64, bits=4)
+    assert mx.array_equal(weights(out)[f"{Q}.weight"], expected_fused(deq, adapter, Q)).item()
+    assert weights(out)["model.layers.0.mlp.down_proj.weight"].dtype == mx.float16
+
+
+def test_fuse_dora(base, tmp_path):
+    ad = make_tiny_adapter(base, tmp_path / "dora", dora=True, scale=2.0)
+    out = tmp_path / "fused"
+    r = run("fuse", "--base", base, "--adapter", ad, "--out", out, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["fine_tune_type"] == "dora"
+    a = weights(ad)
+    w = weights(base)[f"{Q}.weight"].astype(mx.float32)
+    w = w + (2.0 * a[f"{Q}.lora_b"].T) @ a[f"{Q}.lora_a"].T
+    want = ((a[f"{Q}.m"] / mx.linalg.norm(w, axis=1))[:, None] * w).astype(mx.float16)
+    assert mx.allclose(weights(out)[f"{Q}.weight"].astype(mx.float32), want.astype(mx.float32), atol=1e-3).item()
+
+
+def test_fuse_adapter_for_another_model(adapter, tmp_path):
+    other = make_tiny_model(tmp_path / "other", hidden_size=32)
+    r = run("fuse", "--base", other, "--adapter", adapter, "--out", tmp_path / "x")
+    assert r.exit_code == 1
+    assert r.output.startswith(f"Error: adapter {adapter} does not match base model {other}: ")
+    assert "does not match model parameter shape" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "x").exists()
+
+
+def test_fuse_bad_inputs(base, adapter, tmp_path):
+    (tmp_path / "noconf").mkdir()
+    noweights = tmp_path / "noweights"
+    noweights.mkdir()
+    (noweights / "config.json").write_text("{}")
+    cases = [
+        (["--base", tmp_path / "nope", "--adapter", adapter], f"Error: base model {tmp_path / 'nope'} does not exist"),
+        (["--base", tmp_path / "noconf", "--adapter", adapter],
+         f"Error: base model {tmp_path / 'noconf'} has no config.json (not an mlx-lm model directory)"),
+        (["--base", noweights, "--adapter", adapter], f"Error: base model {noweights} has no weights (*.safetensors)"),
+        (["--base", base, "--adapter", tmp_path / "noconf"], f"Error: adapter {tmp_path / 'noconf'} has no adapter_config.json"),
+    ]
+    for args, message in cases:
+        r = run("fuse", *args, "--out", tmp_path / "o")
+        assert (r.exit_code, r.output.strip()) == (1, message)
+
+
+def test_fuse_refuses_existing_output(base, adapter, fused):
+    r = run("fuse", "--base", base, "--adapter", adapter, "--out", fused)
+    assert r.exit_code == 1
+    assert r.output.strip() == f"Error: {fused} already exists; pass --force (make: FORCE=1) to overwrite it"
+
+
+def test_quantize_reports_and_loads(fused, tmp_path):
+    out = tmp_path / "fused_4bit"
+    r = run("quantize", "--model", fused, "--bits", 4, "--group-size", 64, "--out", out, "--json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["bits"] == 4 and rep["group_size"] == 64
+    assert 4.4 < rep["bits_per_weight"] < 4.7
+    assert 0 < rep["disk_bytes"] < rep["source_disk_bytes"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization"]["bits"] == 4 and cfg["quantization"]["group_size"] == 64
+    prov = json.loads((out / "qtools_provenance.json").read_text())
+    assert prov["kind"] == "quantized" and prov["bits"] == 4 and prov["adapter"]
+    # bit-exact with mx.quantize on the fused float16 weight
+    wq, wf = weights(out), weights(fused)[f"{Q}.weight"]
+    ref = mx.quantize(wf, group_size=64, bits=4)
+    assert mx.array_equal(wq[f"{Q}.weight"], ref[0]).item()
+    r = run("quantize", "--model", out, "--bits", 4, "--out", tmp_path / "again")
+    assert r.exit_code == 1
+    assert "is already quantized (4-bit); quantize the float16 fused model instead" in r.output
+
+
+def test_quantize_layer_bits_and_recipe(fused, tmp_path):
+    from mlx_lm import load
+
+    lb = tmp_path / "layers.json"
+    lb.write_text(json.dumps({"model.layers.0.mlp.down_proj": 8, "model.layers.1.mlp.down_proj": 0}))
+    out = tmp_path / "mixed"
+    r = run("quantize", "--model", fused, "--bits", 3, "--layer-bits", lb, "--out", out)
+    assert r.exit_code == 0, r.output
+    model, _ = load(str(out))
+    assert model.model.layers[0].mlp.down_proj.bits == 8
+    assert not hasattr(model.model.layers[1].mlp.down_proj, "bits")
+    assert model.model.layers[0].mlp.up_proj.bits == 3
+    lb.write_text(json.dumps({"model.layers.9.mlp.down_proj": 8}))
+    r = run("quantize", "--model", fused, "--bits", 3, "--layer-bits", lb, "--out", tmp_path / "bad")
+    assert r.exit_code == 1 and "layers the model does not have: model.layers.9.mlp.down_proj" in r.output
+    r = run("quantize", "--model", fused, "--recipe", "mixed_4_6", "--out", tmp_path / "m46", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["bits"] == 4
+
+
+def test_quantize_bad_bits_is_usage_error(fused, tmp_path):
+    r = run("quantize", "--model", fused, "--bits", 7, "--out", tmp_path / "q")
+    assert r.exit_code == 2 and "'7' is not one of '2', '3', '4', '5', '6', '8'" in r.output
+
+
+def _partial_save(exc):
+    def save(dst, *args, **kwargs):
+        (dst / "config.json").write_text("{}")
+        (dst / "model.safetensors").write_bytes(b"partial")
+        raise exc
+    return save
+
+
+@pytest.mark.parametrize("exc, message", [
+    (KeyboardInterrupt(), "Error: interrupted"),
+    (OSError(errno.ENOSPC, "No space left on device"), "Error: no space left on device while writing {out}; the partial output was removed"),
+])
+def test_interrupted_or_full_disk_quantize_leaves_nothing(fused, tmp_path, monkeypatch, exc, message):
+    import mlx_lm.utils
+
+    monkeypatch.setattr(mlx_lm.utils, "save", _partial_save(exc))
+    out = tmp_path / "models" / "fused_4bit"
+    r = run("quantize", "--model", fused, "--bits", 4, "--out", out)
+    assert r.exit_code == 1
+    assert r.output.strip().splitlines()[-1] == message.format(out=out)
+    assert not out.exists()
+    assert [p for p in out.parent.iterdir() if p.name.startswith(TMP_PREFIX)] == []
+    # and validate refuses the missing directory cleanly
+    r = run("validate", out, "--suite", "suites/coding_agent.jsonl")
+    assert (r.exit_code, r.output.strip()) == (1, f"Error: model {out} does not exist")
