@@ -1,0 +1,159 @@
+"""Read an mlx-lm adapter directory as low-rank factors per model weight.
+
+For each adapted module the delta mlx-lm fuses is written as B @ A with
+B = (rows x rank) and A = (experts*rank x cols), so the kernel can rebuild
+any row of the delta without materialising it:
+
+    Linear      delta = scale * lora_b^T @ lora_a^T           (out x in)
+    Embedding   delta = scale * lora_a @ lora_b               (vocab x dims)
+    SwitchLinear delta[e] = scale * lora_b[e] @ lora_a[e]     (experts x out x in)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import QtoolsError
+from .weights import SafetensorsModel
+
+
+@dataclass
+class LowRankDelta:
+    weight_name: str
+    bt: np.ndarray  # (rows x rank) float32, scale folded in
+    at: np.ndarray  # (experts*rank x cols) float32
+    experts: int
+    rank: int
+
+    def subspace(self) -> tuple[np.ndarray, np.ndarray]:
+        """Orthonormal bases of the delta's output (u) and input (vt) subspaces, per expert."""
+        rows = self.bt.shape[0] // self.experts
+        u = np.empty_like(self.bt)
+        vt = np.empty_like(self.at)
+        r = self.rank
+        for e in range(self.experts):
+            qb, _ = np.linalg.qr(self.bt[e * rows : (e + 1) * rows].astype(np.float64))
+            qa, _ = np.linalg.qr(self.at[e * r : (e + 1) * r].T.astype(np.float64))
+            u[e * rows : (e + 1) * rows] = qb
+            vt[e * r : (e + 1) * r] = qa.T
+        return u, vt
+
+    def dense(self) -> np.ndarray:
+        """The delta as a dense float32 array (for tests and small tensors)."""
+        rows = self.bt.shape[0] // self.experts
+        r = self.rank
+        parts = [
+            self.bt[e * rows : (e + 1) * rows] @ self.at[e * r : (e + 1) * r]
+            for e in range(self.experts)
+        ]
+        return np.concatenate(parts, axis=0)
+
+
+class Adapter:
+    """An mlx-lm adapter directory (adapter_config.json + adapters.safetensors)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise QtoolsError(f"{self.path}: adapter directory not found")
+        cfg_path = self.path / "adapter_config.json"
+        if not cfg_path.exists():
+            raise QtoolsError(f"{self.path}: no adapter_config.json (not an mlx-lm adapter directory)")
+        try:
+            self.config = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise QtoolsError(f"{cfg_path}: not valid JSON ({exc.msg})") from None
+        weights = self.path / "adapters.safetensors"
+        if not weights.exists():
+            raise QtoolsError(f"{self.path}: no adapters.safetensors")
+        self.fine_tune_type = self.config.get("fine_tune_type", "lora")
+        if self.fine_tune_type == "full":
+            raise QtoolsError(
+                f"{self.path}: a full fine-tune has no low-rank delta; use --base with the original model"
+            )
+        params = self.config.get("lora_parameters") or {}
+        self.scale = float(params.get("scale", 20.0))
+        self.rank = params.get("rank")
+        self.base_model = self.config.get("model")
+        self._st = SafetensorsModel.from_file(weights)
+        modules = {}
+        for name in self._st.names():
+            module, _, leaf = name.rpartition(".")
+            if leaf in ("lora_a", "lora_b", "m"):
+                modules.setdefault(module, {})[leaf] = name
+        for module, leaves in modules.items():
+            if "lora_a" not in leaves or "lora_b" not in leaves:
+                raise QtoolsError(f"{weights}: module {module} lacks lora_a or lora_b")
+        if not modules:
+            raise QtoolsError(f"{weights}: no lora_a/lora_b tensors")
+        self.modules = modules
+
+    @property
+    def is_dora(self) -> bool:
+        return self.fine_tune_type == "dora" or any("m" in v for v in self.modules.values())
+
+    def weight_name(self, module: str, model_names) -> str:
+        """The model tensor a module adapts (exact name, else a unique suffix match)."""
+        name = module + ".weight"
+        if name in model_names:
+            return name
+        hits = [n for n in model_names if n.endswith("." + name) or name.endswith("." + n)]
+        if len(hits) == 1:
+            return hits[0]
+        raise QtoolsError(f"adapter module {module!r} is not in the model (no tensor {name!r})")
+
+    def deltas(self, model: SafetensorsModel) -> dict[str, LowRankDelta]:
+        """Map model weight name -> low-rank delta, checking every shape against the model."""
+        out = {}
+        names = model.names()
+        for module, leaves in self.modules.items():
+            wname = self.weight_name(module, names)
+            info = model.info(wname)
+            a = self._st.to_float32(leaves["lora_a"])
+            b = self._st.to_float32(leaves["lora_b"])
+            out[wname] = self._factor(module, wname, info.shape, a, b)
+        return out
+
+    def _factor(self, module, wname, shape, a, b) -> LowRankDelta:
+        s = self.scale
+        where = f"adapter module {module!r} (rank from lora_a {a.shape}, lora_b {b.shape})"
+        if len(shape) == 3:  # SwitchLinear: a (E, r, in), b (E, out, r)
+            experts, rows, cols = shape
+            if a.ndim != 3 or b.ndim != 3 or a.shape[0] != experts or b.shape[0] != experts:
+                raise QtoolsError(f"{where} does not match {wname} {list(shape)}")
+            r = a.shape[1]
+            if a.shape[2] != cols or b.shape[1] != rows or b.shape[2] != r:
+                raise QtoolsError(f"{where} does not match {wname} {list(shape)}")
+            bt = (s * b).reshape(experts * rows, r)
+            at = a.reshape(experts * r, cols)
+            self._check_rank(module, r)
+            return LowRankDelta(wname, np.ascontiguousarray(bt, np.float32), np.ascontiguousarray(at, np.float32), experts, r)
+        if len(shape) != 2 or a.ndim != 2 or b.ndim != 2:
+            raise QtoolsError(f"{where} does not match {wname} {list(shape)}")
+        rows, cols = shape
+        if a.shape[1] == b.shape[0] and a.shape[0] == cols and b.shape[1] == rows:
+            # Linear: a (in, r), b (r, out)
+            r = a.shape[1]
+            bt, at = s * b.T, a.T
+        elif "embed" in module and a.shape[0] == rows and b.shape[1] == cols and a.shape[1] == b.shape[0]:
+            # Embedding: a (vocab, r), b (r, dims)
+            r = a.shape[1]
+            bt, at = s * a, b
+        else:
+            raise QtoolsError(f"{where} does not match {wname} {list(shape)}")
+        self._check_rank(module, r)
+        return LowRankDelta(wname, np.ascontiguousarray(bt, np.float32), np.ascontiguousarray(at, np.float32), 1, r)
+
+    def _check_rank(self, module, r):
+        if self.rank is not None and int(self.rank) != r:
+            raise QtoolsError(
+                f"adapter module {module!r} has rank {r} but adapter_config.json says rank {self.rank}"
+            )
+
+    def close(self):
+        self._st.close()
+

@@ -1,0 +1,136 @@
+"""`qtools delta-survival` and `qtools quant-error`."""
+
+import json
+
+import click
+from tabulate import tabulate
+
+from ..survival import delta_survival, quant_error
+
+_bits_option = click.option(
+    "--bits", "bits", type=int, multiple=True, default=(2, 3, 4, 5, 6, 8), show_default=True,
+    help="Bit-widths to analyse (repeat or list: --bits 4 5 6).",
+)
+_group_option = click.option("--group-size", type=int, default=64, show_default=True, help="Quantization group size.")
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+_threads_option = click.option("--threads", type=int, default=0, help="Worker threads (0: all cores).")
+
+
+class BitsCommand(click.Command):
+    """Lets `--bits 4 5 6` take several values, as users type it."""
+
+    def parse_args(self, ctx, args):
+        out, i = [], 0
+        while i < len(args):
+            a = args[i]
+            out.append(a)
+            if a == "--bits":
+                j = i + 1
+                first = True
+                while j < len(args) and args[j].isdigit():
+                    if not first:
+                        out.append("--bits")
+                    out.append(args[j])
+                    first = False
+                    j += 1
+                i = j
+                continue
+            i += 1
+        return super().parse_args(ctx, out)
+
+
+def _fmt(v, spec=".3f"):
+    if v is None:
+        return "-"
+    if isinstance(v, float) and v >= 1e9:
+        return "inf"
+    return format(v, spec)
+
+
+def _summary_table(report, with_delta):
+    rows = []
+    for b in report["bits"]:
+        s = report["summary"][str(b)]
+        row = [b, f"{report['bits_per_weight'][str(b)]:.2f}", _fmt(s["rmse"], ".2e"), _fmt(s["rel_rmse"], ".4f"),
+               _fmt(s["step_median"], ".2e")]
+        if with_delta:
+            v = report["verdict"].get(str(b))
+            row += [_fmt(s.get("delta_to_step")), _fmt(s.get("retention")), _fmt(s.get("cosine")),
+                    _fmt(s.get("sign_agreement")), _fmt(s.get("codes_changed"), ".4f"),
+                    _fmt(s.get("subspace_snr"), ".2f"),
+                    "survives" if v else ("rounded away" if v is not None else "-")]
+        rows.append(row)
+    headers = ["bits", "bits/w", "rmse", "rel rmse", "step (median)"]
+    if with_delta:
+        headers += ["delta/step", "retention", "cosine", "sign agree", "codes chg", "subspace SNR", "verdict"]
+    return tabulate(rows, headers=headers, tablefmt="simple")
+
+
+def _print_skipped(report):
+    if report["skipped"]:
+        click.echo(f"\nSkipped {len(report['skipped'])} tensor(s) mlx-lm would not quantize:")
+        for s in report["skipped"][:10]:
+            click.echo(f"  {s['name']} {s['shape']}: {s['reason']}")
+
+
+@click.command("delta-survival", cls=BitsCommand)
+@click.argument("model", type=click.Path())
+@click.option("--adapter", type=click.Path(), default=None, help="mlx-lm adapter directory the model was fused from.")
+@click.option("--base", type=click.Path(), default=None, help="Base model directory (delta = fused - base).")
+@_bits_option
+@_group_option
+@_json_option
+@_threads_option
+def delta_survival_cmd(model, adapter, base, bits, group_size, as_json, threads):
+    """Predict, from the weights alone, which bit-widths keep the LoRA delta of MODEL.
+
+    MODEL is the fused float model directory. The delta comes from --adapter,
+    --base, or the provenance `qtools fuse` recorded in MODEL.
+    """
+    report = delta_survival(model, bits, group_size, adapter=adapter, base=base, threads=threads,
+                            progress=not as_json)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    src = report["delta_source"]
+    rule = report["threshold"]
+    click.echo(f"Model: {report['model']}   group size {report['group_size']}   "
+               f"delta from: {src['adapter'] or src['base']}")
+    click.echo(_summary_table(report, True))
+    if report["weakest_layers"]:
+        stat = rule["statistic"]
+        rows = [[w["layer"]] + [_fmt(w["by_bits"][str(b)], ".3f") for b in report["bits"]] for w in report["weakest_layers"]]
+        click.echo(f"\nWeakest layers by {stat}:")
+        click.echo(tabulate(rows, headers=["layer"] + [f"{b}-bit" for b in report["bits"]], tablefmt="simple"))
+    _print_skipped(report)
+    pm = report["predicted_min_bits"]
+    tag = " (PROVISIONAL threshold, not yet calibrated against behaviour)" if rule.get("provisional") else ""
+    click.echo(f"\nRule: survives when {rule['statistic']} >= {rule['min']}{tag}; {rule['evidence']}")
+    if pm is None:
+        click.echo("Predicted minimum bit-width: none of the requested bit-widths keeps the delta.")
+    else:
+        click.echo(f"Predicted minimum bit-width: {pm} ({report['bits_per_weight'][str(pm)]:.2f} bits/weight)")
+
+
+@click.command("quant-error", cls=BitsCommand)
+@click.argument("model", type=click.Path())
+@_bits_option
+@_group_option
+@_json_option
+@_threads_option
+@click.option("--top", type=int, default=10, show_default=True, help="Tensors listed with the largest relative error.")
+def quant_error_cmd(model, bits, group_size, as_json, threads, top):
+    """Per-tensor MLX affine quantization error of MODEL (like llama.cpp's quantize-stats)."""
+    report = quant_error(model, bits, group_size, threads=threads, progress=not as_json)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    click.echo(f"Model: {report['model']}   group size {report['group_size']}   tensors {len(report['tensors'])}")
+    click.echo(_summary_table(report, False))
+    lo = str(report["bits"][0])
+    worst = sorted(report["tensors"], key=lambda t: -t["by_bits"][lo]["rel_rmse"])[:top]
+    rows = [[t["name"], "x".join(map(str, t["shape"])), t["dtype"]] +
+            [_fmt(t["by_bits"][str(b)]["rel_rmse"], ".4f") for b in report["bits"]] for t in worst]
+    click.echo(f"\nLargest relative rmse at {lo} bits:")
+    click.echo(tabulate(rows, headers=["tensor", "shape", "dtype"] + [f"{b}-bit" for b in report["bits"]], tablefmt="simple"))
+    _print_skipped(report)

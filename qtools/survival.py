@@ -1,0 +1,425 @@
+"""delta-survival and quant-error: per-tensor MLX quantization statistics.
+
+Every tensor mlx-lm would quantize is read once from its memory map; the
+native kernel computes the statistics for all requested bit-widths in that
+one pass. Statistics are then aggregated per layer, per module kind and per
+model (weighted by |D|^2), and a minimum bit-width is predicted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QtoolsError
+from .adapters import Adapter, LowRankDelta
+from .calibration import threshold_for
+from .weights import FLOAT_DTYPES, SafetensorsModel
+
+PROVENANCE_FILE = "qtools_provenance.json"
+SNR_CAP = 1e9
+KIND_PATTERNS = [
+    ("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "o_proj"),
+    ("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj"),
+    ("embed", "embed_tokens"), ("lm_head", "lm_head"),
+]
+_LAYER_RE = re.compile(r"layers\.(\d+)\.")
+# Statistics that exist only where a delta does, weighted by |D|^2 over tensors.
+DELTA_STATS = ("delta_rms", "delta_to_step", "retention", "cosine", "sign_agreement",
+               "codes_changed", "delta_snr", "subspace_snr")
+
+
+def check_bits(bits, group_size):
+    bits = sorted(set(int(b) for b in bits))
+    if not bits:
+        raise QtoolsError("give at least one bit-width")
+    bad = [b for b in bits if b not in SUPPORTED_BITS]
+    if bad:
+        raise QtoolsError(
+            f"unsupported bits {bad[0]}: MLX affine quantization supports {', '.join(map(str, SUPPORTED_BITS))}"
+        )
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise QtoolsError(
+            f"unsupported group size {group_size}: MLX supports {', '.join(map(str, SUPPORTED_GROUP_SIZES))}"
+        )
+    return bits
+
+
+def bits_per_weight(bits: int, group_size: int) -> float:
+    """Affine storage cost: the codes plus a 16-bit scale and bias per group."""
+    return bits + 32.0 / group_size
+
+
+def module_kind(name: str) -> str:
+    for kind, pat in KIND_PATTERNS:
+        if pat in name:
+            return kind
+    parts = name.split(".")
+    return parts[-2] if len(parts) > 1 else name
+
+
+def layer_index(name: str):
+    m = _LAYER_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def quantizable(info) -> str | None:
+    """Why mlx-lm would not quantize this tensor, or None if it would."""
+    if not info.name.endswith(".weight") or len(info.shape) < 2:
+        return "not a matrix"
+    if not info.is_float:
+        return f"dtype {info.dtype}"
+    return None
+
+
+@dataclass
+class DeltaSource:
+    base: SafetensorsModel | None = None
+    adapter: Adapter | None = None
+    deltas: dict[str, LowRankDelta] = field(default_factory=dict)
+    base_quant: dict | None = None
+
+    def describe(self) -> dict:
+        return {
+            "base": str(self.base.path) if self.base else None,
+            "adapter": str(self.adapter.path) if self.adapter else None,
+        }
+
+
+def resolve_delta_source(model: SafetensorsModel, adapter=None, base=None) -> DeltaSource:
+    """Adapter and/or base given, else the fused directory's provenance record."""
+    if adapter is None and base is None:
+        prov_path = model.path / PROVENANCE_FILE
+        if not prov_path.exists():
+            raise QtoolsError(
+                f"{model.path}: no delta source; give --adapter or --base "
+                f"(a model fused by `qtools fuse` records them in {PROVENANCE_FILE})"
+            )
+        try:
+            prov = json.loads(prov_path.read_text())
+        except json.JSONDecodeError:
+            raise QtoolsError(f"{prov_path}: not valid JSON") from None
+        adapter = prov.get("adapter") if prov.get("adapter") and Path(prov["adapter"]).exists() else None
+        base = prov.get("base") if prov.get("base") and Path(prov["base"]).exists() else None
+        if adapter is None and base is None:
+            raise QtoolsError(
+                f"{prov_path}: the recorded base and adapter no longer exist; give --adapter or --base"
+            )
+    src = DeltaSource()
+    if adapter is not None:
+        src.adapter = Adapter(adapter)
+        src.deltas = src.adapter.deltas(model)
+        if src.adapter.is_dora and base is None:
+            recorded = src.adapter.base_model
+            if recorded and Path(recorded).is_dir():
+                base = recorded
+            else:
+                raise QtoolsError(
+                    f"{src.adapter.path}: a DoRA adapter rescales whole rows, so its delta needs the base model: give --base"
+                )
+    if base is not None:
+        src.base = SafetensorsModel(base)
+        src.base_quant = src.base.quantization
+        _check_same_tensors(model, src.base)
+    return src
+
+
+def _logical_shape(base: SafetensorsModel, name: str, quant: dict | None):
+    info = base.info(name)
+    params = _base_quant_params(base, name, quant)
+    if params is None:
+        return info.shape
+    bits = params["bits"]
+    return (*info.shape[:-1], info.shape[-1] * 32 // bits)
+
+
+def _base_quant_params(base, name, quant):
+    if not quant or base.info(name).dtype != "U32":
+        return None
+    path = name[: -len(".weight")]
+    p = quant.get(path, quant)
+    if p is False:
+        return None
+    return {"bits": p.get("bits", quant.get("bits")), "group_size": p.get("group_size", quant.get("group_size")),
+            "mode": p.get("mode", quant.get("mode", "affine"))}
+
+
+def _check_same_tensors(model: SafetensorsModel, base: SafetensorsModel):
+    def weights(m, quant):
+        skip = set()
+        if quant:
+            for n in m.names():
+                if n.endswith(".scales") or n.endswith(".biases"):
+                    if n.rsplit(".", 1)[0] + ".weight" in m:
+                        skip.add(n)
+        return [n for n in m.names() if n not in skip]
+
+    fused = set(weights(model, None))
+    basen = set(weights(base, base.quantization))
+    only_f = sorted(fused - basen)
+    only_b = sorted(basen - fused)
+    if only_f:
+        raise QtoolsError(f"base {base.path} has no tensor {only_f[0]!r} (the fused model has it): not the same model")
+    if only_b:
+        raise QtoolsError(f"base {base.path} has tensor {only_b[0]!r} that the fused model lacks: not the same model")
+    for n in fused:
+        fs = model.info(n).shape
+        bs = _logical_shape(base, n, base.quantization)
+        if tuple(fs) != tuple(bs):
+            raise QtoolsError(f"tensor {n!r}: fused shape {list(fs)} but base shape {list(bs)}")
+
+
+def _base_tensor(src: DeltaSource, name: str):
+    """The base weight as (raw 2-D array, dtype name); a quantized base is dequantized as mlx-lm fuses it."""
+    info = src.base.info(name)
+    params = _base_quant_params(src.base, name, src.base_quant)
+    if params is None:
+        if info.dtype not in FLOAT_DTYPES:
+            raise QtoolsError(f"base tensor {name!r} has dtype {info.dtype}")
+        return src.base.raw(name), FLOAT_DTYPES[info.dtype]
+    import mlx.core as mx
+
+    stem = name[: -len(".weight")]
+    w = mx.array(np.array(src.base.raw(name)))
+    scales = _mx_from(src.base, stem + ".scales")
+    biases = _mx_from(src.base, stem + ".biases") if stem + ".biases" in src.base else None
+    deq = mx.dequantize(w, scales, biases, group_size=params["group_size"], bits=params["bits"], mode=params["mode"])
+    if deq.dtype == mx.float32:
+        return np.array(deq), "float32"
+    dtype = "bfloat16" if deq.dtype == mx.bfloat16 else "float16"
+    return np.array(deq.view(mx.uint16)), dtype
+
+
+def _mx_from(st: SafetensorsModel, name: str):
+    import mlx.core as mx
+
+    info = st.info(name)
+    raw = np.array(st.raw(name))
+    if info.dtype == "BF16":
+        return mx.array(raw).view(mx.bfloat16)
+    if info.dtype == "F16":
+        return mx.array(raw.view(np.float16))
+    return mx.array(raw)
+
+
+def _tensor_stats(r: dict, bits: list[int], group_size: int, has_delta: bool, has_sub: bool) -> dict:
+    n = int(r["n"])
+    w_rms = math.sqrt(r["w2"] / n) if n else 0.0
+    d2 = float(r["d2"])
+    out = {}
+    for i, b in enumerate(bits):
+        steps = r["steps"][i]
+        step_median = float(np.median(steps))
+        group_rmse = np.sqrt(r["group_sse"][i] / group_size)
+        rmse = math.sqrt(r["sse"][i] / n)
+        s = {
+            "rmse": rmse,
+            "rel_rmse": rmse / w_rms if w_rms > 0 else 0.0,
+            "max_abs_err": float(r["max_abs"][i]),
+            "step_median": step_median,
+            "group_rmse_p50": float(np.percentile(group_rmse, 50)),
+            "group_rmse_p99": float(np.percentile(group_rmse, 99)),
+        }
+        if has_delta and d2 > 0:
+            err2 = float(r["err2"][i])
+            delta_rms = math.sqrt(d2 / n)
+            s.update({
+                "delta_rms": delta_rms,
+                "delta_to_step": delta_rms / step_median if step_median > 0 else SNR_CAP,
+                "retention": float(r["dot"][i]) / d2,
+                "cosine": float(r["dot"][i]) / math.sqrt(float(r["dq2"][i]) * d2) if r["dq2"][i] > 0 else 0.0,
+                "sign_agreement": int(r["sign_agree"][i]) / int(r["nonzero_d"]) if r["nonzero_d"] else 0.0,
+                "codes_changed": int(r["changed"][i]) / n,
+                "delta_snr": min(d2 / err2, SNR_CAP) if err2 > 0 else SNR_CAP,
+            })
+            if has_sub:
+                noise = float(r["sub_noise"][i])
+                s["subspace_snr"] = min(float(r["sub_d2"]) / noise, SNR_CAP) if noise > 0 else SNR_CAP
+        out[str(b)] = s
+    return out
+
+
+def _aggregate(tensors: list[dict], bits: list[int]) -> dict:
+    """Quantization error pooled over elements; delta statistics weighted by |D|^2."""
+    out = {}
+    n_tot = sum(t["_n"] for t in tensors)
+    w2_tot = sum(t["_w2"] for t in tensors)
+    for b in map(str, bits):
+        sse = sum(t["by_bits"][b]["rmse"] ** 2 * t["_n"] for t in tensors)
+        s = {
+            "rmse": math.sqrt(sse / n_tot) if n_tot else 0.0,
+            "rel_rmse": math.sqrt(sse / w2_tot) if w2_tot else 0.0,
+            "max_abs_err": max((t["by_bits"][b]["max_abs_err"] for t in tensors), default=0.0),
+            "step_median": (sum(t["by_bits"][b]["step_median"] * t["_n"] for t in tensors) / n_tot) if n_tot else 0.0,
+        }
+        with_delta = [t for t in tensors if t["_d2"] > 0 and "retention" in t["by_bits"][b]]
+        wsum = sum(t["_d2"] for t in with_delta)
+        if wsum > 0:
+            for key in DELTA_STATS:
+                vals = [(t["_d2"], t["by_bits"][b].get(key)) for t in with_delta]
+                if all(v is not None for _, v in vals):
+                    s[key] = sum(w * v for w, v in vals) / wsum
+            s["delta_tensors"] = len(with_delta)
+        out[b] = s
+    return out
+
+
+def _survives(stats: dict, rule: dict) -> bool | None:
+    v = stats.get(rule["statistic"])
+    return None if v is None else v >= rule["min"]
+
+
+def predict_min_bits(summary: dict, bits: list[int]):
+    """Smallest requested bit-width that survives, with every larger one surviving too."""
+    if not summary:
+        return None, None
+    rule = threshold_for(summary[str(max(bits))])
+    verdict = {}
+    for b in bits:
+        verdict[str(b)] = _survives(summary[str(b)], rule)
+    best = None
+    for b in sorted(bits, reverse=True):
+        if verdict[str(b)]:
+            best = b
+        else:
+            break
+    return best, {"rule": rule, "verdict": verdict}
+
+
+def analyze(
+    model: str | Path,
+    bits=(2, 3, 4, 5, 6, 8),
+    group_size: int = 64,
+    adapter=None,
+    base=None,
+    with_delta: bool = True,
+    threads: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Analyse every quantizable tensor of a model directory; returns the JSON-able report."""
+    from . import _ext
+
+    bits = check_bits(bits, group_size)
+    t0 = time.perf_counter()
+    m = SafetensorsModel(model)
+    if m.quantization:
+        raise QtoolsError(f"{m.path}: the model is already quantized; analyse the float (fused float16) model")
+    src = resolve_delta_source(m, adapter, base) if with_delta else None
+    has_sub = bool(src and src.deltas)
+
+    todo, skipped = [], []
+    for name, info in m.tensors.items():
+        why = quantizable(info)
+        if why == "not a matrix":
+            continue
+        if why is None and info.shape[-1] % group_size:
+            why = f"last dimension {info.shape[-1]} not divisible by group size {group_size} (mlx-lm leaves it unquantized)"
+        if why:
+            skipped.append({"name": name, "shape": list(info.shape), "reason": why})
+        else:
+            todo.append(info)
+    if not todo:
+        raise QtoolsError(f"{m.path}: no tensor can be quantized with group size {group_size}")
+
+    from tqdm import tqdm
+
+    tensors = []
+    bar = tqdm(todo, desc="tensors", unit="tensor", disable=not progress or len(todo) < 8, leave=False)
+    for info in bar:
+        name = info.name
+        cols = info.shape[-1]
+        experts = info.shape[0] if len(info.shape) == 3 else 1
+        w1 = m.raw(name).reshape(-1, cols)
+        kwargs = {}
+        delta = src.deltas.get(name) if src else None
+        if src and src.base is not None:
+            w0, w0_dtype = _base_tensor(src, name)
+            kwargs.update(w0=w0.reshape(-1, cols), w0_dtype=w0_dtype)
+        elif delta is not None:
+            kwargs.update(bt=delta.bt, at=delta.at)
+        if delta is not None:
+            if delta.experts != experts:
+                raise QtoolsError(f"adapter for {name!r} has {delta.experts} experts, the weight has {experts}")
+            u, vt = delta.subspace()
+            kwargs.update(u=u, vt=vt)
+        try:
+            r = _ext.analyze(w1, FLOAT_DTYPES[info.dtype], bits, group_size, experts=experts, threads=threads, **kwargs)
+        except ValueError as exc:
+            raise QtoolsError(f"tensor {name!r}: {exc}") from None
+        m.release(name)
+        if src and src.base is not None and name in src.base:
+            src.base.release(name)
+        if r["nonfinite"]:
+            raise QtoolsError(f"tensor {name!r} in {info.file}: {r['nonfinite']} NaN or Inf values")
+        has_delta = src is not None and (delta is not None or src.base is not None)
+        entry = {
+            "name": name,
+            "shape": list(info.shape),
+            "dtype": FLOAT_DTYPES[info.dtype],
+            "kind": module_kind(name),
+            "layer": layer_index(name),
+            "by_bits": _tensor_stats(r, bits, group_size, has_delta, delta is not None),
+            "_n": int(r["n"]),
+            "_w2": float(r["w2"]),
+            "_d2": float(r["d2"]) if has_delta else 0.0,
+        }
+        tensors.append(entry)
+    m.close()
+
+    summary = _aggregate(tensors, bits)
+    by_kind = {k: _aggregate([t for t in tensors if t["kind"] == k], bits) for k in sorted({t["kind"] for t in tensors})}
+    layer_ids = sorted({t["layer"] for t in tensors if t["layer"] is not None})
+    layers = [{"layer": i, "by_bits": _aggregate([t for t in tensors if t["layer"] == i], bits)} for i in layer_ids]
+
+    report = {
+        "model": str(m.path),
+        "group_size": group_size,
+        "bits": bits,
+        "bits_per_weight": {str(b): bits_per_weight(b, group_size) for b in bits},
+        "summary": summary,
+        "by_kind": by_kind,
+        "layers": layers,
+        "skipped": skipped,
+    }
+    if src is not None:
+        predicted, detail = predict_min_bits(summary, bits)
+        if "retention" not in summary[str(bits[0])]:
+            raise QtoolsError("the delta is zero in every quantizable tensor: nothing to predict (is this the fused model?)")
+        report["delta_source"] = src.describe()
+        report["threshold"] = detail["rule"]
+        report["verdict"] = detail["verdict"]
+        report["predicted_min_bits"] = predicted
+        report["weakest_layers"] = _weakest_layers(layers, bits, detail["rule"]["statistic"])
+    for t in tensors:
+        for k in ("_n", "_w2", "_d2"):
+            t.pop(k)
+    report["tensors"] = tensors
+    report["elapsed_s"] = time.perf_counter() - t0
+    return report
+
+
+def _weakest_layers(layers: list[dict], bits: list[int], stat: str, k: int = 5) -> list[dict]:
+    """Layers ordered by the deciding statistic at the lowest bit-width where it is defined."""
+    rows = []
+    for L in layers:
+        vals = {b: L["by_bits"][str(b)].get(stat) for b in bits}
+        if all(v is None for v in vals.values()):
+            continue
+        rows.append({"layer": L["layer"], "statistic": stat, "by_bits": {str(b): v for b, v in vals.items()}})
+    low = str(min(bits))
+    rows.sort(key=lambda r: (r["by_bits"][low] if r["by_bits"][low] is not None else math.inf))
+    return rows[:k]
+
+
+def delta_survival(model, bits=(2, 3, 4, 5, 6, 8), group_size=64, adapter=None, base=None, threads=0, progress=True):
+    return analyze(model, bits, group_size, adapter=adapter, base=base, with_delta=True, threads=threads, progress=progress)
+
+
+def quant_error(model, bits=(2, 3, 4, 5, 6, 8), group_size=64, threads=0, progress=True):
+    return analyze(model, bits, group_size, with_delta=False, threads=threads, progress=progress)

@@ -1,0 +1,221 @@
+"""Zero-copy, memory-mapped access to safetensors model directories.
+
+A tensor is handed out as a read-only numpy view into the mapped file (16-bit
+types as raw uint16, since numpy has no bfloat16): nothing is read until the
+kernel touches it, and `release()` drops the pages afterwards, so a model
+larger than RAM can be analysed one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import QtoolsError
+
+# safetensors dtype -> (numpy storage dtype, element size)
+_STORAGE = {
+    "F32": (np.float32, 4),
+    "F16": (np.uint16, 2),
+    "BF16": (np.uint16, 2),
+    "F64": (np.float64, 8),
+    "I64": (np.int64, 8),
+    "I32": (np.int32, 4),
+    "U32": (np.uint32, 4),
+    "I16": (np.int16, 2),
+    "I8": (np.int8, 1),
+    "U8": (np.uint8, 1),
+    "BOOL": (np.bool_, 1),
+}
+FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors code: F16, BF16, F32, ...
+    shape: tuple
+    file: Path
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_DTYPES
+
+
+def _read_header(path: Path) -> dict[str, TensorInfo]:
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise QtoolsError(f"{path}: not a safetensors file (truncated header)")
+            (n,) = struct.unpack("<Q", head)
+            if n <= 0 or n > _MAX_HEADER or 8 + n > size:
+                raise QtoolsError(f"{path}: corrupt safetensors header (length {n}, file {size} bytes)")
+            raw = f.read(n)
+    except OSError as exc:
+        raise QtoolsError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise QtoolsError(f"{path}: corrupt safetensors header (not valid JSON)") from None
+    if not isinstance(header, dict):
+        raise QtoolsError(f"{path}: corrupt safetensors header")
+    data_start = 8 + n
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = meta["dtype"]
+            shape = tuple(int(s) for s in meta["shape"])
+            begin, end = (int(x) for x in meta["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise QtoolsError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
+        if dtype not in _STORAGE:
+            raise QtoolsError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+        numel = int(np.prod(shape)) if shape else 1
+        if end - begin != numel * _STORAGE[dtype][1] or begin < 0 or data_start + end > size:
+            raise QtoolsError(
+                f"{path}: tensor {name!r} lies outside the file or does not match its shape "
+                "(truncated or corrupt safetensors file)"
+            )
+        out[name] = TensorInfo(name, dtype, shape, path, data_start + begin, end - begin)
+    return out
+
+
+class SafetensorsModel:
+    """All tensors of a model directory (single file or sharded with an index)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise QtoolsError(f"{self.path}: no such directory")
+        if not self.path.is_dir():
+            raise QtoolsError(f"{self.path}: not a directory")
+        files = self._weight_files()
+        self.tensors: dict[str, TensorInfo] = {}
+        for f in files:
+            for name, info in _read_header(f).items():
+                self.tensors[name] = info
+        self._maps: dict[Path, mmap.mmap] = {}
+        config = self.path / "config.json"
+        self.config = {}
+        if config.exists():
+            try:
+                self.config = json.loads(config.read_text())
+            except json.JSONDecodeError as exc:
+                raise QtoolsError(f"{config}: not valid JSON ({exc.msg})") from None
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "SafetensorsModel":
+        """One bare .safetensors file (e.g. adapters.safetensors)."""
+        self = cls.__new__(cls)
+        self.path = Path(path).parent
+        if not Path(path).exists():
+            raise QtoolsError(f"{path}: no such file")
+        self.tensors = _read_header(Path(path))
+        self._maps = {}
+        self.config = {}
+        return self
+
+    def _weight_files(self) -> list[Path]:
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise QtoolsError(f"{index}: corrupt index (no weight_map)") from None
+            files = sorted({self.path / f for f in weight_map.values()})
+            missing = [str(f) for f in files if not f.exists()]
+            if missing:
+                raise QtoolsError(f"{index}: shard {missing[0]} is missing")
+            return files
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise QtoolsError(f"{self.path}: no .safetensors weights found")
+        return files
+
+    @property
+    def quantization(self) -> dict | None:
+        return self.config.get("quantization") or self.config.get("quantization_config")
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise QtoolsError(f"{self.path}: no tensor named {name!r}") from None
+
+    def raw(self, name: str) -> np.ndarray:
+        """Read-only view of the tensor's stored bytes (16-bit floats as uint16)."""
+        info = self.info(name)
+        mm = self._maps.get(info.file)
+        if mm is None:
+            with open(info.file, "rb") as f:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._maps[info.file] = mm
+        storage, _ = _STORAGE[info.dtype]
+        arr = np.frombuffer(mm, dtype=storage, count=info.numel, offset=info.start)
+        return arr.reshape(info.shape)
+
+    def release(self, name: str) -> None:
+        """Tell the kernel the tensor's pages may be dropped (keeps RSS near one tensor)."""
+        info = self.info(name)
+        mm = self._maps.get(info.file)
+        if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        start = (info.start // page) * page
+        length = info.start + info.nbytes - start
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, start, length)
+        except (OSError, ValueError):
+            pass
+
+    def to_float32(self, name: str) -> np.ndarray:
+        """A float32 copy of a (small) tensor, e.g. adapter factors."""
+        info = self.info(name)
+        raw = self.raw(name)
+        if info.dtype == "F32":
+            return np.array(raw, dtype=np.float32)
+        if info.dtype == "F16":
+            return raw.view(np.float16).astype(np.float32)
+        if info.dtype == "BF16":
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        raise QtoolsError(f"{info.file}: tensor {name!r} is {info.dtype}, not a float tensor")
+
+    def close(self) -> None:
+        for mm in self._maps.values():
+            try:
+                mm.close()
+            except BufferError:
+                pass  # a view is still alive; the map closes when it is collected
+        self._maps.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
