@@ -1,8 +1,3 @@
-"""Small formatting helpers shared by the pipeline commands."""
+"""Formatting helpers shared by the pipeline commands."""
 
-
-def human_bytes(n: float) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
+from ..validate import human_bytes  # noqa: F401
