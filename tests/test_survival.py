@@ -1,0 +1,268 @@
+"""`qtools delta-survival` / `qtools quant-error` through the CLI, good and bad input."""
+
+import json
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from qtools.cli import cli
+from qtools.demo.model import make_tiny_adapter, make_tiny_model
+
+SUMMARY_KEYS = {"rmse", "retention", "cosine", "codes_changed", "delta_to_step", "sign_agreement"}
+
+
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory):
+    """A tiny base, a LoRA adapter for it, and their float16 fusion (fused in float32)."""
+    root = tmp_path_factory.mktemp("survival")
+    base, adapter, fused = root / "base", root / "adapter", root / "fused"
+    make_tiny_model(base, hidden_size=128, num_layers=2, seed=0)
+    make_tiny_adapter(base, adapter, rank=4, scale=1.0, seed=1)
+    res = CliRunner().invoke(cli, ["fuse", "--base", str(base), "--adapter", str(adapter), "--out", str(fused)])
+    assert res.exit_code == 0, res.output
+    return base, adapter, fused
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def survival_json(*args):
+    res = run("delta-survival", *args, "--json")
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def test_json_report_has_the_documented_shape(trio):
+    base, adapter, fused = trio
+    rep = survival_json(fused, "--adapter", adapter, "--bits", 3, 4, 5)
+    assert rep["model"] == str(fused) and rep["group_size"] == 64 and rep["bits"] == [3, 4, 5]
+    for b in ("3", "4", "5"):
+        assert SUMMARY_KEYS <= set(rep["summary"][b])
+    assert rep["predicted_min_bits"] in (3, 4, 5, None)
+    names = {t["name"] for t in rep["tensors"]}
+    assert "model.layers.0.self_attn.q_proj.weight" in names
+    assert "model.embed_tokens.weight" in names  # embeddings are quantized by mlx-lm too
+    t = next(t for t in rep["tensors"] if t["name"] == "model.layers.1.self_attn.v_proj.weight")
+    assert t["dtype"] == "float16" and len(t["shape"]) == 2
+    assert SUMMARY_KEYS <= set(t["by_bits"]["4"])
+    # untouched tensors carry quantization error only
+    k = next(t for t in rep["tensors"] if t["name"] == "model.layers.0.self_attn.k_proj.weight")
+    assert "rmse" in k["by_bits"]["4"] and "retention" not in k["by_bits"]["4"]
+    assert {"q", "v"} <= set(rep["by_kind"])
+    assert [L["layer"] for L in rep["layers"]] == [0, 1]
+
+
+def test_survival_improves_with_bits(trio):
+    _, adapter, fused = trio
+    rep = survival_json(fused, "--adapter", adapter)
+    cos = [rep["summary"][str(b)]["cosine"] for b in rep["bits"]]
+    err = [rep["summary"][str(b)]["rmse"] for b in rep["bits"]]
+    assert cos == sorted(cos) and cos[-1] > 0.95
+    assert err == sorted(err, reverse=True)
+    assert rep["summary"]["8"]["retention"] == pytest.approx(1.0, abs=0.05)
+
+
+def test_adapter_and_base_sources_agree(trio):
+    """The delta rebuilt from the adapter's factors matches fused - base."""
+    base, adapter, fused = trio
+    a = survival_json(fused, "--adapter", adapter, "--bits", 4)["summary"]["4"]
+    b = survival_json(fused, "--base", base, "--bits", 4)["summary"]["4"]
+    for key in ("retention", "cosine", "codes_changed", "delta_to_step"):
+        assert a[key] == pytest.approx(b[key], rel=0.05, abs=0.01), key
+
+
+def test_provenance_is_used_when_no_source_is_given(trio):
+    _, adapter, fused = trio
+    rep = survival_json(fused, "--bits", 4)
+    assert rep["delta_source"]["adapter"] == str(adapter.resolve())
+    assert "subspace_snr" in rep["summary"]["4"]
+
+
+def test_human_output_names_the_prediction_and_provisional_threshold(trio):
+    _, adapter, fused = trio
+    res = run("delta-survival", fused, "--adapter", adapter, "--bits", 4, 5, 6)
+    assert res.exit_code == 0, res.output
+    assert "Predicted minimum bit-width" in res.output
+    assert "PROVISIONAL" in res.output
+    assert "Weakest layers" in res.output
+
+
+def test_quant_error_json_has_no_delta_keys(trio):
+    _, _, fused = trio
+    res = run("quant-error", fused, "--bits", 4, 8, "--json")
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert set(rep["summary"]) == {"4", "8"}
+    assert "retention" not in rep["summary"]["4"] and "predicted_min_bits" not in rep
+    assert rep["summary"]["8"]["rmse"] < rep["summary"]["4"]["rmse"]
+
+
+def test_dora_adapter_uses_the_base(tmp_path):
+    base, adapter = tmp_path / "base", tmp_path / "dora"
+    make_tiny_model(base, hidden_size=64, num_layers=1)
+    make_tiny_adapter(base, adapter, rank=2, scale=1.0, dora=True)
+    fused = tmp_path / "fused"
+    assert run("fuse", "--base", base, "--adapter", adapter, "--out", fused).exit_code == 0
+    rep = survival_json(fused, "--adapter", adapter, "--base", base, "--bits", 4, 8)
+    assert rep["summary"]["8"]["cosine"] > 0.9
+
+
+# ---------------------------------------------------------------- bad input
+
+def error_line(res):
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("Error: "), res.output
+    assert "Traceback" not in res.output
+    return lines[-1]
+
+
+def test_missing_directory(tmp_path):
+    res = run("delta-survival", tmp_path / "nope", "--base", tmp_path)
+    assert res.exit_code == 1
+    assert "nope: no such directory" in error_line(res)
+
+
+def test_directory_without_safetensors(tmp_path):
+    res = run("quant-error", tmp_path)
+    assert res.exit_code == 1
+    assert "no .safetensors weights found" in error_line(res)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "header"])
+def test_corrupt_safetensors(trio, tmp_path, damage):
+    _, _, fused = trio
+    bad = tmp_path / "bad"
+    shutil.copytree(fused, bad)
+    f = next(bad.glob("*.safetensors"))
+    data = f.read_bytes()
+    if damage == "truncate":
+        f.write_bytes(data[: len(data) // 2])
+    else:
+        f.write_bytes(data[:8] + b"{not json" + data[17:])
+    res = run("quant-error", bad)
+    assert res.exit_code == 1
+    line = error_line(res)
+    assert str(f) in line and ("corrupt" in line or "truncated" in line)
+
+
+def test_base_with_different_tensors(trio, tmp_path):
+    _, _, fused = trio
+    other = tmp_path / "other"
+    make_tiny_model(other, hidden_size=64, num_layers=2)
+    res = run("delta-survival", fused, "--base", other)
+    assert res.exit_code == 1
+    assert "fused shape" in error_line(res) and "base shape" in error_line(res)
+    fewer = tmp_path / "fewer"
+    make_tiny_model(fewer, hidden_size=128, num_layers=1)
+    res = run("delta-survival", fused, "--base", fewer)
+    assert res.exit_code == 1
+    assert "no tensor 'model.layers.1." in error_line(res)
+
+
+def test_adapter_for_another_model(trio, tmp_path):
+    _, _, fused = trio
+    small = tmp_path / "small"
+    make_tiny_model(small, hidden_size=64, num_layers=2)
+    make_tiny_adapter(small, tmp_path / "ad", rank=4)
+    res = run("delta-survival", fused, "--adapter", tmp_path / "ad")
+    assert res.exit_code == 1
+    assert "does not match" in error_line(res)
+
+
+def test_adapter_module_not_in_model(trio, tmp_path):
+    _, adapter, fused = trio
+    bad = tmp_path / "ad"
+    shutil.copytree(adapter, bad)
+    w = mx.load(str(bad / "adapters.safetensors"))
+    w = {k.replace("layers.0.", "layers.9."): v for k, v in w.items()}
+    mx.save_safetensors(str(bad / "adapters.safetensors"), w)
+    res = run("delta-survival", fused, "--adapter", bad)
+    assert res.exit_code == 1
+    assert "model.layers.9.self_attn" in error_line(res) and "not in the model" in error_line(res)
+
+
+def test_adapter_rank_mismatch(trio, tmp_path):
+    _, adapter, fused = trio
+    bad = tmp_path / "ad"
+    shutil.copytree(adapter, bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg["lora_parameters"]["rank"] = 8
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    res = run("delta-survival", fused, "--adapter", bad)
+    assert res.exit_code == 1
+    assert "has rank 4 but adapter_config.json says rank 8" in error_line(res)
+
+
+@pytest.mark.parametrize("bits", [1, 7, 9])
+def test_unsupported_bits(trio, bits):
+    _, adapter, fused = trio
+    res = run("delta-survival", fused, "--adapter", adapter, "--bits", 4, bits)
+    assert res.exit_code == 1
+    assert f"unsupported bits {bits}" in error_line(res)
+
+
+def test_unsupported_group_size(trio):
+    _, _, fused = trio
+    res = run("quant-error", fused, "--group-size", 48)
+    assert res.exit_code == 1
+    assert "unsupported group size 48" in error_line(res)
+
+
+def write_model(path, tensors):
+    path.mkdir()
+    (path / "config.json").write_text("{}")
+    mx.save_safetensors(str(path / "model.safetensors"), tensors)
+
+
+def test_group_size_that_does_not_divide_is_skipped_and_said(tmp_path):
+    rng = np.random.default_rng(0)
+    write_model(tmp_path / "m", {
+        "a.weight": mx.array(rng.standard_normal((8, 128)).astype(np.float32)).astype(mx.float16),
+        "b.weight": mx.array(rng.standard_normal((8, 96)).astype(np.float32)).astype(mx.float16),
+    })
+    res = run("quant-error", tmp_path / "m", "--group-size", 64, "--json")
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert [t["name"] for t in rep["tensors"]] == ["a.weight"]
+    assert rep["skipped"][0]["name"] == "b.weight" and "not divisible by group size 64" in rep["skipped"][0]["reason"]
+    human = run("quant-error", tmp_path / "m")
+    assert "b.weight [8, 96]: last dimension 96 not divisible by group size 64" in human.output
+
+
+def test_nan_weights_are_an_error_naming_the_tensor(tmp_path):
+    x = np.ones((4, 64), np.float32)
+    x[2, 3] = np.nan
+    write_model(tmp_path / "m", {"layer.weight": mx.array(x).astype(mx.bfloat16)})
+    res = run("quant-error", tmp_path / "m")
+    assert res.exit_code == 1
+    assert "tensor 'layer.weight'" in error_line(res) and "NaN or Inf" in error_line(res)
+
+
+def test_no_delta_source(tmp_path):
+    write_model(tmp_path / "m", {"w.weight": mx.zeros((4, 64), dtype=mx.float16)})
+    res = run("delta-survival", tmp_path / "m")
+    assert res.exit_code == 1
+    assert "no delta source" in error_line(res)
+
+
+def test_sharded_model_is_read_through_its_index(tmp_path):
+    rng = np.random.default_rng(1)
+    d = tmp_path / "sharded"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    t1 = {"x.weight": mx.array(rng.standard_normal((4, 64)).astype(np.float32))}
+    t2 = {"y.weight": mx.array(rng.standard_normal((4, 64)).astype(np.float32))}
+    mx.save_safetensors(str(d / "model-00001-of-00002.safetensors"), t1)
+    mx.save_safetensors(str(d / "model-00002-of-00002.safetensors"), t2)
+    index = {"weight_map": {"x.weight": "model-00001-of-00002.safetensors",
+                            "y.weight": "model-00002-of-00002.safetensors"}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    rep = json.loads(run("quant-error", d, "--bits", 4, "--json").stdout)
+    assert sorted(t["name"] for t in rep["tensors"]) == ["x.weight", "y.weight"]
+    (d / "model-00002-of-00002.safetensors").unlink()
+    res = run("quant-error", d)
+    assert res.exit_code == 1 and "is missing" in error_line(res)
