@@ -1,0 +1,300 @@
+"""Compare validate logs side by side: winner per metric, verdict, recommendation.
+
+Also checks delta-survival's prediction against behaviour, per bit-width: the
+prediction says the fine-tune survives at b bits when b >= predicted_min_bits;
+behaviour says it survived when accuracy and critical errors meet the criteria.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import QtoolsError
+from .validate import human_bytes
+
+
+@dataclass
+class Criteria:
+    min_accuracy: float = 0.8
+    max_critical: int = 0
+    max_gen_s: float | None = 3.0
+    max_memory_gb: float | None = 20.0
+
+
+def _is_log(obj) -> bool:
+    return isinstance(obj, dict) and "qtools_log" in obj and "cases" in obj
+
+
+def _is_survival(obj) -> bool:
+    return isinstance(obj, dict) and "summary" in obj and "predicted_min_bits" in obj
+
+
+def load_inputs(paths, survival: str | Path | None = None) -> tuple[list, dict | None]:
+    """Read validate logs (and a survival JSON, given or found among them)."""
+    logs, surv = [], None
+    if survival is not None:
+        surv = _read_json(survival)
+        if not _is_survival(surv):
+            raise QtoolsError(f"{survival} is not `qtools delta-survival --json` output")
+    for p in paths:
+        obj = _read_json(p)
+        if _is_log(obj):
+            obj["_path"] = str(p)
+            logs.append(obj)
+        elif _is_survival(obj):
+            surv = surv or obj  # `make compare` passes logs/*.json, survival.json included
+        else:
+            raise QtoolsError(f"{p} is not a qtools validate log")
+    if not logs:
+        raise QtoolsError("no validate logs given: run `make validate MODEL=...` or `make sweep` first")
+    return logs, surv
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise QtoolsError(f"{path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise QtoolsError(f"cannot read {path}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise QtoolsError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+
+
+def _sort_key(log):
+    # Float models first, then falling bit-width, then name.
+    return (-(log.get("bits") or 0), log.get("mixed", False), log["model"])
+
+
+def model_verdict(log: dict, c: Criteria) -> list:
+    """Reasons the model fails the criteria (empty list: it passes)."""
+    reasons = []
+    if log["accuracy"] < c.min_accuracy:
+        reasons.append(f"accuracy {log['accuracy']:.1%} < {c.min_accuracy:.0%}")
+    if log["critical_errors"] > c.max_critical:
+        reasons.append(f"{log['critical_errors']} critical error(s) > {c.max_critical}")
+    if c.max_gen_s is not None and log["mean_gen_s"] > c.max_gen_s:
+        reasons.append(f"mean generation {log['mean_gen_s']:.2f} s > {c.max_gen_s} s")
+    if c.max_memory_gb is not None and log["peak_memory_gb"] > c.max_memory_gb:
+        reasons.append(f"peak memory {log['peak_memory_gb']:.2f} GB > {c.max_memory_gb} GB")
+    return reasons
+
+
+def survival_at(surv: dict | None, bits) -> dict | None:
+    if not surv or bits is None:
+        return None
+    return surv.get("summary", {}).get(str(bits))
+
+
+def predicted_survives(surv: dict, bits: int) -> bool:
+    p = surv.get("predicted_min_bits")
+    return p is not None and bits >= p
+
+
+ROWS = [
+    # (label, key, better, formatter)
+    ("bits", "bits", None, lambda v, log: f"{v}" + (" mixed" if log.get("mixed") else "") if log.get("quantized") else f"float{v}"),
+    ("bits/weight", "bits_per_weight", "min", lambda v, log: f"{v:.2f}"),
+    ("disk size", "disk_bytes", "min", lambda v, log: human_bytes(v)),
+    ("accuracy", "accuracy", "max", lambda v, log: f"{v:.1%} ({log['correct']}/{log['total']})"),
+    ("critical errors", "critical_errors", "min", lambda v, log: f"{v}"),
+    ("format compliance", "format_compliance", "max", lambda v, log: f"{v:.0%}"),
+    ("load time", "load_s", "min", lambda v, log: f"{v:.2f} s"),
+    ("first query", "first_gen_s", "min", lambda v, log: f"{v:.2f} s"),
+    ("mean generation", "mean_gen_s", "min", lambda v, log: f"{v:.2f} s"),
+    ("tokens/s", "tokens_per_s", "max", lambda v, log: f"{v:.1f}"),
+    ("peak memory", "peak_memory_gb", "min", lambda v, log: human_bytes(v * 1e9)),
+]
+
+
+def _winner(values: dict, better: str | None):
+    vals = {m: v for m, v in values.items() if v is not None}
+    if better is None or len(vals) < 2:
+        return ""
+    best = max(vals.values()) if better == "max" else min(vals.values())
+    winners = [m for m, v in vals.items() if abs(v - best) <= 1e-9 * max(1.0, abs(best))]
+    return "tie" if len(winners) == len(vals) else ", ".join(winners)
+
+
+def compare_suite(logs: list, surv: dict | None, c: Criteria) -> dict:
+    logs = sorted(logs, key=_sort_key)
+    names = [log["model"] for log in logs]
+    rows = []
+    for label, key, better, fmt in ROWS:
+        values = {log["model"]: log.get(key) for log in logs}
+        rows.append({
+            "metric": label, "key": key, "better": better,
+            "values": values,
+            "display": {log["model"]: fmt(log[key], log) if log.get(key) is not None else "-" for log in logs},
+            "winner": _winner(values, better),
+        })
+    categories = []
+    for log in logs:
+        for cat in log.get("per_category", {}):
+            if cat not in categories:
+                categories.append(cat)
+    for cat in categories:
+        values = {log["model"]: log.get("per_category", {}).get(cat, {}).get("accuracy") for log in logs}
+        rows.insert(4 + categories.index(cat), {
+            "metric": f"  {cat}", "key": f"per_category.{cat}", "better": "max", "values": values,
+            "display": {m: f"{v:.0%}" if v is not None else "-" for m, v in values.items()},
+            "winner": _winner(values, "max"),
+        })
+    if surv:
+        values = {}
+        for log in logs:
+            s = survival_at(surv, log.get("bits")) if log.get("quantized") else None
+            values[log["model"]] = s.get("retention") if s else None
+        rows.append({
+            "metric": "predicted retention", "key": "survival.retention", "better": "max", "values": values,
+            "display": {m: f"{v:.2f}" if v is not None else "-" for m, v in values.items()},
+            "winner": _winner(values, "max"),
+        })
+
+    verdicts = {log["model"]: model_verdict(log, c) for log in logs}
+    passing = [log for log in logs if not verdicts[log["model"]]]
+    recommended = min(passing, key=lambda log: (log["disk_bytes"], log["bits_per_weight"]))["model"] if passing else None
+
+    agreement = []
+    if surv:
+        behaviour_c = Criteria(c.min_accuracy, c.max_critical, None, None)
+        for log in logs:
+            if not log.get("quantized") or log.get("mixed"):
+                continue
+            pred = predicted_survives(surv, log["bits"])
+            held = not model_verdict(log, behaviour_c)
+            s = survival_at(surv, log["bits"]) or {}
+            agreement.append({
+                "model": log["model"], "bits": log["bits"],
+                "retention": s.get("retention"), "cosine": s.get("cosine"),
+                "predicted": "survives" if pred else "rounded away",
+                "observed": "survives" if held else "fails",
+                "agree": pred == held,
+            })
+    return {
+        "suite": logs[0]["suite"],
+        "models": names,
+        "rows": rows,
+        "verdicts": {m: ("pass" if not r else "fail") for m, r in verdicts.items()},
+        "verdict_reasons": verdicts,
+        "recommendation": recommended,
+        "predicted_min_bits": surv.get("predicted_min_bits") if surv else None,
+        "survival_agreement": agreement,
+    }
+
+
+def compare(paths, survival=None, criteria: Criteria | None = None) -> dict:
+    """Compare validate logs (grouped by suite); returns the full result."""
+    criteria = criteria or Criteria()
+    logs, surv = load_inputs(paths, survival)
+    by_suite: dict = {}
+    for log in logs:
+        # A rerun replaces the older log of the same model and suite.
+        key = (log["suite"], log["model"])
+        if key not in by_suite or log.get("created", "") >= by_suite[key].get("created", ""):
+            by_suite[key] = log
+    suites = []
+    for name in dict.fromkeys(s for s, _ in by_suite):
+        suites.append(compare_suite([v for (s, _), v in by_suite.items() if s == name], surv, criteria))
+    return {
+        "criteria": asdict(criteria),
+        "survival_model": surv.get("model") if surv else None,
+        "comparisons": suites,
+        "_logs": logs,
+        "_survival": surv,
+    }
+
+
+def format_comparison(result: dict) -> str:
+    from tabulate import tabulate
+
+    c = result["criteria"]
+    crit = [f"accuracy >= {c['min_accuracy']:.0%}", f"critical errors <= {c['max_critical']}"]
+    if c["max_gen_s"] is not None:
+        crit.append(f"mean generation <= {c['max_gen_s']} s")
+    if c["max_memory_gb"] is not None:
+        crit.append(f"peak memory <= {c['max_memory_gb']} GB")
+    out = []
+    for comp in result["comparisons"]:
+        models = comp["models"]
+        table = [[row["metric"], *[row["display"][m] for m in models], row["winner"]] for row in comp["rows"]]
+        table.append(["verdict", *[comp["verdicts"][m].upper() for m in models], ""])
+        out.append(f"suite: {comp['suite']}")
+        out.append(tabulate(table, headers=["metric", *models, "winner"], tablefmt="github"))
+        out.append("")
+        out.append("criteria: " + ", ".join(crit))
+        for m in models:
+            if comp["verdict_reasons"][m]:
+                out.append(f"  {m}: FAIL ({'; '.join(comp['verdict_reasons'][m])})")
+        if comp["recommendation"]:
+            out.append(f"recommendation: {comp['recommendation']} (smallest model meeting all criteria)")
+        else:
+            out.append("recommendation: none (no model meets all criteria)")
+        if comp["survival_agreement"]:
+            out.append("")
+            pmb = comp["predicted_min_bits"]
+            out.append(f"delta-survival predicted the fine-tune survives down to "
+                       f"{pmb if pmb is not None else '(no tested bit-width)'} bits:")
+            out.append(tabulate(
+                [[a["bits"], a["model"], f"{a['retention']:.2f}" if a["retention"] is not None else "-",
+                  a["predicted"], a["observed"], "yes" if a["agree"] else "NO"] for a in comp["survival_agreement"]],
+                headers=["bits", "model", "retention", "predicted", "observed", "agree"], tablefmt="github"))
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
+def plot_comparison(result: dict, path: str | Path) -> Path:
+    """bits vs accuracy, disk size and predicted retention, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    surv = result["_survival"]
+    logs = result["_logs"]
+    crit = result["criteria"]
+    panels = 3 if surv else 2
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.6))
+    for name in dict.fromkeys(log["suite"] for log in logs):
+        pts = sorted((log["bits"], log) for log in logs if log["suite"] == name and not log.get("mixed"))
+        xs = [b for b, _ in pts]
+        axes[0].plot(xs, [log["accuracy"] for _, log in pts], "o-", label=name)
+        crit_pts = [(b, log["accuracy"]) for b, log in pts if log["critical_errors"] > 0]
+        if crit_pts:
+            axes[0].scatter(*zip(*crit_pts), marker="x", s=90, color="red", zorder=3,
+                            label="critical errors" if name == logs[0]["suite"] else None)
+        axes[1].plot(xs, [log["disk_bytes"] / 1e6 for _, log in pts], "o-", label=name)
+    axes[0].axhline(crit["min_accuracy"], ls="--", color="gray", lw=1)
+    axes[0].set(xlabel="bits", ylabel="accuracy", title="behaviour", ylim=(-0.05, 1.05))
+    axes[1].set(xlabel="bits", ylabel="disk size (MB)", title="size")
+    if surv:
+        bits = sorted(int(b) for b in surv.get("summary", {}))
+        axes[2].plot(bits, [surv["summary"][str(b)].get("retention") for b in bits], "o-", label="retention")
+        if any("cosine" in surv["summary"][str(b)] for b in bits):
+            axes[2].plot(bits, [surv["summary"][str(b)].get("cosine") for b in bits], "s--", label="cosine")
+        if surv.get("predicted_min_bits") is not None:
+            axes[2].axvline(surv["predicted_min_bits"], ls=":", color="green", label="predicted min bits")
+        axes[2].set(xlabel="bits", ylabel="delta survival", title="predicted (delta-survival)")
+        axes[2].legend(fontsize=7)
+    ticks = sorted({log["bits"] for log in logs} | {int(b) for b in (surv or {}).get("summary", {})})
+    for ax in axes:
+        ax.set_xticks(ticks)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+    except OSError as exc:
+        raise QtoolsError(f"could not write {path}: {exc.strerror or exc}") from None
+    finally:
+        plt.close(fig)
+    return path
+
+
+def public(result: dict) -> dict:
+    """The result without the raw inputs (for --json)."""
+    return {k: v for k, v in result.items() if not k.startswith("_")}

@@ -1,0 +1,125 @@
+"""compare on synthetic validate logs and a synthetic delta-survival JSON (no model needed)."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from qtools.cli import cli
+
+
+def log(model, bits, acc, critical=0, gen=0.5, mem=1.0, disk=None, quantized=True, created="2026-01-01T00:00:00"):
+    total = 20
+    return {
+        "qtools_log": 1, "model": model, "suite": "demo", "quantized": quantized, "bits": bits,
+        "group_size": 64 if quantized else None, "mixed": False,
+        "bits_per_weight": bits + 0.5 if quantized else 16.0,
+        "disk_bytes": disk or int(bits * 1e8), "load_s": 1.0, "first_gen_s": gen * 2, "mean_gen_s": gen,
+        "tokens_per_s": 10.0 / gen, "peak_memory_gb": mem, "accuracy": acc, "correct": round(acc * total),
+        "total": total, "per_category": {"tool": {"correct": 1, "total": 1, "accuracy": acc}},
+        "critical_errors": critical, "format_compliance": 1.0, "verdict": "pass", "cases": [], "created": created,
+    }
+
+
+SURVIVAL = {"model": "models/fused_f16", "group_size": 64, "bits": [3, 4, 5, 6, 8],
+            "summary": {str(b): {"retention": r, "cosine": r, "codes_changed": 0.1, "delta_to_step": 0.1,
+                                 "sign_agreement": 0.9, "rmse": 0.01}
+                        for b, r in [(3, 0.2), (4, 0.5), (5, 0.8), (6, 0.9), (8, 0.99)]},
+            "tensors": [], "predicted_min_bits": 5}
+
+
+@pytest.fixture
+def logs(tmp_path):
+    specs = [
+        log("fused_f16", 16, 1.0, quantized=False, mem=3.0),
+        log("fused_8bit", 8, 1.0, mem=1.6),
+        log("fused_6bit", 6, 0.95, gen=3.5, mem=1.2),   # too slow
+        log("fused_5bit", 5, 0.9, mem=1.0),
+        log("fused_4bit", 4, 0.6, mem=0.8),              # fine-tune rounded away
+        log("fused_3bit", 3, 0.85, critical=2, mem=0.6),  # accuracy ok, safety broken
+    ]
+    paths = []
+    for spec in specs:
+        p = tmp_path / f"{spec['model']}-demo.json"
+        p.write_text(json.dumps(spec))
+        paths.append(p)
+    return paths
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_compare_table_verdicts_recommendation(logs, tmp_path):
+    r = run("compare", *logs)
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    header = next(l for l in lines if l.startswith("| metric"))
+    assert [c.strip() for c in header.strip("|").split("|")] == [
+        "metric", "fused_f16", "fused_8bit", "fused_6bit", "fused_5bit", "fused_4bit", "fused_3bit", "winner"]
+    disk = next(l for l in lines if l.startswith("| disk size"))
+    assert disk.rstrip("| ").endswith("fused_3bit")
+    verdict = next(l for l in lines if l.startswith("| verdict"))
+    assert [c.strip() for c in verdict.strip("|").split("|")][1:7] == ["PASS", "PASS", "FAIL", "PASS", "FAIL", "FAIL"]
+    assert "recommendation: fused_5bit (smallest model meeting all criteria)" in lines
+    assert "  fused_3bit: FAIL (2 critical error(s) > 0)" in lines
+    assert "  fused_6bit: FAIL (mean generation 3.50 s > 3.0 s)" in lines
+
+
+def test_compare_criteria_options(logs):
+    r = run("compare", *logs, "--min-accuracy", 0.5, "--max-critical", 2, "--json")
+    comp = json.loads(r.stdout)["comparisons"][0]
+    assert comp["recommendation"] == "fused_3bit"
+    r = run("compare", *logs, "--max-memory-gb", 0.5, "--json")
+    comp = json.loads(r.stdout)["comparisons"][0]
+    assert comp["recommendation"] is None
+    assert "recommendation: none (no model meets all criteria)" in run("compare", *logs, "--max-memory-gb", 0.5).output
+
+
+def test_compare_survival_agreement_and_plot(logs, tmp_path):
+    surv = tmp_path / "survival.json"
+    surv.write_text(json.dumps(SURVIVAL))
+    png = tmp_path / "out" / "compare.png"
+    r = run("compare", *logs, "--survival", surv, "--plot", png, "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    agree = {a["bits"]: (a["predicted"], a["observed"], a["agree"]) for a in out["comparisons"][0]["survival_agreement"]}
+    assert agree == {
+        8: ("survives", "survives", True), 6: ("survives", "survives", True), 5: ("survives", "survives", True),
+        4: ("rounded away", "fails", True), 3: ("rounded away", "fails", True),
+    }
+    rows = {row["metric"]: row for row in out["comparisons"][0]["rows"]}
+    assert rows["predicted retention"]["values"]["fused_5bit"] == 0.8
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out["plot"] == str(png)
+
+
+def test_survival_json_found_among_logs(logs, tmp_path):
+    surv = tmp_path / "survival.json"
+    surv.write_text(json.dumps(dict(SURVIVAL, predicted_min_bits=4)))
+    r = run("compare", *logs, surv)
+    assert r.exit_code == 0, r.output
+    assert "delta-survival predicted the fine-tune survives down to 4 bits:" in r.output
+    line = next(l for l in r.output.splitlines() if "| fused_4bit " in l and "survives" in l)
+    assert [c.strip() for c in line.strip("|").split("|")] == ["4", "fused_4bit", "0.5", "survives", "fails", "NO"]
+
+
+def test_rerun_replaces_older_log(logs, tmp_path):
+    newer = tmp_path / "rerun.json"
+    newer.write_text(json.dumps(log("fused_4bit", 4, 0.95, created="2026-02-01T00:00:00")))
+    out = json.loads(run("compare", *logs, newer, "--json").stdout)["comparisons"][0]
+    assert out["models"].count("fused_4bit") == 1
+    assert out["recommendation"] == "fused_4bit"
+
+
+def test_compare_bad_input(tmp_path):
+    r = run("compare")
+    assert (r.exit_code, r.output.strip()) == (
+        1, "Error: no validate logs given: run `make validate MODEL=...` or `make sweep` first")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{oops")
+    r = run("compare", bad)
+    assert (r.exit_code, r.output.strip()) == (1, f"Error: {bad} is not valid JSON (Expecting property name enclosed in double quotes, line 1)")
+    other = tmp_path / "other.json"
+    other.write_text("{}")
+    assert run("compare", other).output.strip() == f"Error: {other} is not a qtools validate log"
+    assert run("compare", tmp_path / "missing.json").output.strip() == f"Error: {tmp_path / 'missing.json'} does not exist"
