@@ -46,3 +46,30 @@ bench: $(STAMP) ## Benchmark the kernel against numpy and MLX-CPU on a 1 GB synt
 
 survival-demo: $(STAMP) ## Run delta-survival on a generated tiny model + adapter
 	scripts/survival_demo.sh
+
+# A variable's value if given on the command line or in the environment, else $(2):
+# lets quantize/sweep/survival keep their own defaults for OUT and BITS.
+given_or = $(if $(filter command line environment,$(origin $(1))),$($(1)),$(2))
+
+fuse: $(STAMP) ## Fuse ADAPTER into BASE (float32 math, float16 out) -> OUT [FORCE=1]
+	BASE="$(BASE)" ADAPTER="$(ADAPTER)" OUT="$(OUT)" scripts/fuse.sh
+
+quantize: $(STAMP) ## Quantize FROM to BITS (GROUP, RECIPE=uniform|mixed_3_6|mixed_4_6) -> models/fused_<BITS>bit
+	FROM="$(FROM)" BITS="$(BITS)" RECIPE="$(RECIPE)" OUT="$(call given_or,OUT,)" scripts/quantize.sh
+
+# MODEL is checked before anything is built.
+ifneq ($(filter validate,$(MAKECMDGOALS)),)
+$(if $(MODEL),,$(error MODEL is required: make validate MODEL=models/fused_5bit))
+endif
+
+validate: $(STAMP) ## Run SUITE on MODEL=... -> $(LOGS)/<model>-<suite>.json; fails if the verdict fails
+	MODEL="$(MODEL)" SUITE="$(SUITE)" scripts/validate.sh
+
+sweep: $(STAMP) ## Quantize + validate each of BITS (default "8 6 5 4 3") and FROM, one model at a time
+	FROM="$(FROM)" BITS="$(call given_or,BITS,8 6 5 4 3)" SUITE="$(SUITE)" scripts/sweep.sh
+
+survival: $(STAMP) ## qtools delta-survival on FROM for BITS (default all) -> $(LOGS)/survival.json + table
+	FROM="$(FROM)" BITS="$(call given_or,BITS,$(VALID_BITS))" scripts/survival.sh
+
+compare: $(STAMP) ## Compare every log in $(LOGS)/: winner per metric, verdicts, recommendation, plot
+	scripts/compare.sh

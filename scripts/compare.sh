@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Side-by-side comparison of every validate log in $LOGS (plus $LOGS/survival.json if
+# present): winner per metric, verdict per model, recommendation, $LOGS/compare.png.
+set -euo pipefail
+QTOOLS=${QTOOLS:-.venv/bin/qtools}
+LOGS=${LOGS:-logs}
+shopt -s nullglob
+logs=("$LOGS"/*.json)
+if [ ${#logs[@]} -eq 0 ]; then
+  echo "no logs in $LOGS/: run 'make validate MODEL=...' or 'make sweep' first" >&2; exit 1
+fi
+"$QTOOLS" compare "${logs[@]}" --plot "$LOGS/compare.png" \
+  ${MIN_ACCURACY:+--min-accuracy "$MIN_ACCURACY"} ${MAX_CRITICAL:+--max-critical "$MAX_CRITICAL"} \
+  ${MAX_GEN_S:+--max-gen-s "$MAX_GEN_S"} ${MAX_MEMORY_GB:+--max-memory-gb "$MAX_MEMORY_GB"}

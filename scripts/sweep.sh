@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# For each bit-width in BITS: quantize FROM (reusing an existing models/fused_<b>bit
+# unless FORCE=1), then validate it; the float model FROM is validated too, as the
+# reference. One model in memory at a time; a failed verdict does not stop the sweep.
+set -euo pipefail
+QTOOLS=${QTOOLS:-.venv/bin/qtools}
+FROM=${FROM:-models/fused_f16}
+BITS=${BITS:-8 6 5 4 3}
+PREFIX=${PREFIX:-models/fused}
+export LOGS=${LOGS:-logs}
+failed=()
+models=("$FROM")
+for b in $BITS; do
+  out="${PREFIX}_${b}bit"
+  if [ -d "$out" ] && [ "${FORCE:-0}" != 1 ]; then
+    echo "== reusing $out (FORCE=1 re-quantizes)"
+  else
+    echo "== quantize $b-bit -> $out"
+    FROM="$FROM" BITS="$b" RECIPE=uniform OUT="$out" scripts/quantize.sh
+  fi
+  models+=("$out")
+done
+for m in "${models[@]}"; do
+  echo "== validate $m"
+  MODEL="$m" scripts/validate.sh || failed+=("$m")
+done
+echo "== logs in $LOGS/; failed verdicts: ${failed[*]:-none}"
