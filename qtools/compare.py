@@ -89,6 +89,10 @@ def survival_at(surv: dict | None, bits) -> dict | None:
 
 
 def predicted_survives(surv: dict, bits: int) -> bool:
+    verdict = surv.get("verdict")
+    if isinstance(verdict, dict) and str(bits) in verdict:
+        v = verdict[str(bits)]  # delta-survival writes a bool per bit-width
+        return v if isinstance(v, bool) else str(v).lower().startswith("surviv")
     p = surv.get("predicted_min_bits")
     return p is not None and bits >= p
 
@@ -160,6 +164,10 @@ def compare_suite(logs: list, surv: dict | None, c: Criteria) -> dict:
     agreement = []
     if surv:
         behaviour_c = Criteria(c.min_accuracy, c.max_critical, None, None)
+        stat = (surv.get("threshold") or {}).get("statistic")
+        # If the float model itself fails, a failing quantized model proves nothing.
+        refs = [log for log in logs if not log.get("quantized")]
+        ref_fails = bool(refs) and all(model_verdict(r, behaviour_c) for r in refs)
         for log in logs:
             if not log.get("quantized") or log.get("mixed"):
                 continue
@@ -169,9 +177,10 @@ def compare_suite(logs: list, surv: dict | None, c: Criteria) -> dict:
             agreement.append({
                 "model": log["model"], "bits": log["bits"],
                 "retention": s.get("retention"), "cosine": s.get("cosine"),
+                "statistic": stat, "statistic_value": s.get(stat) if stat else None,
                 "predicted": "survives" if pred else "rounded away",
-                "observed": "survives" if held else "fails",
-                "agree": pred == held,
+                "observed": "survives" if held else ("fails (float fails too)" if ref_fails else "fails"),
+                "agree": None if (ref_fails and not held) else pred == held,
             })
     return {
         "suite": logs[0]["suite"],
@@ -237,10 +246,16 @@ def format_comparison(result: dict) -> str:
             pmb = comp["predicted_min_bits"]
             out.append(f"delta-survival predicted the fine-tune survives down to "
                        f"{pmb if pmb is not None else '(no tested bit-width)'} bits:")
-            out.append(tabulate(
-                [[a["bits"], a["model"], f"{a['retention']:.2f}" if a["retention"] is not None else "-",
-                  a["predicted"], a["observed"], "yes" if a["agree"] else "NO"] for a in comp["survival_agreement"]],
-                headers=["bits", "model", "retention", "predicted", "observed", "agree"], tablefmt="github"))
+            stat = comp["survival_agreement"][0]["statistic"]
+            extra = [stat] if stat and stat != "retention" else []
+            rows = []
+            for a in comp["survival_agreement"]:
+                vals = [a["retention"]] + ([a["statistic_value"]] if extra else [])
+                agree = "n/a" if a["agree"] is None else ("yes" if a["agree"] else "NO")
+                rows.append([a["bits"], a["model"], *[f"{v:.3g}" if v is not None else "-" for v in vals],
+                             a["predicted"], a["observed"], agree])
+            out.append(tabulate(rows, headers=["bits", "model", "retention", *extra, "predicted", "observed", "agree"],
+                                tablefmt="github"))
         out.append("")
     return "\n".join(out).rstrip()
 

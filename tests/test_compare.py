@@ -103,6 +103,20 @@ def test_survival_json_found_among_logs(logs, tmp_path):
     assert [c.strip() for c in line.strip("|").split("|")] == ["4", "fused_4bit", "0.5", "survives", "fails", "NO"]
 
 
+def test_per_bit_verdict_and_float_reference_failing(logs, tmp_path):
+    surv = tmp_path / "survival.json"
+    surv.write_text(json.dumps(dict(SURVIVAL, verdict={"3": False, "4": True, "5": True, "6": True, "8": True},
+                                    threshold={"statistic": "subspace_snr", "min": 1.0})))
+    comp = json.loads(run("compare", *logs, surv, "--json").stdout)["comparisons"][0]
+    agree = {a["bits"]: (a["predicted"], a["agree"]) for a in comp["survival_agreement"]}
+    assert agree[4] == ("survives", False) and agree[3] == ("rounded away", True)
+    ref = json.loads(logs[0].read_text())
+    logs[0].write_text(json.dumps(dict(ref, accuracy=0.5)))
+    comp = json.loads(run("compare", *logs, surv, "--json").stdout)["comparisons"][0]
+    a4 = next(a for a in comp["survival_agreement"] if a["bits"] == 4)
+    assert (a4["observed"], a4["agree"]) == ("fails (float fails too)", None)
+
+
 def test_rerun_replaces_older_log(logs, tmp_path):
     newer = tmp_path / "rerun.json"
     newer.write_text(json.dumps(log("fused_4bit", 4, 0.95, created="2026-02-01T00:00:00")))
