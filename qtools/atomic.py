@@ -12,6 +12,8 @@ import contextlib
 import errno
 import os
 import shutil
+import signal
+import threading
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -50,6 +52,10 @@ def atomic_output_dir(path: str | os.PathLike, force: bool = False) -> Iterator[
         raise QtoolsError(f"cannot create {parent}: {exc.strerror or exc}") from None
     tmp = parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    # SIGTERM (kill, a closed terminal) cleans up like Ctrl-C instead of leaving tmp behind.
+    old_handler = None
+    if threading.current_thread() is threading.main_thread():
+        old_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         yield tmp
         # Move any old output aside first so the target never holds a mix.
@@ -73,3 +79,10 @@ def atomic_output_dir(path: str | os.PathLike, force: bool = False) -> Iterator[
                 "the partial output was removed"
             ) from None
         raise
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt

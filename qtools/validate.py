@@ -276,6 +276,8 @@ def check_model_dir(model: str | Path, what: str = "model") -> Path:
         raise QtoolsError(f"{what} {path} does not exist")
     if not path.is_dir():
         raise QtoolsError(f"{what} {path} is not a directory")
+    if path.resolve().name.startswith(".qtools-tmp-"):
+        raise QtoolsError(f"{what} {path} is an unfinished qtools output (an interrupted write): delete it")
     if not (path / "config.json").is_file():
         raise QtoolsError(f"{what} {path} has no config.json (not an mlx-lm model directory)")
     if not list(path.glob("*.safetensors")):

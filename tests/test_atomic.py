@@ -68,3 +68,31 @@ def test_full_disk_is_clean_error(tmp_path):
             raise OSError(errno.ENOSPC, "No space left on device")
     assert not out.exists()
     assert _leftovers(tmp_path) == []
+
+
+def test_sigterm_cleans_up(tmp_path):
+    import os
+    import signal
+
+    out = tmp_path / "m"
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_output_dir(out) as tmp:
+            (tmp / "config.json").write_text("{}")
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert not out.exists() and _leftovers(tmp_path) == []
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_validate_refuses_leftover_temp_dir(tmp_path):
+    from click.testing import CliRunner
+
+    from qtools.cli import cli
+
+    left = tmp_path / f"{TMP_PREFIX}fused_4bit-1-abc"
+    left.mkdir()
+    (left / "config.json").write_text("{}")
+    (left / "model.safetensors").write_bytes(b"")
+    r = CliRunner().invoke(cli, ["validate", str(left), "--suite", "suites/coding_agent.jsonl"])
+    assert (r.exit_code, r.output.strip()) == (
+        1, f"Error: model {left} is an unfinished qtools output (an interrupted write): delete it")

@@ -196,3 +196,43 @@ def test_interrupted_or_full_disk_quantize_leaves_nothing(fused, tmp_path, monke
     # and validate refuses the missing directory cleanly
     r = run("validate", out, "--suite", "suites/coding_agent.jsonl")
     assert (r.exit_code, r.output.strip()) == (1, f"Error: model {out} does not exist")
+
+
+def _qtools_wrapper(tmp_path):
+    import os
+    import sys
+
+    w = tmp_path / "qtools"
+    w.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m qtools.cli "$@"\n')
+    os.chmod(w, 0o755)
+    return w
+
+
+def test_sweep_script_continues_past_failed_verdict(fused, tmp_path):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    suite = tmp_path / "s.jsonl"
+    suite.write_text(json.dumps({"id": "x", "prompt": "hi", "expect": {"type": "regex", "pattern": "^IMPOSSIBLE$"}}) + "\n")
+    env = dict(os.environ, QTOOLS=str(_qtools_wrapper(tmp_path)), FROM=str(fused), BITS="8",
+               PREFIX=str(tmp_path / "fused"), LOGS=str(tmp_path / "logs"), SUITE=str(suite), MAX_TOKENS="2",
+               PYTHONPATH=str(repo))
+    p = subprocess.run(["scripts/sweep.sh"], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert sorted(f.name for f in (tmp_path / "logs").iterdir()) == ["fused_8bit-s.json", "fused_f16-s.json"]
+    assert f"failed verdicts: {fused} {tmp_path / 'fused_8bit'}" in p.stdout
+    p = subprocess.run(["scripts/sweep.sh"], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert f"== reusing {tmp_path / 'fused_8bit'}" in p.stdout
+
+
+def test_make_checks_model_and_bits():
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    p = subprocess.run(["make", "validate"], cwd=repo, capture_output=True, text=True)
+    assert p.returncode == 2 and "MODEL is required: make validate MODEL=models/fused_5bit" in p.stderr
+    p = subprocess.run(["make", "quantize", "BITS=7"], cwd=repo, capture_output=True, text=True)
+    assert p.returncode == 2 and "BITS=7 is not supported: use one of 2 3 4 5 6 8" in p.stderr
