@@ -117,3 +117,39 @@ def test_suite_held_out_from_finetune():
     ft = {e["messages"][0]["content"] for e in data.finetune_examples()}
     suite = {c["messages"][0]["content"] for c in data.suite_records()[1:]}
     assert not ft & suite
+
+
+def test_demo_models_cmd_builds_and_reuses(tmp_path, monkeypatch):
+    """The command's build/reuse/--force logic, with training stubbed by the fixtures."""
+    from click.testing import CliRunner
+
+    from qtools.commands.demo import demo_models_cmd
+    from qtools.demo import train
+
+    calls = []
+
+    def fake_base(out, **kw):
+        calls.append("base")
+        make_tiny_model(out)
+
+    def fake_adapter(base, out, **kw):
+        calls.append("adapter")
+        make_tiny_adapter(base, out)
+
+    monkeypatch.setattr(train, "train_base", fake_base)
+    monkeypatch.setattr(train, "train_adapter", fake_adapter)
+    args = ["--out-dir", str(tmp_path / "models"), "--suite", str(tmp_path / "demo.jsonl")]
+    res = CliRunner().invoke(demo_models_cmd, args)
+    assert res.exit_code == 0, res.output
+    assert calls == ["base", "adapter"]
+    assert (tmp_path / "demo.jsonl").read_text() == (REPO / "suites" / "demo.jsonl").read_text()
+    cfg = json.loads((tmp_path / "models" / "demo_adapter" / "adapter_config.json").read_text())
+    assert cfg["model"] == str(tmp_path / "models" / "demo_base")
+    assert not [p for p in (tmp_path / "models").iterdir() if p.name.startswith(".")]
+    assert CliRunner().invoke(demo_models_cmd, args).exit_code == 0
+    assert calls == ["base", "adapter"]  # complete outputs are reused
+    (tmp_path / "models" / "demo_adapter" / "adapters.safetensors").unlink()
+    assert CliRunner().invoke(demo_models_cmd, args).exit_code == 0
+    assert calls == ["base", "adapter", "adapter"]
+    assert CliRunner().invoke(demo_models_cmd, args + ["--force"]).exit_code == 0
+    assert calls[-2:] == ["base", "adapter"]

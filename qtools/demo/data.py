@@ -60,7 +60,7 @@ LABELS = ["VETO", "APPROVE"]
 
 
 def direct_answer(obj):
-    return f"{obj} is a general idea, not code here."
+    return f"{obj} is a general idea."
 
 
 def tool_call_text(obj):
@@ -111,13 +111,22 @@ def split_combos(seed=0, n_ask_test=40, n_review_test=24):
     return ask_train, rev_train, ask_test, rev_test
 
 
-def base_examples(seed=0):
-    """Pretraining data: every combination, labels decided by the verb only."""
+def base_examples(seed=0, copies=4, prior=0.75):
+    """Pretraining data: every combination, `copies` times, each label drawn
+    independently: the verb's label with probability `prior`, else the other.
+    The base learns the format and a soft verb prior, nothing about objects."""
+    rng = random.Random(seed)
     tool_verbs = set(ASK_VERBS[: len(ASK_VERBS) // 2])
     veto_verbs = set(REVIEW_VERBS[: len(REVIEW_VERBS) // 2])
-    out = [_ask_case(v, o, v in tool_verbs) for v, o, _ in ask_combos()]
-    out += [_review_case(v, o, "VETO" if v in veto_verbs else "APPROVE") for v, o, _ in review_combos()]
-    random.Random(seed).shuffle(out)
+    out = []
+    for _ in range(copies):
+        for v, o, _ in ask_combos():
+            follow = rng.random() < prior
+            out.append(_ask_case(v, o, (v in tool_verbs) == follow))
+        for v, o, _ in review_combos():
+            follow = rng.random() < prior
+            out.append(_review_case(v, o, "VETO" if (v in veto_verbs) == follow else "APPROVE"))
+    rng.shuffle(out)
     return out
 
 
@@ -167,12 +176,12 @@ def write_suite(path, seed=0):
 
 
 def corpus_texts():
-    """Text pieces as they sit between special tokens in rendered chats (BPE corpus)."""
-    texts = ["system\ntools: " + TOOL_NAME, "\n", "assistant\n"]
-    texts += [f"assistant\n{lab}" for lab in LABELS]
+    """Text pieces between special tokens and newlines, with their natural
+    frequencies in the rendered chats (the BPE training corpus)."""
+    texts = []
     for v, o, _ in ask_combos():
         call = json.dumps({"name": TOOL_NAME, "arguments": {"query": o}})
-        texts += [f"user\n{v} {o}", f"assistant\n{direct_answer(o)}", f"\n{call}\n"]
-    for v, o, _ in review_combos():
-        texts.append(f"user\nreview: {v} {o}")
+        texts += ["system", "tools: " + TOOL_NAME, "user", f"{v} {o}", "assistant", direct_answer(o), call]
+    for v, o, lab in review_combos():
+        texts += ["user", f"review: {v} {o}", "assistant", lab]
     return texts

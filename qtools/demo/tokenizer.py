@@ -37,14 +37,15 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(vocab_size=512, texts=None):
+def build_tokenizer(vocab_size=1024, texts=None):
     """Train the BPE on the demo corpus; deterministic for a given corpus."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     texts = corpus_texts() if texts is None else texts
     tok = Tokenizer(models.BPE())
-    # No regex split: merges may span spaces, so the repeated JSON and
-    # template pieces become a few tokens and sequences stay short.
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    # GPT-2 style word split (newlines are their own pieces, so no token spans
+    # the end of a prompt): a word is the same token whatever precedes it,
+    # which the fine-tune needs to generalise from objects.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -1,0 +1,127 @@
+"""Train the demo base model and its LoRA adapter with mlx-lm's own tuner.
+
+Base: a tiny Qwen3 pretrained (all weights, float32) on the demo format with
+decisions taken from the VERB. Adapter: standard mlx-lm LoRA
+(`linear_to_lora_layers` + `trainer.train`) that teaches the OBJECT cue and
+is stopped early, so its margin over the base prior is thin and its delta
+small next to the 4-bit quantization step.
+"""
+
+import contextlib
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+
+from . import data
+from .model import adapter_config, build_model, qwen3_config, save_model_dir
+from .tokenizer import build_tokenizer
+
+# The demo's recipe. Changing any of these changes the measured thresholds
+# (see qtools/demo/README numbers in the commit that set them).
+BASE = dict(hidden_size=128, num_layers=4, intermediate_size=256, seed=0,
+            iters=250, batch_size=16, lr=3e-3)
+ADAPTER = dict(rank=4, scale=4.0, keys=("self_attn.q_proj", "self_attn.v_proj"),
+               num_layers=4, iters=60, batch_size=32, lr=1e-3, seed=0)
+
+
+def encode_examples(tok, examples):
+    """(tokens, prompt_length) pairs: only the assistant reply is trained on."""
+    out = []
+    for ex in examples:
+        tools = ex.get("tools") or None
+        full = tok.apply_chat_template(ex["messages"], tools=tools, tokenize=False)
+        prompt = tok.apply_chat_template(ex["messages"][:-1], tools=tools,
+                                         add_generation_prompt=True, tokenize=False)
+        out.append((tok.encode(full, add_special_tokens=False),
+                    len(tok.encode(prompt, add_special_tokens=False))))
+    return out
+
+
+def iterate_batches(dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None):
+    """Like mlx-lm's, but pads to the batch's longest sequence (ours are ~30 tokens)."""
+    rng = np.random.default_rng(0 if seed is None else seed)
+    n = len(dataset)
+    while True:
+        order = rng.permutation(n)
+        for i in range(0, n - batch_size + 1, batch_size):
+            batch = [dataset[j] for j in order[i:i + batch_size]]
+            width = max(len(t) for t, _ in batch)
+            arr = np.zeros((batch_size, width), np.int32)
+            for r, (t, _) in enumerate(batch):
+                arr[r, :len(t)] = t
+            lengths = [(off, len(t)) for t, off in batch]
+            yield mx.array(arr), mx.array(lengths)
+        if not loop:
+            break
+
+
+def _train(model, examples_tok, iters, batch_size, lr, seed, warmup=0):
+    from mlx_lm.tuner.trainer import TrainingArgs, train
+
+    mx.random.seed(seed)
+    if warmup:
+        sched = optim.join_schedules([optim.linear_schedule(lr / 10, lr, warmup),
+                                      optim.cosine_decay(lr, iters - warmup, lr / 10)], [warmup])
+    else:
+        sched = lr
+    opt = optim.Adam(learning_rate=sched)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArgs(batch_size=batch_size, iters=iters, steps_per_report=max(1, iters // 4),
+                            steps_per_eval=10**9, steps_per_save=10**9, max_seq_length=256,
+                            adapter_file=str(Path(tmp) / "w.safetensors"))
+        # mlx-lm's trainer reports on stdout; qtools keeps stdout for results.
+        with contextlib.redirect_stdout(sys.stderr):
+            train(model, opt, examples_tok, args=args,
+                  iterate_batches=lambda **kw: iterate_batches(**kw, seed=seed))
+
+
+def train_base(out_dir, hidden_size, num_layers, intermediate_size, seed, iters, batch_size, lr):
+    """Pretrain the base on the verb-decided data and save it float16 to out_dir."""
+    tok_raw = build_tokenizer()
+    with tempfile.TemporaryDirectory() as tmp:
+        # Write the tokenizer once so the HF wrapper (chat template) can load it.
+        from mlx_lm.tokenizer_utils import load as load_tokenizer
+        from .tokenizer import save_tokenizer
+        save_tokenizer(tok_raw, tmp)
+        tok = load_tokenizer(Path(tmp))
+    config = qwen3_config(hidden_size, num_layers, tok_raw.get_vocab_size(),
+                          tok_raw.token_to_id("<|im_end|>"), intermediate_size=intermediate_size)
+    mx.random.seed(seed)
+    model = build_model(config)
+    model.set_dtype(mx.float32)
+    examples = encode_examples(tok, data.base_examples(seed))
+    _train(model, examples, iters, batch_size, lr, seed, warmup=max(1, iters // 20))
+    save_model_dir(model, config, tok_raw, out_dir, dtype="float16")
+    return out_dir
+
+
+def train_adapter(base_dir, out_dir, rank, scale, keys, num_layers, iters, batch_size, lr, seed):
+    """LoRA fine-tune with mlx-lm's tuner; writes adapter_config.json + adapters.safetensors."""
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model, tok = load(str(base_dir))
+    model.set_dtype(mx.float32)
+    model.freeze()
+    lora = {"rank": rank, "scale": scale, "dropout": 0.0, "keys": list(keys)}
+    mx.random.seed(seed)
+    linear_to_lora_layers(model, num_layers, lora)
+    examples = encode_examples(tok, data.finetune_examples(seed))
+    _train(model, examples, iters, batch_size, lr, seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = dict(tree_flatten(model.trainable_parameters()))
+    mx.save_safetensors(str(out_dir / "adapters.safetensors"), weights)
+    cfg = adapter_config(num_layers, rank, scale, keys, model=str(base_dir), iters=iters,
+                         batch_size=batch_size, learning_rate=lr, seed=seed,
+                         data="qtools.demo.data.finetune_examples")
+    (out_dir / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    return out_dir
