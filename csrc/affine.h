@@ -32,7 +32,7 @@ inline float half_to_float(uint16_t h) {
   uint32_t em = h & 0x7fffu;
   float mag = bits_to_float(em << 13) * 0x1p112f;
   uint32_t bits = float_to_bits(mag);
-  bits = em >= 0x7c00u ? (bits | 0x7f800000u) : bits;  // inf / nan
+  bits = static_cast<int32_t>(em) >= 0x7c00 ? (bits | 0x7f800000u) : bits;  // inf / nan
   return bits_to_float(bits | sign);
 }
 
@@ -48,12 +48,25 @@ inline float round_to_half(float x) {
   uint32_t a = u ^ sign;
   // normal range: round the mantissa to 10 bits
   uint32_t n = (a + 0x0fffu + ((a >> 13) & 1u)) & ~0x1fffu;
-  n = n >= 0x477ff000u ? 0x7f800000u : n;  // >= 65520 rounds to inf
+  n = static_cast<int32_t>(n) >= 0x477ff000 ? 0x7f800000u : n;  // >= 65520 rounds to inf
   // subnormal range (< 2^-14): round to a multiple of 2^-24 with the FPU
   float sub = (bits_to_float(a) + 0.5f) - 0.5f;
   uint32_t s = float_to_bits(sub);
-  uint32_t r = a < 0x38800000u ? s : n;
+  uint32_t r = static_cast<int32_t>(a) < 0x38800000 ? s : n;
   return bits_to_float(r | sign);
+}
+
+// round_to_half for values that are either >= 2^-14 in magnitude or multiples
+// of 2^-24 (products of a float16 scale and an integer code, sums of two
+// float16 values): below 2^-14 such a value is already a float16 subnormal
+// and has its low 13 mantissa bits clear, so the normal-range rounding alone
+// is exact. Half the work of round_to_half in the dequantization hot loop.
+inline float round_to_half_grid(float x) {
+  uint32_t u = float_to_bits(x);
+  uint32_t n = (u + 0x0fffu + ((u >> 13) & 1u)) & ~0x1fffu;  // sign bit is never carried into
+  uint32_t inf = (u & 0x80000000u) | 0x7f800000u;
+  // signed compare (both sides are non-negative): AVX2 has no unsigned one
+  return bits_to_float(static_cast<int32_t>(u & 0x7fffffffu) >= 0x477ff000 ? inf : n);
 }
 
 inline float round_to_bf16(float x) {
@@ -120,16 +133,30 @@ inline GroupParams group_params(float w_min, float w_max, float n_bins) {
 
 // Code of one element. The clamp before rounding keeps rint_small in range and
 // does not change the result (rounding and clamping are both monotone).
+// Ternary min/max (not std::fmin) so the compiler emits vector min/max; the
+// inputs are finite, where both agree.
+inline float min_f(float a, float b) { return a < b ? a : b; }
+inline float max_f(float a, float b) { return a > b ? a : b; }
+
 inline float quant_code(float w, float scale, float bias, float n_bins) {
   float x = (w - bias) / scale;
-  x = std::fmin(std::fmax(x, -1.0f), n_bins + 1.0f);
+  x = min_f(max_f(x, -1.0f), n_bins + 1.0f);
   x = rint_small(x);
-  return std::fmin(std::fmax(x, 0.0f), n_bins);
+  return min_f(max_f(x, 0.0f), n_bins);
+}
+
+template <int DT>
+inline float round_grid_to(float x) {
+  if constexpr (DT == F16) {
+    return round_to_half_grid(x);
+  } else {
+    return round_to<DT>(x);
+  }
 }
 
 template <int DT>
 inline float dequant(float q, float scale_t, float bias_t) {
-  return round_to<DT>(round_to<DT>(scale_t * q) + bias_t);
+  return round_grid_to<DT>(round_grid_to<DT>(scale_t * q) + bias_t);
 }
 
 }  // namespace qtools

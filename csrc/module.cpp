@@ -50,7 +50,7 @@ nb::ndarray<nb::numpy, T> to_numpy(std::vector<T>&& v, std::vector<size_t> shape
 nb::dict analyze(const AnyArray& w1, const std::string& w1_dtype, std::vector<int> bits,
                  int group_size, std::optional<AnyArray> w0, std::optional<std::string> w0_dtype,
                  std::optional<F32Array> bt, std::optional<F32Array> at, int64_t experts,
-                 std::optional<F32Array> u, std::optional<F32Array> vt, int threads) {
+                 std::optional<F32Array> u, std::optional<F32Array> v, int threads) {
   qtools::AnalyzeInput in;
   in.w1_dtype = parse_dtype(w1_dtype);
   check_raw(w1, in.w1_dtype, "w1");
@@ -80,17 +80,17 @@ nb::dict analyze(const AnyArray& w1, const std::string& w1_dtype, std::vector<in
     in.bt = bt->data();
     in.at = at->data();
   }
-  if (u.has_value() != vt.has_value()) throw std::invalid_argument("u and vt go together");
+  if (u.has_value() != v.has_value()) throw std::invalid_argument("u and v go together");
   if (u) {
     int r = static_cast<int>(u->shape(1));
     if (in.rank && r != in.rank) throw std::invalid_argument("subspace rank differs from adapter rank");
     in.rank = r;
     if (static_cast<int64_t>(u->shape(0)) != in.rows ||
-        static_cast<int64_t>(vt->shape(0)) != experts * r ||
-        static_cast<int64_t>(vt->shape(1)) != in.cols)
+        static_cast<int64_t>(v->shape(0)) != experts * in.cols ||
+        static_cast<int64_t>(v->shape(1)) != r)
       throw std::invalid_argument("subspace bases do not match the weight's shape");
     in.u = u->data();
-    in.vt = vt->data();
+    in.v = v->data();
   }
   qtools::check_params(in.bits, in.group_size, in.cols);
 
@@ -154,7 +154,7 @@ NB_MODULE(_ext, m) {
   m.doc() = "qtools native kernels: MLX-exact affine quantization statistics";
   m.def("analyze", &analyze, "w1"_a, "w1_dtype"_a, "bits"_a, "group_size"_a, "w0"_a = nb::none(),
         "w0_dtype"_a = nb::none(), "bt"_a = nb::none(), "at"_a = nb::none(), "experts"_a = 1,
-        "u"_a = nb::none(), "vt"_a = nb::none(), "threads"_a = 0,
+        "u"_a = nb::none(), "v"_a = nb::none(), "threads"_a = 0,
         "One pass over a weight tensor (rows x cols, raw dtype): quantization error for each\n"
         "bit-width and, with w0 or the adapter factors bt/at, the delta's survival statistics.");
   m.def("quantize_dequantize", &quantize_dequantize, "w"_a, "dtype"_a, "bits"_a, "group_size"_a,

@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "affine.h"
+#include "project.h"
 
 namespace qtools {
 
@@ -15,6 +16,8 @@ namespace {
 
 enum Mode { kNoDelta = 0, kBase = 1, kLowRank = 2 };
 constexpr int kMaxGroup = 128;
+constexpr int kLanes = 16;  // divides every group size; one AVX-512 or two AVX2/NEON x4 registers
+
 
 bool supported_bits(int b) {
   return b == 2 || b == 3 || b == 4 || b == 5 || b == 6 || b == 8;
@@ -80,7 +83,7 @@ void worker(Shared& sh) {
   alignas(64) float a[kMaxGroup];
   alignas(64) float w0[kMaxGroup];
   alignas(64) float d[kMaxGroup];
-  alignas(64) float ed[kMaxGroup];
+  alignas(64) float ed[kMaxBits * kMaxGroup];
 
   for (;;) {
     int64_t r0 = sh.next_row.fetch_add(sh.chunk);
@@ -95,25 +98,33 @@ void worker(Shared& sh) {
       for (int64_t g = 0; g < sh.groups_per_row; ++g) {
         const int64_t base = i * cols + g * G;
         const int64_t gidx = i * sh.groups_per_row + g;
-        float w2 = 0.0f, nonfinite = 0.0f;
-        float mn1 = INFINITY, mx1 = -INFINITY;
-        for (int j = 0; j < G; ++j) {
-          float x = load_as_float<DT1>(in.w1, base + j);
-          nonfinite += is_finite_bits(x) ? 0.0f : 1.0f;
-          a[j] = x;
-          w2 += x * x;
-          mn1 = std::fmin(mn1, x);
-          mx1 = std::fmax(mx1, x);
+        // Reductions run in kLanes independent lanes: vectorizable without
+        // reassociating float sums (no -ffast-math).
+        float l_w2[kLanes], l_nf[kLanes], l_mn[kLanes], l_mx[kLanes];
+        for (int l = 0; l < kLanes; ++l) {
+          l_w2[l] = 0.0f; l_nf[l] = 0.0f; l_mn[l] = INFINITY; l_mx[l] = -INFINITY;
+        }
+        for (int j0 = 0; j0 < G; j0 += kLanes) {
+          for (int l = 0; l < kLanes; ++l) {
+            float x = load_as_float<DT1>(in.w1, base + j0 + l);
+            l_nf[l] += is_finite_bits(x) ? 0.0f : 1.0f;
+            a[j0 + l] = x;
+            l_w2[l] += x * x;
+            l_mn[l] = min_f(l_mn[l], x);
+            l_mx[l] = max_f(l_mx[l], x);
+          }
+        }
+        float nonfinite = 0.0f, mn1 = INFINITY, mx1 = -INFINITY;
+        double w2 = 0.0;
+        for (int l = 0; l < kLanes; ++l) {
+          nonfinite += l_nf[l]; w2 += l_w2[l];
+          mn1 = min_f(mn1, l_mn[l]); mx1 = max_f(mx1, l_mx[l]);
         }
         lo.w2 += w2;
         float mn0 = 0.0f, mx0 = 0.0f;
         if constexpr (MODE != kNoDelta) {
           if constexpr (MODE == kBase) {
-            for (int j = 0; j < G; ++j) {
-              float x = load_as_float<DT0>(in.w0, base + j);
-              nonfinite += is_finite_bits(x) ? 0.0f : 1.0f;
-              w0[j] = x;
-            }
+            for (int j = 0; j < G; ++j) w0[j] = load_as_float<DT0>(in.w0, base + j);
           } else {
             // W0 = W1 - scale * B^T A^T, rounded to the fused dtype as the base was stored.
             for (int j = 0; j < G; ++j) d[j] = 0.0f;
@@ -123,31 +134,37 @@ void worker(Shared& sh) {
               const float* arow = in.at + (e * r + k) * cols + g * G;
               for (int j = 0; j < G; ++j) d[j] += bk * arow[j];
             }
-            for (int j = 0; j < G; ++j) {
-              w0[j] = round_to<DT1>(a[j] - d[j]);
-              nonfinite += is_finite_bits(w0[j]) ? 0.0f : 1.0f;
+            for (int j = 0; j < G; ++j) w0[j] = round_to<DT1>(a[j] - d[j]);
+          }
+          float l_d2[kLanes], l_nz[kLanes];
+          for (int l = 0; l < kLanes; ++l) {
+            l_d2[l] = 0.0f; l_nz[l] = 0.0f; l_nf[l] = 0.0f; l_mn[l] = INFINITY; l_mx[l] = -INFINITY;
+          }
+          for (int j0 = 0; j0 < G; j0 += kLanes) {
+            for (int l = 0; l < kLanes; ++l) {
+              const float x0 = w0[j0 + l];
+              const float dj = a[j0 + l] - x0;
+              d[j0 + l] = dj;
+              l_nf[l] += is_finite_bits(x0) ? 0.0f : 1.0f;
+              l_d2[l] += dj * dj;
+              l_nz[l] += dj != 0.0f ? 1.0f : 0.0f;
+              l_mn[l] = min_f(l_mn[l], x0);
+              l_mx[l] = max_f(l_mx[l], x0);
             }
           }
-          float d2 = 0.0f, nz = 0.0f;
+          double d2 = 0.0;
+          float nz = 0.0f;
           mn0 = INFINITY;
           mx0 = -INFINITY;
-          for (int j = 0; j < G; ++j) {
-            float dj = a[j] - w0[j];
-            d[j] = dj;
-            d2 += dj * dj;
-            nz += dj != 0.0f ? 1.0f : 0.0f;
-            mn0 = std::fmin(mn0, w0[j]);
-            mx0 = std::fmax(mx0, w0[j]);
+          for (int l = 0; l < kLanes; ++l) {
+            d2 += l_d2[l]; nz += l_nz[l]; nonfinite += l_nf[l];
+            mn0 = min_f(mn0, l_mn[l]); mx0 = max_f(mx0, l_mx[l]);
           }
           lo.d2 += d2;
           lo.nonzero_d += static_cast<int64_t>(nz);
           if constexpr (SUB) {
-            const float* vt = in.vt + e * r * cols + g * G;
-            for (int k = 0; k < r; ++k) {
-              float acc = 0.0f;
-              for (int j = 0; j < G; ++j) acc += d[j] * vt[k * cols + j];
-              lo.c_d[k] += acc;
-            }
+            const float* v = in.v + (e * cols + g * G) * r;
+            project_rows(d, 1, G, v, r, lo.c_d.data());
           }
         }
         if (nonfinite != 0.0f) {
@@ -158,57 +175,65 @@ void worker(Shared& sh) {
         for (int b = 0; b < nbits; ++b) {
           const float n_bins = nb[b];
           const GroupParams p1 = group_params<DT1>(mn1, mx1, n_bins);
-          float sse = 0.0f, mabs = 0.0f;
           BitsStats& st = lo.s[b];
+          float l_sse[kLanes], l_max[kLanes];
+          for (int l = 0; l < kLanes; ++l) { l_sse[l] = 0.0f; l_max[l] = 0.0f; }
           if constexpr (MODE == kNoDelta) {
-            for (int j = 0; j < G; ++j) {
-              float q1 = quant_code(a[j], p1.scale, p1.bias, n_bins);
-              float e1 = dequant<DT1>(q1, p1.scale_t, p1.bias_t) - a[j];
-              sse += e1 * e1;
-              mabs = std::fmax(mabs, std::fabs(e1));
+            for (int j0 = 0; j0 < G; j0 += kLanes) {
+              for (int l = 0; l < kLanes; ++l) {
+                const float x = a[j0 + l];
+                const float q1 = quant_code(x, p1.scale, p1.bias, n_bins);
+                const float e1 = dequant<DT1>(q1, p1.scale_t, p1.bias_t) - x;
+                l_sse[l] += e1 * e1;
+                l_max[l] = max_f(l_max[l], std::fabs(e1));
+              }
             }
           } else {
             const GroupParams p0 = group_params<DTB>(mn0, mx0, n_bins);
-            float sse0 = 0.0f, dot = 0.0f, dq2 = 0.0f, err2 = 0.0f, chg = 0.0f, agree = 0.0f;
-            for (int j = 0; j < G; ++j) {
-              float q1 = quant_code(a[j], p1.scale, p1.bias, n_bins);
-              float y1 = dequant<DT1>(q1, p1.scale_t, p1.bias_t);
-              float q0 = quant_code(w0[j], p0.scale, p0.bias, n_bins);
-              float y0 = dequant<DTB>(q0, p0.scale_t, p0.bias_t);
-              float e1 = y1 - a[j];
-              float e0 = y0 - w0[j];
-              float dq = y1 - y0;
-              float de = dq - d[j];
-              sse += e1 * e1;
-              mabs = std::fmax(mabs, std::fabs(e1));
-              sse0 += e0 * e0;
-              dot += dq * d[j];
-              dq2 += dq * dq;
-              err2 += de * de;
-              chg += q1 != q0 ? 1.0f : 0.0f;
-              agree += dq * d[j] > 0.0f ? 1.0f : 0.0f;
-              ed[j] = de;
+            float l_sse0[kLanes], l_dot[kLanes], l_dq2[kLanes], l_err2[kLanes], l_chg[kLanes], l_agree[kLanes];
+            for (int l = 0; l < kLanes; ++l) {
+              l_sse0[l] = 0.0f; l_dot[l] = 0.0f; l_dq2[l] = 0.0f; l_err2[l] = 0.0f; l_chg[l] = 0.0f; l_agree[l] = 0.0f;
             }
-            st.sse0 += sse0;
-            st.dot += dot;
-            st.dq2 += dq2;
-            st.err2 += err2;
-            st.changed += static_cast<int64_t>(chg);
-            st.sign_agree += static_cast<int64_t>(agree);
-            if constexpr (SUB) {
-              const float* vt = in.vt + e * r * cols + g * G;
-              double* c = lo.c_err.data() + static_cast<size_t>(b) * r;
-              for (int k = 0; k < r; ++k) {
-                float acc = 0.0f;
-                for (int j = 0; j < G; ++j) acc += ed[j] * vt[k * cols + j];
-                c[k] += acc;
+            for (int j0 = 0; j0 < G; j0 += kLanes) {
+              for (int l = 0; l < kLanes; ++l) {
+                const int j = j0 + l;
+                const float x1 = a[j], x0 = w0[j], dj = d[j];
+                const float q1 = quant_code(x1, p1.scale, p1.bias, n_bins);
+                const float y1 = dequant<DT1>(q1, p1.scale_t, p1.bias_t);
+                const float q0 = quant_code(x0, p0.scale, p0.bias, n_bins);
+                const float y0 = dequant<DTB>(q0, p0.scale_t, p0.bias_t);
+                const float e1 = y1 - x1;
+                const float e0 = y0 - x0;
+                const float dq = y1 - y0;
+                const float de = dq - dj;
+                l_sse[l] += e1 * e1;
+                l_max[l] = max_f(l_max[l], std::fabs(e1));
+                l_sse0[l] += e0 * e0;
+                l_dot[l] += dq * dj;
+                l_dq2[l] += dq * dq;
+                l_err2[l] += de * de;
+                l_chg[l] += q1 != q0 ? 1.0f : 0.0f;
+                l_agree[l] += dq * dj > 0.0f ? 1.0f : 0.0f;
+                ed[b * G + j] = de;
               }
             }
+            float chg = 0.0f, agree = 0.0f;
+            for (int l = 0; l < kLanes; ++l) {
+              st.sse0 += l_sse0[l]; st.dot += l_dot[l]; st.dq2 += l_dq2[l]; st.err2 += l_err2[l];
+              chg += l_chg[l]; agree += l_agree[l];
+            }
+            st.changed += static_cast<int64_t>(chg);
+            st.sign_agree += static_cast<int64_t>(agree);
           }
+          float sse = 0.0f, mabs = 0.0f;
+          for (int l = 0; l < kLanes; ++l) { sse += l_sse[l]; mabs = max_f(mabs, l_max[l]); }
           st.sse += sse;
           st.max_abs = std::max(st.max_abs, static_cast<double>(mabs));
           sh.out->steps[static_cast<size_t>(b) * ngroups_total + gidx] = std::fabs(p1.scale_t);
           sh.out->group_sse[static_cast<size_t>(b) * ngroups_total + gidx] = sse;
+        }
+        if constexpr (SUB) {
+          project_rows(ed, nbits, G, in.v + (e * cols + g * G) * r, r, lo.c_err.data());
         }
       }
       if constexpr (SUB) {
@@ -308,7 +333,7 @@ void analyze(const AnalyzeInput& in, AnalyzeOutput& out) {
   if (in.experts <= 0 || in.rows % in.experts != 0)
     throw std::invalid_argument("rows are not divisible by the number of experts");
   const int mode = lowrank ? kLowRank : (in.w0 ? kBase : kNoDelta);
-  const bool sub = in.u != nullptr && in.vt != nullptr && mode != kNoDelta;
+  const bool sub = in.u != nullptr && in.v != nullptr && mode != kNoDelta;
 
   const int nbits = static_cast<int>(in.bits.size());
   Shared sh;

@@ -29,7 +29,7 @@ struct AnalyzeInput {
 
   // Optional adapter subspace (orthonormal bases) for projected noise.
   const float* u = nullptr;   // (rows x rank): basis of the output subspace per expert
-  const float* vt = nullptr;  // (experts*rank x cols): basis of the input subspace
+  const float* v = nullptr;   // (experts*cols x rank): basis of the input subspace
   int threads = 0;
 };
 

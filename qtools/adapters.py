@@ -30,17 +30,17 @@ class LowRankDelta:
     rank: int
 
     def subspace(self) -> tuple[np.ndarray, np.ndarray]:
-        """Orthonormal bases of the delta's output (u) and input (vt) subspaces, per expert."""
+        """Orthonormal bases of the delta's output space u (rows x rank) and input
+        space v (cols x rank), stacked per expert."""
         rows = self.bt.shape[0] // self.experts
-        u = np.empty_like(self.bt)
-        vt = np.empty_like(self.at)
+        cols = self.at.shape[1]
         r = self.rank
+        u = np.empty_like(self.bt)
+        v = np.empty((self.experts * cols, r), np.float32)
         for e in range(self.experts):
-            qb, _ = np.linalg.qr(self.bt[e * rows : (e + 1) * rows].astype(np.float64))
-            qa, _ = np.linalg.qr(self.at[e * r : (e + 1) * r].T.astype(np.float64))
-            u[e * rows : (e + 1) * rows] = qb
-            vt[e * r : (e + 1) * r] = qa.T
-        return u, vt
+            u[e * rows : (e + 1) * rows] = orthonormal_columns(self.bt[e * rows : (e + 1) * rows])
+            v[e * cols : (e + 1) * cols] = orthonormal_columns(self.at[e * r : (e + 1) * r].T)
+        return u, v
 
     def dense(self) -> np.ndarray:
         """The delta as a dense float32 array (for tests and small tensors)."""
@@ -51,6 +51,23 @@ class LowRankDelta:
             for e in range(self.experts)
         ]
         return np.concatenate(parts, axis=0)
+
+
+def orthonormal_columns(x: np.ndarray) -> np.ndarray:
+    """An orthonormal basis of x's column space (tall x: n x r), padded with zero
+    columns where x is rank-deficient (an untrained lora_b is all zeros).
+
+    Through the r x r Gram matrix: n*r^2 work, where a QR of the tall matrix
+    costs far more in LAPACK for the shapes of real projections.
+    """
+    x64 = x.astype(np.float64)
+    gram = x64.T @ x64
+    lam, vecs = np.linalg.eigh(gram)
+    keep = lam > max(lam.max(), 0.0) * 1e-10
+    basis = np.zeros_like(x64)
+    if keep.any():
+        basis[:, keep] = x64 @ (vecs[:, keep] / np.sqrt(lam[keep]))
+    return basis.astype(np.float32)
 
 
 class Adapter:

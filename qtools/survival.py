@@ -214,17 +214,16 @@ def _tensor_stats(r: dict, bits: list[int], group_size: int, has_delta: bool, ha
     d2 = float(r["d2"])
     out = {}
     for i, b in enumerate(bits):
-        steps = r["steps"][i]
-        step_median = float(np.median(steps))
-        group_rmse = np.sqrt(r["group_sse"][i] / group_size)
+        step_median = float(np.median(r["steps"][i]))
+        p50, p99 = np.percentile(np.sqrt(r["group_sse"][i] / group_size), [50, 99])
         rmse = math.sqrt(r["sse"][i] / n)
         s = {
             "rmse": rmse,
             "rel_rmse": rmse / w_rms if w_rms > 0 else 0.0,
             "max_abs_err": float(r["max_abs"][i]),
             "step_median": step_median,
-            "group_rmse_p50": float(np.percentile(group_rmse, 50)),
-            "group_rmse_p99": float(np.percentile(group_rmse, 99)),
+            "group_rmse_p50": float(p50),
+            "group_rmse_p99": float(p99),
         }
         if has_delta and d2 > 0:
             err2 = float(r["err2"][i])
@@ -346,8 +345,8 @@ def analyze(
         if delta is not None:
             if delta.experts != experts:
                 raise QtoolsError(f"adapter for {name!r} has {delta.experts} experts, the weight has {experts}")
-            u, vt = delta.subspace()
-            kwargs.update(u=u, vt=vt)
+            u, v = delta.subspace()
+            kwargs.update(u=u, v=v)
         try:
             r = _ext.analyze(w1, FLOAT_DTYPES[info.dtype], bits, group_size, experts=experts, threads=threads, **kwargs)
         except ValueError as exc:

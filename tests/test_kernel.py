@@ -74,7 +74,7 @@ def mlx_deq(w, bits, group_size):
     return f32(mx.dequantize(q, s, b, group_size=group_size, bits=bits)), unpack_codes(q, bits, w.shape[0]), f32(s)
 
 
-def reference_stats(w1, w0, bits, group_size, u=None, vt=None):
+def reference_stats(w1, w0, bits, group_size, u=None, v=None):
     """Every statistic of the kernel, computed with MLX's own quantize/dequantize."""
     a, b0 = f32(w1), f32(w0)
     d = a - b0
@@ -94,8 +94,8 @@ def reference_stats(w1, w0, bits, group_size, u=None, vt=None):
         "d2": float((d.astype(np.float64) ** 2).sum()),
     }
     if u is not None:
-        m = u.T.astype(np.float64) @ (dq - d).astype(np.float64) @ vt.T.astype(np.float64)
-        md = u.T.astype(np.float64) @ d.astype(np.float64) @ vt.T.astype(np.float64)
+        m = u.T.astype(np.float64) @ (dq - d).astype(np.float64) @ v.astype(np.float64)
+        md = u.T.astype(np.float64) @ d.astype(np.float64) @ v.astype(np.float64)
         ref["sub_noise"] = float((m**2).sum())
         ref["sub_d2"] = float((md**2).sum())
     return ref
@@ -108,9 +108,10 @@ def lowrank(rng, rows, cols, rank, size):
 
 
 def orth(bt, at):
+    """Orthonormal bases: u (rows x r) of the delta's columns, v (cols x r) of its rows."""
     u, _ = np.linalg.qr(bt.astype(np.float64))
     v, _ = np.linalg.qr(at.T.astype(np.float64))
-    return np.ascontiguousarray(u, np.float32), np.ascontiguousarray(v.T, np.float32)
+    return np.ascontiguousarray(u, np.float32), np.ascontiguousarray(v, np.float32)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -122,10 +123,10 @@ def test_delta_statistics_match_reference_base_mode(dtype, threads):
     bt, at = lowrank(rng, rows, cols, 8, 0.002)
     w0 = mx.array(base).astype(DTYPES[dtype])
     w1 = (w0.astype(mx.float32) + mx.array(bt @ at)).astype(DTYPES[dtype])
-    u, vt = orth(bt, at)
-    r = _ext.analyze(raw(w1), dtype, list(BITS), g, w0=raw(w0), w0_dtype=dtype, u=u, vt=vt, threads=threads)
+    u, v = orth(bt, at)
+    r = _ext.analyze(raw(w1), dtype, list(BITS), g, w0=raw(w0), w0_dtype=dtype, u=u, v=v, threads=threads)
     for i, bits in enumerate(BITS):
-        ref = reference_stats(w1, w0, bits, g, u, vt)
+        ref = reference_stats(w1, w0, bits, g, u, v)
         for key in ("sse", "dot", "dq2", "err2", "sub_noise"):
             np.testing.assert_allclose(r[key][i], ref[key], rtol=2e-4, err_msg=f"{key} at {bits} bits")
         assert r["max_abs"][i] == pytest.approx(ref["max_abs"], rel=0, abs=0)
@@ -163,16 +164,16 @@ def test_expert_tensors_are_quantized_along_the_last_axis():
     fused = (base.astype(mx.float32) + mx.array(delta)).astype(mx.float16)
     bt = np.concatenate([b for b, _ in bs])
     at = np.concatenate([a for _, a in bs])
-    us, vts = zip(*(orth(b, a) for b, a in bs))
-    u, vt = np.concatenate(us), np.concatenate(vts)
+    us, vs = zip(*(orth(b, a) for b, a in bs))
+    u, v = np.concatenate(us), np.concatenate(vs)
     r = _ext.analyze(raw(fused).reshape(-1, cols), "float16", [4], 64, w0=raw(base).reshape(-1, cols),
-                     w0_dtype="float16", experts=experts, u=u, vt=vt)
+                     w0_dtype="float16", experts=experts, u=u, v=v)
     ref = reference_stats(fused.reshape(-1, cols), base.reshape(-1, cols), 4, 64)
     np.testing.assert_allclose(r["sse"][0], ref["sse"], rtol=2e-4)
     np.testing.assert_allclose(r["dot"][0], ref["dot"], rtol=2e-4)
     # the subspace statistic is per expert: sum over experts of |U_e^T X_e V_e|^2
     d = (f32(fused) - f32(base)).astype(np.float64)
-    sub_d2 = sum(float(((us[e].T @ d[e] @ vts[e].T) ** 2).sum()) for e in range(experts))
+    sub_d2 = sum(float(((us[e].T @ d[e] @ vs[e]) ** 2).sum()) for e in range(experts))
     np.testing.assert_allclose(r["sub_d2"], sub_d2, rtol=1e-4)
     # and the quantization itself matches mx.quantize on the 3-D tensor
     y, _, _ = mlx_deq(fused.reshape(-1, cols), 4, 64)

@@ -1,0 +1,78 @@
+#include "project.h"
+
+#include <cstring>
+
+namespace qtools {
+
+namespace {
+
+// GCC/Clang vector extension: 8 floats, lowered to AVX, SSE or NEON registers
+// as the target has them. Keeps the accumulators in registers and the
+// vectorization over the rank, where a plain loop gets vectorized over j.
+typedef float vf8 __attribute__((vector_size(32)));
+
+// acc[b][k] = sum_j x[b][j] * v[j][k], vectorized over k with v contiguous
+// (the basis is stored cols x r, so a group's block is one contiguous read).
+// A compile-time rank keeps the accumulators in registers.
+template <int N, int R>
+void project_fixed(const float* x, int G, const float* v, double* c) {
+  constexpr int W = R / 8;
+  vf8 acc[N][W];
+  for (int b = 0; b < N; ++b)
+    for (int q = 0; q < W; ++q) acc[b][q] = vf8{};
+  for (int j = 0; j < G; ++j) {
+    vf8 vj[W];
+    std::memcpy(vj, v + static_cast<int64_t>(j) * R, sizeof vj);
+    for (int b = 0; b < N; ++b) {
+      const float xb = x[b * G + j];
+      for (int q = 0; q < W; ++q) acc[b][q] += xb * vj[q];
+    }
+  }
+  for (int b = 0; b < N; ++b) {
+    float out[R];
+    std::memcpy(out, acc[b], sizeof out);
+    for (int k = 0; k < R; ++k) c[b * R + k] += out[k];
+  }
+}
+
+template <int R>
+bool project_rank(const float* x, int nrows, int G, const float* v, double* c) {
+  switch (nrows) {
+    case 1: project_fixed<1, R>(x, G, v, c); return true;
+    case 2: project_fixed<2, R>(x, G, v, c); return true;
+    case 3: project_fixed<3, R>(x, G, v, c); return true;
+    case 4: project_fixed<4, R>(x, G, v, c); return true;
+    case 5: project_fixed<5, R>(x, G, v, c); return true;
+    case 6: project_fixed<6, R>(x, G, v, c); return true;
+    default: return false;
+  }
+}
+
+void project_any(const float* x, int nrows, int G, const float* v, int r, double* c) {
+  float acc[kProjMaxRows * kProjMaxRank];
+  for (int i = 0; i < nrows * r; ++i) acc[i] = 0.0f;
+  for (int j = 0; j < G; ++j) {
+    const float* vj = v + static_cast<int64_t>(j) * r;
+    for (int b = 0; b < nrows; ++b) {
+      const float xb = x[b * G + j];
+      float* ab = acc + b * r;
+      for (int k = 0; k < r; ++k) ab[k] += xb * vj[k];
+    }
+  }
+  for (int i = 0; i < nrows * r; ++i) c[i] += acc[i];
+}
+
+}  // namespace
+
+void project_rows(const float* x, int nrows, int G, const float* v, int r, double* c) {
+  bool done = false;
+  switch (r) {
+    case 8: done = project_rank<8>(x, nrows, G, v, c); break;
+    case 16: done = project_rank<16>(x, nrows, G, v, c); break;
+    case 32: done = project_rank<32>(x, nrows, G, v, c); break;
+    default: break;
+  }
+  if (!done) project_any(x, nrows, G, v, r, c);
+}
+
+}  // namespace qtools

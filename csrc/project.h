@@ -1,0 +1,16 @@
+// Projection of per-bit-width delta errors onto the adapter's input subspace.
+// Compiled on its own with FMA contraction allowed: these are statistics, not
+// the MLX-exact quantization, so the order of float operations is free.
+#pragma once
+
+#include <cstdint>
+
+namespace qtools {
+
+constexpr int kProjMaxRows = 6;
+constexpr int kProjMaxRank = 128;
+
+// c[b*r + k] += sum_j x[b*G + j] * v[j*r + k]   for b < nrows (<= 6), k < r (<= 128)
+void project_rows(const float* x, int nrows, int G, const float* v, int r, double* c);
+
+}  // namespace qtools
