@@ -357,6 +357,9 @@ def validate(
     suite_obj = load_suite(suite)
     if max_tokens is not None and max_tokens < 1:
         raise QtoolsError("--max-tokens must be at least 1")
+    from .memory import check_memory
+
+    memory = check_memory(path)  # warns on stderr before a model near the device limit loads
     net, tokenizer, config, load_s = load_model(path)
     tool_format = tool_format_of(tokenizer)
 
@@ -408,6 +411,7 @@ def validate(
         "tokens_per_s": total_tokens / total_time if total_time > 0 else 0.0,
         "generated_tokens": total_tokens,
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
+        **{k: memory[k] for k in ("memory_estimate_gb", "memory_limit_gb", "memory_pressure")},
         "max_tokens": max_tokens or suite_obj.max_tokens,
         "generation": "greedy, " + ("mlx_lm.batch_generate (first query alone)" if batch else "mlx_lm.stream_generate, one case at a time"),
         "tool_parser": getattr(tool_format.get("parser"), "__module__", None) or "json (default)",

@@ -1,0 +1,64 @@
+"""Memory estimate vs the device limit: the warning, its threshold, and the validate log fields."""
+
+import json
+
+import pytest
+
+import qtools.memory as M
+from qtools.demo.model import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("m") / "tiny")
+
+
+def test_estimate_counts_weights_kv_and_margin(model):
+    est = M.estimate_bytes(model, context_tokens=1000)
+    w = (model / "model.safetensors").stat().st_size
+    cfg = json.loads((model / "config.json").read_text())
+    kv = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"] * 1000 * 2
+    assert est["weights"] == w and est["kv_cache"] == kv
+    assert est["total"] == w + kv + int(0.05 * w)
+
+
+def test_warns_above_85_percent(model, monkeypatch, capsys):
+    need = M.estimate_bytes(model)["total"]
+    monkeypatch.setattr(M, "device_limit", lambda: (int(need / 0.92), "test limit"))
+    r = M.check_memory(model)
+    err = capsys.readouterr().err
+    assert r["memory_warning"] and r["memory_pressure"] == pytest.approx(0.92, abs=1e-3)
+    assert "92%" in err and "smaller bit-width" in err and "close other apps" in err
+
+
+def test_silent_below_85_percent(model, monkeypatch, capsys):
+    need = M.estimate_bytes(model)["total"]
+    monkeypatch.setattr(M, "device_limit", lambda: (int(need / 0.80), "test limit"))
+    r = M.check_memory(model)
+    assert not r["memory_warning"] and capsys.readouterr().err == ""
+    monkeypatch.setattr(M, "device_limit", lambda: (None, "unknown"))
+    r = M.check_memory(model)
+    assert r["memory_pressure"] is None and not r["memory_warning"]
+
+
+def test_device_limit_falls_back_to_system_memory():
+    size, source = M.device_limit()
+    assert size and size > 0 and source
+
+
+def test_validate_logs_memory_and_warns_before_loading(model, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from qtools.cli import cli
+
+    suite = tmp_path / "s.jsonl"
+    suite.write_text(json.dumps({"suite": {"name": "s", "max_tokens": 2}}) + "\n"
+                     + json.dumps({"id": "a", "category": "c", "prompt": "hi", "expect": {"type": "direct"}}) + "\n")
+    monkeypatch.setattr(M, "device_limit", lambda: (1000, "test limit"))
+    out = tmp_path / "log.json"
+    r = CliRunner().invoke(cli, ["validate", str(model), "--suite", str(suite), "--out", str(out)])
+    assert r.exit_code in (0, 1), r.output
+    log = json.loads(out.read_text())
+    assert log["memory_limit_gb"] == pytest.approx(1e-6)
+    assert log["memory_pressure"] > 1 and log["memory_estimate_gb"] > 0
+    assert "warning:" in r.output  # CliRunner mixes stderr into output
