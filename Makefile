@@ -27,7 +27,7 @@ $(if $(filter $(GROUP),$(VALID_GROUPS)),,$(error GROUP=$(GROUP) is not supported
 
 export FORCE GROUP LOGS
 
-.PHONY: help install test demo survival-demo fuse quantize validate sweep survival compare bench calibrate clean
+.PHONY: help install test demo fuse quantize validate sweep survival compare bench calibrate clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -44,8 +44,8 @@ test: $(STAMP) ## Run the test suite
 bench: $(STAMP) ## Benchmark the kernel against numpy and MLX-CPU on a 1 GB synthetic model
 	$(PY) scripts/bench.py
 
-survival-demo: $(STAMP) ## Run delta-survival on a generated tiny model + adapter
-	scripts/survival_demo.sh
+demo: $(STAMP) ## The built-in demo: tiny model + LoRA, fuse, predict, sweep 8..2 bits, validate, compare
+	scripts/demo.sh
 
 # A variable's value if given on the command line or in the environment, else $(2):
 # lets quantize/sweep/survival keep their own defaults for OUT and BITS.

@@ -86,3 +86,19 @@ def atomic_output_dir(path: str | os.PathLike, force: bool = False) -> Iterator[
 
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> Path:
+    """Write `obj` as JSON to `path` through a temporary file and a rename."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise QtoolsError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path

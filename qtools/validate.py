@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import QtoolsError, __version__
+from .atomic import write_json_atomic
 from .suite import Case, Suite, load_suite
 
 DEFAULT_MIN_ACCURACY = 0.8
@@ -437,15 +438,7 @@ def _versions() -> dict:
 
 
 def write_log(result: dict, out: str | Path) -> Path:
-    out = Path(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(out)
-    except OSError as exc:
-        raise QtoolsError(f"could not write {out}: {exc.strerror or exc}") from None
-    return out
+    return write_json_atomic(out, result)
 
 
 def format_report(result: dict) -> str:

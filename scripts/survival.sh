@@ -6,10 +6,6 @@ QTOOLS=${QTOOLS:-.venv/bin/qtools}
 FROM=${FROM:-models/fused_f16}
 BITS=${BITS:-2 3 4 5 6 8}
 LOGS=${LOGS:-logs}
-mkdir -p "$LOGS"
 # shellcheck disable=SC2086  # BITS is a list of words
-"$QTOOLS" delta-survival "$FROM" --bits $BITS --group-size "${GROUP:-64}" --json > "$LOGS/.survival.json.tmp"
-mv "$LOGS/.survival.json.tmp" "$LOGS/survival.json"
-# shellcheck disable=SC2086
-"$QTOOLS" delta-survival "$FROM" --bits $BITS --group-size "${GROUP:-64}"
+"$QTOOLS" delta-survival "$FROM" --bits $BITS --group-size "${GROUP:-64}" --output "$LOGS/survival.json"
 echo "survival JSON: $LOGS/survival.json"

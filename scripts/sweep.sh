@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # For each bit-width in BITS: quantize FROM (reusing an existing models/fused_<b>bit
-# unless FORCE=1), then validate it; the float model FROM is validated too, as the
+# newer than FROM unless FORCE=1), then validate it; the float model FROM is validated too, as the
 # reference. One model in memory at a time; a failed verdict does not stop the sweep.
 set -euo pipefail
 QTOOLS=${QTOOLS:-.venv/bin/qtools}
@@ -12,11 +12,12 @@ failed=()
 models=("$FROM")
 for b in $BITS; do
   out="${PREFIX}_${b}bit"
-  if [ -d "$out" ] && [ "${FORCE:-0}" != 1 ]; then
+  if [ -d "$out" ] && [ "${FORCE:-0}" != 1 ] && [ "$out/config.json" -nt "$FROM/config.json" ]; then
     echo "== reusing $out (FORCE=1 re-quantizes)"
   else
     echo "== quantize $b-bit -> $out"
-    FROM="$FROM" BITS="$b" RECIPE=uniform OUT="$out" scripts/quantize.sh
+    # a quantized model older than FROM is stale: replace it
+    FROM="$FROM" BITS="$b" RECIPE=uniform OUT="$out" FORCE=1 scripts/quantize.sh
   fi
   models+=("$out")
 done

@@ -5,6 +5,7 @@ import json
 import click
 from tabulate import tabulate
 
+from ..atomic import write_json_atomic
 from ..survival import delta_survival, quant_error
 
 _bits_option = click.option(
@@ -80,8 +81,10 @@ def _print_skipped(report):
 @_bits_option
 @_group_option
 @_json_option
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
+              help="Also write the JSON report to this file (written whole or not at all).")
 @_threads_option
-def delta_survival_cmd(model, adapter, base, bits, group_size, as_json, threads):
+def delta_survival_cmd(model, adapter, base, bits, group_size, as_json, output, threads):
     """Predict, from the weights alone, which bit-widths keep the LoRA delta of MODEL.
 
     MODEL is the fused float model directory. The delta comes from --adapter,
@@ -89,6 +92,8 @@ def delta_survival_cmd(model, adapter, base, bits, group_size, as_json, threads)
     """
     report = delta_survival(model, bits, group_size, adapter=adapter, base=base, threads=threads,
                             progress=not as_json)
+    if output:
+        write_json_atomic(output, report)
     if as_json:
         click.echo(json.dumps(report))
         return

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The built-in demo, end to end: build the tiny base + LoRA adapter (reused when
+# present), fuse, predict survival from the weights, sweep bits 8 6 5 4 3 2 with
+# validation, and compare. Everything lands in models/demo_* and logs/demo/.
+set -euo pipefail
+export LOGS=${LOGS:-logs/demo}
+MODELS=${MODELS:-models}
+FUSED="$MODELS/demo_fused_f16"
+SUITE=${SUITE:-suites/demo.jsonl}
+
+echo "== 1/5 demo base model and LoRA adapter"
+MODELS="$MODELS" scripts/demo_models.sh
+
+echo "== 2/5 fuse (float32 math, float16 on disk) -> $FUSED"
+if [ -f "$FUSED/config.json" ] && [ "$FUSED/config.json" -nt "$MODELS/demo_adapter/adapters.safetensors" ] \
+   && [ "${FORCE:-0}" != 1 ]; then
+  echo "reusing $FUSED"
+else
+  BASE="$MODELS/demo_base" ADAPTER="$MODELS/demo_adapter" OUT="$FUSED" FORCE=1 scripts/fuse.sh
+fi
+
+echo "== 3/5 predict: delta-survival from the weights alone"
+mkdir -p "$LOGS"
+FROM="$FUSED" BITS="2 3 4 5 6 8" scripts/survival.sh
+
+echo "== 4/5 prove: quantize + validate 8 6 5 4 3 2 (one model in memory at a time)"
+rm -f "$LOGS"/*-demo.json
+FROM="$FUSED" PREFIX="$MODELS/demo_fused" BITS="8 6 5 4 3 2" SUITE="$SUITE" BATCH=${BATCH:-1} scripts/sweep.sh
+
+echo "== 5/5 compare"
+scripts/compare.sh
