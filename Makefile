@@ -54,7 +54,7 @@ given_or = $(if $(filter command line environment,$(origin $(1))),$($(1)),$(2))
 fuse: $(STAMP) ## Fuse ADAPTER into BASE (float32 math, float16 out) -> OUT [FORCE=1]
 	BASE="$(BASE)" ADAPTER="$(ADAPTER)" OUT="$(OUT)" scripts/fuse.sh
 
-quantize: $(STAMP) ## Quantize FROM to BITS (GROUP, RECIPE=uniform|mixed_3_6|mixed_4_6) -> models/fused_<BITS>bit
+quantize: $(STAMP) ## Quantize FROM to BITS (GROUP, RECIPE=uniform|mixed_3_6|mixed_4_6|survival) -> models/fused_<BITS>bit
 	FROM="$(FROM)" BITS="$(BITS)" RECIPE="$(RECIPE)" OUT="$(call given_or,OUT,)" scripts/quantize.sh
 
 # MODEL is checked before anything is built.

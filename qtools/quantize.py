@@ -3,7 +3,8 @@
 `layer_bits` ({"model.layers.3.mlp.down_proj": 8, ...}) keeps chosen layers at
 other bit-widths (or unquantized with 0/None) through mlx-lm's per-layer
 quantization config, for survival-aware mixed precision. `recipe` also offers
-mlx-lm's mixed_3_6 / mixed_4_6 recipes.
+mlx-lm's mixed_3_6 / mixed_4_6 recipes, and `survival` (qtools.recipe): BITS
+everywhere except the tensors whose fine-tuning delta dies at BITS.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .atomic import atomic_output_dir, check_output_free
 from .fuse import PROVENANCE, _mlx_versions
 from .validate import check_model_dir, dir_size
 
-RECIPES = ("uniform", "mixed_3_6", "mixed_4_6")
+RECIPES = ("uniform", "mixed_3_6", "mixed_4_6", "survival")
 
 
 def check_bits(bits: int, group_size: int) -> None:
@@ -85,7 +86,7 @@ def quantize(
 
     if recipe not in RECIPES:
         raise QtoolsError(f"recipe {recipe!r} is not known: use one of {', '.join(RECIPES)}")
-    if recipe != "uniform":
+    if recipe.startswith("mixed_"):
         bits = int(recipe.split("_")[1])  # mixed_L_H: most layers at L bits
     check_bits(bits, group_size)
     src = check_model_dir(model)
@@ -97,11 +98,19 @@ def quantize(
             f"{src} is already quantized ({q.get('bits')}-bit); quantize the float16 fused model instead"
         )
     tic = time.perf_counter()
+    plan = None
+    if recipe == "survival":
+        from .recipe import survival_plan
+
+        plan = survival_plan(src, bits, group_size)
+        # Explicit --layer-bits overrides win over the plan.
+        layer_bits = {**plan["layer_bits"], **(layer_bits or {})}
     try:
         net, tokenizer, config = load(str(src), return_config=True, lazy=True)
     except Exception as exc:
         raise QtoolsError(f"cannot load model {src}: {exc}") from None
-    predicate = quant_predicate or make_predicate(net, bits, group_size, recipe, layer_bits)
+    base_recipe = "uniform" if recipe == "survival" else recipe
+    predicate = quant_predicate or make_predicate(net, bits, group_size, base_recipe, layer_bits)
     with contextlib.redirect_stdout(sys.stderr):  # mlx-lm prints [INFO] lines
         net, qconfig = quantize_model(net, config, group_size, bits, quant_predicate=predicate)
     bpw = float(compute_bits_per_weight(net))
@@ -121,12 +130,18 @@ def quantize(
         "quantized": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "quantize_versions": _mlx_versions(),
     })
+    if plan is not None:
+        provenance["survival_recipe"] = {k: plan[k] for k in ("rule", "raised", "predicted_min_bits")}
     with atomic_output_dir(out, force) as tmp:
         with contextlib.redirect_stdout(sys.stderr):
             save(tmp, str(src), net, tokenizer, qconfig, donate_model=True)
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
     del net
     out = Path(out)
+    extra = {}
+    if plan is not None:
+        extra = {"raised_layers": plan["raised"], "survival_rule": plan["rule"],
+                 "predicted_min_bits": plan["predicted_min_bits"], "analysed_tensors": plan["tensors"]}
     return {
         "out": str(out),
         "source": str(src),
@@ -138,4 +153,5 @@ def quantize(
         "disk_bytes": dir_size(out),
         "source_disk_bytes": dir_size(src),
         "seconds": time.perf_counter() - tic,
+        **extra,
     }

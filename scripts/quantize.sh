@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Quantize the float model FROM to BITS (MLX affine, GROUP, RECIPE) -> OUT
-# (default models/fused_<BITS>bit); prints bits per weight and disk size. FORCE=1 overwrites.
+# (default models/fused_<BITS>bit, models/fused_survival_<BITS>bit or models/fused_<RECIPE>);
+# prints bits per weight and disk size. FORCE=1 overwrites.
 set -euo pipefail
 QTOOLS=${QTOOLS:-.venv/bin/qtools}
 BITS=${BITS:-5}
@@ -8,7 +9,11 @@ if [ "$(wc -w <<<"$BITS")" -ne 1 ]; then
   echo "quantize takes one bit-width (BITS=$BITS); use 'make sweep BITS=\"$BITS\"' for several" >&2; exit 2
 fi
 RECIPE=${RECIPE:-uniform}
-if [ "$RECIPE" = uniform ]; then default_out="models/fused_${BITS}bit"; else default_out="models/fused_${RECIPE}"; fi
+case "$RECIPE" in
+  uniform) default_out="models/fused_${BITS}bit" ;;
+  survival) default_out="models/fused_survival_${BITS}bit" ;;  # BITS except layers whose delta dies
+  *) default_out="models/fused_${RECIPE}" ;;
+esac
 force=(); [ "${FORCE:-0}" = 1 ] && force=(--force)
 "$QTOOLS" quantize --model "${FROM:-models/fused_f16}" --bits "$BITS" --group-size "${GROUP:-64}" \
   --recipe "$RECIPE" --out "${OUT:-$default_out}" ${force[@]+"${force[@]}"}

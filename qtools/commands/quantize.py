@@ -17,7 +17,9 @@ from ._fmt import human_bytes
 @click.option("--group-size", type=click.Choice([str(g) for g in SUPPORTED_GROUP_SIZES]), default="64",
               show_default=True, help="Weights per quantization group.")
 @click.option("--recipe", type=click.Choice(RECIPES), default="uniform", show_default=True,
-              help="uniform, or one of mlx-lm's mixed-precision recipes (ignores --bits).")
+              help="uniform; mlx-lm's mixed_3_6/mixed_4_6 (ignore --bits); or survival: --bits except the "
+                   "layers whose fine-tuning delta dies at --bits (delta-survival), which get the next "
+                   "bit-width where it survives.")
 @click.option("--layer-bits", "layer_bits_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="JSON file {layer path: bits (0 = keep float)} overriding single layers.")
 @click.option("--out", default=None, type=click.Path(), help="Output directory [default: models/fused_<bits>bit].")
@@ -37,17 +39,26 @@ def quantize_cmd(model, bits, group_size, recipe, layer_bits_file, out, force, a
             raise QtoolsError(f"cannot read --layer-bits {layer_bits_file}: {exc}") from None
         if not isinstance(layer_bits, dict):
             raise QtoolsError(f"--layer-bits {layer_bits_file} must hold a JSON object")
-    suffix = f"{bits}bit" if recipe == "uniform" else recipe
+    suffix = {"uniform": f"{bits}bit", "survival": f"survival_{bits}bit"}.get(recipe, recipe)
     out = out or f"models/fused_{suffix}"
     report = quantize(model, out, bits=bits, group_size=group_size, recipe=recipe,
                       layer_bits=layer_bits, force=force)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
+    if recipe == "survival":
+        raised = report["raised_layers"]
+        rule = report["survival_rule"]
+        click.echo(f"survival recipe: {len(raised)} of {report['analysed_tensors']} tensors raised above "
+                   f"{bits} bits ({rule['statistic']} >= {rule['min']:g} rule)")
+        for r in raised:
+            value = "-" if r["value_at_bits"] is None else f"{r['value_at_bits']:.3g}"
+            note = "" if r["survives"] else " (dies even there)"
+            click.echo(f"  {r['layer']}: {bits} -> {r['bits']} bits ({rule['statistic']} {value} at {bits}){note}")
     ratio = report["disk_bytes"] / report["source_disk_bytes"] if report["source_disk_bytes"] else 0
     click.echo(
         f"quantized {report['source']} -> {report['out']} "
-        f"({recipe if recipe != 'uniform' else str(bits) + '-bit'}, group {group_size}): "
+        f"({ {'uniform': f'{bits}-bit', 'survival': f'survival {bits}-bit'}.get(recipe, recipe)}, group {group_size}): "
         f"{report['bits_per_weight']:.3f} bits/weight, {human_bytes(report['disk_bytes'])} "
         f"({ratio:.0%} of {human_bytes(report['source_disk_bytes'])}) in {report['seconds']:.1f} s"
     )
