@@ -342,6 +342,45 @@ def tool_format_of(tokenizer) -> dict:
     return {}
 
 
+def run_cases(net, tokenizer, suite_obj: Suite, max_tokens: int | None = None, batch: bool = False,
+              progress: bool = False, label: str = "model") -> tuple[list, int, float]:
+    """Generate greedily for every case of a loaded model and score the outputs.
+
+    Returns (records, generated tokens, generation seconds).
+    """
+    tool_format = tool_format_of(tokenizer)
+    records = []
+    cases = suite_obj.cases
+    limits = [max_tokens or c.max_tokens or suite_obj.max_tokens for c in cases]
+    prompts = [build_prompt(tokenizer, c, suite_obj) for c in cases]
+    outputs = []  # (text, tokens, seconds)
+    if batch and len(cases) > 1:
+        # First query alone (its latency is a metric), the rest in one batch:
+        # on the tiny demo models batch_generate gave identical greedy outputs.
+        from mlx_lm import batch_generate
+
+        outputs.append(generate_one(net, tokenizer, prompts[0], limits[0]))
+        tic = time.perf_counter()
+        resp = batch_generate(net, tokenizer, prompts[1:], max_tokens=limits[1:], return_token_ids=True)
+        per = (time.perf_counter() - tic) / (len(cases) - 1)
+        outputs += [(t, len(ids), per) for t, ids in zip(resp.texts, resp.token_ids)]
+    else:
+        it = range(len(cases))
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(it, desc=f"validate {label}", file=sys.stderr, leave=False)
+        outputs = [generate_one(net, tokenizer, prompts[i], limits[i]) for i in it]
+    total_tokens, total_time = 0, 0.0
+    for case, (text, ntok, secs) in zip(cases, outputs):
+        record = score_case(case, suite_obj, text, tool_format)
+        record.update({"gen_s": secs, "tokens": ntok})
+        records.append(record)
+        total_tokens += ntok
+        total_time += secs
+    return records, total_tokens, total_time
+
+
 def validate(
     model: str | Path,
     suite: str | Path,
@@ -364,35 +403,8 @@ def validate(
     net, tokenizer, config, load_s = load_model(path)
     tool_format = tool_format_of(tokenizer)
 
-    records = []
-    cases = suite_obj.cases
-    limits = [max_tokens or c.max_tokens or suite_obj.max_tokens for c in cases]
-    prompts = [build_prompt(tokenizer, c, suite_obj) for c in cases]
-    outputs = []  # (text, tokens, seconds)
-    if batch and len(cases) > 1:
-        # First query alone (its latency is a metric), the rest in one batch:
-        # on the tiny demo models batch_generate gave identical greedy outputs.
-        from mlx_lm import batch_generate
-
-        outputs.append(generate_one(net, tokenizer, prompts[0], limits[0]))
-        tic = time.perf_counter()
-        resp = batch_generate(net, tokenizer, prompts[1:], max_tokens=limits[1:], return_token_ids=True)
-        per = (time.perf_counter() - tic) / (len(cases) - 1)
-        outputs += [(t, len(ids), per) for t, ids in zip(resp.texts, resp.token_ids)]
-    else:
-        it = range(len(cases))
-        if progress:
-            from tqdm import tqdm
-
-            it = tqdm(it, desc=f"validate {path.name}", file=sys.stderr, leave=False)
-        outputs = [generate_one(net, tokenizer, prompts[i], limits[i]) for i in it]
-    total_tokens, total_time = 0, 0.0
-    for case, (text, ntok, secs) in zip(cases, outputs):
-        record = score_case(case, suite_obj, text, tool_format)
-        record.update({"gen_s": secs, "tokens": ntok})
-        records.append(record)
-        total_tokens += ntok
-        total_time += secs
+    records, total_tokens, total_time = run_cases(net, tokenizer, suite_obj, max_tokens, batch,
+                                                  progress, label=path.name)
 
     quant = quantization_info(config)
     disk = dir_size(path)
