@@ -3,6 +3,8 @@
 Also checks delta-survival's prediction against behaviour, per bit-width: the
 prediction says the fine-tune survives at b bits when b >= predicted_min_bits;
 behaviour says it survived when accuracy and critical errors meet the criteria.
+`qtools retention` logs (logs/retention-<model>.json) among the inputs add a
+"logit retention" row next to accuracy.
 """
 
 from __future__ import annotations
@@ -27,12 +29,19 @@ def _is_log(obj) -> bool:
     return isinstance(obj, dict) and "qtools_log" in obj and "cases" in obj
 
 
+def _is_retention(obj) -> bool:
+    return isinstance(obj, dict) and "qtools_retention" in obj and "retention" in obj
+
+
 def _is_survival(obj) -> bool:
     return isinstance(obj, dict) and "summary" in obj and "predicted_min_bits" in obj
 
 
-def load_inputs(paths, survival: str | Path | None = None) -> tuple[list, dict | None]:
-    """Read validate logs (and a survival JSON, given or found among them)."""
+def load_inputs(paths, survival: str | Path | None = None, retention: list | None = None) -> tuple[list, dict | None]:
+    """Read validate logs (and a survival JSON, given or found among them).
+
+    `qtools retention` logs found among the paths are appended to `retention` when given.
+    """
     logs, surv = [], None
     if survival is not None:
         surv = _read_json(survival)
@@ -45,6 +54,9 @@ def load_inputs(paths, survival: str | Path | None = None) -> tuple[list, dict |
             logs.append(obj)
         elif _is_survival(obj):
             surv = surv or obj  # `make compare` passes logs/*.json, survival.json included
+        elif _is_retention(obj):
+            if retention is not None:
+                retention.append(obj)
         else:
             raise QtoolsError(f"{p} is not a qtools validate log")
     if not logs:
@@ -122,7 +134,14 @@ def _winner(values: dict, better: str | None):
     return "tie" if len(winners) == len(vals) else ", ".join(winners)
 
 
-def compare_suite(logs: list, surv: dict | None, c: Criteria) -> dict:
+def retention_for(model: str, suite: str, retention: list) -> dict | None:
+    """The newest retention log of a model, preferring one measured on the same suite."""
+    mine = [r for r in retention if r.get("model") == model]
+    same = [r for r in mine if r.get("suite") == suite] or mine
+    return max(same, key=lambda r: r.get("created", "")) if same else None
+
+
+def compare_suite(logs: list, surv: dict | None, c: Criteria, retention: list | None = None) -> dict:
     logs = sorted(logs, key=_sort_key)
     names = [log["model"] for log in logs]
     rows = []
@@ -146,6 +165,16 @@ def compare_suite(logs: list, surv: dict | None, c: Criteria) -> dict:
             "display": {m: f"{v:.0%}" if v is not None else "-" for m, v in values.items()},
             "winner": _winner(values, "max"),
         })
+    if retention:
+        found = {log["model"]: retention_for(log["model"], log["suite"], retention) for log in logs}
+        if any(found.values()):
+            values = {m: (r or {}).get("retention") for m, r in found.items()}
+            rows.insert(4 + len(categories), {
+                "metric": "logit retention", "key": "retention", "better": "max", "values": values,
+                "display": {m: (f"{v:.3f} (KL {found[m]['kl']['mean']:.2g})" if v is not None else "-")
+                            for m, v in values.items()},
+                "winner": _winner(values, "max"),
+            })
     if surv:
         values = {}
         for log in logs:
@@ -197,7 +226,8 @@ def compare_suite(logs: list, surv: dict | None, c: Criteria) -> dict:
 def compare(paths, survival=None, criteria: Criteria | None = None) -> dict:
     """Compare validate logs (grouped by suite); returns the full result."""
     criteria = criteria or Criteria()
-    logs, surv = load_inputs(paths, survival)
+    retention: list = []
+    logs, surv = load_inputs(paths, survival, retention)
     by_suite: dict = {}
     for log in logs:
         # A rerun replaces the older log of the same model and suite.
@@ -206,7 +236,7 @@ def compare(paths, survival=None, criteria: Criteria | None = None) -> dict:
             by_suite[key] = log
     suites = []
     for name in dict.fromkeys(s for s, _ in by_suite):
-        suites.append(compare_suite([v for (s, _), v in by_suite.items() if s == name], surv, criteria))
+        suites.append(compare_suite([v for (s, _), v in by_suite.items() if s == name], surv, criteria, retention))
     return {
         "criteria": asdict(criteria),
         "survival_model": surv.get("model") if surv else None,
