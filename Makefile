@@ -47,6 +47,9 @@ bench: $(STAMP) ## Benchmark the kernel against numpy and MLX-CPU on a 1 GB synt
 demo: $(STAMP) ## The built-in demo: tiny model + LoRA, fuse, predict, sweep 8..2 bits, validate, compare
 	scripts/demo.sh
 
+calibrate: $(STAMP) ## Fit delta-survival's threshold on 24 demo fine-tunes -> docs/calibration.md
+	scripts/calibrate.sh
+
 # A variable's value if given on the command line or in the environment, else $(2):
 # lets quantize/sweep/survival keep their own defaults for OUT and BITS.
 given_or = $(if $(filter command line environment,$(origin $(1))),$($(1)),$(2))
@@ -73,3 +76,7 @@ survival: $(STAMP) ## qtools delta-survival on FROM for BITS (default all) -> $(
 
 compare: $(STAMP) ## Compare every log in $(LOGS)/: winner per metric, verdicts, recommendation, plot
 	scripts/compare.sh
+
+.PHONY: recipes
+recipes: $(STAMP) ## Uniform 3/4, mixed_3_6/4_6, survival 3/4 on the demo model: validate, retention, compare
+	FROM="$(call given_or,FROM,models/demo_fused_f16)" BASE="$(BASE)" SUITE="$(SUITE)" scripts/recipes.sh

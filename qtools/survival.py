@@ -269,19 +269,25 @@ def _aggregate(tensors: list[dict], bits: list[int]) -> dict:
     return out
 
 
-def _survives(stats: dict, rule: dict) -> bool | None:
-    v = stats.get(rule["statistic"])
-    return None if v is None else v >= rule["min"]
+def rule_value(summary: dict, layers: list, bits: int, rule: dict):
+    """The statistic a rule judges: |D|^2-weighted over the model, or the weakest layer's."""
+    stat = rule["statistic"]
+    if rule.get("aggregate", "weighted") == "weakest_layer":
+        vals = [L["by_bits"][str(bits)].get(stat) for L in layers]
+        vals = [v for v in vals if v is not None]
+        return min(vals) if vals else summary[str(bits)].get(stat)
+    return summary[str(bits)].get(stat)
 
 
-def predict_min_bits(summary: dict, bits: list[int]):
+def predict_min_bits(summary: dict, bits: list[int], layers: list | None = None, rule: dict | None = None):
     """Smallest requested bit-width that survives, with every larger one surviving too."""
     if not summary:
         return None, None
-    rule = threshold_for(summary[str(max(bits))])
+    rule = rule or threshold_for(summary[str(max(bits))])
     verdict = {}
     for b in bits:
-        verdict[str(b)] = _survives(summary[str(b)], rule)
+        v = rule_value(summary, layers or [], b, rule)
+        verdict[str(b)] = None if v is None else v >= rule["min"]
     best = None
     for b in sorted(bits, reverse=True):
         if verdict[str(b)]:
@@ -387,7 +393,7 @@ def analyze(
         "skipped": skipped,
     }
     if src is not None:
-        predicted, detail = predict_min_bits(summary, bits)
+        predicted, detail = predict_min_bits(summary, bits, layers)
         if "retention" not in summary[str(bits[0])]:
             raise QtoolsError("the delta is zero in every quantizable tensor: nothing to predict (is this the fused model?)")
         report["delta_source"] = src.describe()
