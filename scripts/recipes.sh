@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Quantization recipes side by side on the fused demo model, in one run: uniform 3 and
+# 4 bits, mlx-lm's mixed_3_6 and mixed_4_6, and qtools' survival recipe at 3 and 4 bits.
+# Each is quantized (an existing one newer than FROM is reused unless FORCE=1), validated
+# on SUITE, scored with `qtools retention` against FROM and BASE, and one compare table
+# (accuracy, critical errors, logit retention, bits/weight) is printed. Logs: $LOGS/recipes/.
+set -euo pipefail
+QTOOLS=${QTOOLS:-.venv/bin/qtools}
+FROM=${FROM:-models/demo_fused_f16}
+BASE=${BASE:-models/demo_base}
+SUITE=${SUITE:-suites/demo.jsonl}
+PREFIX=${PREFIX:-models/demo_fused}
+export LOGS="${LOGS:-logs}/recipes"
+for need in "$FROM" "$BASE"; do
+  [ -f "$need/config.json" ] || { echo "$need does not exist: run 'make demo' first (or give FROM=/BASE=)" >&2; exit 1; }
+done
+mkdir -p "$LOGS"
+models=()
+for spec in uniform:3 uniform:4 mixed_3_6:3 mixed_4_6:4 survival:3 survival:4; do
+  recipe=${spec%%:*} b=${spec##*:}
+  case "$recipe" in
+    uniform) out="${PREFIX}_${b}bit" ;;
+    survival) out="${PREFIX}_survival_${b}bit" ;;
+    *) out="${PREFIX}_${recipe}" ;;
+  esac
+  if [ -d "$out" ] && [ "${FORCE:-0}" != 1 ] && [ "$out/config.json" -nt "$FROM/config.json" ]; then
+    echo "== reusing $out (FORCE=1 re-quantizes)"
+  else
+    echo "== quantize $recipe $b-bit -> $out"
+    FROM="$FROM" BITS="$b" RECIPE="$recipe" OUT="$out" FORCE=1 scripts/quantize.sh
+  fi
+  models+=("$out")
+done
+failed=()
+for m in "$FROM" "${models[@]}"; do
+  echo "== validate $m"
+  MODEL="$m" SUITE="$SUITE" BATCH=${BATCH:-1} scripts/validate.sh >/dev/null || failed+=("$m")
+done
+echo "== retention (KL from $FROM, relative to $BASE)"
+"$QTOOLS" retention --reference "$FROM" --base "$BASE" --suite "$SUITE" --logs-dir "$LOGS" "$FROM" "${models[@]}"
+echo "== compare (failed verdicts: ${failed[*]:-none})"
+"$QTOOLS" compare "$LOGS"/*.json
