@@ -1,0 +1,87 @@
+"""Calibration: thresholds from behaviour, rule fitting and scoring, fake quantization, rule file."""
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from qtools import calibrate as cal
+from qtools import calibration
+
+
+def beh(acc16, crit16=0, **by_bits):
+    out = {"16": {"accuracy": acc16, "critical_errors": crit16}}
+    for b, (acc, crit) in by_bits.items():
+        out[b.lstrip("b")] = {"accuracy": acc, "critical_errors": crit}
+    return out
+
+
+def test_true_threshold_needs_every_larger_bit_width_to_survive():
+    b = beh(0.9, b8=(0.9, 0), b6=(0.88, 0), b5=(0.7, 0), b4=(0.9, 0), b3=(0.5, 0), b2=(0.3, 0))
+    assert cal.true_threshold(b, cal.BITS, 0.05) == 6  # 4 bits recovers, but 5 already failed
+
+
+def test_a_new_critical_error_fails_whatever_the_accuracy():
+    b = beh(0.9, b8=(0.9, 0), b6=(0.9, 0), b5=(0.95, 1), b4=(0.9, 0), b3=(0.9, 0), b2=(0.9, 0))
+    assert cal.true_threshold(b, cal.BITS, 0.05) == 6
+
+
+def test_nothing_survives():
+    b = beh(0.9, b8=(0.5, 0), b6=(0.9, 0), b5=(0.9, 0), b4=(0.9, 0), b3=(0.9, 0), b2=(0.9, 0))
+    assert cal.true_threshold(b, cal.BITS, 0.05) is None
+
+
+def synthetic(i, true_bits, snr_at):
+    """A result whose subspace_snr grows 4x per bit and crosses 10 at the true threshold."""
+    summary = {str(b): {"subspace_snr": snr_at * 4.0 ** (b - true_bits), "cosine": 0.5} for b in cal.BITS}
+    layers = [{"layer": 0, "by_bits": {str(b): dict(summary[str(b)]) for b in cal.BITS}}]
+    return {"id": f"ft{i:02d}", "true_min_bits": true_bits, "summary": summary, "layers": layers}
+
+
+def test_fit_finds_the_separating_threshold_and_scores_held_out():
+    rng = np.random.default_rng(0)
+    results = [synthetic(i, b, float(rng.uniform(12, 30))) for i, b in enumerate([2, 3, 4, 5, 6, 3, 4, 5])]
+    rule, s = cal.fit(results)
+    assert rule["statistic"] in cal.STATISTICS and s["exact"] == len(results)
+    snr_rule = {"statistic": "subspace_snr", "aggregate": "weighted", "min": 10.0}
+    assert cal.score(results, snr_rule)["exact"] == len(results)
+    optimistic = {"statistic": "subspace_snr", "aggregate": "weighted", "min": 1.0}
+    sc = cal.score(results, optimistic)
+    assert sc["optimistic"] > 0 and sc["exact"] < len(results) and sc["worst_optimistic_steps"] >= 1
+
+
+def test_weakest_layer_aggregate_uses_the_minimum_layer():
+    from qtools.survival import rule_value
+
+    r = synthetic(0, 4, 20.0)
+    r["layers"].append({"layer": 1, "by_bits": {str(b): {"subspace_snr": 0.5} for b in cal.BITS}})
+    rule = {"statistic": "subspace_snr", "aggregate": "weakest_layer", "min": 1.0}
+    assert rule_value(r["summary"], r["layers"], 4, rule) == 0.5
+    assert cal.predict(r, rule) is None
+
+
+def test_fake_quantize_holds_the_values_mx_quantize_stores():
+    model = nn.Sequential(nn.Linear(128, 64), nn.Embedding(10, 64))
+    model.set_dtype(mx.float16)
+    w = mx.array(model.layers[0].weight)
+    cal.fake_quantize(model, 4, 64)
+    q, s, b = mx.quantize(w, group_size=64, bits=4)
+    expect = mx.dequantize(q, s, b, group_size=64, bits=4)
+    assert mx.array_equal(model.layers[0].weight, expect).item()
+    assert model.layers[0].weight.dtype == mx.float16
+
+
+def test_calibrated_rule_file_is_read(tmp_path, monkeypatch):
+    f = tmp_path / "calibration.json"
+    monkeypatch.setattr(calibration, "RULE_FILE", f)
+    assert calibration.threshold_for({"subspace_snr": 3.0})["provisional"] is True
+    f.write_text(json.dumps({"statistic": "cosine", "aggregate": "weighted", "min": 0.3,
+                             "provisional": False, "evidence": "docs/calibration.md"}))
+    rule = calibration.threshold_for({"cosine": 0.9})
+    assert rule["statistic"] == "cosine" and rule["min"] == 0.3 and rule["provisional"] is False
+
+
+def test_fallback_rule_when_the_statistic_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setattr(calibration, "RULE_FILE", tmp_path / "none.json")
+    assert calibration.threshold_for({"cosine": 0.9}) is calibration.FALLBACK_THRESHOLD
