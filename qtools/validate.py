@@ -473,6 +473,9 @@ def format_report(result: dict) -> str:
         ["mean generation", f"{result['mean_gen_s']:.2f} s"],
         ["tokens/s", f"{result['tokens_per_s']:.1f}"],
         ["peak memory", human_bytes(result["peak_memory_gb"] * 1e9)],
+        *([["memory estimate", f"{human_bytes(result['memory_estimate_gb'] * 1e9)} "
+            f"({result['memory_pressure']:.0%} of {human_bytes(result['memory_limit_gb'] * 1e9)})"]]
+          if result.get("memory_pressure") is not None else []),
         ["disk size", human_bytes(result["disk_bytes"])],
         ["bits per weight", f"{result['bits_per_weight']:.3f}"],
     ]
