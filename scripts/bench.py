@@ -13,6 +13,9 @@ and prints each as elements*bit-widths per second with the ratios.
 import argparse
 import json
 import os
+import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -178,7 +181,14 @@ def main():
         unit = "Melem/s" if ratio is None else ""
         ratio_s = f"{ratio:8.1f}x" if ratio is not None and ratio != 1.0 else ("" if ratio is None else "   (ours)")
         print(f"{label:48s} {t:9.2f} {r / 1e6:14.1f} {ratio_s:>10s} {unit}")
-    print(f"\ndelta-survival end to end = {t_ours / t_read:.1f}x the time to read the weights once "
+    # Peak memory of the CLI on the whole model: tensors are memory-mapped and dropped one at a time.
+    cli = [str(Path(sys.executable).with_name("qtools")), "delta-survival", str(model), "--adapter", str(adapter), "--json"]
+    subprocess.run(cli, check=True, stdout=subprocess.DEVNULL)
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    largest = max(SafetensorsModel(model).info(k).nbytes for k in SafetensorsModel(model).names())
+    print(f"\npeak RSS of `qtools delta-survival` on the {size / 1e9:.2f} GB model: {rss / 1e6:.0f} MB "
+          f"(largest tensor {largest / 1e6:.0f} MB)")
+    print(f"delta-survival end to end = {t_ours / t_read:.1f}x the time to read the weights once "
           f"(target <= 3x); vs numpy {r_ours / r_np:.0f}x (target >= 30x), vs MLX-CPU {r_ours / r_mx:.0f}x (target >= 50x)")
 
 
