@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import QtoolsError, __version__
+from . import QtoolsError, versions
 from .atomic import atomic_output_dir, check_output_free
 from .validate import check_model_dir, dir_size
 
@@ -175,7 +175,7 @@ def fuse(
         "base_quantization": base_quant,
         "fused_modules": [name for name, _ in fused],
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"qtools": __version__, **_mlx_versions()},
+        "versions": versions(),
     }
     with atomic_output_dir(out, force) as tmp:
         # mlx-lm prints progress on stdout; keep stdout for our report / --json.
@@ -194,15 +194,3 @@ def fuse(
         "disk_bytes": dir_size(out),
         "seconds": time.perf_counter() - tic,
     }
-
-
-def _mlx_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("mlx", "mlx-lm"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out

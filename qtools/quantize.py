@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QtoolsError
+from . import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QtoolsError, versions
 from .atomic import atomic_output_dir, check_output_free
-from .fuse import PROVENANCE, _mlx_versions
+from .fuse import PROVENANCE
 from .validate import check_model_dir, dir_size
 
 RECIPES = ("uniform", "mixed_3_6", "mixed_4_6", "survival")
@@ -128,7 +128,7 @@ def quantize(
         "layer_bits": layer_bits or {},
         "bits_per_weight": bpw,
         "quantized": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "quantize_versions": _mlx_versions(),
+        "quantize_versions": versions(),
     })
     if plan is not None:
         provenance["survival_recipe"] = {k: plan[k] for k in ("rule", "raised", "predicted_min_bits")}

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from . import QtoolsError, __version__
+from . import QtoolsError, versions
 from .atomic import write_json_atomic
 from .suite import Case, Suite, load_suite
 
@@ -431,22 +431,10 @@ def validate(
         **summarize(records, suite_obj, min_accuracy),
         "cases": records,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
+        "versions": versions(),
     }
     del net
     return result
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"qtools": __version__}
-    for pkg in ("mlx", "mlx-lm"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 def write_log(result: dict, out: str | Path) -> Path:
