@@ -152,7 +152,9 @@ nb::tuple quantize_dequantize(const AnyArray& w, const std::string& dtype, int b
 
 NB_MODULE(_ext, m) {
   m.doc() = "qtools native kernels: MLX-exact affine quantization statistics";
-  m.def("analyze", &analyze, "w1"_a, "w1_dtype"_a, "bits"_a, "group_size"_a, "w0"_a = nb::none(),
+  // noconvert: a non-contiguous or wrongly typed weight is an error, never a silent copy of GBs.
+  m.def("analyze", &analyze, nb::arg("w1").noconvert(), "w1_dtype"_a, "bits"_a, "group_size"_a,
+        nb::arg("w0").noconvert() = nb::none(),
         "w0_dtype"_a = nb::none(), "bt"_a = nb::none(), "at"_a = nb::none(), "experts"_a = 1,
         "u"_a = nb::none(), "v"_a = nb::none(), "threads"_a = 0,
         "One pass over a weight tensor (rows x cols, raw dtype): quantization error for each\n"

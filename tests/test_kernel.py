@@ -203,3 +203,9 @@ def test_unsupported_group_size_is_rejected():
 def test_dtype_mismatch_is_rejected():
     with pytest.raises(ValueError, match="does not match dtype"):
         _ext.analyze(np.zeros((2, 64), np.float32), "float16", [4], 64)
+
+
+def test_a_non_contiguous_weight_is_refused_not_copied():
+    w = np.zeros((8, 256), np.float32)[:, ::2]
+    with pytest.raises(TypeError):
+        _ext.analyze(w, "float32", [4], 64)

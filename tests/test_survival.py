@@ -266,3 +266,16 @@ def test_sharded_model_is_read_through_its_index(tmp_path):
     (d / "model-00002-of-00002.safetensors").unlink()
     res = run("quant-error", d)
     assert res.exit_code == 1 and "is missing" in error_line(res)
+
+
+def test_tensors_are_memory_mapped_views_not_copies(trio):
+    from qtools.weights import SafetensorsModel
+
+    _, _, fused = trio
+    st = SafetensorsModel(fused)
+    a = st.raw("model.layers.0.self_attn.q_proj.weight")
+    assert not a.flags.owndata and not a.flags.writeable
+    assert a.dtype == np.uint16 and a.shape == (128, 128)
+    st.release("model.layers.0.self_attn.q_proj.weight")  # drops the pages; the view stays valid
+    assert a.sum() > 0
+    st.close()
