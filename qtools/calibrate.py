@@ -29,19 +29,59 @@ from . import QtoolsError
 BITS = [2, 3, 4, 5, 6, 8]
 STATISTICS = ["subspace_snr", "delta_snr", "cosine", "retention", "sign_agreement", "delta_to_step"]
 AGGREGATES = ["weighted", "weakest_layer"]
-ATTN = ("self_attn.q_proj", "self_attn.v_proj")
 ATTN_ALL = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
+ALL_LINEAR = ATTN_ALL + MLP
+
+
 def default_grid() -> list[dict]:
-    """24+ fine-tunes that move the threshold: delta size (lr, iters, scale), rank, modules, seed."""
-    grid = []
-    for seed in (0, 1):
-        for lr, iters in ((5e-4, 60), (1e-3, 60), (2e-3, 60), (1e-3, 120)):
-            for rank, scale, keys in ((4, 4.0, ATTN), (8, 2.0, ATTN_ALL), (4, 8.0, MLP)):
-                grid.append(dict(rank=rank, scale=scale, keys=list(keys), lr=lr, iters=iters, seed=seed))
-    return grid
+    """Training runs; each yields several fine-tunes (checkpoints x LoRA scale multipliers).
+
+    They differ in what moves the threshold: delta size (learning rate, iterations,
+    LoRA scale), rank, which modules are adapted, and seed. 8 runs x 3 checkpoints
+    plus a half-scale variant of each final checkpoint: 32 fine-tunes.
+    """
+    runs = [
+        dict(rank=8, keys=ALL_LINEAR, lr=2e-3, seed=0),
+        dict(rank=8, keys=ALL_LINEAR, lr=2e-3, seed=1),
+        dict(rank=8, keys=ALL_LINEAR, lr=1e-3, seed=2),
+        dict(rank=8, keys=ALL_LINEAR, lr=4e-3, seed=3),
+        dict(rank=4, keys=ALL_LINEAR, lr=2e-3, seed=4),
+        dict(rank=16, keys=ALL_LINEAR, lr=2e-3, seed=5),
+        dict(rank=8, keys=ATTN_ALL, lr=3e-3, seed=6),
+        dict(rank=8, keys=MLP, lr=3e-3, seed=7),
+    ]
+    for r in runs:
+        r["keys"] = list(r["keys"])
+        r.update(checkpoints=[40, 80, 120], scale_multipliers={"120": [0.5]})
+    return runs
+
+
+def expand_run(run_dir: Path, run: dict) -> list[tuple[str, dict, Path]]:
+    """(fine-tune id, config, adapter dir) for every checkpoint and scale multiplier of a run."""
+    import shutil
+
+    cfg = json.loads((run_dir / "adapter_config.json").read_text())
+    out = []
+    for it in run["checkpoints"]:
+        ckpt = run_dir / f"{it:07d}_adapters.safetensors"
+        if not ckpt.exists():
+            raise QtoolsError(f"{run_dir}: checkpoint {ckpt.name} is missing")
+        for mult in [1.0, *run.get("scale_multipliers", {}).get(str(it), [])]:
+            ad = run_dir / f"it{it:04d}_x{mult:g}"
+            if not (ad / "adapters.safetensors").exists():
+                ad.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(ckpt, ad / "adapters.safetensors")
+                c = json.loads(json.dumps(cfg))
+                c["lora_parameters"]["scale"] = cfg["lora_parameters"]["scale"] * mult
+                c["iters"] = it
+                (ad / "adapter_config.json").write_text(json.dumps(c, indent=2))
+            conf = {k: run[k] for k in ("rank", "lr", "seed")}
+            conf.update(keys=run["keys"], iters=it, scale=cfg["lora_parameters"]["scale"] * mult)
+            out.append((f"{run_dir.name}-it{it}-x{mult:g}", conf, ad))
+    return out
 
 
 def fake_quantize(model, bits: int, group_size: int = 64) -> None:
@@ -96,43 +136,70 @@ def true_threshold(beh: dict, bits_list, tolerance: float):
 
 
 def run_grid(base_dir, suite_path, work_dir, grid=None, bits_list=BITS, group_size=64, tolerance=0.05,
-             log=sys.stderr) -> list[dict]:
-    """Train, fuse, predict and measure every fine-tune of the grid (resumable: results are cached)."""
+             jobs=1, log=sys.stderr) -> list[dict]:
+    """Train, fuse, predict and measure every fine-tune of the grid.
+
+    Runs are independent: `jobs` processes share them. Resumable: each
+    fine-tune's result is cached beside its adapter.
+    """
+    from .suite import load_suite
+
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    suite_obj = load_suite(suite_path)  # fail early on a bad suite
+    grid = grid or default_grid()
+    base_beh_path = work / "base_behaviour.json"
+    if not base_beh_path.exists():
+        base_beh_path.write_text(json.dumps(behaviour(base_dir, suite_obj, [], group_size)["16"]))
+    args = [(i, run, str(base_dir), str(suite_path), str(work), list(bits_list), group_size, tolerance)
+            for i, run in enumerate(grid)]
+    if jobs > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            chunks = list(pool.map(_run_one, args))
+    else:
+        chunks = [_run_one(a) for a in args]
+    return [r for chunk in chunks for r in chunk]
+
+
+def _run_one(args) -> list[dict]:
+    """One training run: train (with checkpoints), then measure each of its fine-tunes."""
+    import shutil
+
     from .demo.train import ADAPTER, train_adapter
     from .fuse import fuse
     from .suite import load_suite
     from .survival import delta_survival
 
-    work = Path(work_dir)
-    work.mkdir(parents=True, exist_ok=True)
+    i, run, base_dir, suite_path, work, bits_list, group_size, tolerance = args
+    log = sys.stderr
+    work = Path(work)
     suite_obj = load_suite(suite_path)
-    grid = grid or default_grid()
-    base_beh_path = work / "base_behaviour.json"
-    if base_beh_path.exists():
-        base_beh = json.loads(base_beh_path.read_text())
-    else:
-        base_beh = behaviour(base_dir, suite_obj, [], group_size)["16"]
-        base_beh_path.write_text(json.dumps(base_beh))
+    base_beh = json.loads((work / "base_behaviour.json").read_text())
+    run_dir = work / f"run{i:02d}"
+    if not (run_dir / "adapter_config.json").exists():
+        params = {**ADAPTER, **{k: v for k, v in run.items() if k in ADAPTER}}
+        print(f"[calibrate] training run{i:02d}: {run}", file=log, flush=True)
+        train_adapter(base_dir, run_dir, rank=params["rank"], scale=params["scale"], keys=params["keys"],
+                      num_layers=params["num_layers"], iters=max(run["checkpoints"]),
+                      batch_size=params["batch_size"], lr=params["lr"], seed=params["seed"],
+                      save_every=_gcd(run["checkpoints"]))
     results = []
-    for i, cfg in enumerate(grid):
-        ft = work / f"ft{i:02d}"
-        cached = ft / "result.json"
+    for ft_id, cfg, adapter in expand_run(run_dir, run):
+        cached = adapter / "result.json"
         if cached.exists():
             results.append(json.loads(cached.read_text()))
             continue
         tic = time.perf_counter()
-        adapter = ft / "adapter"
-        if not (adapter / "adapters.safetensors").exists():
-            params = {**ADAPTER, **cfg}
-            train_adapter(base_dir, adapter, rank=params["rank"], scale=params["scale"], keys=params["keys"],
-                          num_layers=params["num_layers"], iters=params["iters"],
-                          batch_size=params["batch_size"], lr=params["lr"], seed=params["seed"])
-        fused = ft / "fused_f16"
+        fused = adapter / "fused_f16"
         fuse(base_dir, adapter, fused, force=True)
         rep = delta_survival(fused, bits_list, group_size, adapter=adapter, progress=False)
         beh = behaviour(fused, suite_obj, bits_list, group_size)
+        shutil.rmtree(fused)  # only the statistics are kept
         res = {
-            "id": f"ft{i:02d}",
+            "id": ft_id,
             "config": cfg,
             "base_accuracy": base_beh["accuracy"],
             "behaviour": beh,
@@ -142,12 +209,15 @@ def run_grid(base_dir, suite_path, work_dir, grid=None, bits_list=BITS, group_si
             "layers": rep["layers"],
             "seconds": time.perf_counter() - tic,
         }
-        cached.parent.mkdir(parents=True, exist_ok=True)
         cached.write_text(json.dumps(res))
         results.append(res)
-        print(f"[calibrate] {res['id']} {cfg} -> float16 acc {beh['16']['accuracy']:.2f}, "
+        print(f"[calibrate] {ft_id}: float16 acc {beh['16']['accuracy']:.2f} (base {base_beh['accuracy']:.2f}), "
               f"true min bits {res['true_min_bits']} ({res['seconds']:.0f} s)", file=log, flush=True)
     return results
+
+
+def _gcd(values):
+    return math.gcd(*values)
 
 
 def predict(res: dict, rule: dict, bits_list=BITS):
@@ -292,11 +362,11 @@ def _fmt(v):
 
 
 def calibrate(base_dir, suite_path, work_dir="models/calibration", docs_dir="docs", tolerance=0.05,
-              min_learned=0.1, log=sys.stderr) -> dict:
+              min_learned=0.1, jobs=1, log=sys.stderr) -> dict:
     """Run the grid, fit the rule on half, judge it on the other half, write the report and rule."""
     from .calibration import RULE_FILE
 
-    results = run_grid(base_dir, suite_path, work_dir, tolerance=tolerance, log=log)
+    results = run_grid(base_dir, suite_path, work_dir, tolerance=tolerance, jobs=jobs, log=log)
     usable = [r for r in results if r["learned"] >= min_learned]
     excluded = [r for r in results if r["learned"] < min_learned]
     if len(usable) < 4:

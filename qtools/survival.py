@@ -316,7 +316,6 @@ def analyze(
     if m.quantization:
         raise QtoolsError(f"{m.path}: the model is already quantized; analyse the float (fused float16) model")
     src = resolve_delta_source(m, adapter, base) if with_delta else None
-    has_sub = bool(src and src.deltas)
 
     todo, skipped = [], []
     for name, info in m.tensors.items():

@@ -16,10 +16,11 @@ from ..calibrate import calibrate
 @click.option("--docs-dir", type=click.Path(), default="docs", show_default=True)
 @click.option("--tolerance", type=float, default=0.05, show_default=True,
               help="Accuracy a quantized fine-tune may lose against its float16 self and still count as kept.")
+@click.option("--jobs", type=int, default=2, show_default=True, help="Training runs in parallel (processes).")
 @click.option("--json", "as_json", is_flag=True)
-def calibrate_cmd(base, suite, work_dir, docs_dir, tolerance, as_json):
+def calibrate_cmd(base, suite, work_dir, docs_dir, tolerance, jobs, as_json):
     """Train a grid of demo fine-tunes, measure their behavioural threshold, fit the rule."""
-    res = calibrate(base, suite, work_dir, docs_dir, tolerance)
+    res = calibrate(base, suite, work_dir, docs_dir, tolerance, jobs=jobs)
     if as_json:
         click.echo(json.dumps(res))
         return

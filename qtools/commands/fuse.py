@@ -5,7 +5,7 @@ import json
 import click
 
 from ..fuse import DTYPES, fuse
-from ._fmt import human_bytes
+from ..validate import human_bytes
 
 
 @click.command("fuse")

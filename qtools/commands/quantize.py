@@ -6,7 +6,7 @@ import click
 
 from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from ..quantize import RECIPES, quantize
-from ._fmt import human_bytes
+from ..validate import human_bytes
 
 
 @click.command("quantize")
