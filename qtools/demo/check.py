@@ -40,10 +40,23 @@ def fused_model(base_dir, adapter_dir=None):
     return model, tok
 
 
-def quantized(model, bits, group_size=64):
+def quantized(model, bits, group_size=64, simulate=False):
+    """Quantize as mlx-lm does (Linear + Embedding layers). With simulate, keep
+    float16 layers holding the dequantized weights: the same values, but fast
+    matmuls (MLX's CPU quantized matmul is slow for prompt batches)."""
     if bits is None:
         return model
-    nn.quantize(model, group_size=group_size, bits=bits)
+    if not simulate:
+        nn.quantize(model, group_size=group_size, bits=bits)
+    else:
+        from mlx.utils import tree_flatten
+
+        new = []
+        for name, w in tree_flatten(model.parameters()):
+            if name.endswith(".weight") and w.ndim == 2 and w.shape[-1] % group_size == 0:
+                q = mx.quantize(w, group_size=group_size, bits=bits)
+                new.append((name, mx.dequantize(*q, group_size=group_size, bits=bits).astype(w.dtype)))
+        model.load_weights(new, strict=False)
     mx.eval(model.parameters())
     return model
 
@@ -91,22 +104,27 @@ def run_suite(model, tok, cases, max_tokens=24):
 
 
 def first_token_margins(model, tok, cases):
-    """Logit margin of the right first reply token over the wrong one, per case (fast)."""
+    """Logit margin of the right first reply token over the wrong one, per case.
+
+    One batched forward pass (right padding is harmless under the causal mask).
+    """
     call_id = tok.convert_tokens_to_ids("<tool_call>")
+    prompts = [tok.apply_chat_template(c["messages"], tools=c.get("tools") or None,
+                                       add_generation_prompt=True) for c in cases]
+    width = max(len(p) for p in prompts)
+    batch = mx.array([p + [0] * (width - len(p)) for p in prompts])
+    last = mx.array([len(p) - 1 for p in prompts])
+    logits = model(batch)[mx.arange(len(prompts)), last].astype(mx.float32)
     margins = []
-    for c in cases:
-        prompt = tok.apply_chat_template(c["messages"], tools=c.get("tools") or None,
-                                         add_generation_prompt=True)
-        logits = model(mx.array([prompt]))[0, -1].astype(mx.float32)
+    for c, row in zip(cases, logits):
         exp = c["expect"]
         if exp["type"] == "label":
             ids = {lab: tok.encode(lab, add_special_tokens=False)[0] for lab in exp["labels"]}
             other = [l for l in exp["labels"] if l != exp["label"]][0]
-            m = logits[ids[exp["label"]]] - logits[ids[other]]
+            m = row[ids[exp["label"]]] - row[ids[other]]
         else:
-            masked = mx.where(mx.arange(logits.shape[0]) == call_id, -1e9, logits)
-            direct_best = masked.max()
-            m = logits[call_id] - direct_best
+            direct_best = mx.where(mx.arange(row.shape[0]) == call_id, -1e9, row).max()
+            m = row[call_id] - direct_best
             if exp["type"] == "direct":
                 m = -m
         margins.append(m.item())

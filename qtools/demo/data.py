@@ -134,7 +134,8 @@ def finetune_examples(seed=0):
     """Fine-tune data: the training split, labels decided by the object."""
     ask_train, rev_train, _, _ = split_combos(seed)
     out = [_ask_case(v, o, t) for v, o, t in ask_train]
-    out += [_review_case(v, o, lab) for v, o, lab in rev_train]
+    # Reviews are the rarer task; twice each so both decisions get similar weight.
+    out += [_review_case(v, o, lab) for v, o, lab in rev_train] * 2
     random.Random(seed + 1).shuffle(out)
     return out
 

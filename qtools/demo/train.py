@@ -23,12 +23,15 @@ from . import data
 from .model import adapter_config, build_model, qwen3_config, save_model_dir
 from .tokenizer import build_tokenizer
 
-# The demo's recipe. Changing any of these changes the measured thresholds
-# (see qtools/demo/README numbers in the commit that set them).
+# The demo's recipe, measured (see the measure() docstring in check.py for
+# the command). The adapter stops early, just after the object cue for the
+# safety review is learned, so its margin there is thin.
 BASE = dict(hidden_size=128, num_layers=4, intermediate_size=256, seed=0,
             iters=250, batch_size=16, lr=3e-3)
-ADAPTER = dict(rank=4, scale=4.0, keys=("self_attn.q_proj", "self_attn.v_proj"),
-               num_layers=4, iters=60, batch_size=32, lr=1e-3, seed=0)
+ALL_LINEAR = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+ADAPTER = dict(rank=8, scale=4.0, keys=ALL_LINEAR, num_layers=4, iters=110, batch_size=16,
+               lr=2e-3, seed=0)
 
 
 def encode_examples(tok, examples):
@@ -62,7 +65,7 @@ def iterate_batches(dataset, batch_size, max_seq_length, loop=False, seed=None, 
             break
 
 
-def _train(model, examples_tok, iters, batch_size, lr, seed, warmup=0):
+def _train(model, examples_tok, iters, batch_size, lr, seed, warmup=0, save_every=None, save_dir=None):
     from mlx_lm.tuner.trainer import TrainingArgs, train
 
     mx.random.seed(seed)
@@ -73,9 +76,11 @@ def _train(model, examples_tok, iters, batch_size, lr, seed, warmup=0):
         sched = lr
     opt = optim.Adam(learning_rate=sched)
     with tempfile.TemporaryDirectory() as tmp:
+        # Checkpoints (save_every) are for re-measuring the recipe only.
         args = TrainingArgs(batch_size=batch_size, iters=iters, steps_per_report=max(1, iters // 4),
-                            steps_per_eval=10**9, steps_per_save=10**9, max_seq_length=256,
-                            adapter_file=str(Path(tmp) / "w.safetensors"))
+                            steps_per_eval=10**9, steps_per_save=save_every or 10**9,
+                            max_seq_length=256,
+                            adapter_file=str(Path(save_dir or tmp) / "adapters.safetensors"))
         # mlx-lm's trainer reports on stdout; qtools keeps stdout for results.
         with contextlib.redirect_stdout(sys.stderr):
             train(model, opt, examples_tok, args=args,
@@ -102,7 +107,8 @@ def train_base(out_dir, hidden_size, num_layers, intermediate_size, seed, iters,
     return out_dir
 
 
-def train_adapter(base_dir, out_dir, rank, scale, keys, num_layers, iters, batch_size, lr, seed):
+def train_adapter(base_dir, out_dir, rank, scale, keys, num_layers, iters, batch_size, lr, seed,
+                  save_every=None):
     """LoRA fine-tune with mlx-lm's tuner; writes adapter_config.json + adapters.safetensors."""
     from mlx.utils import tree_flatten
     from mlx_lm import load
@@ -115,9 +121,10 @@ def train_adapter(base_dir, out_dir, rank, scale, keys, num_layers, iters, batch
     mx.random.seed(seed)
     linear_to_lora_layers(model, num_layers, lora)
     examples = encode_examples(tok, data.finetune_examples(seed))
-    _train(model, examples, iters, batch_size, lr, seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _train(model, examples, iters, batch_size, lr, seed, save_every=save_every,
+           save_dir=out_dir if save_every else None)
     weights = dict(tree_flatten(model.trainable_parameters()))
     mx.save_safetensors(str(out_dir / "adapters.safetensors"), weights)
     cfg = adapter_config(num_layers, rank, scale, keys, model=str(base_dir), iters=iters,
