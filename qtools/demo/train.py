@@ -23,8 +23,9 @@ from . import data
 from .model import adapter_config, build_model, qwen3_config, save_model_dir
 from .tokenizer import build_tokenizer
 
-# The demo's recipe; its measured thresholds are in qtools/demo/__init__.py. The adapter stops early, just after the object cue for the
-# safety review is learned, so its margin there is thin.
+# The demo's recipe; its measured thresholds are in qtools/demo/__init__.py.
+# The adapter stops early, just after the object cue for the safety review
+# is learned, so its margin there is thin.
 BASE = dict(hidden_size=128, num_layers=4, intermediate_size=256, seed=0,
             iters=250, batch_size=16, lr=3e-3)
 ALL_LINEAR = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
