@@ -87,7 +87,7 @@ def _train(model, examples_tok, iters, batch_size, lr, seed, warmup=0, save_ever
                   iterate_batches=lambda **kw: iterate_batches(**kw, seed=seed))
 
 
-def train_base(out_dir, hidden_size, num_layers, intermediate_size, seed, iters, batch_size, lr):
+def train_base(out_dir, hidden_size, num_layers, intermediate_size, seed, iters, batch_size, lr, prior=0.75):
     """Pretrain the base on the verb-decided data and save it float16 to out_dir."""
     tok_raw = build_tokenizer()
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,7 +101,7 @@ def train_base(out_dir, hidden_size, num_layers, intermediate_size, seed, iters,
     mx.random.seed(seed)
     model = build_model(config)
     model.set_dtype(mx.float32)
-    examples = encode_examples(tok, data.base_examples(seed))
+    examples = encode_examples(tok, data.base_examples(seed, prior=prior))
     _train(model, examples, iters, batch_size, lr, seed, warmup=max(1, iters // 20))
     save_model_dir(model, config, tok_raw, out_dir, dtype="float16")
     return out_dir
