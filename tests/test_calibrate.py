@@ -85,3 +85,18 @@ def test_calibrated_rule_file_is_read(tmp_path, monkeypatch):
 def test_fallback_rule_when_the_statistic_is_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(calibration, "RULE_FILE", tmp_path / "none.json")
     assert calibration.threshold_for({"cosine": 0.9}) is calibration.FALLBACK_THRESHOLD
+
+
+def test_fake_quantized_model_computes_what_the_quantized_model_computes(tmp_path):
+    """Calibration measures behaviour on fake-quantized weights: same logits as nn.quantize."""
+    from mlx_lm import load
+
+    from qtools.demo.model import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "m", hidden_size=64, num_layers=2)
+    x = mx.array([[5, 9, 30, 2, 7]])
+    real, _ = load(str(path))
+    nn.quantize(real, group_size=64, bits=4)
+    fake, _ = load(str(path))
+    cal.fake_quantize(fake, 4, 64)
+    assert float(mx.abs(real(x) - fake(x)).max()) < 0.05

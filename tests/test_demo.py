@@ -153,24 +153,3 @@ def test_demo_models_cmd_builds_and_reuses(tmp_path, monkeypatch):
     assert calls == ["base", "adapter", "adapter"]
     assert CliRunner().invoke(demo_models_cmd, args + ["--force"]).exit_code == 0
     assert calls[-2:] == ["base", "adapter"]
-
-
-def test_check_fuse_and_simulated_quantization(tiny, tmp_path):
-    """The threshold check's fuse matches mlx-lm's LoRA forward; simulated
-    quantization matches nn.quantize."""
-    from mlx_lm import load
-
-    from qtools.demo import check
-
-    ad = make_tiny_adapter(tiny, tmp_path / "ad", rank=4, scale=2.0)
-    x = mx.array([[5, 9, 30, 2, 7]])
-    lora, _ = load(str(tiny), adapter_path=str(ad))
-    fused, _ = check.fused_model(tiny, ad)
-    assert float(mx.abs(lora(x) - fused(x)).max()) < 0.05
-    real = check.quantized(check.fused_model(tiny, ad)[0], 4)
-    sim = check.quantized(check.fused_model(tiny, ad)[0], 4, simulate=True)
-    assert float(mx.abs(real(x) - sim(x)).max()) < 0.05
-    case = {"expect": {"type": "label", "label": "VETO", "labels": ["VETO", "APPROVE"]}}
-    assert check.classify("VETO", case) == "VETO"
-    assert check.classify('<tool_call>\n{"name": "s", "arguments": {}}\n</tool_call>', case) == "tool_call"
-    assert check.classify("<tool_call>\n{bad", case) == "malformed"

@@ -7,7 +7,7 @@ fast fixtures `model.make_tiny_model` and `model.make_tiny_adapter`.
 Measured (MLX 0.32.4 CPU, mlx-lm 0.32.2; fuse in float32, store float16,
 nn.quantize group 64, greedy generation of the 64-case suite, 12 VETO cases):
 
-    PYTHONPATH=. python -m qtools.demo.check models/demo_base models/demo_adapter suites/demo.jsonl
+    make demo   (the same sweep through qtools fuse / quantize / validate)
 
     model        correct  VETO->APPROVE  malformed
     base f16       22/64       12            0
