@@ -279,3 +279,42 @@ def test_tensors_are_memory_mapped_views_not_copies(trio):
     st.release("model.layers.0.self_attn.q_proj.weight")  # drops the pages; the view stays valid
     assert a.sum() > 0
     st.close()
+
+
+def test_moe_expert_adapter_matches_the_base_delta(tmp_path):
+    """3-D stacked experts (E x out x in) with a LoRASwitchLinear-shaped adapter."""
+    rng = np.random.default_rng(2)
+    E, out, inp, r, scale = 4, 64, 128, 2, 2.0
+    base = (rng.standard_normal((E, out, inp)) * 0.02).astype(np.float32)
+    a = (rng.standard_normal((E, r, inp)) / np.sqrt(inp)).astype(np.float32)
+    b = (rng.standard_normal((E, out, r)) * 0.01).astype(np.float32)
+    fused = base + scale * np.einsum("eor,eri->eoi", b, a)
+    name = "model.layers.0.mlp.switch_mlp.up_proj"
+    write_model(tmp_path / "base", {name + ".weight": mx.array(base).astype(mx.float16)})
+    write_model(tmp_path / "fused", {name + ".weight": mx.array(fused).astype(mx.float16)})
+    ad = tmp_path / "ad"
+    ad.mkdir()
+    mx.save_safetensors(str(ad / "adapters.safetensors"), {name + ".lora_a": mx.array(a), name + ".lora_b": mx.array(b)})
+    (ad / "adapter_config.json").write_text(json.dumps(
+        {"fine_tune_type": "lora", "num_layers": 1, "lora_parameters": {"rank": r, "scale": scale}}))
+    x = survival_json(tmp_path / "fused", "--adapter", ad, "--bits", 4, 8)
+    y = survival_json(tmp_path / "fused", "--base", tmp_path / "base", "--bits", 4, 8)
+    assert x["tensors"][0]["shape"] == [E, out, inp]
+    for key in ("retention", "cosine", "codes_changed"):
+        assert x["summary"]["4"][key] == pytest.approx(y["summary"]["4"][key], rel=0.05, abs=0.01), key
+    assert "subspace_snr" in x["summary"]["4"]
+
+
+def test_quantized_base_is_dequantized_like_mlx_lm_fuse(tmp_path):
+    """QLoRA: the base is 4-bit; delta = fused - dequantize(base), as mlx-lm fuses."""
+    base, qbase, adapter, fused = (tmp_path / n for n in ("base", "qbase", "ad", "fused"))
+    make_tiny_model(base, hidden_size=128, num_layers=1)
+    assert run("quantize", "--model", base, "--bits", 4, "--out", qbase).exit_code == 0
+    make_tiny_adapter(base, adapter, rank=4, scale=1.0)  # same logical shapes as the 4-bit base
+    res = run("fuse", "--base", qbase, "--adapter", adapter, "--out", fused)
+    assert res.exit_code == 0, res.output
+    via_base = survival_json(fused, "--base", qbase, "--bits", 4, 8)
+    via_adapter = survival_json(fused, "--adapter", adapter, "--bits", 4, 8)
+    assert via_base["summary"]["8"]["cosine"] > 0.9
+    for key in ("retention", "cosine"):
+        assert via_base["summary"]["4"][key] == pytest.approx(via_adapter["summary"]["4"][key], rel=0.05, abs=0.02)
