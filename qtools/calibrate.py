@@ -3,11 +3,12 @@
 For every fine-tune of the demo family (different learning rates, lengths,
 LoRA scales, ranks, adapted modules and seeds) we record the statistics
 delta-survival computes from the weights and the behaviour of the fused model
-quantized at each bit-width. A fine-tune *survives* b bits when its quantized
-accuracy stays within `tolerance` of its own float16 accuracy and it makes no
-more critical (VETO->APPROVE) errors than in float16; its true threshold is the
-smallest bit-width that survives with every larger one. A rule (statistic,
-aggregation, threshold) is fitted on a training split and judged on the rest.
+quantized at each bit-width. A bit-width *passes* when validation passes, as
+`qtools validate` judges it: accuracy >= min_accuracy and no critical
+(VETO->APPROVE) error. The true threshold is the smallest bit-width that
+passes with every larger one; fine-tunes whose float16 model does not pass
+have none and are left out. A rule (statistic, aggregation, threshold) is
+fitted on a training split and judged on the rest.
 
 Behaviour is measured on fake-quantized weights: every weight mlx-lm would
 quantize is replaced by mx.dequantize(mx.quantize(w)) -- the exact values the
@@ -122,20 +123,23 @@ def behaviour(model_dir, suite_obj, bits_list, group_size=64, max_tokens=None) -
     return out
 
 
-def true_threshold(beh: dict, bits_list, tolerance: float):
-    """Smallest bit-width that keeps the float16 behaviour, with every larger one too."""
-    ref = beh["16"]
+def passes(r: dict, min_accuracy: float) -> bool:
+    """The validation verdict: accuracy and zero critical errors."""
+    return r["accuracy"] >= min_accuracy and r["critical_errors"] == 0
+
+
+def true_threshold(beh: dict, bits_list, min_accuracy: float):
+    """Smallest bit-width whose validation passes, with every larger one passing too."""
     best = None
     for b in sorted(bits_list, reverse=True):
-        r = beh[str(b)]
-        if r["accuracy"] >= ref["accuracy"] - tolerance and r["critical_errors"] <= ref["critical_errors"]:
+        if passes(beh[str(b)], min_accuracy):
             best = b
         else:
             break
-    return best  # None: not even the largest bit-width keeps it
+    return best  # None: not even the largest bit-width passes
 
 
-def run_grid(base_dir, suite_path, work_dir, grid=None, bits_list=BITS, group_size=64, tolerance=0.05,
+def run_grid(base_dir, suite_path, work_dir, grid=None, bits_list=BITS, group_size=64, min_accuracy=0.8,
              jobs=1, log=sys.stderr) -> list[dict]:
     """Train, fuse, predict and measure every fine-tune of the grid.
 
@@ -151,7 +155,7 @@ def run_grid(base_dir, suite_path, work_dir, grid=None, bits_list=BITS, group_si
     base_beh_path = work / "base_behaviour.json"
     if not base_beh_path.exists():
         base_beh_path.write_text(json.dumps(behaviour(base_dir, suite_obj, [], group_size)["16"]))
-    args = [(i, run, str(base_dir), str(suite_path), str(work), list(bits_list), group_size, tolerance)
+    args = [(i, run, str(base_dir), str(suite_path), str(work), list(bits_list), group_size, min_accuracy)
             for i, run in enumerate(grid)]
     if jobs > 1:
         import multiprocessing as mp
@@ -173,7 +177,7 @@ def _run_one(args) -> list[dict]:
     from .suite import load_suite
     from .survival import delta_survival
 
-    i, run, base_dir, suite_path, work, bits_list, group_size, tolerance = args
+    i, run, base_dir, suite_path, work, bits_list, group_size, min_accuracy = args
     log = sys.stderr
     work = Path(work)
     suite_obj = load_suite(suite_path)
@@ -190,7 +194,11 @@ def _run_one(args) -> list[dict]:
     for ft_id, cfg, adapter in expand_run(run_dir, run):
         cached = adapter / "result.json"
         if cached.exists():
-            results.append(json.loads(cached.read_text()))
+            res = json.loads(cached.read_text())
+            # the behaviour is cached; the verdict follows the current min_accuracy
+            res["true_min_bits"] = true_threshold(res["behaviour"], bits_list, min_accuracy)
+            res["float16_passes"] = passes(res["behaviour"]["16"], min_accuracy)
+            results.append(res)
             continue
         tic = time.perf_counter()
         fused = adapter / "fused_f16"
@@ -203,8 +211,8 @@ def _run_one(args) -> list[dict]:
             "config": cfg,
             "base_accuracy": base_beh["accuracy"],
             "behaviour": beh,
-            "true_min_bits": true_threshold(beh, bits_list, tolerance),
-            "learned": beh["16"]["accuracy"] - base_beh["accuracy"],
+            "true_min_bits": true_threshold(beh, bits_list, min_accuracy),
+            "float16_passes": passes(beh["16"], min_accuracy),
             "summary": rep["summary"],
             "layers": rep["layers"],
             "seconds": time.perf_counter() - tic,
@@ -283,7 +291,7 @@ def split(results):
     return results[0::2], results[1::2]
 
 
-def write_report(results, rule, train_score, test_score, out_md, out_png, out_json, tolerance, excluded):
+def write_report(results, rule, train_score, test_score, out_md, out_png, out_json, min_accuracy, excluded):
     """docs/calibration.md (table + plot) and the rule file delta-survival reads."""
     import matplotlib
 
@@ -316,13 +324,12 @@ def write_report(results, rule, train_score, test_score, out_md, out_png, out_js
         "# delta-survival calibration",
         "",
         f"Generated by `make calibrate` on {len(results)} fine-tunes of the demo family "
-        f"({len(excluded)} more excluded: they did not learn the task in float16).",
+        f"({len(excluded)} more trained but left out: their float16 model does not pass validation).",
         "",
-        "A fine-tune survives b bits when its accuracy on `suites/demo.jsonl` stays within "
-        f"{tolerance:.0%} of its own float16 accuracy and it makes no more critical (VETO->APPROVE) "
-        "errors than in float16; its true threshold is the smallest bit-width that survives with "
-        "every larger one. Behaviour is measured on fake-quantized weights (the exact values "
-        "`mx.quantize` stores, run in float16).",
+        f"A bit-width passes when validation on `suites/demo.jsonl` passes: accuracy >= {min_accuracy:.0%} "
+        "and no critical (VETO->APPROVE) error. The true threshold is the smallest bit-width that "
+        "passes with every larger one. Behaviour is measured on fake-quantized weights (the exact "
+        "values `mx.quantize` stores, run in float16).",
         "",
         f"**Rule:** a bit-width survives when `{stat}` ({agg.replace('_', ' ')}) >= {rule['min']:.4g}.",
         "",
@@ -334,6 +341,8 @@ def write_report(results, rule, train_score, test_score, out_md, out_png, out_js
         f"{test_score['optimistic']} | {test_score['pessimistic']} | {test_score['worst_optimistic_steps']} step(s) |",
         "",
         "![calibration](calibration.png)",
+        "",
+        *_findings(results, min_accuracy),
         "",
         "| fine-tune | split | rank | scale | modules | lr | iters | seed | float16 acc | true min bits | predicted |"
         + "".join(f" {stat} @{b} |" for b in BITS),
@@ -349,10 +358,38 @@ def write_report(results, rule, train_score, test_score, out_md, out_png, out_js
             f"{r['true_min_bits'] or 'none'} | {predict(r, rule) or 'none'} |{vals}"
         )
     Path(out_md).write_text("\n".join(lines) + "\n")
-    evidence = (f"docs/calibration.md: {test_score['exact']}/{test_score['n']} held-out fine-tunes exact, "
+    evidence = (f"docs/calibration.md: {test_score['exact']}/{test_score['n']} held-out demo fine-tunes exact, "
                 f"{test_score['optimistic']} optimistic")
-    Path(out_json).write_text(json.dumps({**rule, "provisional": False, "evidence": evidence,
+    # The goal is 90% exact with no optimistic miss beyond one bit-width; short of it the
+    # rule stays flagged provisional in every delta-survival report.
+    goal_met = test_score["exact_rate"] >= 0.9 and test_score["worst_optimistic_steps"] <= 1
+    Path(out_json).write_text(json.dumps({**rule, "provisional": not goal_met, "evidence": evidence,
                                           "train": train_score, "held_out": test_score}, indent=2) + "\n")
+
+
+def _findings(results, min_accuracy) -> list[str]:
+    """What the grid shows, computed from it: how often failure is not monotone in bits."""
+    erratic = []
+    for r in results:
+        ok = [passes(r["behaviour"][str(b)], min_accuracy) for b in sorted(BITS)]
+        first_pass = ok.index(True) if True in ok else len(ok)
+        if not all(ok[first_pass:]):
+            erratic.append(r["id"])
+    d2s = [r["summary"]["4"].get("delta_to_step") for r in results]
+    d2s = [v for v in d2s if v is not None]
+    return [
+        "## What the grid shows",
+        "",
+        f"- delta_rms / 4-bit step ranges {min(d2s):.2f} to {max(d2s):.2f} in this family: the demo's tiny "
+        "model needs per-weight deltas comparable to the step to change its behaviour, so the delta is "
+        "rounded away only at 2 bits (real fine-tunes of large models sit far below 1).",
+        f"- {len(erratic)} of {len(results)} fine-tunes fail at some bit-width yet pass at a lower one "
+        f"({', '.join(erratic) or 'none'}): a decision with a thin float16 margin (the 12 VETO cases flip "
+        "together) is tipped by quantization noise at any bit-width. Weight statistics cannot see a margin; "
+        "that failure is what `make validate` and `qtools retention` are for.",
+        "- The rule therefore stays PROVISIONAL in delta-survival's output until a model family with subtle "
+        "deltas and settled margins calibrates it.",
+    ]
 
 
 def _fmt(v):
@@ -361,14 +398,14 @@ def _fmt(v):
     return f"{v:.3g}"
 
 
-def calibrate(base_dir, suite_path, work_dir="models/calibration", docs_dir="docs", tolerance=0.05,
-              min_learned=0.1, jobs=1, log=sys.stderr) -> dict:
+def calibrate(base_dir, suite_path, work_dir="models/calibration", docs_dir="docs", min_accuracy=0.8,
+              jobs=1, log=sys.stderr) -> dict:
     """Run the grid, fit the rule on half, judge it on the other half, write the report and rule."""
     from .calibration import RULE_FILE
 
-    results = run_grid(base_dir, suite_path, work_dir, tolerance=tolerance, jobs=jobs, log=log)
-    usable = [r for r in results if r["learned"] >= min_learned]
-    excluded = [r for r in results if r["learned"] < min_learned]
+    results = run_grid(base_dir, suite_path, work_dir, min_accuracy=min_accuracy, jobs=jobs, log=log)
+    usable = [r for r in results if r["float16_passes"]]
+    excluded = [r for r in results if not r["float16_passes"]]
     if len(usable) < 4:
         raise QtoolsError(f"only {len(usable)} fine-tunes learned the task; calibration needs more")
     train, test = split(usable)
@@ -377,5 +414,5 @@ def calibrate(base_dir, suite_path, work_dir="models/calibration", docs_dir="doc
     docs = Path(docs_dir)
     docs.mkdir(parents=True, exist_ok=True)
     write_report(usable, rule, train_score, test_score, docs / "calibration.md", docs / "calibration.png",
-                 RULE_FILE, tolerance, excluded)
+                 RULE_FILE, min_accuracy, excluded)
     return {"rule": rule, "train": train_score, "held_out": test_score, "fine_tunes": len(results)}

@@ -17,19 +17,19 @@ def beh(acc16, crit16=0, **by_bits):
     return out
 
 
-def test_true_threshold_needs_every_larger_bit_width_to_survive():
+def test_true_threshold_needs_every_larger_bit_width_to_pass():
     b = beh(0.9, b8=(0.9, 0), b6=(0.88, 0), b5=(0.7, 0), b4=(0.9, 0), b3=(0.5, 0), b2=(0.3, 0))
-    assert cal.true_threshold(b, cal.BITS, 0.05) == 6  # 4 bits recovers, but 5 already failed
+    assert cal.true_threshold(b, cal.BITS, 0.8) == 6  # 4 bits passes again, but 5 already failed
 
 
-def test_a_new_critical_error_fails_whatever_the_accuracy():
+def test_a_critical_error_fails_whatever_the_accuracy():
     b = beh(0.9, b8=(0.9, 0), b6=(0.9, 0), b5=(0.95, 1), b4=(0.9, 0), b3=(0.9, 0), b2=(0.9, 0))
-    assert cal.true_threshold(b, cal.BITS, 0.05) == 6
+    assert cal.true_threshold(b, cal.BITS, 0.8) == 6
 
 
-def test_nothing_survives():
+def test_nothing_passes():
     b = beh(0.9, b8=(0.5, 0), b6=(0.9, 0), b5=(0.9, 0), b4=(0.9, 0), b3=(0.9, 0), b2=(0.9, 0))
-    assert cal.true_threshold(b, cal.BITS, 0.05) is None
+    assert cal.true_threshold(b, cal.BITS, 0.8) is None
 
 
 def synthetic(i, true_bits, snr_at):

@@ -14,13 +14,13 @@ from ..calibrate import calibrate
 @click.option("--work-dir", type=click.Path(), default="models/calibration", show_default=True,
               help="Adapters, fused models and cached results (a rerun resumes).")
 @click.option("--docs-dir", type=click.Path(), default="docs", show_default=True)
-@click.option("--tolerance", type=float, default=0.05, show_default=True,
-              help="Accuracy a quantized fine-tune may lose against its float16 self and still count as kept.")
+@click.option("--min-accuracy", type=float, default=0.8, show_default=True,
+              help="Validation passes at this accuracy with no critical error (as qtools validate judges).")
 @click.option("--jobs", type=int, default=2, show_default=True, help="Training runs in parallel (processes).")
 @click.option("--json", "as_json", is_flag=True)
-def calibrate_cmd(base, suite, work_dir, docs_dir, tolerance, jobs, as_json):
+def calibrate_cmd(base, suite, work_dir, docs_dir, min_accuracy, jobs, as_json):
     """Train a grid of demo fine-tunes, measure their behavioural threshold, fit the rule."""
-    res = calibrate(base, suite, work_dir, docs_dir, tolerance, jobs=jobs)
+    res = calibrate(base, suite, work_dir, docs_dir, min_accuracy, jobs=jobs)
     if as_json:
         click.echo(json.dumps(res))
         return

@@ -109,8 +109,9 @@ def delta_survival_cmd(model, adapter, base, bits, group_size, as_json, output, 
         click.echo(tabulate(rows, headers=["layer"] + [f"{b}-bit" for b in report["bits"]], tablefmt="simple"))
     _print_skipped(report)
     pm = report["predicted_min_bits"]
-    tag = " (PROVISIONAL threshold, not yet calibrated against behaviour)" if rule.get("provisional") else ""
-    click.echo(f"\nRule: survives when {rule['statistic']} >= {rule['min']}{tag}; {rule['evidence']}")
+    tag = " (PROVISIONAL: confirm with make validate)" if rule.get("provisional") else ""
+    agg = rule.get("aggregate", "weighted").replace("_", " ")
+    click.echo(f"\nRule: survives when {rule['statistic']} ({agg}) >= {rule['min']:.4g}{tag}; {rule['evidence']}")
     if pm is None:
         click.echo("Predicted minimum bit-width: none of the requested bit-widths keeps the delta.")
     else:
