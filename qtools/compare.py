@@ -189,6 +189,16 @@ def compare_suite(logs: list, surv: dict | None, c: Criteria, retention: list | 
     verdicts = {log["model"]: model_verdict(log, c) for log in logs}
     passing = [log for log in logs if not verdicts[log["model"]]]
     recommended = min(passing, key=lambda log: (log["disk_bytes"], log["bits_per_weight"]))["model"] if passing else None
+    # A passing model smaller than a failing one means behaviour is not monotone in bits
+    # (a thin margin tipped by noise): name the smallest model above every failure too.
+    rec_log = next((log for log in logs if log["model"] == recommended), None)
+    failing_bigger = [log for log in logs if verdicts[log["model"]] and rec_log is not None
+                      and log["bits_per_weight"] > rec_log["bits_per_weight"]]
+    monotone = None
+    if failing_bigger:
+        floor = max(log["bits_per_weight"] for log in failing_bigger)
+        above = [log for log in passing if log["bits_per_weight"] > floor]
+        monotone = min(above, key=lambda log: log["bits_per_weight"])["model"] if above else None
 
     agreement = []
     if surv:
@@ -218,6 +228,8 @@ def compare_suite(logs: list, surv: dict | None, c: Criteria, retention: list | 
         "verdicts": {m: ("pass" if not r else "fail") for m, r in verdicts.items()},
         "verdict_reasons": verdicts,
         "recommendation": recommended,
+        "not_monotone": [log["model"] for log in failing_bigger],
+        "recommendation_above_failures": monotone,
         "predicted_min_bits": surv.get("predicted_min_bits") if surv else None,
         "survival_agreement": agreement,
     }
@@ -269,6 +281,11 @@ def format_comparison(result: dict) -> str:
                 out.append(f"  {m}: FAIL ({'; '.join(comp['verdict_reasons'][m])})")
         if comp["recommendation"]:
             out.append(f"recommendation: {comp['recommendation']} (smallest model meeting all criteria)")
+            if comp.get("not_monotone"):
+                safer = comp.get("recommendation_above_failures") or "none"
+                out.append(f"  warning: {', '.join(comp['not_monotone'])} fail(s) with more bits than "
+                           f"{comp['recommendation']}: behaviour is not monotone in bits (a thin margin tipped "
+                           f"by rounding noise). Smallest model above every failure: {safer}")
         else:
             out.append("recommendation: none (no model meets all criteria)")
         if comp["survival_agreement"]:

@@ -3,7 +3,8 @@
 # present), fuse, predict survival from the weights, sweep bits 8 6 5 4 3 2 with
 # validation, and compare. Everything lands in models/demo_* and logs/demo/.
 set -euo pipefail
-export LOGS=${LOGS:-logs/demo}
+# Its own log folder, whatever LOGS the Makefile exports: the demo's logs never mix with yours.
+export LOGS=${DEMO_LOGS:-logs/demo}
 MODELS=${MODELS:-models}
 FUSED="$MODELS/demo_fused_f16"
 SUITE=${SUITE:-suites/demo.jsonl}

@@ -137,3 +137,18 @@ def test_compare_bad_input(tmp_path):
     other.write_text("{}")
     assert run("compare", other).output.strip() == f"Error: {other} is not a qtools validate log"
     assert run("compare", tmp_path / "missing.json").output.strip() == f"Error: {tmp_path / 'missing.json'} does not exist"
+
+
+def test_a_pass_below_a_failure_is_flagged_with_the_smallest_model_above_every_failure(tmp_path):
+    specs = [log("fused_f16", 16, 1.0, quantized=False), log("fused_5bit", 5, 1.0),
+             log("fused_4bit", 4, 0.9, critical=3), log("fused_3bit", 3, 1.0)]
+    paths = []
+    for spec in specs:
+        p = tmp_path / f"{spec['model']}-demo.json"
+        p.write_text(json.dumps(spec))
+        paths.append(p)
+    out = json.loads(run("compare", *paths, "--json").stdout)["comparisons"][0]
+    assert out["recommendation"] == "fused_3bit"
+    assert out["not_monotone"] == ["fused_4bit"] and out["recommendation_above_failures"] == "fused_5bit"
+    human = run("compare", *paths).output
+    assert "not monotone in bits" in human and "Smallest model above every failure: fused_5bit" in human
