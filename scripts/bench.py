@@ -13,7 +13,6 @@ and prints each as elements*bit-widths per second with the ratios.
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -181,10 +180,14 @@ def main():
         unit = "Melem/s" if ratio is None else ""
         ratio_s = f"{ratio:8.1f}x" if ratio is not None and ratio != 1.0 else ("" if ratio is None else "   (ours)")
         print(f"{label:48s} {t:9.2f} {r / 1e6:14.1f} {ratio_s:>10s} {unit}")
-    # Peak memory of the CLI on the whole model: tensors are memory-mapped and dropped one at a time.
-    cli = [str(Path(sys.executable).with_name("qtools")), "delta-survival", str(model), "--adapter", str(adapter), "--json"]
-    subprocess.run(cli, check=True, stdout=subprocess.DEVNULL)
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    # Peak memory of a fresh process on the whole model (tensors are memory-mapped and dropped
+    # one at a time). Linux: VmHWM, since ru_maxrss survives exec and would count this parent.
+    probe = ("import resource, sys, pathlib; from qtools.survival import delta_survival; "
+             f"delta_survival({str(model)!r}, {BITS}, {G}, adapter={str(adapter)!r}, progress=False); "
+             "st = pathlib.Path('/proc/self/status'); "
+             "print(int(next(l.split()[1] for l in st.read_text().splitlines() if l.startswith('VmHWM'))) * 1024 "
+             "if st.exists() else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    rss = int(subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True).stdout)
     largest = max(SafetensorsModel(model).info(k).nbytes for k in SafetensorsModel(model).names())
     print(f"\npeak RSS of `qtools delta-survival` on the {size / 1e9:.2f} GB model: {rss / 1e6:.0f} MB "
           f"(largest tensor {largest / 1e6:.0f} MB)")
