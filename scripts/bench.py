@@ -5,8 +5,10 @@ Builds (once, in bench_data/) a synthetic float16 model of at least 1 GB and a
 rank-16 LoRA adapter on every projection, then times in one run:
   - reading the weight files once (warm page cache, a trivial reduction),
   - `delta-survival` end to end (bits 2 3 4 5 6 8, delta from the adapter),
-  - the same statistics with vectorized numpy and with MLX on the CPU
-    (mx.quantize + mx.dequantize + reductions), on a slice of the tensors,
+  - the same statistics (errors, delta agreement, codes changed, median step,
+    group-error percentiles, the subspace projection) with vectorized numpy and
+    with MLX on the CPU (mx.quantize + mx.dequantize + reductions), on a slice
+    of the tensors,
 and prints each as elements*bit-widths per second with the ratios.
 """
 
@@ -21,6 +23,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from qtools.adapters import orthonormal_columns
 from qtools.survival import delta_survival
 from qtools.weights import SafetensorsModel
 
@@ -90,7 +93,8 @@ def affine_numpy(x, bits):
     return q, y.reshape(x.shape), np.abs(s16.astype(np.float32))
 
 
-def stats_numpy(w1, bt, at):
+def stats_numpy(w1, bt, at, u, v):
+    """The statistics delta-survival reports, for all bit-widths, in vectorized numpy."""
     a = w1.astype(np.float32)
     d = bt @ at
     w0 = (a - d).astype(np.float16).astype(np.float32)
@@ -101,13 +105,18 @@ def stats_numpy(w1, bt, at):
         q0, y0, _ = affine_numpy(w0, bits)
         e = y1 - a
         dq = y1 - y0
-        out.append(((e * e).sum(), np.abs(e).max(), (dq * d).sum(), (dq * dq).sum(), (q1 != q0).sum(),
-                    (dq * d > 0).sum(), np.median(steps)))
+        de = dq - d
+        group_rmse = np.sqrt((e * e).reshape(-1, G).mean(1))
+        out.append(((e * e).sum(), np.abs(e).max(), (dq * d).sum(), (dq * dq).sum(), (de * de).sum(),
+                    (q1 != q0).sum(), (dq * d > 0).sum(), np.median(steps), np.percentile(group_rmse, [50, 99]),
+                    ((u.T @ de @ v) ** 2).sum()))
     return out
 
 
-def stats_mlx(w1, bt, at):
+def stats_mlx(w1, bt, at, u, v):
+    """The same statistics with MLX on the CPU: mx.quantize + mx.dequantize + reductions."""
     a = mx.array(w1)
+    u, v = mx.array(u), mx.array(v)
     d = mx.array(bt) @ mx.array(at)
     w0 = (a.astype(mx.float32) - d).astype(mx.float16)
     d = a.astype(mx.float32) - w0.astype(mx.float32)
@@ -119,10 +128,14 @@ def stats_mlx(w1, bt, at):
         y0 = mx.dequantize(q0, s0, b0, group_size=G, bits=bits).astype(mx.float32)
         e = y1 - a.astype(mx.float32)
         dq = y1 - y0
-        r = [mx.sum(e * e), mx.max(mx.abs(e)), mx.sum(dq * d), mx.sum(dq * dq), mx.sum(q1 != q0),
-             mx.sum(dq * d > 0), mx.abs(s1)]
+        de = dq - d
+        group_rmse = mx.sqrt(mx.mean((e * e).reshape(-1, G), axis=1))
+        r = [mx.sum(e * e), mx.max(mx.abs(e)), mx.sum(dq * d), mx.sum(dq * dq), mx.sum(de * de),
+             mx.sum(q1 != q0), mx.sum(dq * d > 0), mx.abs(s1), mx.sort(group_rmse),
+             mx.sum((u.T @ de @ v) ** 2)]
         mx.eval(*r)
-        out.append(r)
+        steps = np.array(r[7].astype(mx.float32))
+        out.append(r + [np.median(steps)])
     return out
 
 
@@ -137,8 +150,9 @@ def time_reference(fn, model: Path, adapter: Path, max_elems: int):
         w1 = np.array(st.raw(name)).view(np.float16)
         bt = np.ascontiguousarray(ad.to_float32(stem + ".lora_b").T)
         at = np.ascontiguousarray(ad.to_float32(stem + ".lora_a").T)
+        u, v = orthonormal_columns(bt), orthonormal_columns(at.T)
         t0 = time.perf_counter()
-        fn(w1, bt, at)
+        fn(w1, bt, at, u, v)
         t += time.perf_counter() - t0
         done += w1.size
     return done, t
