@@ -101,11 +101,11 @@ nb::dict analyze(const AnyArray& w1, const std::string& w1_dtype, std::vector<in
   }
 
   const size_t nb_ = bits.size();
-  std::vector<double> sse(nb_), max_abs(nb_), sse0(nb_), dot(nb_), dq2(nb_), err2(nb_), sub(nb_);
+  std::vector<double> sse(nb_), max_abs(nb_), dot(nb_), dq2(nb_), err2(nb_), sub(nb_);
   std::vector<int64_t> changed(nb_), agree(nb_);
   for (size_t b = 0; b < nb_; ++b) {
     const auto& s = out.by_bits[b];
-    sse[b] = s.sse; max_abs[b] = s.max_abs; sse0[b] = s.sse0; dot[b] = s.dot;
+    sse[b] = s.sse; max_abs[b] = s.max_abs; dot[b] = s.dot;
     dq2[b] = s.dq2; err2[b] = s.err2; sub[b] = s.sub_noise;
     changed[b] = s.changed; agree[b] = s.sign_agree;
   }
@@ -113,7 +113,6 @@ nb::dict analyze(const AnyArray& w1, const std::string& w1_dtype, std::vector<in
   nb::dict d;
   d["sse"] = to_numpy(std::move(sse), {nb_});
   d["max_abs"] = to_numpy(std::move(max_abs), {nb_});
-  d["sse0"] = to_numpy(std::move(sse0), {nb_});
   d["dot"] = to_numpy(std::move(dot), {nb_});
   d["dq2"] = to_numpy(std::move(dq2), {nb_});
   d["err2"] = to_numpy(std::move(err2), {nb_});

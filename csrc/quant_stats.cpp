@@ -6,6 +6,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <thread>
+#include <type_traits>
 
 #include "affine.h"
 #include "project.h"
@@ -16,7 +17,8 @@ namespace {
 
 enum Mode { kNoDelta = 0, kBase = 1, kLowRank = 2 };
 constexpr int kMaxGroup = 128;
-constexpr int kLanes = 16;  // divides every group size; one AVX-512 or two AVX2/NEON x4 registers
+constexpr int kLanes = 16;
+constexpr int kLutSize = 32;  // dequantization tables for up to 5-bit codes  // divides every group size; one AVX-512 or two AVX2/NEON x4 registers
 
 
 bool supported_bits(int b) {
@@ -190,36 +192,57 @@ void worker(Shared& sh) {
             }
           } else {
             const GroupParams p0 = group_params<DTB>(mn0, mx0, n_bins);
-            float l_sse0[kLanes], l_dot[kLanes], l_dq2[kLanes], l_err2[kLanes], l_chg[kLanes], l_agree[kLanes];
+            float l_dot[kLanes], l_dq2[kLanes], l_err2[kLanes], l_chg[kLanes], l_agree[kLanes];
             for (int l = 0; l < kLanes; ++l) {
-              l_sse0[l] = 0.0f; l_dot[l] = 0.0f; l_dq2[l] = 0.0f; l_err2[l] = 0.0f; l_chg[l] = 0.0f; l_agree[l] = 0.0f;
+              l_dot[l] = 0.0f; l_dq2[l] = 0.0f; l_err2[l] = 0.0f; l_chg[l] = 0.0f; l_agree[l] = 0.0f;
             }
-            for (int j0 = 0; j0 < G; j0 += kLanes) {
-              for (int l = 0; l < kLanes; ++l) {
-                const int j = j0 + l;
-                const float x1 = a[j], x0 = w0[j], dj = d[j];
-                const float q1 = quant_code(x1, p1.scale, p1.bias, n_bins);
-                const float y1 = dequant<DT1>(q1, p1.scale_t, p1.bias_t);
-                const float q0 = quant_code(x0, p0.scale, p0.bias, n_bins);
-                const float y0 = dequant<DTB>(q0, p0.scale_t, p0.bias_t);
-                const float e1 = y1 - x1;
-                const float e0 = y0 - x0;
-                const float dq = y1 - y0;
-                const float de = dq - dj;
-                l_sse[l] += e1 * e1;
-                l_max[l] = max_f(l_max[l], std::fabs(e1));
-                l_sse0[l] += e0 * e0;
-                l_dot[l] += dq * dj;
-                l_dq2[l] += dq * dq;
-                l_err2[l] += de * de;
-                l_chg[l] += q1 != q0 ? 1.0f : 0.0f;
-                l_agree[l] += dq * dj > 0.0f ? 1.0f : 0.0f;
-                ed[b * G + j] = de;
+            // With few codes (<= 5 bits) a per-group table of dequantized values, built
+            // with the same dequant(), replaces two float16 roundings per element.
+            auto run = [&](auto use_lut) {
+              constexpr bool kLut = decltype(use_lut)::value;
+              alignas(64) float lut1[kLutSize], lut0[kLutSize];
+              if constexpr (kLut) {
+                for (int k = 0; k <= static_cast<int>(n_bins); ++k) {
+                  lut1[k] = dequant<DT1>(static_cast<float>(k), p1.scale_t, p1.bias_t);
+                  lut0[k] = dequant<DTB>(static_cast<float>(k), p0.scale_t, p0.bias_t);
+                }
               }
+              for (int j0 = 0; j0 < G; j0 += kLanes) {
+                for (int l = 0; l < kLanes; ++l) {
+                  const int j = j0 + l;
+                  const float x1 = a[j], x0 = w0[j], dj = d[j];
+                  const float q1 = quant_code(x1, p1.scale, p1.bias, n_bins);
+                  const float q0 = quant_code(x0, p0.scale, p0.bias, n_bins);
+                  float y1, y0;
+                  if constexpr (kLut) {
+                    y1 = lut1[static_cast<int>(q1)];
+                    y0 = lut0[static_cast<int>(q0)];
+                  } else {
+                    y1 = dequant<DT1>(q1, p1.scale_t, p1.bias_t);
+                    y0 = dequant<DTB>(q0, p0.scale_t, p0.bias_t);
+                  }
+                  const float e1 = y1 - x1;
+                  const float dq = y1 - y0;
+                  const float de = dq - dj;
+                  l_sse[l] += e1 * e1;
+                  l_max[l] = max_f(l_max[l], std::fabs(e1));
+                  l_dot[l] += dq * dj;
+                  l_dq2[l] += dq * dq;
+                  l_err2[l] += de * de;
+                  l_chg[l] += q1 != q0 ? 1.0f : 0.0f;
+                  l_agree[l] += dq * dj > 0.0f ? 1.0f : 0.0f;
+                  ed[b * G + j] = de;
+                }
+              }
+            };
+            if (DT1 != F32 && n_bins < static_cast<float>(kLutSize)) {
+              run(std::true_type{});
+            } else {
+              run(std::false_type{});
             }
             float chg = 0.0f, agree = 0.0f;
             for (int l = 0; l < kLanes; ++l) {
-              st.sse0 += l_sse0[l]; st.dot += l_dot[l]; st.dq2 += l_dq2[l]; st.err2 += l_err2[l];
+              st.dot += l_dot[l]; st.dq2 += l_dq2[l]; st.err2 += l_err2[l];
               chg += l_chg[l]; agree += l_agree[l];
             }
             st.changed += static_cast<int64_t>(chg);
@@ -263,7 +286,6 @@ void worker(Shared& sh) {
     const BitsStats& s = lo.s[b];
     o.sse += s.sse;
     o.max_abs = std::max(o.max_abs, s.max_abs);
-    o.sse0 += s.sse0;
     o.dot += s.dot;
     o.dq2 += s.dq2;
     o.err2 += s.err2;

@@ -36,7 +36,6 @@ struct AnalyzeInput {
 struct BitsStats {
   double sse = 0;        // sum of squared quantization error of w1
   double max_abs = 0;    // max |error|
-  double sse0 = 0;       // same for w0
   double dot = 0;        // <Dq, D>
   double dq2 = 0;        // |Dq|^2
   double err2 = 0;       // |Dq - D|^2
