@@ -41,6 +41,13 @@ void check_raw(const AnyArray& a, int dtype, const char* what) {
 }
 
 template <typename T>
+nb::ndarray<nb::numpy, T> to_numpy(std::unique_ptr<T[]>&& p, std::vector<size_t> shape) {
+  T* data = p.release();
+  nb::capsule owner(data, [](void* q) noexcept { delete[] static_cast<T*>(q); });
+  return nb::ndarray<nb::numpy, T>(data, shape.size(), shape.data(), owner);
+}
+
+template <typename T>
 nb::ndarray<nb::numpy, T> to_numpy(std::vector<T>&& v, std::vector<size_t> shape) {
   auto* heap = new std::vector<T>(std::move(v));
   nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<std::vector<T>*>(p); });
@@ -109,7 +116,7 @@ nb::dict analyze(const AnyArray& w1, const std::string& w1_dtype, std::vector<in
     dq2[b] = s.dq2; err2[b] = s.err2; sub[b] = s.sub_noise;
     changed[b] = s.changed; agree[b] = s.sign_agree;
   }
-  const size_t ngroups = nb_ ? out.steps.size() / nb_ : 0;
+  const size_t ngroups = out.groups;
   nb::dict d;
   d["sse"] = to_numpy(std::move(sse), {nb_});
   d["max_abs"] = to_numpy(std::move(max_abs), {nb_});

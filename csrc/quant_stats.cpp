@@ -36,6 +36,11 @@ struct Shared {
   // Subspace projections U^T X V, summed over threads per expert before squaring.
   std::vector<double> m_err;  // experts x bits x rank x rank
   std::vector<double> m_d;    // experts x rank x rank
+  // Adapter factor A with rows padded: at a power-of-two row stride the rank's
+  // rows all fall in the same L1 sets, and each group reads all of them.
+  std::vector<float> at_padded;
+  const float* at = nullptr;
+  int64_t at_stride = 0;
 };
 
 struct Local {
@@ -133,7 +138,7 @@ void worker(Shared& sh) {
             const float* brow = in.bt + i * r;
             for (int k = 0; k < r; ++k) {
               const float bk = brow[k];
-              const float* arow = in.at + (e * r + k) * cols + g * G;
+              const float* arow = sh.at + (e * r + k) * sh.at_stride + g * G;
               for (int j = 0; j < G; ++j) d[j] += bk * arow[j];
             }
             for (int j = 0; j < G; ++j) w0[j] = round_to<DT1>(a[j] - d[j]);
@@ -171,6 +176,10 @@ void worker(Shared& sh) {
         }
         if (nonfinite != 0.0f) {
           lo.nonfinite += static_cast<int64_t>(nonfinite);
+          for (int b = 0; b < nbits; ++b) {
+            sh.out->steps[static_cast<size_t>(b) * ngroups_total + gidx] = NAN;
+            sh.out->group_sse[static_cast<size_t>(b) * ngroups_total + gidx] = NAN;
+          }
           continue;
         }
 
@@ -365,8 +374,9 @@ void analyze(const AnalyzeInput& in, AnalyzeOutput& out) {
   sh.rows_per_expert = in.rows / in.experts;
   out.by_bits.assign(nbits, BitsStats{});
   const size_t ngroups = static_cast<size_t>(in.rows * sh.groups_per_row);
-  out.steps.assign(ngroups * nbits, 0.0f);
-  out.group_sse.assign(ngroups * nbits, 0.0f);
+  out.groups = ngroups;
+  out.steps.reset(new float[ngroups * nbits]);
+  out.group_sse.reset(new float[ngroups * nbits]);
   if (sub) {
     sh.m_err.assign(static_cast<size_t>(in.experts) * nbits * in.rank * in.rank, 0.0);
     sh.m_d.assign(static_cast<size_t>(in.experts) * in.rank * in.rank, 0.0);
@@ -378,6 +388,15 @@ void analyze(const AnalyzeInput& in, AnalyzeOutput& out) {
   // Small tensors are not worth a thread each: aim for >= 256K elements per thread.
   threads = static_cast<int>(std::min<int64_t>(threads, std::max<int64_t>(1, elems / (1 << 18))));
   sh.chunk = std::max<int64_t>(1, in.rows / (threads * 8));
+
+  if (lowrank) {
+    sh.at_stride = in.cols + 16;
+    const int64_t arows = in.experts * in.rank;
+    sh.at_padded.assign(static_cast<size_t>(arows * sh.at_stride), 0.0f);
+    for (int64_t k = 0; k < arows; ++k)
+      std::copy(in.at + k * in.cols, in.at + (k + 1) * in.cols, sh.at_padded.begin() + k * sh.at_stride);
+    sh.at = sh.at_padded.data();
+  }
 
   WorkerFn fn = pick(in.w1_dtype, mode, in.w0_dtype, sub);
   if (threads == 1) {

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -51,8 +52,11 @@ struct AnalyzeOutput {
   double sub_d2 = 0;   // |U^T D V|^2
   int64_t nonzero_d = 0;
   int64_t nonfinite = 0;  // NaN/Inf elements found (w1 or w0)
-  std::vector<float> steps;       // bits x groups: |stored scale| of w1
-  std::vector<float> group_sse;   // bits x groups: squared error per group
+  // bits x groups, left uninitialised until the workers write them: zero-filling
+  // megabytes per tensor first would fault every page in on one thread.
+  std::unique_ptr<float[]> steps;      // |stored scale| of w1
+  std::unique_ptr<float[]> group_sse;  // squared error per group
+  size_t groups = 0;
 };
 
 // Throws std::invalid_argument on unsupported bits/group size/shapes.
