@@ -70,23 +70,31 @@ def orthonormal_columns(x: np.ndarray) -> np.ndarray:
     return basis.astype(np.float32)
 
 
+def check_adapter_dir(adapter: str | Path) -> tuple[Path, dict]:
+    """An mlx-lm adapter directory and its config, or a clear error."""
+    path = Path(adapter)
+    if not path.is_dir():
+        raise QtoolsError(f"adapter {path} does not exist (a directory with adapter_config.json)")
+    cfg_file = path / "adapter_config.json"
+    if not cfg_file.is_file():
+        raise QtoolsError(f"adapter {path} has no adapter_config.json")
+    if not (path / "adapters.safetensors").is_file():
+        raise QtoolsError(f"adapter {path} has no adapters.safetensors")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise QtoolsError(f"{cfg_file} is not valid JSON: {exc.msg}") from None
+    if not isinstance(cfg, dict):
+        raise QtoolsError(f"{cfg_file} is not a JSON object")
+    return path, cfg
+
+
 class Adapter:
     """An mlx-lm adapter directory (adapter_config.json + adapters.safetensors)."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not self.path.is_dir():
-            raise QtoolsError(f"{self.path}: adapter directory not found")
-        cfg_path = self.path / "adapter_config.json"
-        if not cfg_path.exists():
-            raise QtoolsError(f"{self.path}: no adapter_config.json (not an mlx-lm adapter directory)")
-        try:
-            self.config = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise QtoolsError(f"{cfg_path}: not valid JSON ({exc.msg})") from None
+        self.path, self.config = check_adapter_dir(path)
         weights = self.path / "adapters.safetensors"
-        if not weights.exists():
-            raise QtoolsError(f"{self.path}: no adapters.safetensors")
         self.fine_tune_type = self.config.get("fine_tune_type", "lora")
         if self.fine_tune_type == "full":
             raise QtoolsError(

@@ -17,29 +17,12 @@ import time
 from pathlib import Path
 
 from . import QtoolsError, versions
+from .adapters import check_adapter_dir
 from .atomic import atomic_output_dir, check_output_free
 from .validate import check_model_dir, dir_size
 
 PROVENANCE = "qtools_provenance.json"
 DTYPES = ("float16", "bfloat16", "float32")
-
-
-def check_adapter_dir(adapter: str | Path) -> tuple[Path, dict]:
-    path = Path(adapter)
-    if not path.is_dir():
-        raise QtoolsError(f"adapter {path} does not exist (a directory with adapter_config.json)")
-    cfg_file = path / "adapter_config.json"
-    if not cfg_file.is_file():
-        raise QtoolsError(f"adapter {path} has no adapter_config.json")
-    if not (path / "adapters.safetensors").is_file():
-        raise QtoolsError(f"adapter {path} has no adapters.safetensors")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise QtoolsError(f"{cfg_file} is not valid JSON: {exc.msg}") from None
-    if not isinstance(cfg, dict):
-        raise QtoolsError(f"{cfg_file} is not a JSON object")
-    return path, cfg
 
 
 def _weight_f32(layer):

@@ -9,13 +9,11 @@ small next to the 4-bit quantization step.
 
 import contextlib
 import json
-import math
 import sys
 import tempfile
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
