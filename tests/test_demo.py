@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 import pytest
 
 from qtools.demo import data
