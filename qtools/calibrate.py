@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from . import QtoolsError
+from .atomic import write_json_atomic
 
 BITS = [2, 3, 4, 5, 6, 8]
 STATISTICS = ["subspace_snr", "delta_snr", "cosine", "retention", "sign_agreement", "delta_to_step"]
@@ -363,8 +364,9 @@ def write_report(results, rule, train_score, test_score, out_md, out_png, out_js
     # The goal is 90% exact with no optimistic miss beyond one bit-width; short of it the
     # rule stays flagged provisional in every delta-survival report.
     goal_met = test_score["exact_rate"] >= 0.9 and test_score["worst_optimistic_steps"] <= 1
-    Path(out_json).write_text(json.dumps({**rule, "provisional": not goal_met, "evidence": evidence,
-                                          "train": train_score, "held_out": test_score}, indent=2) + "\n")
+    # delta-survival reads this file: never leave it half-written
+    write_json_atomic(out_json, {**rule, "provisional": not goal_met, "evidence": evidence,
+                                 "train": train_score, "held_out": test_score})
 
 
 def _findings(results, min_accuracy) -> list[str]:
