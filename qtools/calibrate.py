@@ -105,11 +105,10 @@ def behaviour(model_dir, suite_obj, bits_list, group_size=64, max_tokens=None) -
     """Accuracy, critical errors and format compliance at float16 and each bit-width."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
-    from mlx_lm import load
 
-    from .validate import run_cases, summarize
+    from .validate import check_model_dir, load_model, run_cases, summarize
 
-    model, tok = load(str(model_dir))
+    model, tok, _, _ = load_model(check_model_dir(model_dir))
     original = [(k, mx.array(v)) for k, v in tree_flatten(model.parameters())]
     out = {}
     for bits in [16, *bits_list]:
@@ -149,9 +148,12 @@ def run_grid(base_dir, suite_path, work_dir, grid=None, bits_list=BITS, group_si
     """
     from .suite import load_suite
 
+    from .validate import check_model_dir
+
+    check_model_dir(base_dir, "base model")  # fail early on a bad base or suite
+    suite_obj = load_suite(suite_path)
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    suite_obj = load_suite(suite_path)  # fail early on a bad suite
     grid = grid or default_grid()
     base_beh_path = work / "base_behaviour.json"
     if not base_beh_path.exists():

@@ -100,3 +100,15 @@ def test_fake_quantized_model_computes_what_the_quantized_model_computes(tmp_pat
     fake, _ = load(str(path))
     cal.fake_quantize(fake, 4, 64)
     assert float(mx.abs(real(x) - fake(x)).max()) < 0.05
+
+
+def test_calibrate_refuses_a_missing_base_before_any_work(tmp_path):
+    from click.testing import CliRunner
+
+    from qtools.cli import cli
+
+    res = CliRunner().invoke(cli, ["calibrate", "--base", str(tmp_path / "nope"),
+                                   "--work-dir", str(tmp_path / "work")])
+    assert res.exit_code == 1
+    assert "Error: base model" in res.output and "does not exist" in res.output
+    assert not (tmp_path / "work").exists()
