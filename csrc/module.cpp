@@ -57,7 +57,7 @@ nb::ndarray<nb::numpy, T> to_numpy(std::vector<T>&& v, std::vector<size_t> shape
 nb::dict analyze(const AnyArray& w1, const std::string& w1_dtype, std::vector<int> bits,
                  int group_size, std::optional<AnyArray> w0, std::optional<std::string> w0_dtype,
                  std::optional<F32Array> bt, std::optional<F32Array> at, int64_t experts,
-                 std::optional<F32Array> u, std::optional<F32Array> v, int threads) {
+                 std::optional<F32Array> u, std::optional<F32Array> v, int threads, bool per_group) {
   qtools::AnalyzeInput in;
   in.w1_dtype = parse_dtype(w1_dtype);
   check_raw(w1, in.w1_dtype, "w1");
@@ -68,6 +68,7 @@ nb::dict analyze(const AnyArray& w1, const std::string& w1_dtype, std::vector<in
   in.bits = bits;
   in.experts = experts;
   in.threads = threads;
+  in.per_group = per_group;
   if (w0) {
     in.w0_dtype = parse_dtype(w0_dtype.value_or(w1_dtype));
     check_raw(*w0, in.w0_dtype, "w0");
@@ -126,8 +127,13 @@ nb::dict analyze(const AnyArray& w1, const std::string& w1_dtype, std::vector<in
   d["sub_noise"] = to_numpy(std::move(sub), {nb_});
   d["changed"] = to_numpy(std::move(changed), {nb_});
   d["sign_agree"] = to_numpy(std::move(agree), {nb_});
-  d["steps"] = to_numpy(std::move(out.steps), {nb_, ngroups});
-  d["group_sse"] = to_numpy(std::move(out.group_sse), {nb_, ngroups});
+  d["step_median"] = to_numpy(std::move(out.step_median), {nb_});
+  d["group_rmse_p50"] = to_numpy(std::move(out.rmse_p50), {nb_});
+  d["group_rmse_p99"] = to_numpy(std::move(out.rmse_p99), {nb_});
+  if (per_group) {
+    d["steps"] = to_numpy(std::move(out.steps), {nb_, ngroups});
+    d["group_sse"] = to_numpy(std::move(out.group_sse), {nb_, ngroups});
+  }
   d["w2"] = out.w2;
   d["d2"] = out.d2;
   d["sub_d2"] = out.sub_d2;
@@ -162,9 +168,12 @@ NB_MODULE(_ext, m) {
   m.def("analyze", &analyze, nb::arg("w1").noconvert(), "w1_dtype"_a, "bits"_a, "group_size"_a,
         nb::arg("w0").noconvert() = nb::none(),
         "w0_dtype"_a = nb::none(), "bt"_a = nb::none(), "at"_a = nb::none(), "experts"_a = 1,
-        "u"_a = nb::none(), "v"_a = nb::none(), "threads"_a = 0,
+        "u"_a = nb::none(), "v"_a = nb::none(), "threads"_a = 0, "per_group"_a = false,
         "One pass over a weight tensor (rows x cols, raw dtype): quantization error for each\n"
-        "bit-width and, with w0 or the adapter factors bt/at, the delta's survival statistics.");
+        "bit-width and, with w0 or the adapter factors bt/at, the delta's survival statistics.\n"
+        "step_median and group_rmse_p50/p99 are np.median(steps) and\n"
+        "np.percentile(sqrt(group_sse / group_size), [50, 99]) per bit-width; per_group=True\n"
+        "also returns the per-group steps and group_sse (bits x groups).");
   m.def("quantize_dequantize", &quantize_dequantize, "w"_a, "dtype"_a, "bits"_a, "group_size"_a,
         "MLX affine quantization of one bit-width: (codes, scales, biases, dequantized), float32.");
 }

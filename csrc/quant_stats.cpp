@@ -337,6 +337,176 @@ WorkerFn pick(int dt1, int mode, int dt0, bool sub) {
   }
 }
 
+// ---- Order statistics with numpy's definitions -------------------------------
+
+// Per-thread scratch for the selections.
+struct SelectScratch {
+  std::vector<uint32_t> hist;   // 2^15 bins: high bits of a non-negative float
+  std::vector<int8_t> slot;     // bin -> candidate list, -1 if none
+  std::vector<float> cand[4];
+  std::vector<float> buf;
+};
+
+// Exact order statistics by introselect on a copy: values of ranks[0..nr)
+// (0-based, sorted ascending, duplicates allowed).
+void select_small(const float* x, size_t n, const size_t* ranks, int nr, float* out,
+                  std::vector<float>& buf) {
+  buf.assign(x, x + n);
+  size_t lo = 0;
+  for (int i = 0; i < nr; ++i) {
+    const size_t k = ranks[i];
+    if (k >= lo) {
+      if (k == lo) {  // the next rank up: the minimum of what is left
+        std::iter_swap(buf.begin() + lo, std::min_element(buf.begin() + lo, buf.end()));
+      } else {
+        std::nth_element(buf.begin() + lo, buf.begin() + k, buf.end());
+      }
+      lo = k + 1;
+    }
+    out[i] = buf[k];
+  }
+}
+
+// The same for non-negative, non-NaN floats (whose bit patterns sort like the
+// values), in two streaming passes: a histogram of the high 15 value bits
+// finds the bin of each wanted rank, then only the values in those bins are
+// copied and selected among. Ranks in any order (at most 4), x is not modified.
+void select_ranks(const float* x, size_t n, const size_t* ranks_in, int nr, float* out_in,
+                  SelectScratch& s) {
+  int order[4];
+  for (int i = 0; i < nr; ++i) order[i] = i;
+  std::sort(order, order + nr, [&](int a, int b) { return ranks_in[a] < ranks_in[b]; });
+  size_t ranks[4];
+  float out[4];
+  for (int i = 0; i < nr; ++i) ranks[i] = ranks_in[order[i]];
+  if (n <= (1u << 15)) {
+    select_small(x, n, ranks, nr, out, s.buf);
+  } else {
+    constexpr int kBins = 1 << 15;
+    auto key = [](float f) { return (float_to_bits(f) >> 16) & (kBins - 1); };
+    s.hist.assign(kBins, 0);
+    for (size_t i = 0; i < n; ++i) ++s.hist[key(x[i])];
+    // bin of each rank and the rank's position inside it
+    uint32_t bin[4];
+    size_t within[4];
+    size_t cum = 0;
+    uint32_t b = 0;
+    for (int i = 0; i < nr; ++i) {
+      while (cum + s.hist[b] <= ranks[i]) cum += s.hist[b++];
+      bin[i] = b;
+      within[i] = ranks[i] - cum;
+    }
+    s.slot.assign(kBins, -1);
+    int nslots = 0;
+    int slot_of[4];
+    for (int i = 0; i < nr; ++i) {
+      if (s.slot[bin[i]] < 0) {
+        s.cand[nslots].clear();
+        s.cand[nslots].reserve(s.hist[bin[i]]);
+        s.slot[bin[i]] = static_cast<int8_t>(nslots++);
+      }
+      slot_of[i] = s.slot[bin[i]];
+    }
+    for (size_t i = 0; i < n; ++i) {
+      const int sl = s.slot[key(x[i])];
+      if (sl >= 0) s.cand[sl].push_back(x[i]);
+    }
+    // the ranks of one bin are consecutive (bins ascend with the ranks)
+    for (int i = 0; i < nr;) {
+      int j = i;
+      size_t w[4];
+      while (j < nr && slot_of[j] == slot_of[i]) { w[j - i] = within[j]; ++j; }
+      const std::vector<float>& c = s.cand[slot_of[i]];
+      select_small(c.data(), c.size(), w, j - i, out + i, s.buf);
+      i = j;
+    }
+  }
+  for (int i = 0; i < nr; ++i) out_in[order[i]] = out[i];
+}
+
+// np.median of float32 values: the middle one, or the float32 mean of the two.
+float median_f32(const float* x, size_t n, SelectScratch& s) {
+  float v[2];
+  if (n % 2) {
+    const size_t k = (n - 1) / 2;
+    select_ranks(x, n, &k, 1, v, s);
+    return v[0];
+  }
+  const size_t k[2] = {n / 2 - 1, n / 2};
+  select_ranks(x, n, k, 2, v, s);
+  return (v[0] + v[1]) / 2.0f;
+}
+
+// np.percentile(f(x), [100*q]) with method="linear", for a non-decreasing f,
+// replicating numpy's float operations: virtual index (n-1)*q in float64, the
+// two neighbours (the last one twice at or past the end), their float32
+// difference, and the lerp in float64 from the nearer side.
+void percentiles(const float* x, size_t n, const double* q, int nq, float (*f)(float, float), float farg,
+                 double* out, SelectScratch& s) {
+  size_t ranks[4];
+  double gamma[2];
+  for (int i = 0; i < nq; ++i) {
+    const double vi = static_cast<double>(n - 1) * q[i];
+    double prev = std::floor(vi);
+    size_t lo, hi;
+    if (vi >= static_cast<double>(n - 1)) {
+      lo = hi = n - 1;
+      prev = -1.0;  // numpy indexes the last element as -1, and gamma follows
+    } else {
+      lo = static_cast<size_t>(prev);
+      hi = lo + 1;
+    }
+    gamma[i] = vi - prev;
+    ranks[2 * i] = lo;
+    ranks[2 * i + 1] = hi;
+  }
+  float v[4];
+  select_ranks(x, n, ranks, 2 * nq, v, s);
+  for (int i = 0; i < nq; ++i) {
+    const float a = f(v[2 * i], farg), b = f(v[2 * i + 1], farg);
+    const float diff = b - a;
+    const double t = gamma[i];
+    out[i] = t >= 0.5 ? static_cast<double>(b) - static_cast<double>(diff) * (1.0 - t)
+                      : static_cast<double>(a) + static_cast<double>(diff) * t;
+  }
+}
+
+float group_rmse(float sse, float g) { return std::sqrt(sse / g); }
+
+// Median step and group-RMSE percentiles of every bit-width, spread over threads.
+void order_statistics(const AnalyzeInput& in, AnalyzeOutput& out, int threads) {
+  const int nbits = static_cast<int>(in.bits.size());
+  const size_t n = out.groups;
+  out.step_median.assign(nbits, NAN);
+  out.rmse_p50.assign(nbits, NAN);
+  out.rmse_p99.assign(nbits, NAN);
+  if (out.nonfinite) return;  // numpy's answer with NaN among the values
+  std::atomic<int> next{0};
+  auto run = [&] {
+    SelectScratch s;
+    for (int t; (t = next.fetch_add(1)) < 2 * nbits;) {
+      const int b = t / 2;
+      if (t % 2 == 0) {
+        out.step_median[b] = median_f32(out.steps.get() + b * n, n, s);
+      } else {
+        static const double q[2] = {50.0 / 100.0, 99.0 / 100.0};
+        double p[2];
+        percentiles(out.group_sse.get() + b * n, n, q, 2, group_rmse, static_cast<float>(in.group_size), p, s);
+        out.rmse_p50[b] = p[0];
+        out.rmse_p99[b] = p[1];
+      }
+    }
+  };
+  threads = std::max(1, std::min(threads, 2 * nbits));
+  if (threads == 1) {
+    run();
+  } else {
+    std::vector<std::thread> pool;
+    for (int t = 0; t < threads; ++t) pool.emplace_back(run);
+    for (auto& t : pool) t.join();
+  }
+}
+
 }  // namespace
 
 void check_params(const std::vector<int>& bits, int group_size, int64_t cols) {
@@ -407,6 +577,7 @@ void analyze(const AnalyzeInput& in, AnalyzeOutput& out) {
     for (int t = 0; t < threads; ++t) pool.emplace_back([&sh, fn] { fn(sh); });
     for (auto& t : pool) t.join();
   }
+  order_statistics(in, out, threads);
 
   if (sub) {
     const size_t rr = static_cast<size_t>(in.rank) * in.rank;

@@ -32,6 +32,7 @@ struct AnalyzeInput {
   const float* u = nullptr;   // (rows x rank): basis of the output subspace per expert
   const float* v = nullptr;   // (experts*cols x rank): basis of the input subspace
   int threads = 0;
+  bool per_group = false;  // also hand back the per-group steps and squared errors
 };
 
 struct BitsStats {
@@ -52,8 +53,14 @@ struct AnalyzeOutput {
   double sub_d2 = 0;   // |U^T D V|^2
   int64_t nonzero_d = 0;
   int64_t nonfinite = 0;  // NaN/Inf elements found (w1 or w0)
+  // Per bit-width order statistics, defined exactly as numpy's (NaN when the
+  // tensor has non-finite values):
+  std::vector<double> step_median;  // np.median(steps): float32 mean of the middle two
+  std::vector<double> rmse_p50;     // np.percentile(sqrt(group_sse / G), [50, 99]),
+  std::vector<double> rmse_p99;     // linear interpolation in float64
   // bits x groups, left uninitialised until the workers write them: zero-filling
   // megabytes per tensor first would fault every page in on one thread.
+  // Kept in the output only with per_group; the order statistics read them.
   std::unique_ptr<float[]> steps;      // |stored scale| of w1
   std::unique_ptr<float[]> group_sse;  // squared error per group
   size_t groups = 0;

@@ -214,8 +214,9 @@ def _tensor_stats(r: dict, bits: list[int], group_size: int, has_delta: bool, ha
     d2 = float(r["d2"])
     out = {}
     for i, b in enumerate(bits):
-        step_median = float(np.median(r["steps"][i]))
-        p50, p99 = np.percentile(np.sqrt(r["group_sse"][i] / group_size), [50, 99])
+        # np.median(steps) and np.percentile(sqrt(group_sse / group_size), [50, 99]), from the kernel
+        step_median = float(r["step_median"][i])
+        p50, p99 = r["group_rmse_p50"][i], r["group_rmse_p99"][i]
         rmse = math.sqrt(r["sse"][i] / n)
         s = {
             "rmse": rmse,

@@ -124,7 +124,8 @@ def test_delta_statistics_match_reference_base_mode(dtype, threads):
     w0 = mx.array(base).astype(DTYPES[dtype])
     w1 = (w0.astype(mx.float32) + mx.array(bt @ at)).astype(DTYPES[dtype])
     u, v = orth(bt, at)
-    r = _ext.analyze(raw(w1), dtype, list(BITS), g, w0=raw(w0), w0_dtype=dtype, u=u, v=v, threads=threads)
+    r = _ext.analyze(raw(w1), dtype, list(BITS), g, w0=raw(w0), w0_dtype=dtype, u=u, v=v, threads=threads,
+                     per_group=True)
     for i, bits in enumerate(BITS):
         ref = reference_stats(w1, w0, bits, g, u, v)
         for key in ("sse", "dot", "dq2", "err2", "sub_noise"):
@@ -136,6 +137,55 @@ def test_delta_statistics_match_reference_base_mode(dtype, threads):
     np.testing.assert_allclose(r["d2"], ref["d2"], rtol=1e-5)
     np.testing.assert_allclose(r["sub_d2"], ref["sub_d2"], rtol=1e-4)
     assert r["nonfinite"] == 0
+
+
+def order_stat_cases():
+    """(name, float32 weights, group size): group counts odd and even, below and above the
+    kernel's 2^15-group cut-over to histogram selection, with and without ties."""
+    rng = np.random.default_rng(11)
+    yield "one group", rng.standard_normal((1, 64)), 64
+    yield "two groups", rng.standard_normal((1, 128)), 64
+    yield "odd, small", rng.standard_normal((7, 96)), 32
+    yield "even, small", rng.standard_normal((24, 256)) * 0.02, 64
+    yield "edge cases", edge_case_matrix(rng), 32
+    yield "odd, large", rng.standard_normal((1023, 1056)) * 0.02, 32
+    yield "even, large", rng.standard_normal((1025, 1024)) * 0.02, 32
+    w = rng.integers(-3, 4, (1031, 2048)) * 0.25  # few distinct values: heavy ties
+    w[::3] *= 2.0
+    yield "ties, large", w, 64
+    w = rng.standard_normal((600, 4096)) * np.exp(rng.uniform(-12, 4, (600, 1)))  # wide range of steps
+    yield "wide range, large", w, 64
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_order_statistics_equal_numpy(dtype):
+    """step_median and group_rmse_p50/p99 are numpy's median and percentiles, exactly."""
+    for name, x, g in order_stat_cases():
+        w = mx.array(x.astype(np.float32)).astype(DTYPES[dtype])
+        for threads in (1, 2):
+            r = _ext.analyze(raw(w), dtype, list(BITS), g, threads=threads, per_group=True)
+            for i, bits in enumerate(BITS):
+                where = f"{name}, {bits} bits, {threads} threads"
+                steps, sse = r["steps"][i], r["group_sse"][i]
+                np.testing.assert_array_equal(r["step_median"][i], float(np.median(steps)), where)
+                with np.errstate(invalid="ignore"):  # inf - inf where a group's error overflows
+                    p50, p99 = np.percentile(np.sqrt(sse / g), [50, 99])
+                # exact equality (NaN equal to NaN: numpy's lerp at an overflowed group error)
+                np.testing.assert_array_equal(r["group_rmse_p50"][i], float(p50), where)
+                np.testing.assert_array_equal(r["group_rmse_p99"][i], float(p99), where)
+            if threads == 1:
+                # per-group arrays only on request, and the same statistics without them
+                lean = _ext.analyze(raw(w), dtype, list(BITS), g, threads=1)
+                assert "steps" not in lean and "group_sse" not in lean
+                for key in ("step_median", "group_rmse_p50", "group_rmse_p99"):
+                    np.testing.assert_array_equal(lean[key], r[key])
+
+
+def test_order_statistics_are_nan_with_nonfinite_values():
+    x = np.ones((4, 64), np.float32)
+    x[1, 5] = np.nan
+    r = _ext.analyze(raw(mx.array(x).astype(mx.float16)), "float16", [4], 64)
+    assert np.isnan(r["step_median"][0]) and np.isnan(r["group_rmse_p99"][0])
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
