@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "affine.h"
+#include "basis.h"
 #include "quant_stats.h"
 
 namespace nb = nanobind;
@@ -160,6 +161,18 @@ nb::tuple quantize_dequantize(const AnyArray& w, const std::string& dtype, int b
                         to_numpy(std::move(biases), {rows, g}), to_numpy(std::move(deq), {rows, cols}));
 }
 
+nb::ndarray<nb::numpy, float> orthonormal_columns(const F32Array& x, bool transposed) {
+  const size_t n = transposed ? x.shape(1) : x.shape(0);
+  const size_t r = transposed ? x.shape(0) : x.shape(1);
+  if (r == 0 || r > 128) throw std::invalid_argument("rank must be between 1 and 128");
+  std::unique_ptr<float[]> out(new float[n * r]);
+  {
+    nb::gil_scoped_release release;
+    qtools::orthonormal_columns(x.data(), static_cast<int64_t>(n), static_cast<int>(r), transposed, out.get());
+  }
+  return to_numpy(std::move(out), {n, r});
+}
+
 }  // namespace
 
 NB_MODULE(_ext, m) {
@@ -176,4 +189,8 @@ NB_MODULE(_ext, m) {
         "also returns the per-group steps and group_sse (bits x groups).");
   m.def("quantize_dequantize", &quantize_dequantize, "w"_a, "dtype"_a, "bits"_a, "group_size"_a,
         "MLX affine quantization of one bit-width: (codes, scales, biases, dequantized), float32.");
+  m.def("orthonormal_columns", &orthonormal_columns, "x"_a, "transposed"_a = false,
+        "Orthonormal basis (n x r, float32) of the column space of x (n x r float32), or with\n"
+        "transposed=True of the row space of x given as r x n; zero columns where x is rank-deficient.\n"
+        "Gram matrix and Jacobi eigendecomposition in float64, no BLAS.");
 }

@@ -54,20 +54,22 @@ class LowRankDelta:
 
 
 def orthonormal_columns(x: np.ndarray) -> np.ndarray:
-    """An orthonormal basis of x's column space (tall x: n x r), padded with zero
-    columns where x is rank-deficient (an untrained lora_b is all zeros).
+    """An orthonormal basis of x's column space (tall x: n x r, float32 out), padded
+    with zero columns where x is rank-deficient (an untrained lora_b is all zeros).
 
-    Through the r x r Gram matrix: n*r^2 work, where a QR of the tall matrix
-    costs far more in LAPACK for the shapes of real projections.
+    Through the r x r Gram matrix (float64) and its eigendecomposition, in the
+    native module: n*r^2 work, where a QR of the tall matrix costs far more in
+    LAPACK, and numpy's matmul would wake a threaded BLAS whose workers spin for
+    about 0.1 s after every call, on the cores the kernel is about to use.
     """
-    x64 = x.astype(np.float64)
-    gram = x64.T @ x64
-    lam, vecs = np.linalg.eigh(gram)
-    keep = lam > max(lam.max(), 0.0) * 1e-10
-    basis = np.zeros_like(x64)
-    if keep.any():
-        basis[:, keep] = x64 @ (vecs[:, keep] / np.sqrt(lam[keep]))
-    return basis.astype(np.float32)
+    from . import _ext
+
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError("orthonormal_columns takes a 2-D array")
+    if not x.flags.c_contiguous and x.T.flags.c_contiguous:
+        return _ext.orthonormal_columns(x.T, transposed=True)  # e.g. lora_a^T: no copy
+    return _ext.orthonormal_columns(np.ascontiguousarray(x))
 
 
 def check_adapter_dir(adapter: str | Path) -> tuple[Path, dict]:

@@ -263,3 +263,34 @@ def test_a_non_contiguous_weight_is_refused_not_copied():
     w = np.zeros((8, 256), np.float32)[:, ::2]
     with pytest.raises(TypeError):
         _ext.analyze(w, "float32", [4], 64)
+
+
+def numpy_orthonormal_columns(x):
+    """The reference: Gram matrix, numpy's eigh, columns of eigenvalue <= 1e-10 of the largest zeroed."""
+    x64 = x.astype(np.float64)
+    lam, vecs = np.linalg.eigh(x64.T @ x64)
+    keep = lam > max(lam.max(), 0.0) * 1e-10
+    basis = np.zeros_like(x64)
+    if keep.any():
+        basis[:, keep] = x64 @ (vecs[:, keep] / np.sqrt(lam[keep]))
+    return basis
+
+
+@pytest.mark.parametrize("n,r", [(5632, 16), (2048, 8), (300, 128), (64, 4), (37, 3)])
+def test_orthonormal_columns_span_the_factor_like_numpy(n, r):
+    from qtools.adapters import orthonormal_columns
+
+    rng = np.random.default_rng(n + r)
+    x = (rng.standard_normal((n, r)) * 1e-3).astype(np.float32)
+    x[:, 1] = 0.0  # rank-deficient: a zero column and a repeated direction
+    x[:, 2] = x[:, 0] * 2.0
+    ref = numpy_orthonormal_columns(x)
+    for given in (x, np.ascontiguousarray(x.T).T):  # tall, and a transposed view (lora_a^T)
+        b = orthonormal_columns(given)
+        assert b.dtype == np.float32 and b.shape == (n, r)
+        kept = np.abs(b).sum(0) > 0
+        np.testing.assert_array_equal(kept, np.abs(ref).sum(0) > 0)  # same columns zeroed
+        b64 = b.astype(np.float64)
+        np.testing.assert_allclose(b64.T @ b64, np.diag(kept.astype(float)), atol=1e-6)
+        np.testing.assert_allclose(b64 @ (b64.T @ ref), ref, atol=1e-6)  # the same subspace
+    assert not orthonormal_columns(np.zeros((10, 4), np.float32)).any()
