@@ -1,27 +1,31 @@
 #include "project.h"
 
 #include <cstring>
+#include <type_traits>
 
 namespace qtools {
 
 namespace {
 
-// GCC/Clang vector extension: 8 floats, lowered to AVX, SSE or NEON registers
-// as the target has them. Keeps the accumulators in registers and the
-// vectorization over the rank, where a plain loop gets vectorized over j.
+// GCC/Clang vector extensions: 8 or 16 floats, lowered to AVX-512, AVX, SSE or
+// NEON registers as the target has them. Keeps the accumulators in registers
+// and the vectorization over the rank, where a plain loop gets vectorized over j.
 typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf16 __attribute__((vector_size(64)));
 
 // acc[b][k] = sum_j x[b][j] * v[j][k], vectorized over k with v contiguous
 // (the basis is stored cols x r, so a group's block is one contiguous read).
-// A compile-time rank keeps the accumulators in registers.
-template <int N, int R>
+// A compile-time rank keeps the accumulators in registers; ranks that are
+// multiples of 16 use 16-float vectors (one AVX-512 register, two AVX ones).
+template <int N, int R, typename V>
 void project_fixed(const float* x, int G, const float* v, double* c) {
-  constexpr int W = R / 8;
-  vf8 acc[N][W];
+  constexpr int L = sizeof(V) / sizeof(float);
+  constexpr int W = R / L;
+  V acc[N][W];
   for (int b = 0; b < N; ++b)
-    for (int q = 0; q < W; ++q) acc[b][q] = vf8{};
+    for (int q = 0; q < W; ++q) acc[b][q] = V{};
   for (int j = 0; j < G; ++j) {
-    vf8 vj[W];
+    V vj[W];
     std::memcpy(vj, v + static_cast<int64_t>(j) * R, sizeof vj);
     for (int b = 0; b < N; ++b) {
       const float xb = x[b * G + j];
@@ -37,13 +41,14 @@ void project_fixed(const float* x, int G, const float* v, double* c) {
 
 template <int R>
 bool project_rank(const float* x, int nrows, int G, const float* v, double* c) {
+  using V = typename std::conditional<R % 16 == 0, vf16, vf8>::type;
   switch (nrows) {
-    case 1: project_fixed<1, R>(x, G, v, c); return true;
-    case 2: project_fixed<2, R>(x, G, v, c); return true;
-    case 3: project_fixed<3, R>(x, G, v, c); return true;
-    case 4: project_fixed<4, R>(x, G, v, c); return true;
-    case 5: project_fixed<5, R>(x, G, v, c); return true;
-    case 6: project_fixed<6, R>(x, G, v, c); return true;
+    case 1: project_fixed<1, R, V>(x, G, v, c); return true;
+    case 2: project_fixed<2, R, V>(x, G, v, c); return true;
+    case 3: project_fixed<3, R, V>(x, G, v, c); return true;
+    case 4: project_fixed<4, R, V>(x, G, v, c); return true;
+    case 5: project_fixed<5, R, V>(x, G, v, c); return true;
+    case 6: project_fixed<6, R, V>(x, G, v, c); return true;
     default: return false;
   }
 }
