@@ -12,11 +12,18 @@ namespace {
 // and the vectorization over the rank, where a plain loop gets vectorized over j.
 typedef float vf8 __attribute__((vector_size(32)));
 typedef float vf16 __attribute__((vector_size(64)));
+// 16-float vectors only where they are one register: GCC splits them poorly
+// on AVX2 (through the stack), where 8-float ones are fine.
+#if defined(__AVX512F__)
+constexpr bool kWide = true;
+#else
+constexpr bool kWide = false;
+#endif
 
 // acc[b][k] = sum_j x[b][j] * v[j][k], vectorized over k with v contiguous
 // (the basis is stored cols x r, so a group's block is one contiguous read).
-// A compile-time rank keeps the accumulators in registers; ranks that are
-// multiples of 16 use 16-float vectors (one AVX-512 register, two AVX ones).
+// A compile-time rank keeps the accumulators in registers; with AVX-512, ranks
+// that are multiples of 16 use 16-float vectors.
 template <int N, int R, typename V>
 void project_fixed(const float* x, int G, const float* v, double* c) {
   constexpr int L = sizeof(V) / sizeof(float);
@@ -41,7 +48,7 @@ void project_fixed(const float* x, int G, const float* v, double* c) {
 
 template <int R>
 bool project_rank(const float* x, int nrows, int G, const float* v, double* c) {
-  using V = typename std::conditional<R % 16 == 0, vf16, vf8>::type;
+  using V = typename std::conditional<kWide && R % 16 == 0, vf16, vf8>::type;
   switch (nrows) {
     case 1: project_fixed<1, R, V>(x, G, v, c); return true;
     case 2: project_fixed<2, R, V>(x, G, v, c); return true;

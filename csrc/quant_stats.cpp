@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <mutex>
 #include <stdexcept>
 #include <thread>
@@ -20,6 +21,30 @@ constexpr int kMaxGroup = 128;
 constexpr int kLanes = 16;
 constexpr int kLutSize = 32;  // dequantization tables for up to 5-bit codes  // divides every group size; one AVX-512 or two AVX2/NEON x4 registers
 
+
+// y[j] = lut[q[j]] for codes q (integral floats < kLutSize), j < G (a multiple of 16).
+// GCC on AVX-512 turns the two-register shuffle into one permute per 16 values
+// (vpermt2ps); elsewhere the loop is left to the compiler (a gather or loads).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__AVX512F__)
+typedef float lut_vf __attribute__((vector_size(64)));
+typedef int32_t lut_vi __attribute__((vector_size(64)));
+inline void lut_lookup(const float* lut, const float* q, float* y, int G) {
+  static_assert(kLutSize == 32, "two 16-float registers");
+  lut_vf lo, hi;
+  std::memcpy(&lo, lut, sizeof lo);
+  std::memcpy(&hi, lut + 16, sizeof hi);
+  for (int j = 0; j < G; j += 16) {
+    lut_vf qv;
+    std::memcpy(&qv, q + j, sizeof qv);
+    const lut_vf yv = __builtin_shuffle(lo, hi, __builtin_convertvector(qv, lut_vi));
+    std::memcpy(y + j, &yv, sizeof yv);
+  }
+}
+#else
+inline void lut_lookup(const float* lut, const float* q, float* y, int G) {
+  for (int j = 0; j < G; ++j) y[j] = lut[static_cast<int>(q[j])];
+}
+#endif
 
 bool supported_bits(int b) {
   return b == 2 || b == 3 || b == 4 || b == 5 || b == 6 || b == 8;
@@ -209,24 +234,36 @@ void worker(Shared& sh) {
             // with the same dequant(), replaces two float16 roundings per element.
             auto run = [&](auto use_lut) {
               constexpr bool kLut = decltype(use_lut)::value;
-              alignas(64) float lut1[kLutSize], lut0[kLutSize];
+              alignas(64) float lut1[kLutSize] = {}, lut0[kLutSize] = {};
               if constexpr (kLut) {
                 for (int k = 0; k <= static_cast<int>(n_bins); ++k) {
                   lut1[k] = dequant<DT1>(static_cast<float>(k), p1.scale_t, p1.bias_t);
                   lut0[k] = dequant<DTB>(static_cast<float>(k), p0.scale_t, p0.bias_t);
                 }
               }
+              alignas(64) float qa1[kMaxGroup], qa0[kMaxGroup], ya1[kMaxGroup], ya0[kMaxGroup];
+              if constexpr (kLut) {
+                // codes first, then the table lookups as whole vectors
+                for (int j = 0; j < G; ++j) {
+                  qa1[j] = quant_code(a[j], p1.scale, p1.bias, n_bins);
+                  qa0[j] = quant_code(w0[j], p0.scale, p0.bias, n_bins);
+                }
+                lut_lookup(lut1, qa1, ya1, G);
+                lut_lookup(lut0, qa0, ya0, G);
+              }
               for (int j0 = 0; j0 < G; j0 += kLanes) {
                 for (int l = 0; l < kLanes; ++l) {
                   const int j = j0 + l;
-                  const float x1 = a[j], x0 = w0[j], dj = d[j];
-                  const float q1 = quant_code(x1, p1.scale, p1.bias, n_bins);
-                  const float q0 = quant_code(x0, p0.scale, p0.bias, n_bins);
-                  float y1, y0;
+                  const float x1 = a[j], dj = d[j];
+                  float q1, q0, y1, y0;
                   if constexpr (kLut) {
-                    y1 = lut1[static_cast<int>(q1)];
-                    y0 = lut0[static_cast<int>(q0)];
+                    q1 = qa1[j];
+                    q0 = qa0[j];
+                    y1 = ya1[j];
+                    y0 = ya0[j];
                   } else {
+                    q1 = quant_code(x1, p1.scale, p1.bias, n_bins);
+                    q0 = quant_code(w0[j], p0.scale, p0.bias, n_bins);
                     y1 = dequant<DT1>(q1, p1.scale_t, p1.bias_t);
                     y0 = dequant<DTB>(q0, p0.scale_t, p0.bias_t);
                   }
