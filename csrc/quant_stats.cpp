@@ -68,10 +68,18 @@ struct Shared {
   int64_t at_stride = 0;
 };
 
+enum BitSum { kDot = 0, kDq2, kErr2, kChanged, kAgree, kBitSums };
+
 struct Local {
   std::vector<BitsStats> s;
   double w2 = 0, d2 = 0;
   int64_t nonzero_d = 0, nonfinite = 0;
+  // Sums kept per lane across groups, folded once at the end: a vector add per
+  // group instead of a serial 16-term sum. Float lanes widen to double; the
+  // counts are exact in any order.
+  double w2_l[kLanes] = {}, d2_l[kLanes] = {}, nz_l[kLanes] = {};
+  std::vector<double> bits_l;   // bits x kBitSums x kLanes
+  std::vector<float> maxabs_l;  // bits x kLanes
   // per-row projections onto the input basis: bits x rank, and the delta's
   std::vector<double> c_err, c_d;
   // U^T X V for the expert being processed
@@ -103,6 +111,8 @@ void worker(Shared& sh) {
 
   Local lo;
   lo.s.resize(nbits);
+  lo.bits_l.assign(static_cast<size_t>(nbits) * kBitSums * kLanes, 0.0);
+  lo.maxabs_l.assign(static_cast<size_t>(nbits) * kLanes, 0.0f);
   if (SUB) {
     lo.c_err.assign(static_cast<size_t>(nbits) * r, 0.0);
     lo.c_d.assign(r, 0.0);
@@ -147,12 +157,11 @@ void worker(Shared& sh) {
           }
         }
         float nonfinite = 0.0f, mn1 = INFINITY, mx1 = -INFINITY;
-        double w2 = 0.0;
         for (int l = 0; l < kLanes; ++l) {
-          nonfinite += l_nf[l]; w2 += l_w2[l];
+          nonfinite += l_nf[l];
           mn1 = min_f(mn1, l_mn[l]); mx1 = max_f(mx1, l_mx[l]);
         }
-        lo.w2 += w2;
+        for (int l = 0; l < kLanes; ++l) lo.w2_l[l] += l_w2[l];
         float mn0 = 0.0f, mx0 = 0.0f;
         if constexpr (MODE != kNoDelta) {
           if constexpr (MODE == kBase) {
@@ -184,16 +193,16 @@ void worker(Shared& sh) {
               l_mx[l] = max_f(l_mx[l], x0);
             }
           }
-          double d2 = 0.0;
-          float nz = 0.0f;
           mn0 = INFINITY;
           mx0 = -INFINITY;
           for (int l = 0; l < kLanes; ++l) {
-            d2 += l_d2[l]; nz += l_nz[l]; nonfinite += l_nf[l];
+            nonfinite += l_nf[l];
             mn0 = min_f(mn0, l_mn[l]); mx0 = max_f(mx0, l_mx[l]);
           }
-          lo.d2 += d2;
-          lo.nonzero_d += static_cast<int64_t>(nz);
+          for (int l = 0; l < kLanes; ++l) {
+            lo.d2_l[l] += l_d2[l];
+            lo.nz_l[l] += l_nz[l];
+          }
           if constexpr (SUB) {
             const float* v = in.v + (e * cols + g * G) * r;
             project_rows(d, 1, G, v, r, lo.c_d.data());
@@ -286,18 +295,21 @@ void worker(Shared& sh) {
             } else {
               run(std::false_type{});
             }
-            float chg = 0.0f, agree = 0.0f;
+            double* acc = lo.bits_l.data() + static_cast<size_t>(b) * kBitSums * kLanes;
             for (int l = 0; l < kLanes; ++l) {
-              st.dot += l_dot[l]; st.dq2 += l_dq2[l]; st.err2 += l_err2[l];
-              chg += l_chg[l]; agree += l_agree[l];
+              acc[kDot * kLanes + l] += l_dot[l];
+              acc[kDq2 * kLanes + l] += l_dq2[l];
+              acc[kErr2 * kLanes + l] += l_err2[l];
+              acc[kChanged * kLanes + l] += l_chg[l];
+              acc[kAgree * kLanes + l] += l_agree[l];
             }
-            st.changed += static_cast<int64_t>(chg);
-            st.sign_agree += static_cast<int64_t>(agree);
           }
-          float sse = 0.0f, mabs = 0.0f;
-          for (int l = 0; l < kLanes; ++l) { sse += l_sse[l]; mabs = max_f(mabs, l_max[l]); }
+          // the group's own sum (it is kept per group), in lane order as before
+          float sse = 0.0f;
+          for (int l = 0; l < kLanes; ++l) sse += l_sse[l];
           st.sse += sse;
-          st.max_abs = std::max(st.max_abs, static_cast<double>(mabs));
+          float* mabs = lo.maxabs_l.data() + static_cast<size_t>(b) * kLanes;
+          for (int l = 0; l < kLanes; ++l) mabs[l] = max_f(mabs[l], l_max[l]);
           sh.out->steps[static_cast<size_t>(b) * ngroups_total + gidx] = std::fabs(p1.scale_t);
           sh.out->group_sse[static_cast<size_t>(b) * ngroups_total + gidx] = sse;
         }
@@ -324,6 +336,32 @@ void worker(Shared& sh) {
     }
   }
   if (SUB) flush_expert(sh, lo, nbits, r);
+
+  // fold the lanes
+  for (int b = 0; b < nbits; ++b) {
+    BitsStats& st = lo.s[b];
+    const double* acc = lo.bits_l.data() + static_cast<size_t>(b) * kBitSums * kLanes;
+    double chg = 0.0, agree = 0.0;
+    float mabs = 0.0f;
+    for (int l = 0; l < kLanes; ++l) {
+      st.dot += acc[kDot * kLanes + l];
+      st.dq2 += acc[kDq2 * kLanes + l];
+      st.err2 += acc[kErr2 * kLanes + l];
+      chg += acc[kChanged * kLanes + l];
+      agree += acc[kAgree * kLanes + l];
+      mabs = max_f(mabs, lo.maxabs_l[static_cast<size_t>(b) * kLanes + l]);
+    }
+    st.changed = static_cast<int64_t>(chg);
+    st.sign_agree = static_cast<int64_t>(agree);
+    st.max_abs = mabs;
+  }
+  double nz = 0.0;
+  for (int l = 0; l < kLanes; ++l) {
+    lo.w2 += lo.w2_l[l];
+    lo.d2 += lo.d2_l[l];
+    nz += lo.nz_l[l];
+  }
+  lo.nonzero_d = static_cast<int64_t>(nz);
 
   std::lock_guard<std::mutex> lock(sh.mu);
   AnalyzeOutput& out = *sh.out;
