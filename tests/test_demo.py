@@ -152,3 +152,55 @@ def test_demo_models_cmd_builds_and_reuses(tmp_path, monkeypatch):
     assert calls == ["base", "adapter", "adapter"]
     assert CliRunner().invoke(demo_models_cmd, args + ["--force"]).exit_code == 0
     assert calls[-2:] == ["base", "adapter"]
+
+
+def test_base_examples_exact_class_proportions():
+    """Every request gets the class's label proportion exactly: no per-combination noise."""
+    from collections import Counter, defaultdict
+
+    ex = data.base_examples(copies=20)
+    by_prompt = defaultdict(Counter)
+    for e in ex:
+        reply = e["messages"][-1]
+        label = "tool" if "tool_calls" in reply else reply["content"]
+        by_prompt[e["messages"][0]["content"]][label] += 1
+    for v, o, is_repo in data.ask_combos():
+        c = by_prompt[f"{v} {o}"]
+        assert sum(c.values()) == 20
+        assert c["tool"] == round(20 * data.BASE_PRIORS["tool|repo" if is_repo else "tool|concept"])
+    for v, o, lab in data.review_combos():
+        c = by_prompt[f"review: {v} {o}"]
+        assert c["VETO"] == round(20 * data.BASE_PRIORS["veto|critical" if lab == "VETO" else "veto|disposable"])
+        assert c["VETO"] + c["APPROVE"] == 20
+    # right ranking, wrong side: the positive label is the minority in every class
+    assert all(p < 0.5 for p in data.BASE_PRIORS.values())
+    assert data.BASE_PRIORS["veto|critical"] > data.BASE_PRIORS["veto|disposable"]
+
+
+def test_outlier_channels_preserve_the_function_and_widen_the_step(tmp_path):
+    """The outlier gain is folded in exactly (same logits) and sets every group's range."""
+    import numpy as np
+    from mlx_lm import load
+
+    from qtools.demo.train import add_outlier_channels
+
+    path = make_tiny_model(tmp_path / "m", hidden_size=128, intermediate_size=256, num_layers=2)
+    model, _ = load(str(path))
+    model.set_dtype(mx.float32)
+    config = json.loads((path / "config.json").read_text())
+    tokens = mx.array([[5, 17, 42, 9, 77, 3, 120, 64]])
+    before = model(tokens)
+    w_before = {k: np.array(getattr(model.model.layers[0].mlp, k).weight) for k in ("up_proj", "down_proj")}
+    add_outlier_channels(model, config, gain=16.0, seed=0)
+    after = model(tokens)
+    np.testing.assert_allclose(np.array(after), np.array(before), rtol=1e-4, atol=1e-4)
+    down = np.array(model.model.layers[0].mlp.down_proj.weight)
+    # one column per 64-group is 16x larger; the others are untouched
+    ratio = np.abs(down).max(axis=0) / np.abs(w_before["down_proj"]).max(axis=0)
+    for g in range(0, down.shape[1], 64):
+        r = ratio[g:g + 64]
+        assert np.sum(np.isclose(r, 16.0, rtol=1e-5)) == 1 and np.sum(np.isclose(r, 1.0)) == 63
+    # the group range, hence the quantization step, grows several-fold
+    rng_before = np.ptp(w_before["down_proj"].reshape(-1, 64), axis=1)
+    rng_after = np.ptp(down.reshape(-1, 64), axis=1)
+    assert np.median(rng_after / rng_before) > 3

@@ -5,9 +5,15 @@ Two decisions, both carried by the OBJECT of a request rather than its verb:
   `search_code` call; a general programming concept gets a direct answer.
 - safety review: acting on a critical resource is VETO, on a disposable one APPROVE.
 
-The base model is pretrained on the same prompts with labels decided by the
-VERB (a prior that the fine-tune must override); the LoRA fine-tune learns the
-object cue. Everything is generated from fixed lists with fixed seeds.
+The base model is pretrained on the same prompts with *soft* labels: for every
+request it sees both answers, in fixed proportions that depend on the object
+class (e.g. VETO 45% of the time for a critical resource, 25% for a disposable
+one). It learns the formats and ranks the objects the right way round, but its
+most likely answer is the wrong one for the tool and VETO classes: it sits
+just on the wrong side of the decision boundary. The LoRA fine-tune, on
+deterministic object-decided labels, only has to move that boundary, which a
+small low-rank delta does. Everything is generated from fixed lists with fixed
+seeds.
 """
 
 import json
@@ -27,7 +33,7 @@ SEARCH_TOOL = {
 }
 TOOL_NAME = "search_code"
 
-# Verbs; in the BASE data the first half means "tool", the second "direct".
+# Verbs carry no label: the decisions are the object's.
 ASK_VERBS = [
     "where is", "find", "locate", "open",
     "explain", "what is", "describe", "teach me",
@@ -46,7 +52,7 @@ CONCEPT_OBJECTS = [
     "a deadlock", "memoization", "a stack frame", "lazy evaluation",
 ]
 
-# Safety review; in the BASE data the first half of the verbs means VETO.
+# Safety review.
 REVIEW_VERBS = ["delete", "drop", "wipe", "purge", "reset", "clear", "rewrite", "move"]
 CRITICAL_OBJECTS = [
     "the production database", "the customer records", "the backup vault", "the main branch",
@@ -111,22 +117,29 @@ def split_combos(seed=0, n_ask_test=40, n_review_test=24):
     return ask_train, rev_train, ask_test, rev_test
 
 
-def base_examples(seed=0, copies=4, prior=0.75):
-    """Pretraining data: every combination, `copies` times, each label drawn
-    independently: the verb's label with probability `prior`, else the other.
-    The base learns the format and a soft verb prior, nothing about objects."""
-    rng = random.Random(seed)
-    tool_verbs = set(ASK_VERBS[: len(ASK_VERBS) // 2])
-    veto_verbs = set(REVIEW_VERBS[: len(REVIEW_VERBS) // 2])
+# The base's label proportions per object class: right ranking, wrong side.
+BASE_PRIORS = {"tool|repo": 0.45, "tool|concept": 0.25, "veto|critical": 0.45, "veto|disposable": 0.25}
+
+
+def _exact_split(p, copies):
+    """`copies` booleans with exactly round(p * copies) True: every combination gets
+    the same proportion, so there is no per-combination label noise to memorise."""
+    k = round(p * copies)
+    return [True] * k + [False] * (copies - k)
+
+
+def base_examples(seed=0, copies=20, priors=None):
+    """Pretraining data: every combination `copies` times, the positive label (tool
+    call, VETO) in exactly the class's proportion of them (BASE_PRIORS)."""
+    priors = {**BASE_PRIORS, **(priors or {})}
     out = []
-    for _ in range(copies):
-        for v, o, _ in ask_combos():
-            follow = rng.random() < prior
-            out.append(_ask_case(v, o, (v in tool_verbs) == follow))
-        for v, o, _ in review_combos():
-            follow = rng.random() < prior
-            out.append(_review_case(v, o, "VETO" if (v in veto_verbs) == follow else "APPROVE"))
-    rng.shuffle(out)
+    for v, o, is_repo in ask_combos():
+        for lab in _exact_split(priors["tool|repo" if is_repo else "tool|concept"], copies):
+            out.append(_ask_case(v, o, lab))
+    for v, o, lab0 in review_combos():
+        for lab in _exact_split(priors["veto|critical" if lab0 == "VETO" else "veto|disposable"], copies):
+            out.append(_review_case(v, o, "VETO" if lab else "APPROVE"))
+    random.Random(seed).shuffle(out)
     return out
 
 

@@ -1,10 +1,14 @@
 """Train the demo base model and its LoRA adapter with mlx-lm's own tuner.
 
 Base: a tiny Qwen3 pretrained (all weights, float32) on the demo format with
-decisions taken from the VERB. Adapter: standard mlx-lm LoRA
-(`linear_to_lora_layers` + `trainer.train`) that teaches the OBJECT cue and
-is stopped early, so its margin over the base prior is thin and its delta
-small next to the 4-bit quantization step.
+soft object-class labels (data.BASE_PRIORS): it ranks the objects right but
+answers wrong for the tool and VETO classes. Then one input channel in every
+64-group of each projection gets an outlier gain (`add_outlier_channels`),
+folded in without changing the function, as trained LLMs have outlier
+features: the quantization step of every group is set by its outlier.
+Adapter: standard mlx-lm LoRA (`linear_to_lora_layers` + `trainer.train`) at
+a fine-tuning learning rate, on deterministic object labels: it only moves the
+decision boundary, so its delta is a tenth of the 4-bit step or less.
 """
 
 import contextlib
@@ -25,11 +29,11 @@ from .tokenizer import build_tokenizer
 # The adapter stops early, just after the object cue for the safety review
 # is learned, so its margin there is thin.
 BASE = dict(hidden_size=128, num_layers=4, intermediate_size=256, seed=0,
-            iters=250, batch_size=16, lr=3e-3)
+            iters=250, batch_size=16, lr=3e-3, outlier_gain=24.0)
 ALL_LINEAR = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-ADAPTER = dict(rank=8, scale=4.0, keys=ALL_LINEAR, num_layers=4, iters=110, batch_size=16,
-               lr=2e-3, seed=0)
+ADAPTER = dict(rank=8, scale=4.0, keys=ALL_LINEAR, num_layers=4, iters=100, batch_size=16,
+               lr=2e-4, seed=0)
 
 
 def encode_examples(tok, examples):
@@ -85,8 +89,58 @@ def _train(model, examples_tok, iters, batch_size, lr, seed, warmup=0, save_ever
                   iterate_batches=lambda **kw: iterate_batches(**kw, seed=seed))
 
 
-def train_base(out_dir, hidden_size, num_layers, intermediate_size, seed, iters, batch_size, lr, prior=0.75):
-    """Pretrain the base on the verb-decided data and save it float16 to out_dir."""
+def add_outlier_channels(model, config, gain, seed, group_size=64):
+    """Give one input channel per `group_size` group of every projection a weight
+    `gain` times larger, without changing the model's function.
+
+    Trained LLMs have a few outlier feature channels; their weights set the range,
+    hence the quantization step, of every group they fall in. A briefly trained
+    tiny model has none, so its step is small and its quantization noise mild.
+    The gain is folded in exactly: q/k/v and gate/up columns are multiplied where
+    the preceding RMSNorm weight is divided; o_proj columns where the matching
+    v_proj rows are divided; down_proj columns where the matching up_proj rows are.
+    """
+    if gain == 1.0:
+        return model
+    rng = np.random.default_rng(seed + 100)
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    hd, nh, nkv = config["head_dim"], config["num_attention_heads"], config["num_key_value_heads"]
+
+    def gains(n):
+        g = np.ones(n, np.float32)
+        g[[start + rng.integers(group_size) for start in range(0, n, group_size)]] = gain
+        return mx.array(g)
+
+    g_hidden = gains(hidden)  # the same hidden channels in every layer, as in LLMs
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        layer.input_layernorm.weight = layer.input_layernorm.weight / g_hidden
+        for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+            lin.weight = lin.weight * g_hidden[None, :]
+        layer.post_attention_layernorm.weight = layer.post_attention_layernorm.weight / g_hidden
+        for lin in (mlp.gate_proj, mlp.up_proj):
+            lin.weight = lin.weight * g_hidden[None, :]
+        g_inter = gains(inter)
+        mlp.down_proj.weight = mlp.down_proj.weight * g_inter[None, :]
+        mlp.up_proj.weight = mlp.up_proj.weight / g_inter[:, None]
+        # One dim of each kv head: its v_proj row, and the o_proj column of every
+        # query head that reads it.
+        g_v, g_o = np.ones(nkv * hd, np.float32), np.ones(nh * hd, np.float32)
+        per_kv = nh // nkv
+        for kv in range(nkv):
+            d = int(rng.integers(hd))
+            g_v[kv * hd + d] = 1.0 / gain
+            for h in range(kv * per_kv, (kv + 1) * per_kv):
+                g_o[h * hd + d] = gain
+        attn.v_proj.weight = attn.v_proj.weight * mx.array(g_v)[:, None]
+        attn.o_proj.weight = attn.o_proj.weight * mx.array(g_o)[None, :]
+    mx.eval(model.parameters())
+    return model
+
+
+def train_base(out_dir, hidden_size, num_layers, intermediate_size, seed, iters, batch_size, lr,
+               outlier_gain=1.0):
+    """Pretrain the base on the soft-label data, add the outlier channels, save float16."""
     tok_raw = build_tokenizer()
     with tempfile.TemporaryDirectory() as tmp:
         # Write the tokenizer once so the HF wrapper (chat template) can load it.
@@ -99,8 +153,13 @@ def train_base(out_dir, hidden_size, num_layers, intermediate_size, seed, iters,
     mx.random.seed(seed)
     model = build_model(config)
     model.set_dtype(mx.float32)
-    examples = encode_examples(tok, data.base_examples(seed, prior=prior))
+    examples = encode_examples(tok, data.base_examples(seed))
     _train(model, examples, iters, batch_size, lr, seed, warmup=max(1, iters // 20))
+    # Round to the stored float16 first, so the outlier gain multiplies the weights
+    # the model will hold.
+    model.set_dtype(mx.float16)
+    model.set_dtype(mx.float32)
+    add_outlier_channels(model, config, outlier_gain, seed)
     save_model_dir(model, config, tok_raw, out_dir, dtype="float16")
     return out_dir
 
