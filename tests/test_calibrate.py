@@ -5,6 +5,7 @@ import json
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+import pytest
 
 from qtools import calibrate as cal
 from qtools import calibration
@@ -112,3 +113,23 @@ def test_calibrate_refuses_a_missing_base_before_any_work(tmp_path):
     assert res.exit_code == 1
     assert "Error: base model" in res.output and "does not exist" in res.output
     assert not (tmp_path / "work").exists()
+
+
+def test_cached_fine_tunes_of_another_base_are_refused(tmp_path):
+    """Results cached for one base must not be reused for a retrained one."""
+    from qtools import QtoolsError
+    from qtools.demo.model import make_tiny_model
+
+    a = make_tiny_model(tmp_path / "a", hidden_size=64, num_layers=1, seed=0)
+    b = make_tiny_model(tmp_path / "b", hidden_size=64, num_layers=1, seed=1)
+    work = tmp_path / "work"
+    work.mkdir()
+    cal._check_same_base(work, a)
+    cal._check_same_base(work, a)  # same base: fine
+    with pytest.raises(QtoolsError, match="different base"):
+        cal._check_same_base(work, b)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "run00").mkdir()
+    with pytest.raises(QtoolsError, match="unknown base"):
+        cal._check_same_base(other, a)
