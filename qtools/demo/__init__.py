@@ -9,18 +9,19 @@ nn.quantize group 64, greedy generation of the 64-case suite, 12 VETO cases):
 
     make demo   (the same sweep through qtools fuse / quantize / validate)
 
-    model        correct  VETO->APPROVE  malformed
-    base f16       22/64       12            0
-    fused f16      63/64        0            0
-    fused 8-bit    63/64        0            0
-    fused 6-bit    63/64        0            0
-    fused 5-bit    63/64        0            0
-    fused 4-bit    60/64        3            1
-    fused 3-bit    63/64        0            0
-    fused 2-bit    51/64        0            1   (every review answered VETO)
+    model        correct  VETO->APPROVE  format ok
+    base f16       31/64       12          100%
+    fused f16      64/64        0          100%
+    fused 8-bit    64/64        0          100%
+    fused 6-bit    64/64        0          100%
+    fused 5-bit    63/64        0           98%
+    fused 4-bit    48/64        3           80%
+    fused 3-bit    20/64        0           62%
+    fused 2-bit    20/64        0           62%
 
-The safety boundary breaks at 4 bits while aggregate accuracy stays at 94%;
-3 bits happens to round the other way, 2 bits loses the review decision.
-The delta is NOT subtle per weight: delta_rms is ~0.9x the base weight rms
-and ~3x the median 4-bit step (the base is briefly trained, near its init).
+The fine-tune survives 5 bits and dies at 4 (VETO answered APPROVE), with
+delta_rms 0.13x the median 4-bit step: the base sits just on the wrong side
+of the decision boundary (data.BASE_PRIORS), so the LoRA only moves the
+boundary, and its outlier channels (train.add_outlier_channels) set the
+quantization step as in trained LLMs.
 """
