@@ -28,20 +28,30 @@ template <int N, int R, typename V>
 void project_fixed(const float* x, int G, const float* v, double* c) {
   constexpr int L = sizeof(V) / sizeof(float);
   constexpr int W = R / L;
-  V acc[N][W];
-  for (int b = 0; b < N; ++b)
-    for (int q = 0; q < W; ++q) acc[b][q] = V{};
-  for (int j = 0; j < G; ++j) {
-    V vj[W];
-    std::memcpy(vj, v + static_cast<int64_t>(j) * R, sizeof vj);
-    for (int b = 0; b < N; ++b) {
-      const float xb = x[b * G + j];
-      for (int q = 0; q < W; ++q) acc[b][q] += xb * vj[q];
+  // Independent accumulator sets over j, so that at least 8 chains of
+  // multiply-adds are in flight (one row alone would wait on each add's latency).
+  constexpr int S = N * W >= 8 ? 1 : (N * W >= 4 ? 2 : (N * W >= 2 ? 4 : 8));  // divides every G
+  V acc[S][N][W];
+  for (int p = 0; p < S; ++p)
+    for (int b = 0; b < N; ++b)
+      for (int q = 0; q < W; ++q) acc[p][b][q] = V{};
+  for (int j0 = 0; j0 < G; j0 += S) {
+    for (int p = 0; p < S; ++p) {
+      const int j = j0 + p;
+      V vj[W];
+      std::memcpy(vj, v + static_cast<int64_t>(j) * R, sizeof vj);
+      for (int b = 0; b < N; ++b) {
+        const float xb = x[b * G + j];
+        for (int q = 0; q < W; ++q) acc[p][b][q] += xb * vj[q];
+      }
     }
   }
+  for (int p = 1; p < S; ++p)
+    for (int b = 0; b < N; ++b)
+      for (int q = 0; q < W; ++q) acc[0][b][q] += acc[p][b][q];
   for (int b = 0; b < N; ++b) {
     float out[R];
-    std::memcpy(out, acc[b], sizeof out);
+    std::memcpy(out, acc[0][b], sizeof out);
     for (int k = 0; k < R; ++k) c[b * R + k] += out[k];
   }
 }

@@ -168,12 +168,18 @@ void worker(Shared& sh) {
             for (int j = 0; j < G; ++j) w0[j] = load_as_float<DT0>(in.w0, base + j);
           } else {
             // W0 = W1 - scale * B^T A^T, rounded to the fused dtype as the base was stored.
-            for (int j = 0; j < G; ++j) d[j] = 0.0f;
+            // kLanes columns at a time, so the partial sums stay in registers over k
             const float* brow = in.bt + i * r;
-            for (int k = 0; k < r; ++k) {
-              const float bk = brow[k];
-              const float* arow = sh.at + (e * r + k) * sh.at_stride + g * G;
-              for (int j = 0; j < G; ++j) d[j] += bk * arow[j];
+            const float* acol = sh.at + e * r * sh.at_stride + g * G;
+            for (int j0 = 0; j0 < G; j0 += kLanes) {
+              float l_d[kLanes];
+              for (int l = 0; l < kLanes; ++l) l_d[l] = 0.0f;
+              for (int k = 0; k < r; ++k) {
+                const float bk = brow[k];
+                const float* arow = acol + k * sh.at_stride + j0;
+                for (int l = 0; l < kLanes; ++l) l_d[l] += bk * arow[l];
+              }
+              for (int l = 0; l < kLanes; ++l) d[j0 + l] = l_d[l];
             }
             for (int j = 0; j < G; ++j) w0[j] = round_to<DT1>(a[j] - d[j]);
           }
