@@ -1,12 +1,18 @@
-"""Survival-aware mixed precision: raise only the layers whose delta dies at BITS.
+"""Survival-aware mixed precision: raise only what the fine-tune needs raised.
 
 delta-survival is run on the float model for every supported bit-width >= BITS.
-A tensor stays at BITS when its own statistic clears the report's threshold rule
-(`by_bits[b][rule["statistic"]] >= rule["min"]`, the rule delta-survival predicts
-with); otherwise it gets the next bit-width where it does clear it, 8 at most.
-Tensors the fine-tune does not touch (no delta) stay at BITS. The result is a
-`layer_bits` map for qtools.quantize, written through mlx-lm's per-layer
-quantization config so `mlx_lm.load` loads the model as usual.
+Its threshold rule (the calibrated one) judges the *model*: the statistic,
+|D|^2-weighted over the tensors (or the weakest layer's value), must clear
+`rule["min"]`. The plan starts with every tensor at BITS; while the model's
+value, computed at each tensor's assigned bit-width, is below the threshold, it
+raises the one tensor whose next bit-width buys the most of that value per
+extra stored bit (codes plus scales and biases). So the tensors where the
+delta dies first, and that carry most of it, go up first, and only as far as
+the whole fine-tune needs. A model that cannot clear the threshold even at 8
+bits gets every delta tensor at 8 and is flagged (survives False). Tensors the
+fine-tune does not touch stay at BITS. The result is a `layer_bits` map for
+qtools.quantize, written through mlx-lm's per-layer quantization config so
+`mlx_lm.load` loads the model as usual.
 """
 
 from __future__ import annotations
@@ -20,19 +26,38 @@ def _module_path(tensor_name: str) -> str:
     return tensor_name[: -len(".weight")] if tensor_name.endswith(".weight") else tensor_name
 
 
-def _survives(stats: dict | None, rule: dict) -> bool | None:
-    if not stats:
-        return None
-    v = stats.get(rule["statistic"])
-    return None if v is None else v >= rule["min"]
+def _n_elements(t: dict) -> int:
+    n = 1
+    for d in t.get("shape") or [1]:
+        n *= int(d)
+    return n
+
+
+def _rule_value(tensors: list[dict], assigned: dict, stat: str, aggregate: str) -> float:
+    """The rule's statistic for the model at the assigned bit-widths: weighted by |D|^2
+    over all tensors, or the smallest of the per-layer weighted values."""
+    groups: dict = {}
+    for t in tensors:
+        if aggregate == "weakest_layer" and t["layer"] is None:
+            continue  # embeddings and lm_head belong to no layer, as in delta-survival's layers
+        groups.setdefault(t["layer"] if aggregate == "weakest_layer" else None, []).append(t)
+    if not groups:
+        groups = {None: tensors}
+    values = []
+    for members in groups.values():
+        wsum = sum(t["w"] for t in members)
+        values.append(sum(t["w"] * t["stat"][assigned[t["name"]]] for t in members) / wsum)
+    return min(values)
 
 
 def plan_from_report(report: dict, bits: int) -> dict:
-    """{layer_bits, raised, rule} from a delta-survival report, for base bit-width `bits`.
+    """{layer_bits, raised, rule, value, value_before} from a delta-survival report, for base bit-width `bits`.
 
     raised: one entry per raised tensor, {layer, bits, statistic, value_at_bits, survives}
-    (survives False: it dies even at 8 bits, and is kept at 8).
+    (survives False: the model does not clear the rule even with every delta tensor at 8 bits).
     """
+    from .survival import bits_per_weight
+
     if bits not in SUPPORTED_BITS:
         raise QtoolsError(f"bits={bits} is not supported: use one of {' '.join(map(str, SUPPORTED_BITS))}")
     if not isinstance(report, dict) or "tensors" not in report:
@@ -43,23 +68,51 @@ def plan_from_report(report: dict, bits: int) -> dict:
     have = sorted(int(b) for b in report.get("bits", []))
     if bits not in have:
         raise QtoolsError(f"the delta-survival report has no statistics at {bits} bits (it has {have})")
-    higher = [b for b in have if b > bits]
-    stat = rule["statistic"]
-    layer_bits, raised = {}, []
+    widths = [b for b in have if b >= bits]
+    stat, aggregate = rule["statistic"], rule.get("aggregate", "weighted")
+    group_size = int(report.get("group_size", 64))
+    tensors = []
     for t in report["tensors"]:
         by_bits = t.get("by_bits", {})
-        if _survives(by_bits.get(str(bits)), rule) is not False:
-            continue  # survives, or no delta in this tensor
-        new, ok = MAX_BITS, False
-        for b in higher:
-            if _survives(by_bits.get(str(b)), rule):
-                new, ok = b, True
-                break
+        vals = {b: (by_bits.get(str(b)) or {}).get(stat) for b in widths}
+        if any(v is None for v in vals.values()):
+            continue  # no delta in this tensor: it stays at BITS
+        delta_rms = (by_bits[str(bits)] or {}).get("delta_rms", 1.0)
+        n = _n_elements(t)
+        tensors.append({"name": t["name"], "layer": t.get("layer"), "n": n,
+                        "w": (delta_rms ** 2) * n or 1e-30, "stat": vals})
+    assigned = {t["name"]: bits for t in tensors}
+    raised_ok = True
+    value_before = value = _rule_value(tensors, assigned, stat, aggregate) if tensors else None
+    while tensors and value < rule["min"]:
+        best = None
+        for t in tensors:
+            cur = assigned[t["name"]]
+            nxt = next((b for b in widths if b > cur), None)
+            if nxt is None:
+                continue
+            trial = {**assigned, t["name"]: nxt}
+            gain = _rule_value(tensors, trial, stat, aggregate) - value
+            cost = t["n"] * (bits_per_weight(nxt, group_size) - bits_per_weight(cur, group_size))
+            key = gain / cost
+            if best is None or key > best[0]:
+                best = (key, t["name"], nxt)
+        if best is None:  # everything at the top and still short
+            raised_ok = False
+            break
+        assigned[best[1]] = best[2]
+        value = _rule_value(tensors, assigned, stat, aggregate)
+    layer_bits, raised = {}, []
+    for t in tensors:
+        b = assigned[t["name"]]
+        if b == bits:
+            continue
         path = _module_path(t["name"])
-        layer_bits[path] = new
-        raised.append({"layer": path, "bits": new, "statistic": stat,
-                       "value_at_bits": by_bits[str(bits)].get(stat), "survives": ok})
-    return {"layer_bits": layer_bits, "raised": raised, "rule": rule, "base_bits": bits}
+        layer_bits[path] = b
+        raised.append({"layer": path, "bits": b, "statistic": stat, "value_at_bits": t["stat"][bits],
+                       "survives": raised_ok})
+    return {"layer_bits": layer_bits, "raised": raised, "rule": rule, "base_bits": bits,
+            "value_before": value_before, "value": value, "survives": raised_ok}
 
 
 def survival_plan(model, bits: int, group_size: int = 64, adapter=None, base=None, progress: bool = False) -> dict:

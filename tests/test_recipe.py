@@ -13,30 +13,80 @@ from qtools.demo.model import make_tiny_adapter, make_tiny_model
 RULE = {"statistic": "subspace_snr", "min": 1.0}
 
 
-def tensor(name, **by_bits):
-    return {"name": name + ".weight", "by_bits": {b[1:]: ({"subspace_snr": v} if v is not None else {})
-                                                  for b, v in by_bits.items()}}
+def tensor(name, shape=(64, 64), delta_rms=1.0, layer=None, **by_bits):
+    return {"name": name + ".weight", "shape": list(shape), "layer": layer,
+            "by_bits": {b[1:]: ({"subspace_snr": v, "delta_rms": delta_rms} if v is not None else {})
+                        for b, v in by_bits.items()}}
 
 
 def report(tensors, bits=(3, 4, 5, 6, 8), rule=RULE):
-    return {"bits": list(bits), "threshold": rule, "tensors": tensors}
+    return {"bits": list(bits), "threshold": rule, "tensors": tensors, "group_size": 64}
 
 
-def test_plan_raises_exactly_the_failing_tensors():
+def weighted(rep, assigned):
+    """The model's rule value at the assigned bits, written out: |D|^2-weighted mean."""
+    num = den = 0.0
+    for t in rep["tensors"]:
+        b = assigned.get(t["name"][:-len(".weight")], 3)
+        st = t["by_bits"][str(b)]
+        if not st:
+            continue
+        w = st["delta_rms"] ** 2 * t["shape"][0] * t["shape"][1]
+        num, den = num + w * st["subspace_snr"], den + w
+    return num / den
+
+
+def test_plan_raises_the_best_buy_first_and_stops_when_the_model_survives():
     rep = report([
-        tensor("a", b3=2.0, b4=5.0, b5=9.0, b6=20.0, b8=90.0),   # survives at 3
-        tensor("b", b3=0.5, b4=0.9, b5=1.0, b6=4.0, b8=50.0),    # first survives at 5 (>= min)
-        tensor("c", b3=0.1, b4=0.2, b5=0.3, b6=0.4, b8=0.5),     # dies everywhere: 8, flagged
-        tensor("d", b3=None, b4=None, b5=None, b6=None, b8=None),  # no delta: stays
-        tensor("e", b3=0.99, b4=3.0, b5=5.0, b6=9.0, b8=9.0),    # just below: 4
+        tensor("a", b3=0.2, b4=1.8, b5=3.0, b6=4.0, b8=9.0),
+        tensor("b", b3=0.6, b4=0.8, b5=1.0, b6=2.0, b8=9.0),
+        tensor("c", b3=None, b4=None, b5=None, b6=None, b8=None),  # no delta: stays
     ])
     plan = R.plan_from_report(rep, 3)
-    assert plan["layer_bits"] == {"b": 5, "c": 8, "e": 4}
-    assert [(r["layer"], r["survives"]) for r in plan["raised"]] == [("b", True), ("c", False), ("e", True)]
-    assert plan["raised"][0]["value_at_bits"] == 0.5
-    # At 4 bits only b (0.9) and c fail; e survives there.
-    assert R.plan_from_report(rep, 4)["layer_bits"] == {"b": 5, "c": 8}
-    assert R.plan_from_report(rep, 8)["layer_bits"] == {"c": 8}
+    # model value at 3 bits: 0.4; raising a to 4 gains 0.8 for the same cost as b's 0.1
+    assert plan["value_before"] == pytest.approx(0.4)
+    assert plan["layer_bits"] == {"a": 4}
+    assert plan["value"] == pytest.approx(1.2) == pytest.approx(weighted(rep, plan["layer_bits"]))
+    assert plan["survives"] and plan["raised"][0]["value_at_bits"] == 0.2
+    # already surviving at 5: nothing raised
+    assert R.plan_from_report(rep, 5)["layer_bits"] == {}
+
+
+def test_plan_is_minimal_and_weighs_by_size_and_delta():
+    rep = report([
+        tensor("big", shape=(256, 64), delta_rms=1.0, b3=0.3, b4=0.7, b5=1.5, b6=3.0, b8=9.0),
+        tensor("small", shape=(64, 64), delta_rms=1.0, b3=0.1, b4=0.5, b5=1.2, b6=2.0, b8=9.0),
+        tensor("weak", shape=(64, 64), delta_rms=0.1, b3=0.01, b4=0.02, b5=0.05, b6=0.1, b8=0.2),
+    ])
+    plan = R.plan_from_report(rep, 3)
+    lb = plan["layer_bits"]
+    assert plan["survives"] and weighted(rep, lb) >= 1.0
+    # a tensor with a hundredth of the delta energy is not worth raising
+    assert "weak" not in lb
+    # minimal: lowering any raised tensor one step breaks survival
+    widths = [3, 4, 5, 6, 8]
+    for name, b in lb.items():
+        lower = {**lb, name: widths[widths.index(b) - 1]}
+        assert weighted(rep, lower) < 1.0, (name, lower)
+
+
+def test_plan_flags_a_fine_tune_that_dies_even_at_8_bits():
+    rep = report([tensor("a", b3=0.1, b4=0.2, b5=0.3, b6=0.4, b8=0.5),
+                  tensor("b", b3=0.1, b4=0.2, b5=0.3, b6=0.4, b8=0.5)])
+    plan = R.plan_from_report(rep, 4)
+    assert plan["layer_bits"] == {"a": 8, "b": 8} and not plan["survives"]
+    assert [r["survives"] for r in plan["raised"]] == [False, False]
+
+
+def test_plan_weakest_layer_rule_raises_only_the_weak_layer():
+    rule = {"statistic": "subspace_snr", "aggregate": "weakest_layer", "min": 1.0}
+    rep = report([
+        tensor("model.layers.0.q", layer=0, b3=2.0, b4=3.0, b5=4.0, b6=5.0, b8=9.0),
+        tensor("model.layers.1.q", layer=1, b3=0.5, b4=1.1, b5=2.0, b6=3.0, b8=9.0),
+        tensor("model.embed_tokens", layer=None, b3=0.1, b4=0.2, b5=0.3, b6=0.4, b8=0.5),
+    ], rule=rule)
+    plan = R.plan_from_report(rep, 3)
+    assert plan["layer_bits"] == {"model.layers.1.q": 4} and plan["survives"]
 
 
 def test_plan_uses_the_reports_rule():
@@ -76,8 +126,11 @@ def test_survival_recipe_matches_delta_survival_and_loads(fused, tmp_path):
     from qtools.survival import delta_survival
 
     rep = delta_survival(fused, bits=[2, 3, 4, 5, 6, 8], progress=False)
-    want = R.plan_from_report(rep, 2)["layer_bits"]
+    plan = R.plan_from_report(rep, 2)
+    want = plan["layer_bits"]
     assert want, "the tiny fine-tune should die somewhere at 2 bits"
+    # the planner's model value at uniform bits is delta-survival's own summary
+    assert plan["value_before"] == pytest.approx(rep["summary"]["2"][rep["threshold"]["statistic"]], rel=1e-9)
     out = tmp_path / "surv2"
     r = quantize("--model", fused, "--bits", 2, "--recipe", "survival", "--out", out, "--json")
     assert r.exit_code == 0, r.output
@@ -101,7 +154,7 @@ def test_survival_recipe_with_synthetic_plan_loads(fused, tmp_path, monkeypatch)
     import qtools.survival as S
 
     monkeypatch.setattr(S, "delta_survival", lambda *a, **k: report(
-        [tensor(layer, b4=0.1, b5=0.2, b6=2.0, b8=3.0), tensor("model.layers.1.self_attn.q_proj", b4=3, b5=3, b6=3, b8=3)],
+        [tensor(layer, b4=0.1, b5=0.2, b6=2.0, b8=3.0), tensor("model.layers.1.self_attn.q_proj", b4=1.4, b5=1.45, b6=1.5, b8=1.6)],
         bits=(4, 5, 6, 8)))
     out = tmp_path / "surv4"
     r = quantize("--model", fused, "--bits", 4, "--recipe", "survival", "--out", out)

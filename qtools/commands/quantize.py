@@ -49,12 +49,17 @@ def quantize_cmd(model, bits, group_size, recipe, layer_bits_file, out, force, a
     if recipe == "survival":
         raised = report["raised_layers"]
         rule = report["survival_rule"]
+        agg = rule.get("aggregate", "weighted").replace("_", " ")
         click.echo(f"survival recipe: {len(raised)} of {report['analysed_tensors']} tensors raised above "
-                   f"{bits} bits ({rule['statistic']} >= {rule['min']:g} rule)")
+                   f"{bits} bits (rule: {rule['statistic']} ({agg}) >= {rule['min']:.4g})")
+        before, after = report["survival_value_before"], report["survival_value"]
+        if before is not None:
+            verdict = "survives" if report["survival_plan_survives"] else "still below the rule even at 8 bits"
+            click.echo(f"  model {rule['statistic']}: {before:.4g} at uniform {bits} bits -> {after:.4g} "
+                       f"with these raised ({verdict})")
         for r in raised:
             value = "-" if r["value_at_bits"] is None else f"{r['value_at_bits']:.3g}"
-            note = "" if r["survives"] else " (dies even there)"
-            click.echo(f"  {r['layer']}: {bits} -> {r['bits']} bits ({rule['statistic']} {value} at {bits}){note}")
+            click.echo(f"  {r['layer']}: {bits} -> {r['bits']} bits ({rule['statistic']} {value} at {bits})")
     ratio = report["disk_bytes"] / report["source_disk_bytes"] if report["source_disk_bytes"] else 0
     click.echo(
         f"quantized {report['source']} -> {report['out']} "
