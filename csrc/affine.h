@@ -119,7 +119,8 @@ template <int DT>
 inline GroupParams group_params(float w_min, float w_max, float n_bins) {
   const float eps = 1e-7f;
   bool mask = std::fabs(w_min) > std::fabs(w_max);
-  float scale = std::fmax((w_max - w_min) / n_bins, eps);
+  float scale = (w_max - w_min) / n_bins;
+  scale = scale > eps ? scale : eps;  // std::fmax, NaN included, without a libm call
   scale = mask ? scale : -scale;
   float edge = mask ? w_min : w_max;
   float q0 = std::rint(edge / scale);
