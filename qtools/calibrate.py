@@ -211,7 +211,7 @@ def _run_one(args) -> list[dict]:
     from .demo.train import ADAPTER, train_adapter
     from .fuse import fuse
     from .suite import load_suite
-    from .survival import delta_survival
+    from .survival import delta_survival, reaggregate
 
     i, run, base_dir, suite_path, work, bits_list, group_size, min_accuracy = args
     log = sys.stderr
@@ -229,8 +229,10 @@ def _run_one(args) -> list[dict]:
     results = []
     for ft_id, cfg, adapter in expand_run(run_dir, run):
         cached = adapter / "result.json"
-        if cached.exists():
-            res = json.loads(cached.read_text())
+        res = json.loads(cached.read_text()) if cached.exists() else None
+        if res is not None and "tensors" in res:
+            # statistics are re-pooled with the current code; behaviour stays cached
+            res["summary"], res["layers"] = reaggregate(res["tensors"], bits_list)
             # the behaviour is cached; the verdict follows the current min_accuracy
             res["true_min_bits"] = true_threshold(res["behaviour"], bits_list, min_accuracy)
             res["float16_passes"] = passes(res["behaviour"]["16"], min_accuracy)
@@ -240,7 +242,8 @@ def _run_one(args) -> list[dict]:
         fused = adapter / "fused_f16"
         fuse(base_dir, adapter, fused, force=True)
         rep = delta_survival(fused, bits_list, group_size, adapter=adapter, progress=False)
-        beh = behaviour(fused, suite_obj, bits_list, group_size)
+        # an older cache without per-tensor statistics keeps its (costly) behaviour
+        beh = res["behaviour"] if res is not None else behaviour(fused, suite_obj, bits_list, group_size)
         shutil.rmtree(fused)  # only the statistics are kept
         res = {
             "id": ft_id,
@@ -251,6 +254,7 @@ def _run_one(args) -> list[dict]:
             "float16_passes": passes(beh["16"], min_accuracy),
             "summary": rep["summary"],
             "layers": rep["layers"],
+            "tensors": [{k: t[k] for k in ("name", "shape", "layer", "kind", "by_bits")} for t in rep["tensors"]],
             "seconds": time.perf_counter() - tic,
         }
         cached.write_text(json.dumps(res))

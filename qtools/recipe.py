@@ -1,8 +1,9 @@
 """Survival-aware mixed precision: raise only what the fine-tune needs raised.
 
 delta-survival is run on the float model for every supported bit-width >= BITS.
-Its threshold rule (the calibrated one) judges the *model*: the statistic,
-|D|^2-weighted over the tensors (or the weakest layer's value), must clear
+Its threshold rule (the calibrated one) judges the *model*: the statistic
+pooled over the tensors as delta-survival pools it (|D|^2-weighted; the SNRs
+as total delta energy over total noise), or the weakest layer's, must clear
 `rule["min"]`. The plan starts with every tensor at BITS; while the model's
 value, computed at each tensor's assigned bit-width, is below the threshold, it
 raises the one tensor whose next bit-width buys the most of that value per
@@ -43,11 +44,10 @@ def _rule_value(tensors: list[dict], assigned: dict, stat: str, aggregate: str) 
         groups.setdefault(t["layer"] if aggregate == "weakest_layer" else None, []).append(t)
     if not groups:
         groups = {None: tensors}
-    values = []
-    for members in groups.values():
-        wsum = sum(t["w"] for t in members)
-        values.append(sum(t["w"] * t["stat"][assigned[t["name"]]] for t in members) / wsum)
-    return min(values)
+    from .survival import pool
+
+    return min(pool(stat, [(t["w"], t["stat"][assigned[t["name"]]]) for t in members])
+               for members in groups.values())
 
 
 def plan_from_report(report: dict, bits: int) -> dict:

@@ -245,6 +245,22 @@ def _tensor_stats(r: dict, bits: list[int], group_size: int, has_delta: bool, ha
     return out
 
 
+# Ratios of delta energy to noise pool as total energy over total noise (the |D|^2-weighted
+# harmonic mean): one very clean tensor must not hide another's noise.
+POOLED_RATIOS = ("delta_snr", "subspace_snr")
+
+
+def pool(stat: str, pairs) -> float:
+    """Aggregate one statistic over tensors from (|D|^2, value) pairs: weighted mean, or for
+    the SNRs total signal over total noise."""
+    pairs = list(pairs)
+    wsum = sum(w for w, _ in pairs)
+    if stat in POOLED_RATIOS:
+        noise = sum(w / max(v, 1.0 / SNR_CAP) for w, v in pairs)
+        return min(wsum / noise, SNR_CAP) if noise > 0 else SNR_CAP
+    return sum(w * v for w, v in pairs) / wsum
+
+
 def _aggregate(tensors: list[dict], bits: list[int]) -> dict:
     """Quantization error pooled over elements; delta statistics weighted by |D|^2."""
     out = {}
@@ -264,10 +280,28 @@ def _aggregate(tensors: list[dict], bits: list[int]) -> dict:
             for key in DELTA_STATS:
                 vals = [(t["_d2"], t["by_bits"][b].get(key)) for t in with_delta]
                 if all(v is not None for _, v in vals):
-                    s[key] = sum(w * v for w, v in vals) / wsum
+                    s[key] = pool(key, vals)
             s["delta_tensors"] = len(with_delta)
         out[b] = s
     return out
+
+
+def reaggregate(tensors: list[dict], bits: list[int]) -> tuple[dict, list[dict]]:
+    """(summary, layers) rebuilt from a report's per-tensor JSON entries, with the current
+    pooling: cached reports follow the aggregation code rather than freezing it."""
+    rebuilt = []
+    for t in tensors:
+        n = 1
+        for d in t["shape"]:
+            n *= int(d)
+        top = t["by_bits"][str(bits[0])]
+        w_rms = top["rmse"] / top["rel_rmse"] if top.get("rel_rmse") else 0.0
+        d_rms = top.get("delta_rms", 0.0)
+        rebuilt.append({**t, "_n": n, "_w2": w_rms ** 2 * n, "_d2": d_rms ** 2 * n})
+    layer_ids = sorted({t["layer"] for t in rebuilt if t.get("layer") is not None})
+    layers = [{"layer": i, "by_bits": _aggregate([t for t in rebuilt if t.get("layer") == i], bits)}
+              for i in layer_ids]
+    return _aggregate(rebuilt, bits), layers
 
 
 def rule_value(summary: dict, layers: list, bits: int, rule: dict):

@@ -24,7 +24,8 @@ def report(tensors, bits=(3, 4, 5, 6, 8), rule=RULE):
 
 
 def weighted(rep, assigned):
-    """The model's rule value at the assigned bits, written out: |D|^2-weighted mean."""
+    """The model's subspace_snr at the assigned bits, written out: total delta energy over
+    total noise (|D|^2-weighted harmonic mean)."""
     num = den = 0.0
     for t in rep["tensors"]:
         b = assigned.get(t["name"][:-len(".weight")], 3)
@@ -32,21 +33,22 @@ def weighted(rep, assigned):
         if not st:
             continue
         w = st["delta_rms"] ** 2 * t["shape"][0] * t["shape"][1]
-        num, den = num + w * st["subspace_snr"], den + w
+        num, den = num + w, den + w / st["subspace_snr"]
     return num / den
 
 
 def test_plan_raises_the_best_buy_first_and_stops_when_the_model_survives():
     rep = report([
-        tensor("a", b3=0.2, b4=1.8, b5=3.0, b6=4.0, b8=9.0),
-        tensor("b", b3=0.6, b4=0.8, b5=1.0, b6=2.0, b8=9.0),
+        tensor("a", b3=0.2, b4=5.0, b5=6.0, b6=7.0, b8=9.0),
+        tensor("b", b3=2.0, b4=2.5, b5=3.0, b6=4.0, b8=9.0),
         tensor("c", b3=None, b4=None, b5=None, b6=None, b8=None),  # no delta: stays
     ])
     plan = R.plan_from_report(rep, 3)
-    # model value at 3 bits: 0.4; raising a to 4 gains 0.8 for the same cost as b's 0.1
-    assert plan["value_before"] == pytest.approx(0.4)
+    # model SNR at 3 bits: 2 / (1/0.2 + 1/2) = 0.364, a's noise dominates; raising a to 4
+    # gives 2 / (1/5 + 1/2) = 2.86, raising b only 0.370 for the same cost
+    assert plan["value_before"] == pytest.approx(2 / 5.5)
     assert plan["layer_bits"] == {"a": 4}
-    assert plan["value"] == pytest.approx(1.2) == pytest.approx(weighted(rep, plan["layer_bits"]))
+    assert plan["value"] == pytest.approx(2 / 0.7) == pytest.approx(weighted(rep, plan["layer_bits"]))
     assert plan["survives"] and plan["raised"][0]["value_at_bits"] == 0.2
     # already surviving at 5: nothing raised
     assert R.plan_from_report(rep, 5)["layer_bits"] == {}

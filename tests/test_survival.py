@@ -66,6 +66,39 @@ def test_survival_improves_with_bits(trio):
     assert rep["summary"]["8"]["retention"] == pytest.approx(1.0, abs=0.05)
 
 
+def test_model_statistics_pool_over_tensors(trio):
+    """Retention is the |D|^2-weighted mean over tensors; the SNRs are total delta energy
+    over total noise, so one very clean tensor cannot hide a noisy one."""
+    _, adapter, fused = trio
+    rep = survival_json(fused, "--adapter", adapter, "--bits", 3, 4)
+    for b in ("3", "4"):
+        ts = [t["by_bits"][b] for t in rep["tensors"] if "retention" in t["by_bits"][b]]
+        n = {t["name"]: t["shape"][0] * t["shape"][1] for t in rep["tensors"]}
+        ws = [(t["by_bits"][b]["delta_rms"] ** 2 * n[t["name"]], t["by_bits"][b])
+              for t in rep["tensors"] if "retention" in t["by_bits"][b]]
+        assert len(ts) >= 2
+        wsum = sum(w for w, _ in ws)
+        assert rep["summary"][b]["retention"] == pytest.approx(sum(w * s["retention"] for w, s in ws) / wsum)
+        for key in ("subspace_snr", "delta_snr"):
+            pooled = wsum / sum(w / s[key] for w, s in ws)
+            assert rep["summary"][b][key] == pytest.approx(pooled)
+            assert rep["summary"][b][key] <= sum(w * s[key] for w, s in ws) / wsum
+
+
+def test_reaggregate_rebuilds_the_summary_from_the_json_tensors(trio):
+    """Calibration caches per-tensor JSON and re-pools it; that must equal the report's own pooling."""
+    from qtools.survival import reaggregate
+
+    _, adapter, fused = trio
+    rep = survival_json(fused, "--adapter", adapter, "--bits", 2, 4, 8)
+    summary, layers = reaggregate(rep["tensors"], rep["bits"])
+    for b in ("2", "4", "8"):
+        for key, v in rep["summary"][b].items():
+            assert summary[b][key] == pytest.approx(v, rel=1e-6), (b, key)
+    assert [L["layer"] for L in layers] == [L["layer"] for L in rep["layers"]]
+    assert layers[1]["by_bits"]["4"]["subspace_snr"] == pytest.approx(rep["layers"][1]["by_bits"]["4"]["subspace_snr"])
+
+
 def test_adapter_and_base_sources_agree(trio):
     """The delta rebuilt from the adapter's factors matches fused - base."""
     base, adapter, fused = trio
