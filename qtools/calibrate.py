@@ -43,7 +43,7 @@ def default_grid() -> list[dict]:
 
     They differ in what moves the threshold: delta size (learning rate, iterations,
     LoRA scale), rank, which modules are adapted, and seed. 8 runs x 3 checkpoints
-    plus a half-scale variant of each final checkpoint: 32 fine-tunes.
+    plus a 1.5x LoRA-scale variant of the last two: 40 fine-tunes.
     """
     runs = [
         dict(rank=8, keys=ALL_LINEAR, lr=2e-4, seed=0),
@@ -57,7 +57,7 @@ def default_grid() -> list[dict]:
     ]
     for r in runs:
         r["keys"] = list(r["keys"])
-        r.update(checkpoints=[60, 120, 180], scale_multipliers={"180": [0.5]})
+        r.update(checkpoints=[60, 120, 180], scale_multipliers={"120": [1.5], "180": [1.5]})
     return runs
 
 
@@ -297,8 +297,21 @@ def score(results, rule, bits_list=BITS) -> dict:
             "exact_rate": exact / n if n else 0.0, "worst_optimistic_steps": worst_optimistic}
 
 
+def _log_margin(train, rule, bits_list) -> float:
+    """How far, in log ratio, the closest training value sits from the threshold: among
+    rules that score the same, the one with the widest gap generalises best."""
+    t = rule["min"]
+    if t <= 0:
+        return 0.0
+    gaps = [abs(math.log(v / t)) for r in train for b in bits_list
+            for v in [_value(r, b, rule["statistic"], rule["aggregate"])]
+            if v is not None and v > 0 and math.isfinite(v)]
+    return min(gaps) if gaps else 0.0
+
+
 def fit(train, bits_list=BITS) -> tuple[dict, dict]:
-    """The rule with the most exact predictions on `train`; ties go to fewer optimistic misses."""
+    """The rule with the most exact predictions on `train`; ties go to fewer optimistic
+    misses, then to the widest log-ratio margin between threshold and data."""
     best = None
     for stat in STATISTICS:
         for agg in AGGREGATES:
@@ -306,13 +319,16 @@ def fit(train, bits_list=BITS) -> tuple[dict, dict]:
                 v for r in train for b in bits_list
                 for v in [_value(r, b, stat, agg)] if v is not None and math.isfinite(v)
             })
-            cands = [(a + b) / 2 for a, b in zip(values, values[1:])] or values
+            # midpoints between neighbouring values (geometric for positive ones: the SNRs
+            # span decades)
+            cands = [math.sqrt(a * b) if a > 0 else (a + b) / 2 for a, b in zip(values, values[1:])] or values
             for t in cands:
                 rule = {"statistic": stat, "aggregate": agg, "min": t}
-                if stat == "delta_to_step":
-                    pass  # larger is safer for every statistic here
                 s = score(train, rule, bits_list)
                 key = (s["exact"], -s["optimistic"], -s["worst_optimistic_steps"])
+                if best is not None and key < best[0][:3]:
+                    continue
+                key = (*key, _log_margin(train, rule, bits_list))
                 if best is None or key > best[0]:
                     best = (key, rule, s)
     if best is None:

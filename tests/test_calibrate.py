@@ -52,6 +52,25 @@ def test_fit_finds_the_separating_threshold_and_scores_held_out():
     assert sc["optimistic"] > 0 and sc["exact"] < len(results) and sc["worst_optimistic_steps"] >= 1
 
 
+def test_fit_prefers_the_statistic_with_the_wider_margin():
+    """Both statistics separate every fine-tune; delta_snr (4x per bit) leaves a far wider
+    gap around its threshold than subspace_snr (1.1x per bit), so it wins the tie."""
+    rng = np.random.default_rng(1)
+    results = []
+    for i, t in enumerate([3, 4, 5, 4, 5, 3]):
+        r = synthetic(i, t, float(rng.uniform(12, 14)))
+        for b in cal.BITS:
+            r["summary"][str(b)]["delta_snr"] = r["summary"][str(b)]["subspace_snr"]
+            r["summary"][str(b)]["subspace_snr"] = 10.5 * 1.1 ** (b - t)
+            r["layers"][0]["by_bits"][str(b)] = dict(r["summary"][str(b)])
+        results.append(r)
+    assert cal.score(results, {"statistic": "subspace_snr", "aggregate": "weighted", "min": 10.2})["exact"] == 6
+    rule, s = cal.fit(results)
+    assert s["exact"] == 6 and rule["statistic"] == "delta_snr"
+    # between the largest value below a threshold (<= 14/4) and the smallest at one (>= 12)
+    assert 14.0 / 4 < rule["min"] < 12.0
+
+
 def test_weakest_layer_aggregate_uses_the_minimum_layer():
     from qtools.survival import rule_value
 
