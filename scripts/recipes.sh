@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Quantization recipes side by side on the fused demo model, in one run: uniform 3 and
+# Quantization recipes side by side on the fused demo model, in one run: uniform 5 and
 # 4 bits, mlx-lm's mixed_3_6 and mixed_4_6, and qtools' survival recipe at 3 and 4 bits.
 # Each is quantized (an existing one newer than FROM is reused unless FORCE=1), validated
 # on SUITE, scored with `qtools retention` against FROM and BASE, and one compare table
@@ -16,7 +16,7 @@ for need in "$FROM" "$BASE"; do
 done
 mkdir -p "$LOGS"
 models=()
-for spec in uniform:3 uniform:4 mixed_3_6:3 mixed_4_6:4 survival:3 survival:4; do
+for spec in uniform:5 uniform:4 mixed_4_6:4 mixed_3_6:3 survival:4 survival:3; do
   recipe=${spec%%:*} b=${spec##*:}
   case "$recipe" in
     uniform) out="${PREFIX}_${b}bit" ;;
