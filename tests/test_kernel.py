@@ -276,7 +276,7 @@ def numpy_orthonormal_columns(x):
     return basis
 
 
-@pytest.mark.parametrize("n,r", [(5632, 16), (2048, 8), (300, 128), (64, 4), (37, 3)])
+@pytest.mark.parametrize("n,r", [(5632, 16), (2048, 8), (300, 128), (400, 160), (64, 4), (37, 3)])
 def test_orthonormal_columns_span_the_factor_like_numpy(n, r):
     from qtools.adapters import orthonormal_columns
 
