@@ -152,3 +152,31 @@ def test_cached_fine_tunes_of_another_base_are_refused(tmp_path):
     (other / "run00").mkdir()
     with pytest.raises(QtoolsError, match="unknown base"):
         cal._check_same_base(other, a)
+
+
+def test_predict_agrees_with_delta_survivals_predict_min_bits():
+    from qtools.survival import predict_min_bits
+
+    rng = np.random.default_rng(3)
+    for i in range(20):
+        r = synthetic(i, int(rng.choice(cal.BITS)), float(rng.uniform(1, 30)))
+        for agg in cal.AGGREGATES:
+            for t in (2.0, 10.0, 50.0):
+                rule = {"statistic": "subspace_snr", "aggregate": agg, "min": t}
+                want, _ = predict_min_bits(r["summary"], cal.BITS, r["layers"], rule)
+                assert cal.predict(r, rule) == want
+
+
+def test_constant_baseline_and_separability():
+    train = [synthetic(i, 5, 20.0) for i in range(3)] + [synthetic(3, 4, 20.0)]
+    test = [synthetic(4, 5, 20.0), synthetic(5, 6, 20.0), synthetic(6, 4, 20.0)]
+    guess, base = cal.constant_baseline(train, test)
+    assert guess == 5 and base == {"n": 3, "exact": 1, "optimistic": 1}
+    sep = {x["bits"]: x for x in cal.separability(train + test, "subspace_snr", "weighted")}
+    # subspace_snr crosses 10 exactly at each true threshold: separable everywhere
+    assert not any(x["overlap"] for x in sep.values())
+    assert sep[5]["keep"][0] >= 20.0 > sep[5]["lose"][1]
+    # the fine-tune that keeps 4 bits has a lower value there (2) than the one that loses it (5)
+    mixed = [synthetic(0, 5, 20.0), synthetic(1, 4, 2.0)]
+    at4 = {x["bits"]: x for x in cal.separability(mixed, "subspace_snr", "weighted")}[4]
+    assert at4["overlap"] and at4["keep"] == (2.0, 2.0) and at4["lose"] == (5.0, 5.0)
