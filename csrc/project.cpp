@@ -7,23 +7,25 @@ namespace qtools {
 
 namespace {
 
-// GCC/Clang vector extensions: 8 or 16 floats, lowered to AVX-512, AVX, SSE or
-// NEON registers as the target has them. Keeps the accumulators in registers
-// and the vectorization over the rank, where a plain loop gets vectorized over j.
+// GCC/Clang vector extensions: 4, 8 or 16 floats, one target register (AVX-512,
+// AVX, or SSE/NEON/generic). Keeps the accumulators in registers and the
+// vectorization over the rank, where a plain loop gets vectorized over j.
+// Wider vectors than the target's registers are split poorly (through the stack).
+typedef float vf4 __attribute__((vector_size(16)));
 typedef float vf8 __attribute__((vector_size(32)));
 typedef float vf16 __attribute__((vector_size(64)));
-// 16-float vectors only where they are one register: GCC splits them poorly
-// on AVX2 (through the stack), where 8-float ones are fine.
 #if defined(__AVX512F__)
-constexpr bool kWide = true;
+constexpr int kVecFloats = 16;
+#elif defined(__AVX__)
+constexpr int kVecFloats = 8;
 #else
-constexpr bool kWide = false;
+constexpr int kVecFloats = 4;
 #endif
 
 // acc[b][k] = sum_j x[b][j] * v[j][k], vectorized over k with v contiguous
 // (the basis is stored cols x r, so a group's block is one contiguous read).
-// A compile-time rank keeps the accumulators in registers; with AVX-512, ranks
-// that are multiples of 16 use 16-float vectors.
+// A compile-time rank keeps the accumulators in registers; the vectors are the
+// target's widest that divide the rank.
 template <int N, int R, typename V>
 void project_fixed(const float* x, int G, const float* v, double* c) {
   constexpr int L = sizeof(V) / sizeof(float);
@@ -58,7 +60,9 @@ void project_fixed(const float* x, int G, const float* v, double* c) {
 
 template <int R>
 bool project_rank(const float* x, int nrows, int G, const float* v, double* c) {
-  using V = typename std::conditional<kWide && R % 16 == 0, vf16, vf8>::type;
+  using V = typename std::conditional<
+      kVecFloats >= 16 && R % 16 == 0, vf16,
+      typename std::conditional<kVecFloats >= 8 && R % 8 == 0, vf8, vf4>::type>::type;
   switch (nrows) {
     case 1: project_fixed<1, R, V>(x, G, v, c); return true;
     case 2: project_fixed<2, R, V>(x, G, v, c); return true;

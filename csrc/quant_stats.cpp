@@ -11,6 +11,7 @@
 
 #include "affine.h"
 #include "project.h"
+#include "simd.h"
 
 namespace qtools {
 
@@ -18,32 +19,55 @@ namespace {
 
 enum Mode { kNoDelta = 0, kBase = 1, kLowRank = 2 };
 constexpr int kMaxGroup = 128;
+// Logical lanes of every per-element reduction: fixed, so the sums are the same
+// bits on every target; kRegs registers of simd::kW floats hold them.
 constexpr int kLanes = 16;
-constexpr int kLutSize = 32;  // dequantization tables for up to 5-bit codes  // divides every group size; one AVX-512 or two AVX2/NEON x4 registers
+using simd::kW;
+using simd::vf;
+using simd::vi;
+constexpr int kRegs = kLanes / kW;
+static_assert(kLanes % kW == 0, "lanes fill whole registers");
+static_assert(kMaxGroup % kLanes == 0, "every group size is a multiple of the lanes");
+constexpr int kLutSize = 32;  // dequantization tables for up to 5-bit codes
 
-
-// y[j] = lut[q[j]] for codes q (integral floats < kLutSize), j < G (a multiple of 16).
-// GCC on AVX-512 turns the two-register shuffle into one permute per 16 values
-// (vpermt2ps); elsewhere the loop is left to the compiler (a gather or loads).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__AVX512F__)
-typedef float lut_vf __attribute__((vector_size(64)));
-typedef int32_t lut_vi __attribute__((vector_size(64)));
-inline void lut_lookup(const float* lut, const float* q, float* y, int G) {
-  static_assert(kLutSize == 32, "two 16-float registers");
-  lut_vf lo, hi;
-  std::memcpy(&lo, lut, sizeof lo);
-  std::memcpy(&hi, lut + 16, sizeof hi);
-  for (int j = 0; j < G; j += 16) {
-    lut_vf qv;
-    std::memcpy(&qv, q + j, sizeof qv);
-    const lut_vf yv = __builtin_shuffle(lo, hi, __builtin_convertvector(qv, lut_vi));
-    std::memcpy(y + j, &yv, sizeof yv);
+// Table of the dequantized values of the codes 0..31 of one group, held in
+// registers and read with variable two-register permutes, where GCC lowers
+// __builtin_shuffle to them: AVX-512 (two vpermt2ps and a blend per 8 values,
+// 6% faster than computing the two roundings). With AVX2 (vpermps) it measured
+// no faster; SSE, NEON and Clang (no variable vector shuffle) compute them.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__AVX512F__) && defined(__AVX512VL__) && \
+    !defined(QTOOLS_NO_LUT)
+constexpr bool kHaveLut = true;
+alignas(64) constexpr float kIota[kLutSize] = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10,
+                                               11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21,
+                                               22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
+struct Lut {
+  static_assert(kW == 16 || kW == 8, "two or four registers");
+  vf t[kLutSize / kW];
+  template <int DT>
+  void build(vf scale_t, vf bias_t) {
+    for (int c = 0; c < kLutSize / kW; ++c)
+      t[c] = simd::dequant<DT>(simd::load(kIota + c * kW), scale_t, bias_t);
   }
-}
+  // codes q: integral floats in [0, kLutSize)
+  vf lookup(vf q) const {
+    const vi idx = __builtin_convertvector(q, vi);
+    if constexpr (kW == 16) {
+      return __builtin_shuffle(t[0], t[1], idx);
+    } else {
+      const vf lo = __builtin_shuffle(t[0], t[1], idx);  // mask taken modulo 16
+      const vf hi = __builtin_shuffle(t[2], t[3], idx);
+      return simd::select((idx & 16) != 0, hi, lo);
+    }
+  }
+};
 #else
-inline void lut_lookup(const float* lut, const float* q, float* y, int G) {
-  for (int j = 0; j < G; ++j) y[j] = lut[static_cast<int>(q[j])];
-}
+constexpr bool kHaveLut = false;
+struct Lut {
+  template <int DT>
+  void build(vf, vf) {}
+  vf lookup(vf q) const { return q; }
+};
 #endif
 
 bool supported_bits(int b) {
@@ -140,22 +164,30 @@ void worker(Shared& sh) {
       for (int64_t g = 0; g < sh.groups_per_row; ++g) {
         const int64_t base = i * cols + g * G;
         const int64_t gidx = i * sh.groups_per_row + g;
-        // Reductions run in kLanes independent lanes: vectorizable without
-        // reassociating float sums (no -ffast-math).
-        float l_w2[kLanes], l_nf[kLanes], l_mn[kLanes], l_mx[kLanes];
-        for (int l = 0; l < kLanes; ++l) {
-          l_w2[l] = 0.0f; l_nf[l] = 0.0f; l_mn[l] = INFINITY; l_mx[l] = -INFINITY;
+        // Reductions run in kLanes independent lanes (lane l takes the elements
+        // j with j % kLanes == l, in order), kRegs target registers of kW each:
+        // vectorized without reassociating float sums (no -ffast-math), and the
+        // same sums, bit for bit, on every target.
+        vf v_w2[kRegs], v_nf[kRegs], v_mn[kRegs], v_mx[kRegs];
+        for (int q = 0; q < kRegs; ++q) {
+          v_w2[q] = vf{}; v_nf[q] = vf{}; v_mn[q] = simd::splat(INFINITY); v_mx[q] = simd::splat(-INFINITY);
         }
         for (int j0 = 0; j0 < G; j0 += kLanes) {
-          for (int l = 0; l < kLanes; ++l) {
-            float x = load_as_float<DT1>(in.w1, base + j0 + l);
-            l_nf[l] += is_finite_bits(x) ? 0.0f : 1.0f;
-            a[j0 + l] = x;
-            l_w2[l] += x * x;
-            l_mn[l] = min_f(l_mn[l], x);
-            l_mx[l] = max_f(l_mx[l], x);
+          for (int q = 0; q < kRegs; ++q) {
+            const int j = j0 + q * kW;
+            const vf x = simd::load_as_float<DT1>(in.w1, base + j);
+            v_nf[q] += simd::ones_where(~simd::is_finite_bits(x));
+            simd::store(a + j, x);
+            v_w2[q] += x * x;
+            v_mn[q] = simd::min_f(v_mn[q], x);
+            v_mx[q] = simd::max_f(v_mx[q], x);
           }
         }
+        float l_w2[kLanes], l_nf[kLanes], l_mn[kLanes], l_mx[kLanes];
+        std::memcpy(l_w2, v_w2, sizeof l_w2);
+        std::memcpy(l_nf, v_nf, sizeof l_nf);
+        std::memcpy(l_mn, v_mn, sizeof l_mn);
+        std::memcpy(l_mx, v_mx, sizeof l_mx);
         float nonfinite = 0.0f, mn1 = INFINITY, mx1 = -INFINITY;
         for (int l = 0; l < kLanes; ++l) {
           nonfinite += l_nf[l];
@@ -165,40 +197,50 @@ void worker(Shared& sh) {
         float mn0 = 0.0f, mx0 = 0.0f;
         if constexpr (MODE != kNoDelta) {
           if constexpr (MODE == kBase) {
-            for (int j = 0; j < G; ++j) w0[j] = load_as_float<DT0>(in.w0, base + j);
+            for (int j = 0; j < G; j += kW) simd::store(w0 + j, simd::load_as_float<DT0>(in.w0, base + j));
           } else {
             // W0 = W1 - scale * B^T A^T, rounded to the fused dtype as the base was stored.
             // kLanes columns at a time, so the partial sums stay in registers over k
             const float* brow = in.bt + i * r;
             const float* acol = sh.at + e * r * sh.at_stride + g * G;
             for (int j0 = 0; j0 < G; j0 += kLanes) {
-              float l_d[kLanes];
-              for (int l = 0; l < kLanes; ++l) l_d[l] = 0.0f;
+              vf v_d[kRegs];
+              for (int q = 0; q < kRegs; ++q) v_d[q] = vf{};
               for (int k = 0; k < r; ++k) {
-                const float bk = brow[k];
+                const vf bk = simd::splat(brow[k]);
                 const float* arow = acol + k * sh.at_stride + j0;
-                for (int l = 0; l < kLanes; ++l) l_d[l] += bk * arow[l];
+                for (int q = 0; q < kRegs; ++q) v_d[q] += bk * simd::load(arow + q * kW);
               }
-              for (int l = 0; l < kLanes; ++l) d[j0 + l] = l_d[l];
+              for (int q = 0; q < kRegs; ++q) {
+                const int j = j0 + q * kW;
+                simd::store(w0 + j, simd::round_to<DT1>(simd::load(a + j) - v_d[q]));
+              }
             }
-            for (int j = 0; j < G; ++j) w0[j] = round_to<DT1>(a[j] - d[j]);
           }
-          float l_d2[kLanes], l_nz[kLanes];
-          for (int l = 0; l < kLanes; ++l) {
-            l_d2[l] = 0.0f; l_nz[l] = 0.0f; l_nf[l] = 0.0f; l_mn[l] = INFINITY; l_mx[l] = -INFINITY;
+          vf v_d2[kRegs], v_nz[kRegs];
+          for (int q = 0; q < kRegs; ++q) {
+            v_d2[q] = vf{}; v_nz[q] = vf{}; v_nf[q] = vf{};
+            v_mn[q] = simd::splat(INFINITY); v_mx[q] = simd::splat(-INFINITY);
           }
           for (int j0 = 0; j0 < G; j0 += kLanes) {
-            for (int l = 0; l < kLanes; ++l) {
-              const float x0 = w0[j0 + l];
-              const float dj = a[j0 + l] - x0;
-              d[j0 + l] = dj;
-              l_nf[l] += is_finite_bits(x0) ? 0.0f : 1.0f;
-              l_d2[l] += dj * dj;
-              l_nz[l] += dj != 0.0f ? 1.0f : 0.0f;
-              l_mn[l] = min_f(l_mn[l], x0);
-              l_mx[l] = max_f(l_mx[l], x0);
+            for (int q = 0; q < kRegs; ++q) {
+              const int j = j0 + q * kW;
+              const vf x0 = simd::load(w0 + j);
+              const vf dj = simd::load(a + j) - x0;
+              simd::store(d + j, dj);
+              v_nf[q] += simd::ones_where(~simd::is_finite_bits(x0));
+              v_d2[q] += dj * dj;
+              v_nz[q] += simd::ones_where(dj != 0.0f);
+              v_mn[q] = simd::min_f(v_mn[q], x0);
+              v_mx[q] = simd::max_f(v_mx[q], x0);
             }
           }
+          float l_d2[kLanes], l_nz[kLanes];
+          std::memcpy(l_d2, v_d2, sizeof l_d2);
+          std::memcpy(l_nz, v_nz, sizeof l_nz);
+          std::memcpy(l_nf, v_nf, sizeof l_nf);
+          std::memcpy(l_mn, v_mn, sizeof l_mn);
+          std::memcpy(l_mx, v_mx, sizeof l_mx);
           mn0 = INFINITY;
           mx0 = -INFINITY;
           for (int l = 0; l < kLanes; ++l) {
@@ -227,77 +269,76 @@ void worker(Shared& sh) {
           const float n_bins = nb[b];
           const GroupParams p1 = group_params<DT1>(mn1, mx1, n_bins);
           BitsStats& st = lo.s[b];
-          float l_sse[kLanes], l_max[kLanes];
-          for (int l = 0; l < kLanes; ++l) { l_sse[l] = 0.0f; l_max[l] = 0.0f; }
+          const vf v_nb = simd::splat(n_bins);
+          const vf s1 = simd::splat(p1.scale), b1 = simd::splat(p1.bias);
+          const vf s1t = simd::splat(p1.scale_t), b1t = simd::splat(p1.bias_t);
+          alignas(64) float l_sse[kLanes], l_max[kLanes];
           if constexpr (MODE == kNoDelta) {
-            for (int j0 = 0; j0 < G; j0 += kLanes) {
-              for (int l = 0; l < kLanes; ++l) {
-                const float x = a[j0 + l];
-                const float q1 = quant_code(x, p1.scale, p1.bias, n_bins);
-                const float e1 = dequant<DT1>(q1, p1.scale_t, p1.bias_t) - x;
-                l_sse[l] += e1 * e1;
-                l_max[l] = max_f(l_max[l], std::fabs(e1));
+            for (int q = 0; q < kRegs; ++q) {
+              vf v_sse = vf{}, v_max = vf{};
+              for (int j = q * kW; j < G; j += kLanes) {
+                const vf x = simd::load(a + j);
+                const vf q1 = simd::quant_code(x, s1, b1, v_nb);
+                const vf e1 = simd::dequant<DT1>(q1, s1t, b1t) - x;
+                v_sse += e1 * e1;
+                v_max = simd::max_f(v_max, simd::fabs_f(e1));
               }
+              simd::store(l_sse + q * kW, v_sse);
+              simd::store(l_max + q * kW, v_max);
             }
           } else {
             const GroupParams p0 = group_params<DTB>(mn0, mx0, n_bins);
-            float l_dot[kLanes], l_dq2[kLanes], l_err2[kLanes], l_chg[kLanes], l_agree[kLanes];
-            for (int l = 0; l < kLanes; ++l) {
-              l_dot[l] = 0.0f; l_dq2[l] = 0.0f; l_err2[l] = 0.0f; l_chg[l] = 0.0f; l_agree[l] = 0.0f;
-            }
-            // With few codes (<= 5 bits) a per-group table of dequantized values, built
-            // with the same dequant(), replaces two float16 roundings per element.
+            const vf s0 = simd::splat(p0.scale), b0 = simd::splat(p0.bias);
+            const vf s0t = simd::splat(p0.scale_t), b0t = simd::splat(p0.bias_t);
+            alignas(64) float l_dot[kLanes], l_dq2[kLanes], l_err2[kLanes], l_chg[kLanes], l_agree[kLanes];
+            // With few codes (<= 5 bits) and a register permute to look them up, a
+            // per-group table of dequantized values, built with the same dequant(),
+            // replaces two float16 roundings per element.
             auto run = [&](auto use_lut) {
               constexpr bool kLut = decltype(use_lut)::value;
-              alignas(64) float lut1[kLutSize] = {}, lut0[kLutSize] = {};
+              Lut lut1, lut0;
               if constexpr (kLut) {
-                for (int k = 0; k <= static_cast<int>(n_bins); ++k) {
-                  lut1[k] = dequant<DT1>(static_cast<float>(k), p1.scale_t, p1.bias_t);
-                  lut0[k] = dequant<DTB>(static_cast<float>(k), p0.scale_t, p0.bias_t);
-                }
+                lut1.template build<DT1>(s1t, b1t);
+                lut0.template build<DTB>(s0t, b0t);
               }
-              alignas(64) float qa1[kMaxGroup], qa0[kMaxGroup], ya1[kMaxGroup], ya0[kMaxGroup];
-              if constexpr (kLut) {
-                // codes first, then the table lookups as whole vectors
-                for (int j = 0; j < G; ++j) {
-                  qa1[j] = quant_code(a[j], p1.scale, p1.bias, n_bins);
-                  qa0[j] = quant_code(w0[j], p0.scale, p0.bias, n_bins);
-                }
-                lut_lookup(lut1, qa1, ya1, G);
-                lut_lookup(lut0, qa0, ya0, G);
-              }
-              for (int j0 = 0; j0 < G; j0 += kLanes) {
-                for (int l = 0; l < kLanes; ++l) {
-                  const int j = j0 + l;
-                  const float x1 = a[j], dj = d[j];
-                  float q1, q0, y1, y0;
+              for (int q = 0; q < kRegs; ++q) {
+                vf v_sse = vf{}, v_max = vf{}, v_dot = vf{}, v_dq2 = vf{}, v_err2 = vf{};
+                vf v_chg = vf{}, v_agree = vf{};
+                for (int j = q * kW; j < G; j += kLanes) {
+                  const vf x1 = simd::load(a + j), dj = simd::load(d + j);
+                  const vf q1 = simd::quant_code(x1, s1, b1, v_nb);
+                  const vf q0 = simd::quant_code(simd::load(w0 + j), s0, b0, v_nb);
+                  vf y1, y0;
                   if constexpr (kLut) {
-                    q1 = qa1[j];
-                    q0 = qa0[j];
-                    y1 = ya1[j];
-                    y0 = ya0[j];
+                    y1 = lut1.lookup(q1);
+                    y0 = lut0.lookup(q0);
                   } else {
-                    q1 = quant_code(x1, p1.scale, p1.bias, n_bins);
-                    q0 = quant_code(w0[j], p0.scale, p0.bias, n_bins);
-                    y1 = dequant<DT1>(q1, p1.scale_t, p1.bias_t);
-                    y0 = dequant<DTB>(q0, p0.scale_t, p0.bias_t);
+                    y1 = simd::dequant<DT1>(q1, s1t, b1t);
+                    y0 = simd::dequant<DTB>(q0, s0t, b0t);
                   }
-                  const float e1 = y1 - x1;
-                  const float dq = y1 - y0;
-                  const float de = dq - dj;
-                  l_sse[l] += e1 * e1;
-                  l_max[l] = max_f(l_max[l], std::fabs(e1));
-                  l_dot[l] += dq * dj;
-                  l_dq2[l] += dq * dq;
-                  l_err2[l] += de * de;
-                  l_chg[l] += q1 != q0 ? 1.0f : 0.0f;
-                  l_agree[l] += dq * dj > 0.0f ? 1.0f : 0.0f;
-                  ed[b * G + j] = de;
+                  const vf e1 = y1 - x1;
+                  const vf dq = y1 - y0;
+                  const vf de = dq - dj;
+                  v_sse += e1 * e1;
+                  v_max = simd::max_f(v_max, simd::fabs_f(e1));
+                  v_dot += dq * dj;
+                  v_dq2 += dq * dq;
+                  v_err2 += de * de;
+                  v_chg += simd::ones_where(q1 != q0);
+                  v_agree += simd::ones_where(dq * dj > 0.0f);
+                  if constexpr (SUB) simd::store(ed + b * G + j, de);
                 }
+                simd::store(l_sse + q * kW, v_sse);
+                simd::store(l_max + q * kW, v_max);
+                simd::store(l_dot + q * kW, v_dot);
+                simd::store(l_dq2 + q * kW, v_dq2);
+                simd::store(l_err2 + q * kW, v_err2);
+                simd::store(l_chg + q * kW, v_chg);
+                simd::store(l_agree + q * kW, v_agree);
               }
             };
-            if (DT1 != F32 && n_bins < static_cast<float>(kLutSize)) {
-              run(std::true_type{});
+            if (kHaveLut && DT1 != F32 && n_bins < static_cast<float>(kLutSize)) {
+              run(std::integral_constant<bool, kHaveLut>{});
             } else {
               run(std::false_type{});
             }
