@@ -15,6 +15,8 @@ for need in "$FROM" "$BASE"; do
   [ -f "$need/config.json" ] || { echo "$need does not exist: run 'make demo' first (or give FROM=/BASE=)" >&2; exit 1; }
 done
 mkdir -p "$LOGS"
+# Only this run's models in the comparison: logs of models an older recipe list made would mix in.
+rm -f "$LOGS"/*-"$(basename "$SUITE" .jsonl)".json "$LOGS"/retention-*.json
 models=()
 for spec in uniform:5 uniform:4 mixed_4_6:4 mixed_3_6:3 survival:4 survival:3; do
   recipe=${spec%%:*} b=${spec##*:}

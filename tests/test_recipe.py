@@ -131,8 +131,14 @@ def test_survival_recipe_matches_delta_survival_and_loads(fused, tmp_path):
     plan = R.plan_from_report(rep, 2)
     want = plan["layer_bits"]
     assert want, "the tiny fine-tune should die somewhere at 2 bits"
-    # the planner's model value at uniform bits is delta-survival's own summary
-    assert plan["value_before"] == pytest.approx(rep["summary"]["2"][rep["threshold"]["statistic"]], rel=1e-9)
+    # the planner's model value at uniform bits is what delta-survival's rule judges
+    from qtools.survival import rule_value
+
+    for agg in ("weighted", "weakest_layer"):
+        rep["threshold"] = {**rep["threshold"], "aggregate": agg}
+        p = R.plan_from_report(rep, 2)
+        assert p["value_before"] == pytest.approx(rule_value(rep["summary"], rep["layers"], 2, rep["threshold"]),
+                                                  rel=1e-9)
     out = tmp_path / "surv2"
     r = quantize("--model", fused, "--bits", 2, "--recipe", "survival", "--out", out, "--json")
     assert r.exit_code == 0, r.output
