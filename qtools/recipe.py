@@ -4,16 +4,17 @@ delta-survival is run on the float model for every supported bit-width >= BITS.
 Its threshold rule (the calibrated one) judges the *model*: the statistic
 pooled over the tensors as delta-survival pools it (|D|^2-weighted; the SNRs
 as total delta energy over total noise), or the weakest layer's, must clear
-`rule["min"]`. The plan starts with every tensor at BITS; while the model's
-value, computed at each tensor's assigned bit-width, is below the threshold, it
-raises the one tensor whose next bit-width buys the most of that value per
-extra stored bit (codes plus scales and biases). So the tensors where the
-delta dies first, and that carry most of it, go up first, and only as far as
-the whole fine-tune needs. A model that cannot clear the threshold even at 8
-bits gets every delta tensor at 8 and is flagged (survives False). Tensors the
-fine-tune does not touch stay at BITS. The result is a `layer_bits` map for
-qtools.quantize, written through mlx-lm's per-layer quantization config so
-`mlx_lm.load` loads the model as usual.
+`rule["min"]`. The plan starts with every tensor at BITS and, while the model
+fails the rule, raises the one tensor whose next bit-width cuts the fine-tune
+delta's quantization error |Dq - D|^2 (summed over tensors) the most per extra
+stored bit (codes plus scales and biases): a rate-distortion allocation, where
+the rule only says when to stop. (Allocating by the rule's own statistic
+instead chases a bounded or weakest-layer value; on the demo that left two
+VETO->APPROVE errors at the same bits per weight.) A model that cannot clear
+the rule even at 8 bits gets every delta tensor at 8 and is flagged (survives
+False). Tensors the fine-tune does not touch stay at BITS. The result is a
+`layer_bits` map for qtools.quantize, written through mlx-lm's per-layer
+quantization config so `mlx_lm.load` loads the model as usual.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from __future__ import annotations
 from . import SUPPORTED_BITS, QtoolsError
 
 MAX_BITS = max(SUPPORTED_BITS)
+# What each extra bit should buy: the largest cut in the delta's quantization error
+# |Dq - D|^2 summed over tensors (rate-distortion allocation). The rule decides when to stop.
+OBJECTIVE = "delta_snr"
 
 
 def _module_path(tensor_name: str) -> str:
@@ -50,7 +54,12 @@ def _rule_value(tensors: list[dict], assigned: dict, stat: str, aggregate: str) 
                for members in groups.values())
 
 
-def plan_from_report(report: dict, bits: int) -> dict:
+def _delta_error(t: dict, b: int) -> float:
+    """|Dq - D|^2 of one tensor at b bits: its delta energy over its delta_snr."""
+    return t["w"] / max(t["obj"][b], 1e-30)
+
+
+def plan_from_report(report: dict, bits: int, objective: str = OBJECTIVE) -> dict:
     """{layer_bits, raised, rule, value, value_before} from a delta-survival report, for base bit-width `bits`.
 
     raised: one entry per raised tensor, {layer, bits, statistic, value_at_bits, survives}
@@ -77,10 +86,12 @@ def plan_from_report(report: dict, bits: int) -> dict:
         vals = {b: (by_bits.get(str(b)) or {}).get(stat) for b in widths}
         if any(v is None for v in vals.values()):
             continue  # no delta in this tensor: it stays at BITS
+        obj = {b: (by_bits.get(str(b)) or {}).get(objective) for b in widths}
         delta_rms = (by_bits[str(bits)] or {}).get("delta_rms", 1.0)
         n = _n_elements(t)
         tensors.append({"name": t["name"], "layer": t.get("layer"), "n": n,
-                        "w": (delta_rms ** 2) * n or 1e-30, "stat": vals})
+                        "w": (delta_rms ** 2) * n or 1e-30, "stat": vals,
+                        "obj": obj if all(v is not None for v in obj.values()) else None})
     assigned = {t["name"]: bits for t in tensors}
     raised_ok = True
     value_before = value = _rule_value(tensors, assigned, stat, aggregate) if tensors else None
@@ -91,8 +102,10 @@ def plan_from_report(report: dict, bits: int) -> dict:
             nxt = next((b for b in widths if b > cur), None)
             if nxt is None:
                 continue
-            trial = {**assigned, t["name"]: nxt}
-            gain = _rule_value(tensors, trial, stat, aggregate) - value
+            if t["obj"] is not None:
+                gain = _delta_error(t, cur) - _delta_error(t, nxt)
+            else:  # no objective statistic: what the rule gains
+                gain = _rule_value(tensors, {**assigned, t["name"]: nxt}, stat, aggregate) - value
             cost = t["n"] * (bits_per_weight(nxt, group_size) - bits_per_weight(cur, group_size))
             key = gain / cost
             if best is None or key > best[0]:
