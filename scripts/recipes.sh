@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quantization recipes side by side on the fused demo model, in one run: uniform 5 and
 # 4 bits, mlx-lm's mixed_3_6 and mixed_4_6, and qtools' survival recipe at 3 and 4 bits.
-# Each is quantized (an existing one newer than FROM is reused unless FORCE=1), validated
+# Each is quantized (a uniform or mixed one newer than FROM is reused unless FORCE=1), validated
 # on SUITE, scored with `qtools retention` against FROM and BASE, and one compare table
 # (accuracy, critical errors, logit retention, bits/weight) is printed. Logs: $LOGS/recipes/.
 set -euo pipefail
@@ -25,7 +25,9 @@ for spec in uniform:5 uniform:4 mixed_4_6:4 mixed_3_6:3 survival:4 survival:3; d
     survival) out="${PREFIX}_survival_${b}bit" ;;
     *) out="${PREFIX}_${recipe}" ;;
   esac
-  if [ -d "$out" ] && [ "${FORCE:-0}" != 1 ] && [ "$out/config.json" -nt "$FROM/config.json" ]; then
+  # The survival plan follows qtools' code and its calibrated rule, not only FROM: always re-plan it
+  # (seconds). Uniform and mixed-recipe models depend on FROM alone.
+  if [ "$recipe" != survival ] && [ -d "$out" ] && [ "${FORCE:-0}" != 1 ] && [ "$out/config.json" -nt "$FROM/config.json" ]; then
     echo "== reusing $out (FORCE=1 re-quantizes)"
   else
     echo "== quantize $recipe $b-bit -> $out"
