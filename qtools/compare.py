@@ -141,6 +141,14 @@ def retention_for(model: str, suite: str, retention: list) -> dict | None:
     return max(same, key=lambda r: r.get("created", "")) if same else None
 
 
+def _rule_value(surv: dict, bits, rule: dict):
+    from .survival import rule_value
+
+    if str(bits) not in (surv.get("summary") or {}):
+        return None
+    return rule_value(surv["summary"], surv.get("layers") or [], bits, rule)
+
+
 def compare_suite(logs: list, surv: dict | None, c: Criteria, retention: list | None = None) -> dict:
     logs = sorted(logs, key=_sort_key)
     names = [log["model"] for log in logs]
@@ -203,7 +211,11 @@ def compare_suite(logs: list, surv: dict | None, c: Criteria, retention: list | 
     agreement = []
     if surv:
         behaviour_c = Criteria(c.min_accuracy, c.max_critical, None, None)
-        stat = (surv.get("threshold") or {}).get("statistic")
+        rule = surv.get("threshold") or {}
+        stat = rule.get("statistic")
+        # the value the rule judges (weakest layer or |D|^2-weighted), not always the summary's
+        label = stat if rule.get("aggregate", "weighted") == "weighted" else \
+            f"{stat} ({rule['aggregate'].replace('_', ' ')})"
         # If the float model itself fails, a failing quantized model proves nothing.
         refs = [log for log in logs if not log.get("quantized")]
         ref_fails = bool(refs) and all(model_verdict(r, behaviour_c) for r in refs)
@@ -216,7 +228,8 @@ def compare_suite(logs: list, surv: dict | None, c: Criteria, retention: list | 
             agreement.append({
                 "model": log["model"], "bits": log["bits"],
                 "retention": s.get("retention"), "cosine": s.get("cosine"),
-                "statistic": stat, "statistic_value": s.get(stat) if stat else None,
+                "statistic": label,
+                "statistic_value": _rule_value(surv, log["bits"], rule) if stat else None,
                 "predicted": "survives" if pred else "rounded away",
                 "observed": "survives" if held else ("fails (float fails too)" if ref_fails else "fails"),
                 "agree": None if (ref_fails and not held) else pred == held,

@@ -152,3 +152,15 @@ def test_a_pass_below_a_failure_is_flagged_with_the_smallest_model_above_every_f
     assert out["not_monotone"] == ["fused_4bit"] and out["recommendation_above_failures"] == "fused_5bit"
     human = run("compare", *paths).output
     assert "not monotone in bits" in human and "Smallest model above every failure: fused_5bit" in human
+
+
+def test_agreement_shows_the_value_the_rule_judges():
+    """With a weakest-layer rule the table shows the weakest layer's value, not the model's."""
+    from qtools.compare import _rule_value
+
+    surv = {"summary": {"4": {"retention": 0.96}},
+            "layers": [{"layer": 0, "by_bits": {"4": {"retention": 0.99}}},
+                       {"layer": 1, "by_bits": {"4": {"retention": 0.93}}}]}
+    assert _rule_value(surv, 4, {"statistic": "retention", "aggregate": "weakest_layer", "min": 0.97}) == 0.93
+    assert _rule_value(surv, 4, {"statistic": "retention", "aggregate": "weighted", "min": 0.97}) == 0.96
+    assert _rule_value(surv, 3, {"statistic": "retention", "min": 0.97}) is None
