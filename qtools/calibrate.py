@@ -390,6 +390,8 @@ def write_report(results, rule, train_score, test_score, out_md, out_png, out_js
     stat, agg = rule["statistic"], rule["aggregate"]
     train_ids = {r["id"] for r in split(results)[0]}
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    # ratios span decades; bounded statistics (retention, cosine, sign agreement) do not
+    log_scale = stat in ("subspace_snr", "delta_snr", "delta_to_step")
     for r in results:
         t = _rank(r["true_min_bits"])
         for b in BITS:
@@ -397,11 +399,14 @@ def write_report(results, rule, train_score, test_score, out_md, out_png, out_js
             if v is None:
                 continue
             alive = b >= t
-            ax.scatter(b + (0.08 if r["id"] in train_ids else -0.08), max(v, 1e-6),
+            # kept left of the bit-width, lost right of it: overlapping ranges stay visible
+            x = b + (-0.14 if alive else 0.14) + (0.04 if r["id"] in train_ids else -0.04)
+            ax.scatter(x, max(v, 1e-6) if log_scale else v,
                        c="tab:green" if alive else "tab:red", marker="o" if r["id"] in train_ids else "x", s=18)
     ax.axhline(rule["min"], color="k", ls="--", lw=1, label=f"threshold {rule['min']:.3g}")
-    ax.set_yscale("log")
-    ax.set_xlabel("bits (o: training split, x: held out)")
+    if log_scale:
+        ax.set_yscale("log")
+    ax.set_xlabel("bits (o: training split, x: held out; kept left, lost right of each bit-width)")
     ax.set_ylabel(f"{stat} ({agg})")
     ax.set_title("green: behaviour kept, red: fine-tune lost")
     ax.legend(loc="lower right")
