@@ -172,27 +172,12 @@ def run_grid(base_dir, suite_path, work_dir, grid=None, bits_list=BITS, group_si
     return [r for chunk in chunks for r in chunk]
 
 
-def base_fingerprint(base_dir) -> dict:
-    """Size, and a hash of the head and tail, of every weight file: cheap for large bases,
-    and any retraining changes it."""
-    import hashlib
-
-    out = {}
-    for f in sorted(Path(base_dir).glob("*.safetensors")):
-        h = hashlib.sha256()
-        size = f.stat().st_size
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
-            fh.seek(max(0, size - (1 << 20)))
-            h.update(fh.read(1 << 20))
-        out[f.name] = f"{size}:{h.hexdigest()}"
-    return out
-
-
 def _check_same_base(work: Path, base_dir) -> None:
     """Cached fine-tunes belong to the base they were trained on; a rebuilt base invalidates them."""
+    from .weights import fingerprint
+
     path = work / "base_fingerprint.json"
-    fp = base_fingerprint(base_dir)
+    fp = {"base": fingerprint(base_dir)}
     if path.exists():
         if json.loads(path.read_text()) != fp:
             raise QtoolsError(f"{work} holds fine-tunes of a different base than {base_dir}; "

@@ -34,6 +34,7 @@ import numpy as np
 
 from . import QtoolsError, __version__
 from .validate import check_model_dir
+from .weights import fingerprint
 
 CACHE_VERSION = 1
 DEFAULT_TOP_K = 32
@@ -51,16 +52,6 @@ def _vocab_size(path: Path) -> int | None:
     cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
     v = cfg.get("vocab_size")
     return int(v) if v else None
-
-
-def _fingerprint(path: Path) -> str:
-    """Changes when the model's weights or config change (names, sizes, mtimes)."""
-    h = hashlib.sha256()
-    for p in sorted(path.iterdir()):
-        if p.is_file() and (p.suffix in (".safetensors", ".json")):
-            st = p.stat()
-            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return h.hexdigest()[:16]
 
 
 def _file_hash(path: Path) -> str:
@@ -185,7 +176,7 @@ def load_or_build_reference(reference: Path, source: dict, top_k: int, cache: Pa
                             suite=None, text=None, max_tokens=None, progress=True) -> dict:
     """The reference's sequences and top-k, from `cache` when it matches, else computed (and cached)."""
     meta = {"version": CACHE_VERSION, "reference": str(reference.resolve()),
-            "fingerprint": _fingerprint(reference), "source": source, "top_k": top_k,
+            "fingerprint": fingerprint(reference), "source": source, "top_k": top_k,
             "max_tokens": max_tokens}
     if cache is not None and cache.is_file():
         try:

@@ -58,6 +58,26 @@ class TensorInfo:
         return self.dtype in FLOAT_DTYPES
 
 
+def fingerprint(model_dir) -> str:
+    """Changes when a model directory's weights or config change: the name, size and a hash
+    of the first and last MiB of every .safetensors and .json file (cheap for large models;
+    any retraining or re-quantization changes it, a mere copy or touch does not)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(Path(model_dir).iterdir()):
+        if not (f.is_file() and f.suffix in (".safetensors", ".json")):
+            continue
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size};".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 1 << 20:
+                fh.seek(max(1 << 20, size - (1 << 20)))
+                h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
 def _read_header(path: Path) -> dict[str, TensorInfo]:
     try:
         size = path.stat().st_size

@@ -180,3 +180,20 @@ def test_constant_baseline_and_separability():
     mixed = [synthetic(0, 5, 20.0), synthetic(1, 4, 2.0)]
     at4 = {x["bits"]: x for x in cal.separability(mixed, "subspace_snr", "weighted")}[4]
     assert at4["overlap"] and at4["keep"] == (2.0, 2.0) and at4["lose"] == (5.0, 5.0)
+
+
+def test_model_fingerprint_follows_content_not_mtime(tmp_path):
+    import os
+
+    from qtools.demo.model import make_tiny_model
+    from qtools.weights import fingerprint
+
+    m = make_tiny_model(tmp_path / "m", hidden_size=64, num_layers=1)
+    fp = fingerprint(m)
+    st = m / "model.safetensors"
+    os.utime(st, (1, 1))  # a copy or touch: same model
+    assert fingerprint(m) == fp
+    data = bytearray(st.read_bytes())
+    data[-1] ^= 1  # a changed weight at the end of the file
+    st.write_bytes(bytes(data))
+    assert fingerprint(m) != fp
