@@ -197,3 +197,58 @@ def test_model_fingerprint_follows_content_not_mtime(tmp_path):
     data[-1] ^= 1  # a changed weight at the end of the file
     st.write_bytes(bytes(data))
     assert fingerprint(m) != fp
+
+
+def with_cases(i, true_bits, snr_at, n=64, critical_at=None):
+    """synthetic() plus per-case records: every case right down to true_bits, half wrong
+    below; `critical_at`: one case answered critically wrong at that bit-width only."""
+    r = synthetic(i, true_bits, snr_at)
+    r["behaviour"] = {}
+    for b in [16, *cal.BITS]:
+        good = b >= true_bits
+        correct = "1" * n if good else "10" * (n // 2)
+        critical = ["0"] * n
+        if b == critical_at:
+            critical[7] = "1"
+            correct = correct[:7] + "0" + correct[8:]
+        r["behaviour"][str(b)] = {"cases": {"correct": correct, "critical": "".join(critical)}}
+    return r
+
+
+def test_a_clean_fine_tune_reproduces_its_threshold_on_every_re_drawn_suite():
+    r = with_cases(0, 4, 20.0)
+    assert cal.true_threshold({k: {"accuracy": v["cases"]["correct"].count("1") / 64,
+                                   "critical_errors": v["cases"]["critical"].count("1")}
+                               for k, v in r["behaviour"].items()}, cal.BITS, 0.8) == 4
+    assert cal.threshold_distribution(r, cal.BITS, 0.8) == {4: 1.0}
+
+
+def test_one_critical_case_makes_the_threshold_a_coin_toss():
+    """One critical error among 64 cases at 5 bits: a re-drawn suite of 64 contains that case
+    with probability 1 - (63/64)^64 = 63.4%, so the threshold is 6 that often and 5 otherwise;
+    four times as many cases contain it 98.2% of the time."""
+    r = with_cases(0, 5, 20.0, critical_at=5)
+    d = cal.threshold_distribution(r, cal.BITS, 0.8)
+    assert set(d) == {5, 6} and abs(d[6] - (1 - (63 / 64) ** 64)) < 0.04
+    d4 = cal.threshold_distribution(r, cal.BITS, 0.8, size_factor=4)
+    assert abs(d4[6] - (1 - (63 / 64) ** 256)) < 0.02
+
+
+def test_reliability_scores_the_rule_against_re_drawn_suites():
+    # the measured threshold is 6 (the critical case is in the suite); snr crosses 10 at 5 bits
+    coin = with_cases(0, 5, 20.0, critical_at=5)
+    coin["true_min_bits"] = 6
+    clean = with_cases(1, 4, 20.0)
+    rule = {"statistic": "subspace_snr", "aggregate": "weighted", "min": 10.0}
+    assert cal.predict(coin, rule) == 5 and cal.predict(clean, rule) == 4
+    rel = cal.reliability([coin, clean], [coin, clean], rule, 5, 0.8)
+    p6 = cal.threshold_distribution(coin, cal.BITS, 0.8)[6]
+    assert rel["reproduce"] == pytest.approx((p6 + 1.0) / 2)
+    assert rel["reproduce_under_half"] == 0
+    assert rel["size_factors"][1]["ceiling_held_out"] == pytest.approx((p6 + 1.0) / 2)
+    # the rule predicts 5 and 4: exact when the draw misses the critical case, never optimistic for clean
+    assert rel["rule"]["exact"] == pytest.approx((1 - p6 + 1.0) / 2)
+    assert rel["rule"]["optimistic"] == pytest.approx(p6 / 2)
+    # guessing 5 for both: pessimistic for clean, same as the rule for coin
+    assert rel["constant"]["exact"] == pytest.approx((1 - p6) / 2)
+    assert rel["size_factors"][4]["ceiling"] > rel["size_factors"][1]["ceiling"]
