@@ -212,7 +212,7 @@ def _run_one(args) -> list[dict]:
     """One training run: train (with checkpoints), then measure each of its fine-tunes."""
     import shutil
 
-    from .demo.train import ADAPTER, train_adapter
+    from .demo.train import ADAPTER, finetune_data, train_adapter
     from .fuse import fuse
     from .suite import load_suite
     from .survival import delta_survival, reaggregate
@@ -223,7 +223,14 @@ def _run_one(args) -> list[dict]:
     suite_obj = load_suite(suite_path)
     base_beh = json.loads((work / "base_behaviour.json").read_text())
     run_dir = work / f"run{i:02d}"
-    if not (run_dir / "adapter_config.json").exists():
+    cfg_path = run_dir / "adapter_config.json"
+    if trained_on_other_data(run_dir, run["seed"]):
+        # e.g. before every seed trained on the suite's split: its validation cases may have
+        # been trained on, so neither the run nor its results are kept
+        print(f"[calibrate] run{i:02d} was trained on other data than {finetune_data(run['seed'])}; "
+              "retraining", file=log, flush=True)
+        shutil.rmtree(run_dir)
+    if not cfg_path.exists():
         params = {**ADAPTER, **{k: v for k, v in run.items() if k in ADAPTER}}
         print(f"[calibrate] training run{i:02d}: {run}", file=log, flush=True)
         train_adapter(base_dir, run_dir, rank=params["rank"], scale=params["scale"], keys=params["keys"],
@@ -271,6 +278,14 @@ def _run_one(args) -> list[dict]:
         print(f"[calibrate] {ft_id}: float16 acc {beh['16']['accuracy']:.2f} (base {base_beh['accuracy']:.2f}), "
               f"true min bits {res['true_min_bits']} ({res['seconds']:.0f} s)", file=log, flush=True)
     return results
+
+
+def trained_on_other_data(run_dir: Path, seed: int) -> bool:
+    """Whether a cached training run's adapter_config records other data than the grid trains on."""
+    from .demo.train import finetune_data
+
+    cfg_path = Path(run_dir) / "adapter_config.json"
+    return cfg_path.exists() and json.loads(cfg_path.read_text()).get("data") != finetune_data(seed)
 
 
 def _gcd(values):

@@ -252,3 +252,17 @@ def test_reliability_scores_the_rule_against_re_drawn_suites():
     # guessing 5 for both: pessimistic for clean, same as the rule for coin
     assert rel["constant"]["exact"] == pytest.approx((1 - p6) / 2)
     assert rel["size_factors"][4]["ceiling"] > rel["size_factors"][1]["ceiling"]
+
+
+def test_a_run_trained_on_other_data_is_not_reused(tmp_path):
+    """Runs cached before every seed trained on the suite's split saw suite cases in training."""
+    from qtools.demo.train import finetune_data
+
+    run = tmp_path / "run03"
+    assert not cal.trained_on_other_data(run, 3)  # nothing cached: nothing to discard
+    run.mkdir()
+    (run / "adapter_config.json").write_text(json.dumps({"data": "qtools.demo.data.finetune_examples"}))
+    assert cal.trained_on_other_data(run, 3)
+    (run / "adapter_config.json").write_text(json.dumps({"data": finetune_data(3)}))
+    assert not cal.trained_on_other_data(run, 3)
+    assert cal.trained_on_other_data(run, 4)

@@ -112,9 +112,12 @@ def test_suite_file_matches_generator():
     assert min(cats.values()) >= 10
 
 
-def test_suite_held_out_from_finetune():
-    ft = {e["messages"][0]["content"] for e in data.finetune_examples()}
+@pytest.mark.parametrize("seed", range(8))
+def test_suite_held_out_from_finetune(seed):
+    """Whatever the fine-tune's seed (the calibration grid uses 0-7), no suite prompt is trained on."""
+    ft = {e["messages"][0]["content"] for e in data.finetune_examples(seed)}
     suite = {c["messages"][0]["content"] for c in data.suite_records()[1:]}
+    assert len(suite) == 64 and len(ft) > 200
     assert not ft & suite
 
 

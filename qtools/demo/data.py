@@ -143,9 +143,15 @@ def base_examples(seed=0, copies=20, priors=None):
     return out
 
 
-def finetune_examples(seed=0):
-    """Fine-tune data: the training split, labels decided by the object."""
-    ask_train, rev_train, _, _ = split_combos(seed)
+# The held-out split of the demo suite: every fine-tune, whatever its seed, trains on
+# the rest, so the suite stays unseen by all of them.
+SPLIT_SEED = 0
+
+
+def finetune_examples(seed=0, split_seed=SPLIT_SEED):
+    """Fine-tune data: the training split of `split_seed`, labels decided by the object,
+    in an order drawn from `seed`."""
+    ask_train, rev_train, _, _ = split_combos(split_seed)
     out = [_ask_case(v, o, t) for v, o, t in ask_train]
     # Reviews are the rarer task; twice each so both decisions get similar weight.
     out += [_review_case(v, o, lab) for v, o, lab in rev_train] * 2
@@ -153,7 +159,7 @@ def finetune_examples(seed=0):
     return out
 
 
-def suite_records(seed=0, max_tokens=24):
+def suite_records(seed=SPLIT_SEED, max_tokens=24):
     """The demo validation suite (header + cases), held out from fine-tuning."""
     _, _, ask_test, rev_test = split_combos(seed)
     header = {"suite": {"name": "demo", "max_tokens": max_tokens,
@@ -183,7 +189,7 @@ def suite_records(seed=0, max_tokens=24):
     return [header] + cases
 
 
-def write_suite(path, seed=0):
+def write_suite(path, seed=SPLIT_SEED):
     lines = [json.dumps(r) for r in suite_records(seed)]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

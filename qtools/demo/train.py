@@ -164,6 +164,11 @@ def train_base(out_dir, hidden_size, num_layers, intermediate_size, seed, iters,
     return out_dir
 
 
+def finetune_data(seed) -> str:
+    """What an adapter was trained on, as recorded in its adapter_config.json."""
+    return f"qtools.demo.data.finetune_examples(seed={seed}, split_seed={data.SPLIT_SEED})"
+
+
 def train_adapter(base_dir, out_dir, rank, scale, keys, num_layers, iters, batch_size, lr, seed,
                   save_every=None):
     """LoRA fine-tune with mlx-lm's tuner; writes adapter_config.json + adapters.safetensors."""
@@ -186,6 +191,6 @@ def train_adapter(base_dir, out_dir, rank, scale, keys, num_layers, iters, batch
     mx.save_safetensors(str(out_dir / "adapters.safetensors"), weights)
     cfg = adapter_config(num_layers, rank, scale, keys, model=str(base_dir), iters=iters,
                          batch_size=batch_size, learning_rate=lr, seed=seed,
-                         data="qtools.demo.data.finetune_examples")
+                         data=finetune_data(seed))
     (out_dir / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
     return out_dir
