@@ -132,7 +132,7 @@ def quantize(
     })
     if plan is not None:
         provenance["survival_recipe"] = {k: plan[k] for k in ("rule", "raised", "predicted_min_bits", "value_before",
-                                                              "value", "survives")}
+                                                              "value", "survives", "target")}
     with atomic_output_dir(out, force) as tmp:
         with contextlib.redirect_stdout(sys.stderr):
             save(tmp, str(src), net, tokenizer, qconfig, donate_model=True)
@@ -144,7 +144,7 @@ def quantize(
         extra = {"raised_layers": plan["raised"], "survival_rule": plan["rule"],
                  "predicted_min_bits": plan["predicted_min_bits"], "analysed_tensors": plan["tensors"],
                  "survival_value_before": plan["value_before"], "survival_value": plan["value"],
-                 "survival_plan_survives": plan["survives"]}
+                 "survival_plan_survives": plan["survives"], "survival_target": plan["target"]}
     return {
         "out": str(out),
         "source": str(src),

@@ -4,11 +4,14 @@ delta-survival is run on the float model for every supported bit-width >= BITS.
 Its threshold rule (the calibrated one) judges the *model*: the statistic
 pooled over the tensors as delta-survival pools it (|D|^2-weighted; the SNRs
 as total delta energy over total noise), or the weakest layer's, must clear
-`rule["min"]`. The plan starts with every tensor at BITS and, while the model
-fails the rule, raises the one tensor whose next bit-width cuts the fine-tune
+`rule["min"]`. The plan aims at the value the statistic has at the uniform
+bit-width the rule recommends (never below the threshold): the mixed model is
+then as safe, by the rule's own measure, as the uniform one it replaces. It
+starts with every tensor at BITS and, while the model is short of that target,
+raises the one tensor whose next bit-width cuts the fine-tune
 delta's quantization error |Dq - D|^2 (summed over tensors) the most per extra
 stored bit (codes plus scales and biases): a rate-distortion allocation, where
-the rule only says when to stop. (Allocating by the rule's own statistic
+the target only says when to stop. (Allocating by the rule's own statistic
 instead chases a bounded or weakest-layer value; on the demo that left two
 VETO->APPROVE errors at the same bits per weight.) A model that cannot clear
 the rule even at 8 bits gets every delta tensor at 8 and is flagged (survives
@@ -59,8 +62,14 @@ def _delta_error(t: dict, b: int) -> float:
     return t["w"] / max(t["obj"][b], 1e-30)
 
 
-def plan_from_report(report: dict, bits: int, objective: str = OBJECTIVE) -> dict:
-    """{layer_bits, raised, rule, value, value_before} from a delta-survival report, for base bit-width `bits`.
+def plan_from_report(report: dict, bits: int, objective: str = OBJECTIVE, target: str = "recommended") -> dict:
+    """{layer_bits, raised, rule, value, value_before, target} from a delta-survival report, for base bit-width `bits`.
+
+    target "recommended": raise until the model's statistic is as high as at the uniform
+    bit-width the rule recommends (never below the rule's threshold); "rule": until it
+    clears the threshold. The threshold is a boundary fitted between bit-widths, so a plan
+    that stops right at it has less margin than the uniform model it replaces: on the demo
+    the "rule" plan stopped at 4.88 bits/weight with two VETO->APPROVE errors.
 
     raised: one entry per raised tensor, {layer, bits, statistic, value_at_bits, survives}
     (survives False: the model does not clear the rule even with every delta tensor at 8 bits).
@@ -92,10 +101,23 @@ def plan_from_report(report: dict, bits: int, objective: str = OBJECTIVE) -> dic
         tensors.append({"name": t["name"], "layer": t.get("layer"), "n": n,
                         "w": (delta_rms ** 2) * n or 1e-30, "stat": vals,
                         "obj": obj if all(v is not None for v in obj.values()) else None})
+    if target not in ("recommended", "rule"):
+        raise QtoolsError(f"unknown survival target {target!r}: use recommended or rule")
     assigned = {t["name"]: bits for t in tensors}
     raised_ok = True
     value_before = value = _rule_value(tensors, assigned, stat, aggregate) if tensors else None
-    while tensors and value < rule["min"]:
+    goal, goal_bits = rule["min"], None
+    if tensors and target == "recommended":
+        uniform = {b: _rule_value(tensors, {t["name"]: b for t in tensors}, stat, aggregate) for b in widths}
+        for b in sorted(widths, reverse=True):  # the smallest bit-width surviving with every larger one
+            if uniform[b] < rule["min"]:
+                break
+            goal_bits = b
+        if goal_bits is not None and goal_bits > bits:
+            goal = max(goal, uniform[goal_bits])
+        else:
+            goal_bits = None
+    while tensors and value < goal:
         best = None
         for t in tensors:
             cur = assigned[t["name"]]
@@ -125,7 +147,8 @@ def plan_from_report(report: dict, bits: int, objective: str = OBJECTIVE) -> dic
         raised.append({"layer": path, "bits": b, "statistic": stat, "value_at_bits": t["stat"][bits],
                        "survives": raised_ok})
     return {"layer_bits": layer_bits, "raised": raised, "rule": rule, "base_bits": bits,
-            "value_before": value_before, "value": value, "survives": raised_ok}
+            "value_before": value_before, "value": value, "survives": raised_ok,
+            "target": {"kind": target, "value": goal, "uniform_bits": goal_bits}}
 
 
 def survival_plan(model, bits: int, group_size: int = 64, adapter=None, base=None, progress: bool = False) -> dict:

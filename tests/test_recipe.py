@@ -43,7 +43,7 @@ def test_plan_raises_the_best_buy_first_and_stops_when_the_model_survives():
         tensor("b", b3=2.0, b4=2.5, b5=3.0, b6=4.0, b8=9.0),
         tensor("c", b3=None, b4=None, b5=None, b6=None, b8=None),  # no delta: stays
     ])
-    plan = R.plan_from_report(rep, 3)
+    plan = R.plan_from_report(rep, 3, target="rule")
     # model SNR at 3 bits: 2 / (1/0.2 + 1/2) = 0.364, a's noise dominates; raising a to 4
     # gives 2 / (1/5 + 1/2) = 2.86, raising b only 0.370 for the same cost
     assert plan["value_before"] == pytest.approx(2 / 5.5)
@@ -51,6 +51,7 @@ def test_plan_raises_the_best_buy_first_and_stops_when_the_model_survives():
     assert plan["value"] == pytest.approx(2 / 0.7) == pytest.approx(weighted(rep, plan["layer_bits"]))
     assert plan["survives"] and plan["raised"][0]["value_at_bits"] == 0.2
     # already surviving at 5: nothing raised
+    assert R.plan_from_report(rep, 5, target="rule")["layer_bits"] == {}
     assert R.plan_from_report(rep, 5)["layer_bits"] == {}
 
 
@@ -60,7 +61,7 @@ def test_plan_is_minimal_and_weighs_by_size_and_delta():
         tensor("small", shape=(64, 64), delta_rms=1.0, b3=0.1, b4=0.5, b5=1.2, b6=2.0, b8=9.0),
         tensor("weak", shape=(64, 64), delta_rms=0.1, b3=0.01, b4=0.02, b5=0.05, b6=0.1, b8=0.2),
     ])
-    plan = R.plan_from_report(rep, 3)
+    plan = R.plan_from_report(rep, 3, target="rule")
     lb = plan["layer_bits"]
     assert plan["survives"] and weighted(rep, lb) >= 1.0
     # a tensor with a hundredth of the delta energy is not worth raising
@@ -87,8 +88,12 @@ def test_plan_weakest_layer_rule_raises_only_the_weak_layer():
         tensor("model.layers.1.q", layer=1, b3=0.5, b4=1.1, b5=2.0, b6=3.0, b8=9.0),
         tensor("model.embed_tokens", layer=None, b3=0.1, b4=0.2, b5=0.3, b6=0.4, b8=0.5),
     ], rule=rule)
-    plan = R.plan_from_report(rep, 3)
+    plan = R.plan_from_report(rep, 3, target="rule")
     assert plan["layer_bits"] == {"model.layers.1.q": 4} and plan["survives"]
+    # uniform 4 bits is what the rule recommends; its weakest layer (1) has 1.1 there, so
+    # "recommended" wants 1.1 from every layer: layer 0 already has 2.0 at 3 bits
+    plan = R.plan_from_report(rep, 3)
+    assert plan["layer_bits"] == {"model.layers.1.q": 4} and plan["value"] == pytest.approx(1.1)
 
 
 def test_plan_allocates_bits_where_they_cut_the_delta_error_most():
@@ -104,15 +109,40 @@ def test_plan_allocates_bits_where_they_cut_the_delta_error_most():
         t("clean", 64, {4: 2.0, 5: 8.0, 6: 32.0, 8: 512.0}, {4: 0.93, 5: 0.97, 6: 0.99, 8: 1.0}),
         t("noisy", 64, {4: 0.5, 5: 2.0, 6: 8.0, 8: 128.0}, {4: 0.90, 5: 0.96, 6: 0.99, 8: 1.0}),
     ], bits=(4, 5, 6, 8), rule=rule)
-    plan = R.plan_from_report(rep, 4)
+    plan = R.plan_from_report(rep, 4, target="rule")
     # raising "noisy" to 5 cuts 4096*(2 - 0.5) of error, "clean" only 4096*(0.5 - 0.125);
     # then retention = (0.93 + 0.96) / 2 = 0.945 < 0.95, and noisy 5->6 (cut 4096*0.375)
     # ties clean 4->5 (4096*0.375): either way the model clears 0.95 after the second step
     assert plan["layer_bits"]["noisy"] >= 5
     assert plan["value"] >= 0.95 and plan["survives"]
     assert sum(b - 4 for b in plan["layer_bits"].values()) == 2
-    first = R.plan_from_report({**rep, "threshold": {**rule, "min": 0.94}}, 4)
+    first = R.plan_from_report({**rep, "threshold": {**rule, "min": 0.94}}, 4, target="rule")
     assert first["layer_bits"] == {"noisy": 5}
+
+
+def test_plan_aims_at_the_recommended_uniform_bit_width_not_the_bare_threshold():
+    """The threshold (1.0) is cleared at uniform 4 bits with SNR 2.0; "rule" stops as soon as
+    the model clears 1.0, "recommended" goes on to 2.0 -- as safe as the uniform 4-bit model
+    by the rule's measure -- and still leaves the tensor that is clean at 3 bits alone."""
+    rep = report([
+        tensor("clean", b3=4.0, b4=16.0, b5=64.0, b6=256.0, b8=4096.0),
+        tensor("noisy", b3=0.3, b4=1.25, b5=5.0, b6=20.0, b8=320.0),
+    ])
+    uniform4 = weighted(rep, {"clean": 4, "noisy": 4})
+    assert weighted(rep, {}) < 1.0 <= uniform4  # the rule recommends 4 bits
+    low = R.plan_from_report(rep, 3, target="rule")
+    assert low["layer_bits"] == {"noisy": 4} and 1.0 <= low["value"] < uniform4
+    assert low["target"] == {"kind": "rule", "value": 1.0, "uniform_bits": None}
+    plan = R.plan_from_report(rep, 3)
+    assert plan["target"] == {"kind": "recommended", "value": pytest.approx(uniform4), "uniform_bits": 4}
+    assert plan["value"] >= uniform4 and plan["survives"]
+    assert plan["layer_bits"] == {"noisy": 5}  # 2/(1/4 + 1/5) = 4.44: clean stays at 3
+    assert plan["value"] == pytest.approx(weighted(rep, plan["layer_bits"]))
+
+
+def test_plan_target_must_be_known():
+    with pytest.raises(QtoolsError, match="unknown survival target"):
+        R.plan_from_report(report([tensor("a", b3=0.4, b4=0.6, b5=0.9, b6=1, b8=1)]), 3, target="max")
 
 
 def test_plan_uses_the_reports_rule():
@@ -186,12 +216,15 @@ def test_survival_recipe_with_synthetic_plan_loads(fused, tmp_path, monkeypatch)
     import qtools.survival as S
 
     monkeypatch.setattr(S, "delta_survival", lambda *a, **k: report(
-        [tensor(layer, b4=0.1, b5=0.2, b6=2.0, b8=3.0), tensor("model.layers.1.self_attn.q_proj", b4=1.4, b5=1.45, b6=1.5, b8=1.6)],
+        [tensor(layer, b4=0.1, b5=0.2, b6=2.0, b8=3.0), tensor("model.layers.1.self_attn.q_proj", b4=1.5, b5=1.5, b6=1.5, b8=1.6)],
         bits=(4, 5, 6, 8)))
     out = tmp_path / "surv4"
     r = quantize("--model", fused, "--bits", 4, "--recipe", "survival", "--out", out)
     assert r.exit_code == 0, r.output
     assert "1 of 2 tensors raised above 4 bits" in r.output and f"{layer}: 4 -> 6 bits" in r.output
+    # the rule recommends uniform 6 bits; raising down_proj alone matches its value
+    assert "target: subspace_snr >= 1.714, its value at uniform 6 bits" in r.output
+    assert "(reaches the target)" in r.output
     model, _ = load(str(out))
     mods = dict(model.named_modules())
     assert mods[layer].bits == 6 and mods["model.layers.1.self_attn.q_proj"].bits == 4

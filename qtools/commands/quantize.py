@@ -17,9 +17,9 @@ from ..validate import human_bytes
 @click.option("--group-size", type=click.Choice([str(g) for g in SUPPORTED_GROUP_SIZES]), default="64",
               show_default=True, help="Weights per quantization group.")
 @click.option("--recipe", type=click.Choice(RECIPES), default="uniform", show_default=True,
-              help="uniform; mlx-lm's mixed_3_6/mixed_4_6 (ignore --bits); or survival: --bits except the "
-                   "layers whose fine-tuning delta dies at --bits (delta-survival), which get the next "
-                   "bit-width where it survives.")
+              help="uniform; mlx-lm's mixed_3_6/mixed_4_6 (ignore --bits); or survival: --bits, with the "
+                   "tensors where the fine-tuning delta loses most raised until delta-survival's rule "
+                   "rates the model as safe as the uniform bit-width it recommends.")
 @click.option("--layer-bits", "layer_bits_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="JSON file {layer path: bits (0 = keep float)} overriding single layers.")
 @click.option("--out", default=None, type=click.Path(), help="Output directory [default: models/fused_<bits>bit].")
@@ -53,8 +53,13 @@ def quantize_cmd(model, bits, group_size, recipe, layer_bits_file, out, force, a
         click.echo(f"survival recipe: {len(raised)} of {report['analysed_tensors']} tensors raised above "
                    f"{bits} bits (rule: {rule['statistic']} ({agg}) >= {rule['min']:.4g})")
         before, after = report["survival_value_before"], report["survival_value"]
+        target = report["survival_target"]
+        if target["uniform_bits"] is not None:
+            click.echo(f"  target: {rule['statistic']} >= {target['value']:.4g}, its value at uniform "
+                       f"{target['uniform_bits']} bits (the bit-width the rule recommends)")
         if before is not None:
-            verdict = "survives" if report["survival_plan_survives"] else "still below the rule even at 8 bits"
+            verdict = ("reaches the target" if report["survival_plan_survives"]
+                       else "still short of the target even at 8 bits")
             click.echo(f"  model {rule['statistic']}: {before:.4g} at uniform {bits} bits -> {after:.4g} "
                        f"with these raised ({verdict})")
         for r in raised:
