@@ -540,6 +540,10 @@ def write_report(results, rule, train_score, test_score, out_md, out_png, out_js
         "Goal: at least 90% exact on the held-out fine-tunes and no optimistic miss beyond one bit-width: "
         + verdict,
         "",
+        f"With {test_score['n']} held-out fine-tunes the exact rate is known only roughly: the 95% "
+        f"(Wilson) interval around {test_score['exact']}/{test_score['n']} is "
+        f"{wilson(test_score['exact'], test_score['n'])[0]:.0%} to {wilson(test_score['exact'], test_score['n'])[1]:.0%}.",
+        "",
         "![calibration](calibration.png)",
         "",
         *_reliability_lines(rel, results, guess),
@@ -597,6 +601,16 @@ def _reliability_lines(rel, results, guess) -> list[str]:
         f"- The gap between the rule ({rel['rule']['exact']:.0%}) and the ceiling "
         f"({sf[1]['ceiling_held_out']:.0%}) is what the weights do not show (next section).",
     ]
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a rate of k in n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, mid - half), min(1.0, mid + half)
 
 
 def constant_baseline(train, test) -> tuple[int | None, dict]:

@@ -266,3 +266,10 @@ def test_a_run_trained_on_other_data_is_not_reused(tmp_path):
     (run / "adapter_config.json").write_text(json.dumps({"data": finetune_data(3)}))
     assert not cal.trained_on_other_data(run, 3)
     assert cal.trained_on_other_data(run, 4)
+
+
+def test_wilson_interval():
+    lo, hi = cal.wilson(12, 16)
+    assert lo == pytest.approx(0.505, abs=0.002) and hi == pytest.approx(0.898, abs=0.002)
+    assert cal.wilson(16, 16)[1] == pytest.approx(1.0) and cal.wilson(16, 16)[0] == pytest.approx(0.806, abs=0.002)
+    assert cal.wilson(0, 0) == (0.0, 1.0)
