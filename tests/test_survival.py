@@ -1,6 +1,7 @@
 """`qtools delta-survival` / `qtools quant-error` through the CLI, good and bad input."""
 
 import json
+import re
 import shutil
 
 import mlx.core as mx
@@ -122,6 +123,10 @@ def test_human_output_names_the_prediction_and_provisional_threshold(trio):
     assert "Predicted minimum bit-width" in res.output
     assert "PROVISIONAL" in res.output
     assert "Weakest layers" in res.output
+    # a provisional prediction comes with the two evaluations that settle it
+    b = int(re.search(r"Predicted minimum bit-width: (\d+)", res.output).group(1))
+    assert b in (4, 5)  # --bits 4 5 6: the one above is requested too
+    assert f'Confirm: make sweep BITS="{b} {b + 1}"' in res.output
 
 
 def test_quant_error_json_has_no_delta_keys(trio):

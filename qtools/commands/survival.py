@@ -5,6 +5,7 @@ import json
 import click
 from tabulate import tabulate
 
+from .. import SUPPORTED_BITS
 from ..atomic import write_json_atomic
 from ..survival import delta_survival, quant_error
 
@@ -116,6 +117,10 @@ def delta_survival_cmd(model, adapter, base, bits, group_size, as_json, output, 
         click.echo("Predicted minimum bit-width: none of the requested bit-widths keeps the delta.")
     else:
         click.echo(f"Predicted minimum bit-width: {pm} ({report['bits_per_weight'][str(pm)]:.2f} bits/weight)")
+        above = [b for b in SUPPORTED_BITS if b > pm]
+        if rule.get("provisional") and above:
+            # the calibration places the threshold within one bit-width: two evaluations settle it
+            click.echo(f'Confirm: make sweep BITS="{pm} {above[0]}" (the predicted bit-width and the one above)')
 
 
 @click.command("quant-error", cls=BitsCommand)
