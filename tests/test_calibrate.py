@@ -92,6 +92,42 @@ def test_fake_quantize_holds_the_values_mx_quantize_stores():
     assert model.layers[0].weight.dtype == mx.float16
 
 
+def test_fake_quantize_can_keep_the_delta_exact():
+    """Q(W0) + (W - W0): the base's rounding only. A delta far below the step survives
+    exactly, where quantizing W0 + D rounds it away."""
+    mx.random.seed(0)
+    model = nn.Sequential(nn.Linear(128, 64))
+    w0 = mx.array(model.layers[0].weight)
+    delta = 1e-4 * mx.random.normal(w0.shape)
+    model.layers[0].weight = w0 + delta
+    cal.fake_quantize(model, 4, 64, exact_delta_from={"layers.0.weight": w0})
+    q, s, b = mx.quantize(w0, group_size=64, bits=4)
+    base_q = mx.dequantize(q, s, b, group_size=64, bits=4)
+    assert mx.allclose(model.layers[0].weight - base_q, delta, atol=1e-6).item()
+    shipped = nn.Sequential(nn.Linear(128, 64))
+    shipped.layers[0].weight = w0 + delta
+    cal.fake_quantize(shipped, 4, 64)
+    assert float(mx.abs(shipped.layers[0].weight - base_q - delta).max()) > 1e-3
+
+
+def test_attribution_counts_where_the_delta_moves_the_threshold():
+    def res(true_bits, exact_bits, acc4=0.7, acc4_exact=0.7, crit4=0, crit4_exact=0):
+        def beh(t, acc, crit):
+            return {str(b): {"accuracy": 1.0 if b >= t else 0.5, "critical_errors": 0} for b in cal.BITS} | {
+                "4": {"accuracy": acc, "critical_errors": crit}}
+        r = {"true_min_bits": true_bits, "behaviour": beh(true_bits, acc4, crit4),
+             "behaviour_exact_delta": beh(exact_bits, acc4_exact, crit4_exact)}
+        return r
+    results = [res(5, 5), res(5, 5), res(6, 5, crit4=2), res(5, 6, acc4_exact=0.6), {"true_min_bits": 5,
+               "behaviour": {"4": {"accuracy": 0.7, "critical_errors": 0}}, "behaviour_exact_delta": None}]
+    a = cal.attribution(results, 0.8)
+    assert a["n"] == 4 and a["exact_thresholds"] == {5: 3, 6: 1}
+    assert (a["same"], a["delta_costs"], a["lucky"]) == (2, 1, 1)
+    assert a["at4"]["critical"] == 2 and a["at4"]["critical_exact"] == 0
+    assert a["at4"]["accuracy_exact"] == pytest.approx((0.7 * 3 + 0.6) / 4)
+    assert cal.exact_delta_threshold(results[-1], 0.8) == cal.MISSING
+
+
 def test_calibrated_rule_file_is_read(tmp_path, monkeypatch):
     f = tmp_path / "calibration.json"
     monkeypatch.setattr(calibration, "RULE_FILE", f)
