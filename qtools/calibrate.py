@@ -110,11 +110,22 @@ def fake_quantize(model, bits: int, group_size: int = 64, exact_delta_from: dict
     mx.eval(model.parameters())
 
 
-def behaviour(model_dir, suite_obj, bits_list, group_size=64, max_tokens=None, exact_delta_base=None) -> dict:
+def model_weights(model_dir) -> dict:
+    """{parameter name: array} of a model directory, named as fake_quantize looks them up."""
+    from mlx.utils import tree_flatten
+
+    from .validate import check_model_dir, load_model
+
+    net, _, _, _ = load_model(check_model_dir(model_dir, "base model"))
+    return dict(tree_flatten(net.parameters()))
+
+
+def behaviour(model_dir, suite_obj, bits_list, group_size=64, max_tokens=None, exact_delta_from=None) -> dict:
     """Accuracy, critical errors and format compliance at float16 and each bit-width.
 
-    exact_delta_base: a base model directory; each bit-width is then measured with the
-    base quantized and the delta kept exactly (see fake_quantize), and float16 is skipped.
+    exact_delta_from: the base's weights (model_weights); each bit-width is then measured
+    with the base quantized and the delta kept exactly (see fake_quantize), and float16
+    is skipped.
     """
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -123,16 +134,11 @@ def behaviour(model_dir, suite_obj, bits_list, group_size=64, max_tokens=None, e
 
     model, tok, _, _ = load_model(check_model_dir(model_dir))
     original = [(k, mx.array(v)) for k, v in tree_flatten(model.parameters())]
-    base_weights = None
-    if exact_delta_base is not None:
-        base_model, _, _, _ = load_model(check_model_dir(exact_delta_base, "base model"))
-        base_weights = dict(tree_flatten(base_model.parameters()))
-        del base_model
     out = {}
-    for bits in ([] if base_weights is not None else [16]) + list(bits_list):
+    for bits in ([] if exact_delta_from is not None else [16]) + list(bits_list):
         if bits != 16:
             model.load_weights(original)
-            fake_quantize(model, bits, group_size, exact_delta_from=base_weights)
+            fake_quantize(model, bits, group_size, exact_delta_from=exact_delta_from)
         records, _, _ = run_cases(model, tok, suite_obj, max_tokens=max_tokens, batch=True)
         s = summarize(records, suite_obj, 0.0)
         out[str(bits)] = {"accuracy": s["accuracy"], "critical_errors": s["critical_errors"],
@@ -166,14 +172,11 @@ def passes(r: dict, min_accuracy: float) -> bool:
 
 
 def true_threshold(beh: dict, bits_list, min_accuracy: float):
-    """Smallest bit-width whose validation passes, with every larger one passing too."""
-    best = None
-    for b in sorted(bits_list, reverse=True):
-        if passes(beh[str(b)], min_accuracy):
-            best = b
-        else:
-            break
-    return best  # None: not even the largest bit-width passes
+    """Smallest bit-width whose validation passes, with every larger one passing too
+    (None: not even the largest bit-width passes)."""
+    from .survival import smallest_surviving
+
+    return smallest_surviving(bits_list, lambda b: passes(beh[str(b)], min_accuracy))
 
 
 def run_grid(base_dir, suite_path, work_dir, grid=None, bits_list=BITS, group_size=64, min_accuracy=0.8,
@@ -256,6 +259,7 @@ def _run_one(args) -> list[dict]:
                       batch_size=params["batch_size"], lr=params["lr"], seed=params["seed"],
                       save_every=_gcd(run["checkpoints"]))
     results = []
+    base_weights = None  # loaded once per run, when a fine-tune first needs them
     for ft_id, cfg, adapter in expand_run(run_dir, run):
         cached = adapter / "result.json"
         res = json.loads(cached.read_text()) if cached.exists() else None
@@ -283,7 +287,8 @@ def _run_one(args) -> list[dict]:
             beh_exact = res["behaviour_exact_delta"]
         elif passes(beh["16"], min_accuracy):
             # what the threshold would be if only the base's noise counted (the delta kept exactly)
-            beh_exact = behaviour(fused, suite_obj, bits_list, group_size, exact_delta_base=base_dir)
+            base_weights = base_weights or model_weights(base_dir)
+            beh_exact = behaviour(fused, suite_obj, bits_list, group_size, exact_delta_from=base_weights)
         else:
             beh_exact = None  # left out of the study anyway
         shutil.rmtree(fused)  # only the statistics are kept
@@ -322,14 +327,13 @@ def _gcd(values):
 def predict(res: dict, rule: dict, bits_list=BITS):
     """The rule's predicted minimum bit-width, as delta-survival's predict_min_bits decides
     it: the smallest bit-width that survives with every larger one surviving too."""
-    best = None
-    for b in sorted(bits_list, reverse=True):
+    from .survival import smallest_surviving
+
+    def survives(b):
         v = _value(res, b, rule["statistic"], rule.get("aggregate", "weighted"))
-        if v is not None and v >= rule["min"]:
-            best = b
-        else:
-            break
-    return best
+        return v is not None and v >= rule["min"]
+
+    return smallest_surviving(bits_list, survives)
 
 
 BOOTSTRAP_DRAWS = 2000
@@ -535,6 +539,7 @@ def write_report(results, rule, train_score, test_score, out_md, out_png, out_js
     guess, _ = constant_baseline(train, test)
     rel = reliability(results, test, rule, guess, min_accuracy)
     ceiling = rel["size_factors"][1]["ceiling_held_out"]
+    lo, hi = wilson(test_score["exact"], test_score["n"])
     if goal_met:
         verdict = "**met**; delta-survival uses this rule."
     elif ceiling < 0.9:
@@ -568,8 +573,7 @@ def write_report(results, rule, train_score, test_score, out_md, out_png, out_js
         + verdict,
         "",
         f"With {test_score['n']} held-out fine-tunes the exact rate is known only roughly: the 95% "
-        f"(Wilson) interval around {test_score['exact']}/{test_score['n']} is "
-        f"{wilson(test_score['exact'], test_score['n'])[0]:.0%} to {wilson(test_score['exact'], test_score['n'])[1]:.0%}.",
+        f"(Wilson) interval around {test_score['exact']}/{test_score['n']} is {lo:.0%} to {hi:.0%}.",
         "",
         "![calibration](calibration.png)",
         "",

@@ -74,10 +74,12 @@ def plan_from_report(report: dict, bits: int, objective: str = OBJECTIVE, target
     raised: one entry per raised tensor, {layer, bits, statistic, value_at_bits, survives}
     (survives False: the model does not clear the rule even with every delta tensor at 8 bits).
     """
-    from .survival import bits_per_weight
+    from .survival import bits_per_weight, smallest_surviving
 
     if bits not in SUPPORTED_BITS:
         raise QtoolsError(f"bits={bits} is not supported: use one of {' '.join(map(str, SUPPORTED_BITS))}")
+    if target not in ("recommended", "rule"):
+        raise QtoolsError(f"unknown survival target {target!r}: use recommended or rule")
     if not isinstance(report, dict) or "tensors" not in report:
         raise QtoolsError("not a delta-survival report (no per-tensor statistics)")
     rule = report.get("threshold")
@@ -101,18 +103,13 @@ def plan_from_report(report: dict, bits: int, objective: str = OBJECTIVE, target
         tensors.append({"name": t["name"], "layer": t.get("layer"), "n": n,
                         "w": (delta_rms ** 2) * n or 1e-30, "stat": vals,
                         "obj": obj if all(v is not None for v in obj.values()) else None})
-    if target not in ("recommended", "rule"):
-        raise QtoolsError(f"unknown survival target {target!r}: use recommended or rule")
     assigned = {t["name"]: bits for t in tensors}
     raised_ok = True
     value_before = value = _rule_value(tensors, assigned, stat, aggregate) if tensors else None
     goal, goal_bits = rule["min"], None
     if tensors and target == "recommended":
         uniform = {b: _rule_value(tensors, {t["name"]: b for t in tensors}, stat, aggregate) for b in widths}
-        for b in sorted(widths, reverse=True):  # the smallest bit-width surviving with every larger one
-            if uniform[b] < rule["min"]:
-                break
-            goal_bits = b
+        goal_bits = smallest_surviving(widths, lambda b: uniform[b] >= rule["min"])
         if goal_bits is not None and goal_bits > bits:
             goal = max(goal, uniform[goal_bits])
         else:

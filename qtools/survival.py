@@ -314,6 +314,18 @@ def rule_value(summary: dict, layers: list, bits: int, rule: dict):
     return summary[str(bits)].get(stat)
 
 
+def smallest_surviving(bits, survives):
+    """Smallest bit-width b for which survives(b) holds with every larger one holding too;
+    None when even the largest fails. The one definition of a threshold, for predictions
+    and measured behaviour alike."""
+    best = None
+    for b in sorted(bits, reverse=True):
+        if not survives(b):
+            break
+        best = b
+    return best
+
+
 def predict_min_bits(summary: dict, bits: list[int], layers: list | None = None, rule: dict | None = None):
     """Smallest requested bit-width that survives, with every larger one surviving too."""
     if not summary:
@@ -323,13 +335,7 @@ def predict_min_bits(summary: dict, bits: list[int], layers: list | None = None,
     for b in bits:
         v = rule_value(summary, layers or [], b, rule)
         verdict[str(b)] = None if v is None else v >= rule["min"]
-    best = None
-    for b in sorted(bits, reverse=True):
-        if verdict[str(b)]:
-            best = b
-        else:
-            break
-    return best, {"rule": rule, "verdict": verdict}
+    return smallest_surviving(bits, lambda b: verdict[str(b)]), {"rule": rule, "verdict": verdict}
 
 
 def analyze(
