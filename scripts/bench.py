@@ -23,9 +23,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from qtools.adapters import orthonormal_columns
-from qtools.survival import delta_survival
-from qtools.weights import SafetensorsModel
+from qtools.io.adapters import orthonormal_columns
+from qtools.survival.analyze import delta_survival
+from qtools.io.weights import SafetensorsModel
 
 BITS = [2, 3, 4, 5, 6, 8]
 G = 64
@@ -196,7 +196,7 @@ def main():
         print(f"{label:48s} {t:9.2f} {r / 1e6:14.1f} {ratio_s:>10s} {unit}")
     # Peak memory of a fresh process on the whole model (tensors are memory-mapped and dropped
     # one at a time). Linux: VmHWM, since ru_maxrss survives exec and would count this parent.
-    probe = ("import resource, sys, pathlib; from qtools.survival import delta_survival; "
+    probe = ("import resource, sys, pathlib; from qtools.survival.analyze import delta_survival; "
              f"delta_survival({str(model)!r}, {BITS}, {G}, adapter={str(adapter)!r}, progress=False); "
              "st = pathlib.Path('/proc/self/status'); "
              "print(int(next(l.split()[1] for l in st.read_text().splitlines() if l.startswith('VmHWM'))) * 1024 "

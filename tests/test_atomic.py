@@ -3,7 +3,7 @@ import errno
 import pytest
 
 from qtools import QtoolsError
-from qtools.atomic import TMP_PREFIX, atomic_output_dir
+from qtools.io.atomic import TMP_PREFIX, atomic_output_dir
 
 
 def _leftovers(parent):

@@ -7,8 +7,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from qtools import calibrate as cal
-from qtools import calibration
+import qtools.calibrate.core as cal
+import qtools.survival.rule as calibration
 
 
 def beh(acc16, crit16=0, **by_bits):
@@ -72,7 +72,7 @@ def test_fit_prefers_the_statistic_with_the_wider_margin():
 
 
 def test_weakest_layer_aggregate_uses_the_minimum_layer():
-    from qtools.survival import rule_value
+    from qtools.survival.analyze import rule_value
 
     r = synthetic(0, 4, 20.0)
     r["layers"].append({"layer": 1, "by_bits": {str(b): {"subspace_snr": 0.5} for b in cal.BITS}})
@@ -191,7 +191,7 @@ def test_cached_fine_tunes_of_another_base_are_refused(tmp_path):
 
 
 def test_predict_agrees_with_delta_survivals_predict_min_bits():
-    from qtools.survival import predict_min_bits
+    from qtools.survival.analyze import predict_min_bits
 
     rng = np.random.default_rng(3)
     for i in range(20):
@@ -222,7 +222,7 @@ def test_model_fingerprint_follows_content_not_mtime(tmp_path):
     import os
 
     from qtools.demo.model import make_tiny_model
-    from qtools.weights import fingerprint
+    from qtools.io.weights import fingerprint
 
     m = make_tiny_model(tmp_path / "m", hidden_size=64, num_layers=1)
     fp = fingerprint(m)

@@ -156,7 +156,7 @@ def test_a_pass_below_a_failure_is_flagged_with_the_smallest_model_above_every_f
 
 def test_agreement_shows_the_value_the_rule_judges():
     """With a weakest-layer rule the table shows the weakest layer's value, not the model's."""
-    from qtools.compare import _rule_value
+    from qtools.pipeline.compare import _rule_value
 
     surv = {"summary": {"4": {"retention": 0.96}},
             "layers": [{"layer": 0, "by_bits": {"4": {"retention": 0.99}}},

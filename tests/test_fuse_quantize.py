@@ -7,7 +7,7 @@ import mlx.core as mx
 import pytest
 from click.testing import CliRunner
 
-from qtools.atomic import TMP_PREFIX
+from qtools.io.atomic import TMP_PREFIX
 from qtools.cli import cli
 from qtools.demo.model import make_tiny_adapter, make_tiny_model
 

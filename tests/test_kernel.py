@@ -278,7 +278,7 @@ def numpy_orthonormal_columns(x):
 
 @pytest.mark.parametrize("n,r", [(5632, 16), (2048, 8), (300, 128), (400, 160), (64, 4), (37, 3)])
 def test_orthonormal_columns_span_the_factor_like_numpy(n, r):
-    from qtools.adapters import orthonormal_columns
+    from qtools.io.adapters import orthonormal_columns
 
     rng = np.random.default_rng(n + r)
     x = (rng.standard_normal((n, r)) * 1e-3).astype(np.float32)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-import qtools.memory as M
+import qtools.pipeline.memory as M
 from qtools.demo.model import make_tiny_model
 
 

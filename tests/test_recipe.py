@@ -5,7 +5,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-import qtools.recipe as R
+import qtools.pipeline.recipe as R
 from qtools import QtoolsError
 from qtools.cli import cli
 from qtools.demo.model import make_tiny_adapter, make_tiny_model
@@ -179,14 +179,14 @@ def quantize(*args):
 def test_survival_recipe_matches_delta_survival_and_loads(fused, tmp_path):
     from mlx_lm import load
 
-    from qtools.survival import delta_survival
+    from qtools.survival.analyze import delta_survival
 
     rep = delta_survival(fused, bits=[2, 3, 4, 5, 6, 8], progress=False)
     plan = R.plan_from_report(rep, 2)
     want = plan["layer_bits"]
     assert want, "the tiny fine-tune should die somewhere at 2 bits"
     # the planner's model value at uniform bits is what delta-survival's rule judges
-    from qtools.survival import rule_value
+    from qtools.survival.analyze import rule_value
 
     for agg in ("weighted", "weakest_layer"):
         rep["threshold"] = {**rep["threshold"], "aggregate": agg}
@@ -213,7 +213,7 @@ def test_survival_recipe_with_synthetic_plan_loads(fused, tmp_path, monkeypatch)
     from mlx_lm import load
 
     layer = "model.layers.0.mlp.down_proj"
-    import qtools.survival as S
+    import qtools.survival.analyze as S
 
     monkeypatch.setattr(S, "delta_survival", lambda *a, **k: report(
         [tensor(layer, b4=0.1, b5=0.2, b6=2.0, b8=3.0), tensor("model.layers.1.self_attn.q_proj", b4=1.5, b5=1.5, b6=1.5, b8=1.6)],

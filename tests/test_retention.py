@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import qtools.retention as RT
+import qtools.pipeline.retention as RT
 from qtools.cli import cli
 from qtools.demo.model import make_tiny_adapter, make_tiny_model
 
@@ -119,7 +119,7 @@ def test_bad_input(fam, tmp_path):
 
 
 def test_compare_shows_logit_retention(tmp_path):
-    from qtools.compare import compare, format_comparison
+    from qtools.pipeline.compare import compare, format_comparison
 
     def vlog(model, bits, acc):
         return {"qtools_log": 1, "model": model, "suite": "demo", "quantized": bits < 16, "bits": bits,

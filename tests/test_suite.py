@@ -5,7 +5,7 @@ from click.testing import CliRunner
 
 from qtools import QtoolsError
 from qtools.cli import cli
-from qtools.suite import load_suite
+from qtools.io.suite import load_suite
 
 GOOD = [
     {"suite": {"name": "mini", "max_tokens": 12, "critical_confusions": [["VETO", "APPROVE"]]}},

@@ -88,7 +88,7 @@ def test_model_statistics_pool_over_tensors(trio):
 
 def test_reaggregate_rebuilds_the_summary_from_the_json_tensors(trio):
     """Calibration caches per-tensor JSON and re-pools it; that must equal the report's own pooling."""
-    from qtools.survival import reaggregate
+    from qtools.survival.analyze import reaggregate
 
     _, adapter, fused = trio
     rep = survival_json(fused, "--adapter", adapter, "--bits", 2, 4, 8)
@@ -307,7 +307,7 @@ def test_sharded_model_is_read_through_its_index(tmp_path):
 
 
 def test_tensors_are_memory_mapped_views_not_copies(trio):
-    from qtools.weights import SafetensorsModel
+    from qtools.io.weights import SafetensorsModel
 
     _, _, fused = trio
     st = SafetensorsModel(fused)

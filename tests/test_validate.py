@@ -5,10 +5,10 @@ import json
 import pytest
 from click.testing import CliRunner
 
-import qtools.validate as V
+import qtools.pipeline.validate as V
 from qtools.cli import cli
 from qtools.demo.model import make_tiny_model
-from qtools.suite import load_suite
+from qtools.io.suite import load_suite
 
 TOOLS = [{"type": "function", "function": {"name": "search_code", "parameters": {"type": "object"}}}]
 CASES = [

@@ -4,7 +4,7 @@ import json
 
 import click
 
-from ..calibrate import calibrate
+from ..calibrate.core import calibrate
 
 
 @click.command("calibrate")

@@ -4,7 +4,7 @@ import json
 
 import click
 
-from ..compare import Criteria, compare, format_comparison, plot_comparison, public
+from ..pipeline.compare import Criteria, compare, format_comparison, plot_comparison, public
 
 
 @click.command("compare")

@@ -23,7 +23,7 @@ def _log(msg):
 
 def demo_models(out_dir="models", suite="suites/demo.jsonl", force=False):
     """Build out_dir/demo_base, out_dir/demo_adapter and the suite; reuse complete ones."""
-    from ..atomic import atomic_output_dir
+    from ..io.atomic import atomic_output_dir
     from ..demo import data, train
 
     out_dir = Path(out_dir)

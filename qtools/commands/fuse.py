@@ -4,8 +4,8 @@ import json
 
 import click
 
-from ..fuse import DTYPES, fuse
-from ..validate import human_bytes
+from ..pipeline.fuse import DTYPES, fuse
+from ..format import human_bytes
 
 
 @click.command("fuse")

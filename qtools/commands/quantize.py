@@ -5,8 +5,8 @@ import json
 import click
 
 from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
-from ..quantize import RECIPES, quantize
-from ..validate import human_bytes
+from ..pipeline.quantize import RECIPES, quantize
+from ..format import human_bytes
 
 
 @click.command("quantize")

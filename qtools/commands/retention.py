@@ -4,8 +4,8 @@ import json
 
 import click
 
-from ..atomic import write_json_atomic
-from ..retention import DEFAULT_TOP_K, format_retention, log_path, retention
+from ..io.atomic import write_json_atomic
+from ..pipeline.retention import DEFAULT_TOP_K, format_retention, log_path, retention
 
 
 @click.command("retention")

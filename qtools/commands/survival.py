@@ -6,8 +6,8 @@ import click
 from tabulate import tabulate
 
 from .. import SUPPORTED_BITS
-from ..atomic import write_json_atomic
-from ..survival import delta_survival, quant_error
+from ..io.atomic import write_json_atomic
+from ..survival.analyze import delta_survival, quant_error
 
 _bits_option = click.option(
     "--bits", "bits", type=int, multiple=True, default=(2, 3, 4, 5, 6, 8), show_default=True,

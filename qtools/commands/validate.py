@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from ..validate import DEFAULT_MIN_ACCURACY, format_report, log_path, validate, write_log
+from ..pipeline.validate import DEFAULT_MIN_ACCURACY, format_report, log_path, validate, write_log
 
 
 @click.command("validate")
@@ -26,7 +26,7 @@ def validate_cmd(model, suite, out, logs_dir, max_tokens, min_accuracy, batch, a
     """Validate MODEL on a suite; exit 1 if the verdict fails (critical errors or low accuracy)."""
     result = validate(model, suite, max_tokens=max_tokens, min_accuracy=min_accuracy,
                       progress=sys.stderr.isatty(), batch=batch)
-    from ..suite import load_suite
+    from ..io.suite import load_suite
 
     path = out or log_path(model, load_suite(suite), logs_dir)
     written = write_log(result, path)

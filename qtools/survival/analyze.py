@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QtoolsError
-from .adapters import Adapter, LowRankDelta
-from .calibration import threshold_for
-from .weights import FLOAT_DTYPES, SafetensorsModel
+from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QtoolsError
+from ..io.adapters import Adapter, LowRankDelta
+from .rule import threshold_for
+from ..io.modeldir import PROVENANCE
+from ..io.weights import FLOAT_DTYPES, SafetensorsModel
 
-PROVENANCE_FILE = "qtools_provenance.json"
 SNR_CAP = 1e9
 KIND_PATTERNS = [
     ("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "o_proj"),
@@ -95,11 +95,11 @@ class DeltaSource:
 def resolve_delta_source(model: SafetensorsModel, adapter=None, base=None) -> DeltaSource:
     """Adapter and/or base given, else the fused directory's provenance record."""
     if adapter is None and base is None:
-        prov_path = model.path / PROVENANCE_FILE
+        prov_path = model.path / PROVENANCE
         if not prov_path.exists():
             raise QtoolsError(
                 f"{model.path}: no delta source; give --adapter or --base "
-                f"(a model fused by `qtools fuse` records them in {PROVENANCE_FILE})"
+                f"(a model fused by `qtools fuse` records them in {PROVENANCE})"
             )
         try:
             prov = json.loads(prov_path.read_text())
@@ -349,7 +349,7 @@ def analyze(
     progress: bool = True,
 ) -> dict:
     """Analyse every quantizable tensor of a model directory; returns the JSON-able report."""
-    from . import _ext
+    from .. import _ext
 
     bits = check_bits(bits, group_size)
     t0 = time.perf_counter()

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import QtoolsError, __version__
-from .validate import check_model_dir
-from .weights import fingerprint
+from .. import QtoolsError, __version__
+from ..io.modeldir import check_model_dir
+from ..io.weights import fingerprint
 
 CACHE_VERSION = 1
 DEFAULT_TOP_K = 32
@@ -59,7 +59,7 @@ def _file_hash(path: Path) -> str:
 
 
 def _load(path: Path):
-    from .validate import load_model
+    from ..io.modeldir import load_model
 
     net, tokenizer, _config, _secs = load_model(path)
     return net, tokenizer
@@ -90,7 +90,7 @@ def build_sequences(net, tokenizer, suite=None, text=None, max_tokens=None, prog
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
-    from .suite import load_suite
+    from ..io.suite import load_suite
     from .validate import build_prompt
 
     suite_obj = load_suite(suite)
@@ -324,7 +324,7 @@ def retention(
 
 
 def _suite_name(suite) -> str:
-    from .suite import load_suite
+    from ..io.suite import load_suite
 
     return load_suite(suite).name
 

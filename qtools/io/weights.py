@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import QtoolsError
+from .. import QtoolsError
 
 # safetensors dtype -> (numpy storage dtype, element size)
 _STORAGE = {

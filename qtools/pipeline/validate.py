@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from . import QtoolsError, versions
-from .atomic import write_json_atomic
-from .suite import Case, Suite, load_suite
+from .. import QtoolsError, versions
+from ..format import human_bytes
+from ..io.atomic import write_json_atomic
+from ..io.modeldir import check_model_dir, dir_size, load_model, quantization_info
+from ..io.suite import Case, Suite, load_suite
 
 DEFAULT_MIN_ACCURACY = 0.8
 # mlx-lm's json_tools format (Qwen-style), used when the tokenizer names no parser.
@@ -247,64 +249,11 @@ def summarize(records: list, suite: Suite, min_accuracy: float = DEFAULT_MIN_ACC
     }
 
 
-def human_bytes(n: float) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
-
-
-def dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-
-
-def quantization_info(config: dict) -> dict:
-    """bits/group size from a model config; per-layer overrides make it 'mixed'."""
-    q = config.get("quantization") or config.get("quantization_config")
-    if not q or "bits" not in q:
-        dtype = str(config.get("torch_dtype") or config.get("dtype") or "float16")
-        return {"quantized": False, "bits": 32 if "32" in dtype else 16, "group_size": None,
-                "mixed": False, "dtype": dtype}
-    layer_bits = {v.get("bits") for v in q.values() if isinstance(v, dict) and "bits" in v}
-    # Mixed precision is reported by its lowest bit-width (where the delta dies first).
-    return {"quantized": True, "bits": min(layer_bits | {q["bits"]}), "group_size": q.get("group_size"),
-            "mixed": bool(layer_bits - {q["bits"]}), "mode": q.get("mode", "affine")}
-
-
-def check_model_dir(model: str | Path, what: str = "model") -> Path:
-    path = Path(model)
-    if not path.exists():
-        raise QtoolsError(f"{what} {path} does not exist")
-    if not path.is_dir():
-        raise QtoolsError(f"{what} {path} is not a directory")
-    if path.resolve().name.startswith(".qtools-tmp-"):
-        raise QtoolsError(f"{what} {path} is an unfinished qtools output (an interrupted write): delete it")
-    if not (path / "config.json").is_file():
-        raise QtoolsError(f"{what} {path} has no config.json (not an mlx-lm model directory)")
-    if not list(path.glob("*.safetensors")):
-        raise QtoolsError(f"{what} {path} has no weights (*.safetensors)")
-    return path
-
-
 def log_path(model: Path, suite: Suite, logs_dir: str | Path = "logs") -> Path:
     return Path(logs_dir) / f"{Path(model).resolve().name}-{suite.name}.json"
 
 
 # ---------------------------------------------------------------- running
-
-def load_model(path: Path):
-    """mlx_lm.load with clean errors; returns (model, tokenizer, config, seconds)."""
-    import mlx.core as mx
-    from mlx_lm import load
-
-    mx.reset_peak_memory()
-    tic = time.perf_counter()
-    try:
-        model, tokenizer, config = load(str(path), return_config=True)
-    except Exception as exc:  # mlx-lm raises many kinds for a broken directory
-        raise QtoolsError(f"cannot load model {path}: {exc}") from None
-    return model, tokenizer, config, time.perf_counter() - tic
-
 
 def build_prompt(tokenizer, case: Case, suite: Suite):
     messages = case.messages or [{"role": "user", "content": case.prompt}]

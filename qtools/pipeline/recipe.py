@@ -22,7 +22,7 @@ quantization config so `mlx_lm.load` loads the model as usual.
 
 from __future__ import annotations
 
-from . import SUPPORTED_BITS, QtoolsError
+from .. import SUPPORTED_BITS, QtoolsError
 
 MAX_BITS = max(SUPPORTED_BITS)
 # What each extra bit should buy: the largest cut in the delta's quantization error
@@ -51,7 +51,7 @@ def _rule_value(tensors: list[dict], assigned: dict, stat: str, aggregate: str) 
         groups.setdefault(t["layer"] if aggregate == "weakest_layer" else None, []).append(t)
     if not groups:
         groups = {None: tensors}
-    from .survival import pool
+    from ..survival.analyze import pool
 
     return min(pool(stat, [(t["w"], t["stat"][assigned[t["name"]]]) for t in members])
                for members in groups.values())
@@ -74,7 +74,7 @@ def plan_from_report(report: dict, bits: int, objective: str = OBJECTIVE, target
     raised: one entry per raised tensor, {layer, bits, statistic, value_at_bits, survives}
     (survives False: the model does not clear the rule even with every delta tensor at 8 bits).
     """
-    from .survival import bits_per_weight, smallest_surviving
+    from ..survival.analyze import bits_per_weight, smallest_surviving
 
     if bits not in SUPPORTED_BITS:
         raise QtoolsError(f"bits={bits} is not supported: use one of {' '.join(map(str, SUPPORTED_BITS))}")
@@ -150,7 +150,7 @@ def plan_from_report(report: dict, bits: int, objective: str = OBJECTIVE, target
 
 def survival_plan(model, bits: int, group_size: int = 64, adapter=None, base=None, progress: bool = False) -> dict:
     """Run delta-survival on the float MODEL (delta from its provenance unless given) and plan."""
-    from .survival import delta_survival
+    from ..survival.analyze import delta_survival
 
     if bits not in SUPPORTED_BITS:
         raise QtoolsError(f"bits={bits} is not supported: use one of {' '.join(map(str, SUPPORTED_BITS))}")

@@ -17,10 +17,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QtoolsError, versions
-from .atomic import atomic_output_dir, check_output_free
-from .fuse import PROVENANCE
-from .validate import check_model_dir, dir_size
+from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QtoolsError, versions
+from ..io.atomic import atomic_output_dir, check_output_free
+from ..io.modeldir import PROVENANCE, check_model_dir, dir_size
 
 RECIPES = ("uniform", "mixed_3_6", "mixed_4_6", "survival")
 

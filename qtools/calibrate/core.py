@@ -25,8 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import QtoolsError
-from .atomic import write_json_atomic
+from .. import QtoolsError
+from ..io.atomic import write_json_atomic
 
 BITS = [2, 3, 4, 5, 6, 8]
 STATISTICS = ["subspace_snr", "delta_snr", "cosine", "retention", "sign_agreement", "delta_to_step"]
@@ -114,7 +114,7 @@ def model_weights(model_dir) -> dict:
     """{parameter name: array} of a model directory, named as fake_quantize looks them up."""
     from mlx.utils import tree_flatten
 
-    from .validate import check_model_dir, load_model
+    from ..io.modeldir import check_model_dir, load_model
 
     net, _, _, _ = load_model(check_model_dir(model_dir, "base model"))
     return dict(tree_flatten(net.parameters()))
@@ -130,7 +130,8 @@ def behaviour(model_dir, suite_obj, bits_list, group_size=64, max_tokens=None, e
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from .validate import check_model_dir, load_model, run_cases, summarize
+    from ..io.modeldir import check_model_dir, load_model
+    from ..pipeline.validate import run_cases, summarize
 
     model, tok, _, _ = load_model(check_model_dir(model_dir))
     original = [(k, mx.array(v)) for k, v in tree_flatten(model.parameters())]
@@ -174,7 +175,7 @@ def passes(r: dict, min_accuracy: float) -> bool:
 def true_threshold(beh: dict, bits_list, min_accuracy: float):
     """Smallest bit-width whose validation passes, with every larger one passing too
     (None: not even the largest bit-width passes)."""
-    from .survival import smallest_surviving
+    from ..survival.analyze import smallest_surviving
 
     return smallest_surviving(bits_list, lambda b: passes(beh[str(b)], min_accuracy))
 
@@ -186,9 +187,9 @@ def run_grid(base_dir, suite_path, work_dir, grid=None, bits_list=BITS, group_si
     Runs are independent: `jobs` processes share them. Resumable: each
     fine-tune's result is cached beside its adapter.
     """
-    from .suite import load_suite
+    from ..io.suite import load_suite
 
-    from .validate import check_model_dir
+    from ..io.modeldir import check_model_dir
 
     check_model_dir(base_dir, "base model")  # fail early on a bad base or suite
     suite_obj = load_suite(suite_path)
@@ -214,7 +215,7 @@ def run_grid(base_dir, suite_path, work_dir, grid=None, bits_list=BITS, group_si
 
 def _check_same_base(work: Path, base_dir) -> None:
     """Cached fine-tunes belong to the base they were trained on; a rebuilt base invalidates them."""
-    from .weights import fingerprint
+    from ..io.weights import fingerprint
 
     path = work / "base_fingerprint.json"
     fp = {"base": fingerprint(base_dir)}
@@ -233,10 +234,10 @@ def _run_one(args) -> list[dict]:
     """One training run: train (with checkpoints), then measure each of its fine-tunes."""
     import shutil
 
-    from .demo.train import ADAPTER, finetune_data, train_adapter
-    from .fuse import fuse
-    from .suite import load_suite
-    from .survival import delta_survival, reaggregate
+    from ..demo.train import ADAPTER, finetune_data, train_adapter
+    from ..pipeline.fuse import fuse
+    from ..io.suite import load_suite
+    from ..survival.analyze import delta_survival, reaggregate
 
     i, run, base_dir, suite_path, work, bits_list, group_size, min_accuracy = args
     log = sys.stderr
@@ -314,7 +315,7 @@ def _run_one(args) -> list[dict]:
 
 def trained_on_other_data(run_dir: Path, seed: int) -> bool:
     """Whether a cached training run's adapter_config records other data than the grid trains on."""
-    from .demo.train import finetune_data
+    from ..demo.train import finetune_data
 
     cfg_path = Path(run_dir) / "adapter_config.json"
     return cfg_path.exists() and json.loads(cfg_path.read_text()).get("data") != finetune_data(seed)
@@ -327,7 +328,7 @@ def _gcd(values):
 def predict(res: dict, rule: dict, bits_list=BITS):
     """The rule's predicted minimum bit-width, as delta-survival's predict_min_bits decides
     it: the smallest bit-width that survives with every larger one surviving too."""
-    from .survival import smallest_surviving
+    from ..survival.analyze import smallest_surviving
 
     def survives(b):
         v = _value(res, b, rule["statistic"], rule.get("aggregate", "weighted"))
@@ -484,7 +485,7 @@ def fit(train, bits_list=BITS) -> tuple[dict, dict]:
 
 
 def _value(r, b, stat, agg):
-    from .survival import rule_value
+    from ..survival.analyze import rule_value
 
     memo = r.setdefault("_values", {})
     key = (b, stat, agg)
@@ -791,7 +792,7 @@ def _fmt(v):
 def calibrate(base_dir, suite_path, work_dir="models/calibration", docs_dir="docs", min_accuracy=0.8,
               jobs=1, log=sys.stderr) -> dict:
     """Run the grid, fit the rule on half, judge it on the other half, write the report and rule."""
-    from .calibration import RULE_FILE
+    from ..survival.rule import RULE_FILE
 
     results = run_grid(base_dir, suite_path, work_dir, min_accuracy=min_accuracy, jobs=jobs, log=log)
     usable = [r for r in results if r["float16_passes"]]

@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from . import QtoolsError
+from .. import QtoolsError
 
 TMP_PREFIX = ".qtools-tmp-"
 

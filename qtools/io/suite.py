@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import QtoolsError
+from .. import QtoolsError
 
 EXPECT_TYPES = ("tool_call", "direct", "label", "regex", "boxed")
 DEFAULT_MAX_TOKENS = 64

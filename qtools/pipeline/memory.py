@@ -14,13 +14,11 @@ import os
 import sys
 from pathlib import Path
 
+from ..io.modeldir import weights_bytes
+
 WARN_FRACTION = 0.85
 DEFAULT_CONTEXT_TOKENS = 4096
 ACTIVATION_MARGIN = 0.05
-
-
-def weights_bytes(model: str | Path) -> int:
-    return sum(p.stat().st_size for p in Path(model).glob("*.safetensors") if p.is_file())
 
 
 def kv_cache_bytes(config: dict, context_tokens: int = DEFAULT_CONTEXT_TOKENS) -> int:

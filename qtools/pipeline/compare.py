@@ -13,8 +13,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import QtoolsError
-from .validate import human_bytes
+from .. import QtoolsError
+from ..format import human_bytes
 
 
 @dataclass
@@ -142,7 +142,7 @@ def retention_for(model: str, suite: str, retention: list) -> dict | None:
 
 
 def _rule_value(surv: dict, bits, rule: dict):
-    from .survival import rule_value
+    from ..survival.analyze import rule_value
 
     if str(bits) not in (surv.get("summary") or {}):
         return None

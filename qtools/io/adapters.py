@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import QtoolsError
+from .. import QtoolsError
 from .weights import SafetensorsModel
 
 
@@ -62,7 +62,7 @@ def orthonormal_columns(x: np.ndarray) -> np.ndarray:
     LAPACK, and numpy's matmul would wake a threaded BLAS whose workers spin for
     about 0.1 s after every call, on the cores the kernel is about to use.
     """
-    from . import _ext
+    from .. import _ext
 
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 2:

@@ -16,12 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-from . import QtoolsError, versions
-from .adapters import check_adapter_dir
-from .atomic import atomic_output_dir, check_output_free
-from .validate import check_model_dir, dir_size
+from .. import QtoolsError, versions
+from ..io.adapters import check_adapter_dir
+from ..io.atomic import atomic_output_dir, check_output_free
+from ..io.modeldir import PROVENANCE, check_model_dir, dir_size
 
-PROVENANCE = "qtools_provenance.json"
 DTYPES = ("float16", "bfloat16", "float32")
 
 

@@ -1,0 +1,1 @@
+"""The fuse -> quantize -> validate pipeline and what reports on it."""
