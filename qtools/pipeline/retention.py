@@ -35,6 +35,7 @@ import numpy as np
 from .. import QtoolsError, __version__
 from ..io.modeldir import check_model_dir
 from ..io.weights import fingerprint
+from ..format import progress as progress_bar
 
 CACHE_VERSION = 1
 DEFAULT_TOP_K = 32
@@ -95,10 +96,7 @@ def build_sequences(net, tokenizer, suite=None, text=None, max_tokens=None, prog
 
     suite_obj = load_suite(suite)
     cases = suite_obj.cases
-    if progress:
-        from tqdm import tqdm
-
-        cases = tqdm(cases, desc="reference answers", file=sys.stderr, leave=False)
+    cases = progress_bar(cases, "reference answers", enabled=progress)
     sampler = make_sampler(temp=0.0)
     for case in cases:
         prompt = list(build_prompt(tokenizer, case, suite_obj))
@@ -128,11 +126,7 @@ def reference_topk(reference: Path, seqs, top_k: int, progress=True, net=None):
     import mlx.core as mx
 
     idx, lp, vocab = [], [], 0
-    it = seqs
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(seqs, desc=f"reference {reference.name}", file=sys.stderr, leave=False)
+    it = progress_bar(seqs, f"reference {reference.name}", enabled=progress)
     for tokens, start in it:
         logp = _log_softmax(net, tokens)[start:len(tokens) - 1]
         vocab = logp.shape[-1]
@@ -219,11 +213,7 @@ def score_model(path: Path, ref: dict, progress=True) -> dict:
     net, _tok = _load(path)
     kls, same = [], []
     pos = 0
-    it = ref["seqs"]
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(it, desc=f"score {path.name}", file=sys.stderr, leave=False)
+    it = progress_bar(ref["seqs"], f"score {path.name}", enabled=progress)
     for tokens, start in it:
         logp = _log_softmax(net, tokens)
         if logp.shape[-1] != ref["vocab"]:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from .. import QtoolsError, versions
 from ..format import human_bytes
+from ..format import progress as progress_bar
 from ..io.atomic import write_json_atomic
 from ..io.modeldir import check_model_dir, dir_size, load_model, quantization_info
 from ..io.suite import Case, Suite, load_suite
@@ -315,10 +316,7 @@ def run_cases(net, tokenizer, suite_obj: Suite, max_tokens: int | None = None, b
         outputs += [(t, len(ids), per) for t, ids in zip(resp.texts, resp.token_ids)]
     else:
         it = range(len(cases))
-        if progress:
-            from tqdm import tqdm
-
-            it = tqdm(it, desc=f"validate {label}", file=sys.stderr, leave=False)
+        it = progress_bar(it, f"validate {label}", enabled=progress)
         outputs = [generate_one(net, tokenizer, prompts[i], limits[i]) for i in it]
     total_tokens, total_time = 0, 0.0
     for case, (text, ntok, secs) in zip(cases, outputs):

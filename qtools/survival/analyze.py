@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QtoolsError
+from ..format import progress as progress_bar
 from ..io.adapters import Adapter, LowRankDelta
 from .rule import threshold_for
 from ..io.modeldir import PROVENANCE
@@ -372,10 +373,8 @@ def analyze(
     if not todo:
         raise QtoolsError(f"{m.path}: no tensor can be quantized with group size {group_size}")
 
-    from tqdm import tqdm
-
     tensors = []
-    bar = tqdm(todo, desc="tensors", unit="tensor", disable=not progress or len(todo) < 8, leave=False)
+    bar = progress_bar(todo, "tensors", enabled=progress and len(todo) >= 8, unit="tensor")
     for info in bar:
         name = info.name
         cols = info.shape[-1]
