@@ -31,6 +31,6 @@ def test_delta_survival_writes_no_bar_into_captured_stderr(tmp_path):
     base, adapter = tmp_path / "base", tmp_path / "adapter"
     make_tiny_model(base, hidden_size=64, num_layers=2, seed=0)  # 15 tensors: a bar would be shown
     make_tiny_adapter(base, adapter, rank=2, scale=1.0, seed=1)
-    res = CliRunner().invoke(cli, ["delta-survival", str(base), "--adapter", str(adapter), "--bits", "4", "--json"])
+    res = CliRunner().invoke(cli, ["delta-survival", str(base), "--adapter", str(adapter), "--bits", "4"])
     assert res.exit_code == 0, res.output
     assert "\r" not in res.stderr and "tensors:" not in res.stderr, res.stderr

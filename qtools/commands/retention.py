@@ -38,7 +38,7 @@ def retention_cmd(quantized, reference, base, suite, text, top_k, max_tokens, ca
     stem = Path(suite or text).stem
     cache = cache or str(Path(logs_dir) / f"retention-ref-{Path(reference).resolve().name}-{stem}.npz")
     result = retention(reference, base, list(quantized), suite=suite, text=text, top_k=top_k, cache=cache,
-                       max_tokens=max_tokens, progress=sys.stderr.isatty() and not as_json)
+                       max_tokens=max_tokens, progress=not as_json)
     written = [str(write_json_atomic(log_path(m["model"], logs_dir), m)) for m in result["models"]]
     if as_json:
         click.echo(json.dumps({**result, "logs": written}, indent=2))

@@ -25,7 +25,7 @@ from ..pipeline.validate import DEFAULT_MIN_ACCURACY, format_report, log_path, v
 def validate_cmd(model, suite, out, logs_dir, max_tokens, min_accuracy, batch, as_json):
     """Validate MODEL on a suite; exit 1 if the verdict fails (critical errors or low accuracy)."""
     result = validate(model, suite, max_tokens=max_tokens, min_accuracy=min_accuracy,
-                      progress=sys.stderr.isatty(), batch=batch)
+                      progress=True, batch=batch)
     from ..io.suite import load_suite
 
     path = out or log_path(model, load_suite(suite), logs_dir)
