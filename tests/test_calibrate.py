@@ -10,6 +10,7 @@ import pytest
 from qtools.calibrate import fit, measure, run
 from qtools.calibrate.grid import BITS
 import qtools.survival.rule as calibration
+from qtools.survival.rule import Rule
 
 
 def beh(acc16, crit16=0, **by_bits):
@@ -45,10 +46,10 @@ def test_fit_finds_the_separating_threshold_and_scores_held_out():
     rng = np.random.default_rng(0)
     results = [synthetic(i, b, float(rng.uniform(12, 30))) for i, b in enumerate([2, 3, 4, 5, 6, 3, 4, 5])]
     rule, s = fit.fit(results)
-    assert rule["statistic"] in fit.STATISTICS and s["exact"] == len(results)
-    snr_rule = {"statistic": "subspace_snr", "aggregate": "weighted", "min": 10.0}
+    assert rule.statistic in fit.STATISTICS and s["exact"] == len(results)
+    snr_rule = Rule("subspace_snr", "weighted", 10.0)
     assert fit.score(results, snr_rule)["exact"] == len(results)
-    optimistic = {"statistic": "subspace_snr", "aggregate": "weighted", "min": 1.0}
+    optimistic = Rule("subspace_snr", "weighted", 1.0)
     sc = fit.score(results, optimistic)
     assert sc["optimistic"] > 0 and sc["exact"] < len(results) and sc["worst_optimistic_steps"] >= 1
 
@@ -65,20 +66,18 @@ def test_fit_prefers_the_statistic_with_the_wider_margin():
             r["summary"][str(b)]["subspace_snr"] = 10.5 * 1.1 ** (b - t)
             r["layers"][0]["by_bits"][str(b)] = dict(r["summary"][str(b)])
         results.append(r)
-    assert fit.score(results, {"statistic": "subspace_snr", "aggregate": "weighted", "min": 10.2})["exact"] == 6
+    assert fit.score(results, Rule("subspace_snr", "weighted", 10.2))["exact"] == 6
     rule, s = fit.fit(results)
-    assert s["exact"] == 6 and rule["statistic"] == "delta_snr"
+    assert s["exact"] == 6 and rule.statistic == "delta_snr"
     # between the largest value below a threshold (<= 14/4) and the smallest at one (>= 12)
-    assert 14.0 / 4 < rule["min"] < 12.0
+    assert 14.0 / 4 < rule.min < 12.0
 
 
 def test_weakest_layer_aggregate_uses_the_minimum_layer():
-    from qtools.survival.analyze import rule_value
-
     r = synthetic(0, 4, 20.0)
     r["layers"].append({"layer": 1, "by_bits": {str(b): {"subspace_snr": 0.5} for b in BITS}})
-    rule = {"statistic": "subspace_snr", "aggregate": "weakest_layer", "min": 1.0}
-    assert rule_value(r["summary"], r["layers"], 4, rule) == 0.5
+    rule = Rule("subspace_snr", "weakest_layer", 1.0)
+    assert rule.value(r["summary"], r["layers"], 4) == 0.5
     assert fit.predict(r, rule) is None
 
 
@@ -132,16 +131,16 @@ def test_attribution_counts_where_the_delta_moves_the_threshold():
 def test_calibrated_rule_file_is_read(tmp_path, monkeypatch):
     f = tmp_path / "calibration.json"
     monkeypatch.setattr(calibration, "RULE_FILE", f)
-    assert calibration.threshold_for({"subspace_snr": 3.0})["provisional"] is True
+    assert Rule.load({"subspace_snr": 3.0}).provisional is True
     f.write_text(json.dumps({"statistic": "cosine", "aggregate": "weighted", "min": 0.3,
                              "provisional": False, "evidence": "docs/calibration.md"}))
-    rule = calibration.threshold_for({"cosine": 0.9})
-    assert rule["statistic"] == "cosine" and rule["min"] == 0.3 and rule["provisional"] is False
+    rule = Rule.load({"cosine": 0.9})
+    assert rule.statistic == "cosine" and rule.min == 0.3 and rule.provisional is False
 
 
 def test_fallback_rule_when_the_statistic_is_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(calibration, "RULE_FILE", tmp_path / "none.json")
-    assert calibration.threshold_for({"cosine": 0.9}) is calibration.FALLBACK_THRESHOLD
+    assert Rule.load({"cosine": 0.9}) is calibration.FALLBACK
 
 
 def test_fake_quantized_model_computes_what_the_quantized_model_computes(tmp_path):
@@ -191,17 +190,20 @@ def test_cached_fine_tunes_of_another_base_are_refused(tmp_path):
         run._check_same_base(other, a)
 
 
-def test_predict_agrees_with_delta_survivals_predict_min_bits():
-    from qtools.survival.analyze import predict_min_bits
-
-    rng = np.random.default_rng(3)
-    for i in range(20):
-        r = synthetic(i, int(rng.choice(BITS)), float(rng.uniform(1, 30)))
-        for agg in fit.AGGREGATES:
-            for t in (2.0, 10.0, 50.0):
-                rule = {"statistic": "subspace_snr", "aggregate": agg, "min": t}
-                want, _ = predict_min_bits(r["summary"], BITS, r["layers"], rule)
-                assert fit.predict(r, rule) == want
+def test_rule_predicts_the_smallest_bit_width_above_which_everything_survives():
+    """Rule.predict (delta-survival) and fit.predict (calibration, on memoized values) are one
+    definition: a bit-width that survives below one that does not is no threshold."""
+    summary = {str(b): {"subspace_snr": v} for b, v in zip(BITS, [0.5, 3.0, 0.8, 2.0, 4.0, 9.0])}
+    layers = [{"layer": 0, "by_bits": {str(b): {"subspace_snr": v} for b, v in zip(BITS, [9, 9, 9, 1.5, 9, 9])}}]
+    weighted = Rule("subspace_snr", "weighted", 1.0)
+    assert weighted.predict(summary, layers, BITS) == (
+        5, {"2": False, "3": True, "4": False, "5": True, "6": True, "8": True})
+    weakest = Rule("subspace_snr", "weakest_layer", 1.6)
+    assert weakest.value(summary, layers, 5) == 1.5 and weakest.predict(summary, layers, BITS)[0] == 6
+    assert Rule("subspace_snr", "weighted", 10.0).predict(summary, layers, BITS)[0] is None
+    assert Rule("cosine").predict(summary, layers, BITS) == (None, {str(b): None for b in BITS})
+    r = {"summary": summary, "layers": layers}
+    assert fit.predict(r, weighted) == 5 and fit.predict(r, weakest) == 6
 
 
 def test_constant_baseline_and_separability():
@@ -276,7 +278,7 @@ def test_reliability_scores_the_rule_against_re_drawn_suites():
     coin = with_cases(0, 5, 20.0, critical_at=5)
     coin["true_min_bits"] = 6
     clean = with_cases(1, 4, 20.0)
-    rule = {"statistic": "subspace_snr", "aggregate": "weighted", "min": 10.0}
+    rule = Rule("subspace_snr", "weighted", 10.0)
     assert fit.predict(coin, rule) == 5 and fit.predict(clean, rule) == 4
     rel = fit.reliability([coin, clean], [coin, clean], rule, 5, 0.8)
     p6 = fit.threshold_distribution(coin, BITS, 0.8)[6]

@@ -186,12 +186,12 @@ def test_survival_recipe_matches_delta_survival_and_loads(fused, tmp_path):
     want = plan["layer_bits"]
     assert want, "the tiny fine-tune should die somewhere at 2 bits"
     # the planner's model value at uniform bits is what delta-survival's rule judges
-    from qtools.survival.analyze import rule_value
+    from qtools.survival.rule import Rule
 
     for agg in ("weighted", "weakest_layer"):
         rep["threshold"] = {**rep["threshold"], "aggregate": agg}
         p = R.plan_from_report(rep, 2)
-        assert p["value_before"] == pytest.approx(rule_value(rep["summary"], rep["layers"], 2, rep["threshold"]),
+        assert p["value_before"] == pytest.approx(Rule.from_dict(rep["threshold"]).value(rep["summary"], rep["layers"], 2),
                                                   rel=1e-9)
     out = tmp_path / "surv2"
     r = quantize("--model", fused, "--bits", 2, "--recipe", "survival", "--out", out, "--json")

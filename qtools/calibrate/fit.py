@@ -9,13 +9,14 @@ constant guess; a bootstrap of the suite bounds what any predictor can reach.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from .. import QtoolsError
+from ..survival.rule import AGGREGATES, Rule, smallest_surviving
 from .grid import BITS
 from .measure import MISSING, exact_delta_threshold, passes
 
 STATISTICS = ["subspace_snr", "delta_snr", "cosine", "retention", "sign_agreement", "delta_to_step"]
-AGGREGATES = ["weighted", "weakest_layer"]
 BOOTSTRAP_DRAWS = 2000
 
 
@@ -25,25 +26,18 @@ def _rank(b):
 
 
 def _value(r, b, stat, agg):
-    from ..survival.analyze import rule_value
-
+    """What a rule on `stat` (`agg`) judges at b bits for a fine-tune; memoized, as fitting asks often."""
     memo = r.setdefault("_values", {})
     key = (b, stat, agg)
     if key not in memo:
-        memo[key] = rule_value(r["summary"], r["layers"], b, {"statistic": stat, "aggregate": agg})
+        memo[key] = Rule(stat, agg).value(r["summary"], r["layers"], b)
     return memo[key]
 
 
-def predict(res: dict, rule: dict, bits_list=BITS):
-    """The rule's predicted minimum bit-width, as delta-survival's predict_min_bits decides
-    it: the smallest bit-width that survives with every larger one surviving too."""
-    from ..survival.analyze import smallest_surviving
-
-    def survives(b):
-        v = _value(res, b, rule["statistic"], rule.get("aggregate", "weighted"))
-        return v is not None and v >= rule["min"]
-
-    return smallest_surviving(bits_list, survives)
+def predict(res: dict, rule: Rule, bits_list=BITS):
+    """The rule's predicted minimum bit-width for a fine-tune, as Rule.predict decides it
+    (on the memoized values)."""
+    return smallest_surviving(bits_list, lambda b: rule.clears(_value(res, b, rule.statistic, rule.aggregate)))
 
 
 def split(results):
@@ -77,11 +71,11 @@ def goal_met(held_out: dict) -> bool:
 def _log_margin(train, rule, bits_list) -> float:
     """How far, in log ratio, the closest training value sits from the threshold: among
     rules that score the same, the one with the widest gap generalises best."""
-    t = rule["min"]
+    t = rule.min
     if t <= 0:
         return 0.0
     gaps = [abs(math.log(v / t)) for r in train for b in bits_list
-            for v in [_value(r, b, rule["statistic"], rule["aggregate"])]
+            for v in [_value(r, b, rule.statistic, rule.aggregate)]
             if v is not None and v > 0 and math.isfinite(v)]
     return min(gaps) if gaps else 0.0
 
@@ -97,7 +91,7 @@ def _fit_threshold(train, stat, agg, bits_list=BITS):
     cands = [math.sqrt(a * b) if a > 0 else (a + b) / 2 for a, b in zip(values, values[1:])] or values
     best = None
     for t in cands:
-        rule = {"statistic": stat, "aggregate": agg, "min": t}
+        rule = Rule(stat, agg, t)
         s = score(train, rule, bits_list)
         key = (s["exact"], -s["optimistic"], -s["worst_optimistic_steps"])
         if best is not None and key < best[0][:3]:
@@ -108,7 +102,7 @@ def _fit_threshold(train, stat, agg, bits_list=BITS):
     return best
 
 
-def fit(train, bits_list=BITS) -> tuple[dict, dict]:
+def fit(train, bits_list=BITS) -> tuple[Rule, dict]:
     """Choose the statistic and aggregate by leave-one-out cross-validation on `train`
     (a threshold refitted without each fine-tune predicts it), then fit its threshold on
     all of `train`. Picking by training fit alone overfits: with a few dozen fine-tunes
@@ -275,6 +269,11 @@ def study(results, min_accuracy) -> dict:
     test_score = score(test, rule)
     guess, baseline = constant_baseline(train, test)
     rel = reliability(results, test, rule, guess, min_accuracy)
+    ceiling = rel["size_factors"][1]["ceiling_held_out"]
+    evidence = (f"docs/calibration.md: {test_score['exact']}/{test_score['n']} held-out demo fine-tunes exact, "
+                f"{test_score['optimistic']} optimistic; ceiling for any predictor against a re-drawn suite: "
+                f"{ceiling:.0%}")
+    rule = replace(rule, provisional=not goal_met(test_score), evidence=evidence)
     thresholds = {}
     for r in results:
         thresholds[r["true_min_bits"]] = thresholds.get(r["true_min_bits"], 0) + 1
@@ -283,9 +282,9 @@ def study(results, min_accuracy) -> dict:
         "train_ids": {r["id"] for r in train},
         "wilson": wilson(test_score["exact"], test_score["n"]),
         "guess": guess, "baseline": baseline,
-        "reliability": rel, "ceiling": rel["size_factors"][1]["ceiling_held_out"],
+        "reliability": rel, "ceiling": ceiling,
         "thresholds": thresholds,
-        "separability": separability(results, rule["statistic"], rule["aggregate"]),
+        "separability": separability(results, rule.statistic, rule.aggregate),
         "erratic": erratic(results, min_accuracy),
         "attribution": attribution(results, min_accuracy),
     }

@@ -8,6 +8,7 @@ This keeps 24+ fine-tunes x 7 precisions within minutes on 2 CPU cores;
 
 from __future__ import annotations
 
+from ..survival.rule import smallest_surviving
 from .grid import BITS
 
 
@@ -84,8 +85,6 @@ def passes(r: dict, min_accuracy: float) -> bool:
 def true_threshold(beh: dict, bits_list, min_accuracy: float):
     """Smallest bit-width whose validation passes, with every larger one passing too
     (None: not even the largest bit-width passes)."""
-    from ..survival.analyze import smallest_surviving
-
     return smallest_surviving(bits_list, lambda b: passes(beh[str(b)], min_accuracy))
 
 

@@ -12,7 +12,7 @@ from .measure import MISSING, exact_delta_threshold
 def write_report(results, s: dict, out_md, out_png, min_accuracy, excluded) -> None:
     """docs/calibration.md (table + plot) for the usable fine-tunes `results` and their study `s`."""
     rule, train_score, test_score = s["rule"], s["train"], s["held_out"]
-    stat, agg = rule["statistic"], rule["aggregate"]
+    stat, agg = rule.statistic, rule.aggregate
     train_ids = s["train_ids"]
     _plot(results, rule, train_ids, out_png)
     ceiling = s["ceiling"]
@@ -37,7 +37,7 @@ def write_report(results, s: dict, out_md, out_png, min_accuracy, excluded) -> N
         "passes with every larger one. Behaviour is measured on fake-quantized weights (the exact "
         "values `mx.quantize` stores, run in float16).",
         "",
-        f"**Rule:** a bit-width survives when `{stat}` ({agg.replace('_', ' ')}) >= {rule['min']:.4g}.",
+        f"**Rule:** a bit-width survives when `{stat}` ({agg.replace('_', ' ')}) >= {rule.min:.4g}.",
         "",
         "| split | fine-tunes | exact | optimistic (predicts a bit-width that fails) | pessimistic | worst optimistic miss |",
         "|---|---|---|---|---|---|",
@@ -83,7 +83,7 @@ def _plot(results, rule, train_ids, out_png) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stat, agg = rule["statistic"], rule["aggregate"]
+    stat, agg = rule.statistic, rule.aggregate
     fig, ax = plt.subplots(figsize=(7, 4.2))
     # ratios span decades; bounded statistics (retention, cosine, sign agreement) do not
     log_scale = stat in ("subspace_snr", "delta_snr", "delta_to_step")
@@ -98,7 +98,7 @@ def _plot(results, rule, train_ids, out_png) -> None:
             x = b + (-0.14 if alive else 0.14) + (0.04 if r["id"] in train_ids else -0.04)
             ax.scatter(x, max(v, 1e-6) if log_scale else v,
                        c="tab:green" if alive else "tab:red", marker="o" if r["id"] in train_ids else "x", s=18)
-    ax.axhline(rule["min"], color="k", ls="--", lw=1, label=f"threshold {rule['min']:.3g}")
+    ax.axhline(rule.min, color="k", ls="--", lw=1, label=f"threshold {rule.min:.3g}")
     if log_scale:
         ax.set_yscale("log")
     ax.set_xlabel("bits (o: training split, x: held out; kept left, lost right of each bit-width)")
@@ -148,7 +148,7 @@ def _findings(results, s) -> list[str]:
     spread = ", ".join(f"{n} at {b if b is not None else 'none'}" for b, n in
                        sorted(s["thresholds"].items(), key=lambda kv: _rank(kv[0])))
     guess, base = s["guess"], s["baseline"]
-    stat, agg = s["rule"]["statistic"], s["rule"]["aggregate"]
+    stat, agg = s["rule"].statistic, s["rule"].aggregate
     sep_lines = [f"  - {x['bits']} bits: kept {_fmt(x['keep'][0])} to {_fmt(x['keep'][1])}, lost "
                  f"{_fmt(x['lose'][0])} to {_fmt(x['lose'][1])}" + (" (overlap)" if x["overlap"] else "")
                  for x in s["separability"]]

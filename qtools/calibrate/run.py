@@ -164,13 +164,8 @@ def trained_on_other_data(run_dir: Path, seed: int) -> bool:
 
 def write_rule_file(path, s: dict) -> None:
     """The fitted rule, with its evidence, where delta-survival reads it."""
-    test_score = s["held_out"]
-    evidence = (f"docs/calibration.md: {test_score['exact']}/{test_score['n']} held-out demo fine-tunes exact, "
-                f"{test_score['optimistic']} optimistic; ceiling for any predictor against a re-drawn suite: "
-                f"{s['ceiling']:.0%}")
     # delta-survival reads this file: never leave it half-written
-    write_json_atomic(path, {**s["rule"], "provisional": not s["goal_met"], "evidence": evidence,
-                             "train": s["train"], "held_out": test_score,
+    write_json_atomic(path, {**s["rule"].to_dict(), "train": s["train"], "held_out": s["held_out"],
                              "held_out_ceiling": round(s["ceiling"], 4)})
 
 
@@ -188,5 +183,5 @@ def calibrate(base_dir, suite_path, rule_file, work_dir="models/calibration", do
     docs.mkdir(parents=True, exist_ok=True)
     write_report(usable, s, docs / "calibration.md", docs / "calibration.png", min_accuracy, excluded)
     write_rule_file(rule_file, s)
-    return {"rule": s["rule"], "train": s["train"], "held_out": s["held_out"], "fine_tunes": len(results),
+    return {"rule": s["rule"].to_dict(), "train": s["train"], "held_out": s["held_out"], "fine_tunes": len(results),
             "reliability": s["reliability"], "rule_file": str(rule_file)}

@@ -101,10 +101,15 @@ def survival_at(surv: dict | None, bits) -> dict | None:
 
 
 def predicted_survives(surv: dict, bits: int) -> bool:
-    verdict = surv.get("verdict")
-    if isinstance(verdict, dict) and str(bits) in verdict:
-        v = verdict[str(bits)]  # delta-survival writes a bool per bit-width
-        return v if isinstance(v, bool) else str(v).lower().startswith("surviv")
+    """delta-survival's verdict at `bits`; at a bit-width it did not judge, whether `bits`
+    is at or above the predicted minimum."""
+    verdict = surv.get("verdict") or {}
+    if str(bits) in verdict:
+        v = verdict[str(bits)]
+        if v is not None and not isinstance(v, bool):
+            raise QtoolsError(f"the delta-survival report's verdict at {bits} bits is {v!r}, not true or false: "
+                              "it was written by an older qtools; run delta-survival again")
+        return bool(v)
     p = surv.get("predicted_min_bits")
     return p is not None and bits >= p
 
@@ -142,11 +147,10 @@ def retention_for(model: str, suite: str, retention: list) -> dict | None:
 
 
 def _rule_value(surv: dict, bits, rule: dict):
-    from ..survival.analyze import rule_value
+    """The value the report's rule judges at `bits` (None where the report has none)."""
+    from ..survival.rule import Rule
 
-    if str(bits) not in (surv.get("summary") or {}):
-        return None
-    return rule_value(surv["summary"], surv.get("layers") or [], bits, rule)
+    return Rule.from_dict(rule).value(surv.get("summary") or {}, surv.get("layers") or [], bits)
 
 
 def compare_suite(logs: list, surv: dict | None, c: Criteria, retention: list | None = None) -> dict:

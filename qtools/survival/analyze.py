@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QtoolsError
 from ..io.adapters import Adapter, LowRankDelta
-from .rule import threshold_for
+from .rule import Rule
 from ..io.modeldir import PROVENANCE
 from ..io.weights import FLOAT_DTYPES, SafetensorsModel
 
@@ -304,40 +304,6 @@ def reaggregate(tensors: list[dict], bits: list[int]) -> tuple[dict, list[dict]]
     return _aggregate(rebuilt, bits), layers
 
 
-def rule_value(summary: dict, layers: list, bits: int, rule: dict):
-    """The statistic a rule judges: |D|^2-weighted over the model, or the weakest layer's."""
-    stat = rule["statistic"]
-    if rule.get("aggregate", "weighted") == "weakest_layer":
-        vals = [L["by_bits"][str(bits)].get(stat) for L in layers]
-        vals = [v for v in vals if v is not None]
-        return min(vals) if vals else summary[str(bits)].get(stat)
-    return summary[str(bits)].get(stat)
-
-
-def smallest_surviving(bits, survives):
-    """Smallest bit-width b for which survives(b) holds with every larger one holding too;
-    None when even the largest fails. The one definition of a threshold, for predictions
-    and measured behaviour alike."""
-    best = None
-    for b in sorted(bits, reverse=True):
-        if not survives(b):
-            break
-        best = b
-    return best
-
-
-def predict_min_bits(summary: dict, bits: list[int], layers: list | None = None, rule: dict | None = None):
-    """Smallest requested bit-width that survives, with every larger one surviving too."""
-    if not summary:
-        return None, None
-    rule = rule or threshold_for(summary[str(max(bits))])
-    verdict = {}
-    for b in bits:
-        v = rule_value(summary, layers or [], b, rule)
-        verdict[str(b)] = None if v is None else v >= rule["min"]
-    return smallest_surviving(bits, lambda b: verdict[str(b)]), {"rule": rule, "verdict": verdict}
-
-
 def analyze(
     model: str | Path,
     bits=(2, 3, 4, 5, 6, 8),
@@ -433,14 +399,15 @@ def analyze(
         "skipped": skipped,
     }
     if src is not None:
-        predicted, detail = predict_min_bits(summary, bits, layers)
         if "retention" not in summary[str(bits[0])]:
             raise QtoolsError("the delta is zero in every quantizable tensor: nothing to predict (is this the fused model?)")
+        rule = Rule.load(available=summary[str(max(bits))])
+        predicted, verdict = rule.predict(summary, layers, bits)
         report["delta_source"] = src.describe()
-        report["threshold"] = detail["rule"]
-        report["verdict"] = detail["verdict"]
+        report["threshold"] = rule.to_dict()
+        report["verdict"] = verdict
         report["predicted_min_bits"] = predicted
-        report["weakest_layers"] = _weakest_layers(layers, bits, detail["rule"]["statistic"])
+        report["weakest_layers"] = _weakest_layers(layers, bits, rule.statistic)
     for t in tensors:
         for k in ("_n", "_w2", "_d2"):
             t.pop(k)
