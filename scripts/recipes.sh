@@ -3,7 +3,7 @@
 # 4 bits, mlx-lm's mixed_3_6 and mixed_4_6, and qtools' survival recipe at 3 and 4 bits.
 # Each is quantized (a uniform or mixed one newer than FROM is reused unless FORCE=1), validated
 # on SUITE, scored with `qtools retention` against FROM and BASE, and one compare table
-# (accuracy, critical errors, logit retention, bits/weight) is printed. Logs: $LOGS/recipes/.
+# (accuracy, critical errors, logit_retention, bits/weight) is printed. Logs: $LOGS/recipes/.
 set -euo pipefail
 QTOOLS=${QTOOLS:-.venv/bin/qtools}
 FROM=${FROM:-models/demo_fused_f16}

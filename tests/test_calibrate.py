@@ -325,3 +325,12 @@ def test_a_cache_entry_of_another_format_is_measured_again(tmp_path):
     assert "format unrecorded" in log.getvalue() and "re-measuring it" in log.getvalue()
     path.write_text(json.dumps({"format": run.CACHE_FORMAT, "id": "ft"}))
     assert run._cached(path, "ft", log)["id"] == "ft"
+
+
+def test_the_committed_rule_judges_a_statistic_delta_survival_computes():
+    """A renamed statistic with a stale rule file would silently fall back to the cosine rule."""
+    from qtools.survival.analyze import DELTA_STATS
+
+    committed = json.loads(calibration.RULE_FILE.read_text())
+    assert committed["statistic"] in DELTA_STATS and committed["statistic"] in fit.STATISTICS
+    assert Rule.load({committed["statistic"]: 1.0}) == Rule.from_dict(committed)

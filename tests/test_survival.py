@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from qtools.cli import cli
 from qtools.demo.model import make_tiny_adapter, make_tiny_model
 
-SUMMARY_KEYS = {"rmse", "retention", "cosine", "codes_changed", "delta_to_step", "sign_agreement"}
+SUMMARY_KEYS = {"rmse", "delta_retention", "cosine", "codes_changed", "delta_to_step", "sign_agreement"}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_json_report_has_the_documented_shape(trio):
     assert SUMMARY_KEYS <= set(t["by_bits"]["4"])
     # untouched tensors carry quantization error only
     k = next(t for t in rep["tensors"] if t["name"] == "model.layers.0.self_attn.k_proj.weight")
-    assert "rmse" in k["by_bits"]["4"] and "retention" not in k["by_bits"]["4"]
+    assert "rmse" in k["by_bits"]["4"] and "delta_retention" not in k["by_bits"]["4"]
     assert {"q", "v"} <= set(rep["by_kind"])
     assert [L["layer"] for L in rep["layers"]] == [0, 1]
 
@@ -64,7 +64,7 @@ def test_survival_improves_with_bits(trio):
     err = [rep["summary"][str(b)]["rmse"] for b in rep["bits"]]
     assert cos == sorted(cos) and cos[-1] > 0.95
     assert err == sorted(err, reverse=True)
-    assert rep["summary"]["8"]["retention"] == pytest.approx(1.0, abs=0.05)
+    assert rep["summary"]["8"]["delta_retention"] == pytest.approx(1.0, abs=0.05)
 
 
 def test_model_statistics_pool_over_tensors(trio):
@@ -73,13 +73,13 @@ def test_model_statistics_pool_over_tensors(trio):
     _, adapter, fused = trio
     rep = survival_json(fused, "--adapter", adapter, "--bits", 3, 4)
     for b in ("3", "4"):
-        ts = [t["by_bits"][b] for t in rep["tensors"] if "retention" in t["by_bits"][b]]
+        ts = [t["by_bits"][b] for t in rep["tensors"] if "delta_retention" in t["by_bits"][b]]
         n = {t["name"]: t["shape"][0] * t["shape"][1] for t in rep["tensors"]}
         ws = [(t["by_bits"][b]["delta_rms"] ** 2 * n[t["name"]], t["by_bits"][b])
-              for t in rep["tensors"] if "retention" in t["by_bits"][b]]
+              for t in rep["tensors"] if "delta_retention" in t["by_bits"][b]]
         assert len(ts) >= 2
         wsum = sum(w for w, _ in ws)
-        assert rep["summary"][b]["retention"] == pytest.approx(sum(w * s["retention"] for w, s in ws) / wsum)
+        assert rep["summary"][b]["delta_retention"] == pytest.approx(sum(w * s["delta_retention"] for w, s in ws) / wsum)
         for key in ("subspace_snr", "delta_snr"):
             pooled = wsum / sum(w / s[key] for w, s in ws)
             assert rep["summary"][b][key] == pytest.approx(pooled)
@@ -105,7 +105,7 @@ def test_adapter_and_base_sources_agree(trio):
     base, adapter, fused = trio
     a = survival_json(fused, "--adapter", adapter, "--bits", 4)["summary"]["4"]
     b = survival_json(fused, "--base", base, "--bits", 4)["summary"]["4"]
-    for key in ("retention", "cosine", "codes_changed", "delta_to_step"):
+    for key in ("delta_retention", "cosine", "codes_changed", "delta_to_step"):
         assert a[key] == pytest.approx(b[key], rel=0.05, abs=0.01), key
 
 
@@ -135,7 +135,7 @@ def test_quant_error_json_has_no_delta_keys(trio):
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
     assert set(rep["summary"]) == {"4", "8"}
-    assert "retention" not in rep["summary"]["4"] and "predicted_min_bits" not in rep
+    assert "delta_retention" not in rep["summary"]["4"] and "predicted_min_bits" not in rep
     assert rep["summary"]["8"]["rmse"] < rep["summary"]["4"]["rmse"]
 
 
@@ -338,7 +338,7 @@ def test_moe_expert_adapter_matches_the_base_delta(tmp_path):
     x = survival_json(tmp_path / "fused", "--adapter", ad, "--bits", 4, 8)
     y = survival_json(tmp_path / "fused", "--base", tmp_path / "base", "--bits", 4, 8)
     assert x["tensors"][0]["shape"] == [E, out, inp]
-    for key in ("retention", "cosine", "codes_changed"):
+    for key in ("delta_retention", "cosine", "codes_changed"):
         assert x["summary"]["4"][key] == pytest.approx(y["summary"]["4"][key], rel=0.05, abs=0.01), key
     assert "subspace_snr" in x["summary"]["4"]
 
@@ -354,5 +354,5 @@ def test_quantized_base_is_dequantized_like_mlx_lm_fuse(tmp_path):
     via_base = survival_json(fused, "--base", qbase, "--bits", 4, 8)
     via_adapter = survival_json(fused, "--adapter", adapter, "--bits", 4, 8)
     assert via_base["summary"]["8"]["cosine"] > 0.9
-    for key in ("retention", "cosine"):
+    for key in ("delta_retention", "cosine"):
         assert via_base["summary"]["4"][key] == pytest.approx(via_adapter["summary"]["4"][key], rel=0.05, abs=0.02)

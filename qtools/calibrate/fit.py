@@ -16,7 +16,7 @@ from ..survival.rule import AGGREGATES, Rule, smallest_surviving
 from .grid import BITS
 from .measure import MISSING, exact_delta_threshold, passes
 
-STATISTICS = ["subspace_snr", "delta_snr", "cosine", "retention", "sign_agreement", "delta_to_step"]
+STATISTICS = ["subspace_snr", "delta_snr", "cosine", "delta_retention", "sign_agreement", "delta_to_step"]
 BOOTSTRAP_DRAWS = 2000
 
 

@@ -85,7 +85,7 @@ def _plot(results, rule, train_ids, out_png) -> None:
 
     stat, agg = rule.statistic, rule.aggregate
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    # ratios span decades; bounded statistics (retention, cosine, sign agreement) do not
+    # ratios span decades; bounded statistics (delta_retention, cosine, sign agreement) do not
     log_scale = stat in ("subspace_snr", "delta_snr", "delta_to_step")
     for r in results:
         t = _rank(r["true_min_bits"])

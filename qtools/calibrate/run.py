@@ -16,8 +16,9 @@ from .grid import BITS, default_grid, expand_run
 from .measure import behaviour, model_weights, passes, true_threshold
 from .report import write_report
 
-# What a cached result.json holds; an entry of another format is measured again.
-CACHE_FORMAT = 1
+# What a cached result.json holds (2: the weight statistic is named delta_retention); an entry
+# of another format is measured again, not migrated.
+CACHE_FORMAT = 2
 
 
 def run_grid(base_dir, suite_path, work_dir, grid=None, bits_list=BITS, group_size=64, min_accuracy=0.8,

@@ -57,14 +57,14 @@ def _summary_table(report, with_delta):
                _fmt(s["step_median"], ".2e")]
         if with_delta:
             v = report["verdict"].get(str(b))
-            row += [_fmt(s.get("delta_to_step")), _fmt(s.get("retention")), _fmt(s.get("cosine")),
+            row += [_fmt(s.get("delta_to_step")), _fmt(s.get("delta_retention")), _fmt(s.get("cosine")),
                     _fmt(s.get("sign_agreement")), _fmt(s.get("codes_changed"), ".4f"),
                     _fmt(s.get("subspace_snr"), ".2f"),
                     "survives" if v else ("rounded away" if v is not None else "-")]
         rows.append(row)
     headers = ["bits", "bits/w", "rmse", "rel rmse", "step (median)"]
     if with_delta:
-        headers += ["delta/step", "retention", "cosine", "sign agree", "codes chg", "subspace SNR", "verdict"]
+        headers += ["delta/step", "delta_retention", "cosine", "sign agree", "codes chg", "subspace SNR", "verdict"]
     return tabulate(rows, headers=headers, tablefmt="simple")
 
 

@@ -4,7 +4,8 @@ Also checks delta-survival's prediction against behaviour, per bit-width: the
 prediction says the fine-tune survives at b bits when b >= predicted_min_bits;
 behaviour says it survived when accuracy and critical errors meet the criteria.
 `qtools retention` logs (logs/retention-<model>.json) among the inputs add a
-"logit retention" row next to accuracy.
+"logit_retention" row next to accuracy; delta-survival's weight statistic
+is `delta_retention`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def _is_log(obj) -> bool:
 
 
 def _is_retention(obj) -> bool:
-    return isinstance(obj, dict) and "qtools_retention" in obj and "retention" in obj
+    return isinstance(obj, dict) and "qtools_retention" in obj and "logit_retention" in obj
 
 
 def _is_survival(obj) -> bool:
@@ -180,9 +181,9 @@ def compare_suite(logs: list, surv: dict | None, c: Criteria, retention: list | 
     if retention:
         found = {log["model"]: retention_for(log["model"], log["suite"], retention) for log in logs}
         if any(found.values()):
-            values = {m: (r or {}).get("retention") for m, r in found.items()}
+            values = {m: (r or {}).get("logit_retention") for m, r in found.items()}
             rows.insert(4 + len(categories), {
-                "metric": "logit retention", "key": "retention", "better": "max", "values": values,
+                "metric": "logit_retention", "key": "logit_retention", "better": "max", "values": values,
                 "display": {m: (f"{v:.3f} (KL {found[m]['kl']['mean']:.2g})" if v is not None else "-")
                             for m, v in values.items()},
                 "winner": _winner(values, "max"),
@@ -191,9 +192,9 @@ def compare_suite(logs: list, surv: dict | None, c: Criteria, retention: list | 
         values = {}
         for log in logs:
             s = survival_at(surv, log.get("bits")) if log.get("quantized") else None
-            values[log["model"]] = s.get("retention") if s else None
+            values[log["model"]] = s.get("delta_retention") if s else None
         rows.append({
-            "metric": "predicted retention", "key": "survival.retention", "better": "max", "values": values,
+            "metric": "predicted delta_retention", "key": "survival.delta_retention", "better": "max", "values": values,
             "display": {m: f"{v:.2f}" if v is not None else "-" for m, v in values.items()},
             "winner": _winner(values, "max"),
         })
@@ -231,7 +232,7 @@ def compare_suite(logs: list, surv: dict | None, c: Criteria, retention: list | 
             s = survival_at(surv, log["bits"]) or {}
             agreement.append({
                 "model": log["model"], "bits": log["bits"],
-                "retention": s.get("retention"), "cosine": s.get("cosine"),
+                "delta_retention": s.get("delta_retention"), "cosine": s.get("cosine"),
                 "statistic": label,
                 "statistic_value": _rule_value(surv, log["bits"], rule) if stat else None,
                 "predicted": "survives" if pred else "rounded away",
@@ -311,21 +312,21 @@ def format_comparison(result: dict) -> str:
             out.append(f"delta-survival predicted the fine-tune survives down to "
                        f"{pmb if pmb is not None else '(no tested bit-width)'} bits:")
             stat = comp["survival_agreement"][0]["statistic"]
-            extra = [stat] if stat and stat != "retention" else []
+            extra = [stat] if stat and stat != "delta_retention" else []
             rows = []
             for a in comp["survival_agreement"]:
-                vals = [a["retention"]] + ([a["statistic_value"]] if extra else [])
+                vals = [a["delta_retention"]] + ([a["statistic_value"]] if extra else [])
                 agree = "n/a" if a["agree"] is None else ("yes" if a["agree"] else "NO")
                 rows.append([a["bits"], a["model"], *[f"{v:.3g}" if v is not None else "-" for v in vals],
                              a["predicted"], a["observed"], agree])
-            out.append(tabulate(rows, headers=["bits", "model", "retention", *extra, "predicted", "observed", "agree"],
+            out.append(tabulate(rows, headers=["bits", "model", "delta_retention", *extra, "predicted", "observed", "agree"],
                                 tablefmt="github"))
         out.append("")
     return "\n".join(out).rstrip()
 
 
 def plot_comparison(result: dict, path: str | Path) -> Path:
-    """bits vs accuracy, disk size and predicted retention, one PNG."""
+    """bits vs accuracy, disk size and predicted delta_retention, one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -350,7 +351,7 @@ def plot_comparison(result: dict, path: str | Path) -> Path:
     axes[1].set(xlabel="bits", ylabel="disk size (MB)", title="size")
     if surv:
         bits = sorted(int(b) for b in surv.get("summary", {}))
-        axes[2].plot(bits, [surv["summary"][str(b)].get("retention") for b in bits], "o-", label="retention")
+        axes[2].plot(bits, [surv["summary"][str(b)].get("delta_retention") for b in bits], "o-", label="delta_retention")
         if any("cosine" in surv["summary"][str(b)] for b in bits):
             axes[2].plot(bits, [surv["summary"][str(b)].get("cosine") for b in bits], "s--", label="cosine")
         if surv.get("predicted_min_bits") is not None:

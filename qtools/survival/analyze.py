@@ -31,7 +31,7 @@ KIND_PATTERNS = [
 ]
 _LAYER_RE = re.compile(r"layers\.(\d+)\.")
 # Statistics that exist only where a delta does, weighted by |D|^2 over tensors.
-DELTA_STATS = ("delta_rms", "delta_to_step", "retention", "cosine", "sign_agreement",
+DELTA_STATS = ("delta_rms", "delta_to_step", "delta_retention", "cosine", "sign_agreement",
                "codes_changed", "delta_snr", "subspace_snr")
 
 
@@ -232,7 +232,7 @@ def _tensor_stats(r: dict, bits: list[int], group_size: int, has_delta: bool, ha
             s.update({
                 "delta_rms": delta_rms,
                 "delta_to_step": delta_rms / step_median if step_median > 0 else SNR_CAP,
-                "retention": float(r["dot"][i]) / d2,
+                "delta_retention": float(r["dot"][i]) / d2,
                 "cosine": float(r["dot"][i]) / math.sqrt(float(r["dq2"][i]) * d2) if r["dq2"][i] > 0 else 0.0,
                 "sign_agreement": int(r["sign_agree"][i]) / int(r["nonzero_d"]) if r["nonzero_d"] else 0.0,
                 "codes_changed": int(r["changed"][i]) / n,
@@ -274,7 +274,7 @@ def _aggregate(tensors: list[dict], bits: list[int]) -> dict:
             "max_abs_err": max((t["by_bits"][b]["max_abs_err"] for t in tensors), default=0.0),
             "step_median": (sum(t["by_bits"][b]["step_median"] * t["_n"] for t in tensors) / n_tot) if n_tot else 0.0,
         }
-        with_delta = [t for t in tensors if t["_d2"] > 0 and "retention" in t["by_bits"][b]]
+        with_delta = [t for t in tensors if t["_d2"] > 0 and "delta_retention" in t["by_bits"][b]]
         wsum = sum(t["_d2"] for t in with_delta)
         if wsum > 0:
             for key in DELTA_STATS:
@@ -399,7 +399,7 @@ def analyze(
         "skipped": skipped,
     }
     if src is not None:
-        if "retention" not in summary[str(bits[0])]:
+        if "delta_retention" not in summary[str(bits[0])]:
             raise QtoolsError("the delta is zero in every quantizable tensor: nothing to predict (is this the fused model?)")
         rule = Rule.load(available=summary[str(max(bits))])
         predicted, verdict = rule.predict(summary, layers, bits)
