@@ -146,3 +146,16 @@ def test_compare_shows_logit_retention(tmp_path):
     assert row["values"] == {"fused_f16": None, "fused_4bit": 0.93, "fused_3bit": 0.41}
     assert row["winner"] == "fused_4bit"
     assert "logit_retention" in format_comparison(res)
+
+
+def test_compare_refuses_a_retention_log_of_an_older_qtools(tmp_path):
+    from click.testing import CliRunner
+
+    from qtools.cli import cli
+
+    old = tmp_path / "retention-fused_4bit.json"
+    old.write_text(json.dumps({"qtools_retention": 1, "model": "fused_4bit", "suite": "demo", "retention": 0.9}))
+    r = CliRunner().invoke(cli, ["compare", str(old)])
+    assert r.exit_code == 1
+    assert r.output.strip() == (f"Error: {old} has no logit_retention: it was written by an older qtools; "
+                                "run `qtools retention` again")

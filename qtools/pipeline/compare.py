@@ -58,6 +58,9 @@ def load_inputs(paths, survival: str | Path | None = None, retention: list | Non
         elif _is_retention(obj):
             if retention is not None:
                 retention.append(obj)
+        elif isinstance(obj, dict) and "qtools_retention" in obj:
+            raise QtoolsError(f"{p} has no logit_retention: it was written by an older qtools; "
+                              "run `qtools retention` again")
         else:
             raise QtoolsError(f"{p} is not a qtools validate log")
     if not logs:
