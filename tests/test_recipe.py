@@ -154,7 +154,6 @@ def test_plan_uses_the_reports_rule():
     ({"bits": [4]}, 4, "not a delta-survival report"),
     ({"bits": [4], "tensors": []}, 4, "no threshold rule"),
     (report([], bits=(4, 8)), 3, "no statistics at 3 bits"),
-    (report([]), 7, "bits=7 is not supported"),
 ])
 def test_plan_bad_input(rep, bits, msg):
     with pytest.raises(QtoolsError, match=msg):

@@ -243,6 +243,26 @@ def test_unsupported_bits(trio, bits):
     assert f"unsupported bits {bits}" in error_line(res)
 
 
+@pytest.mark.parametrize("args", [
+    ["--bits", 5, 3, 4],                          # as the README types it, after MODEL
+    ["--bits", 4, "--bits", 5, "--bits", 3],      # click's repeated form
+    ["--bits", 5, "--bits", 3, 4, "--json"],      # both, then another option
+])
+def test_bits_take_a_list_or_repeats_before_or_after_the_model(trio, args):
+    _, adapter, fused = trio
+    for argv in ([fused, "--adapter", adapter, *args], [*args, fused, "--adapter", adapter]):
+        res = run("delta-survival", *argv, *([] if "--json" in args else ["--json"]))
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.stdout)["bits"] == [3, 4, 5]
+
+
+def test_bits_that_are_not_numbers_are_refused(trio):
+    _, adapter, fused = trio
+    res = run("delta-survival", fused, "--adapter", adapter, "--bits", "four")
+    assert res.exit_code == 1
+    assert error_line(res) == "Error: unsupported bits four: MLX affine quantization supports 2, 3, 4, 5, 6, 8"
+
+
 def test_unsupported_group_size(trio):
     _, _, fused = trio
     res = run("quant-error", fused, "--group-size", 48)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from .. import SUPPORTED_BITS, QtoolsError
 
-MAX_BITS = max(SUPPORTED_BITS)
 # What each extra bit should buy: the largest cut in the delta's quantization error
 # |Dq - D|^2 summed over tensors (rate-distortion allocation). The rule decides when to stop.
 OBJECTIVE = "delta_snr"
@@ -77,8 +76,6 @@ def plan_from_report(report: dict, bits: int, objective: str = OBJECTIVE, target
     from ..survival.analyze import bits_per_weight
     from ..survival.rule import Rule, smallest_surviving
 
-    if bits not in SUPPORTED_BITS:
-        raise QtoolsError(f"bits={bits} is not supported: use one of {' '.join(map(str, SUPPORTED_BITS))}")
     if target not in ("recommended", "rule"):
         raise QtoolsError(f"unknown survival target {target!r}: use recommended or rule")
     if not isinstance(report, dict) or "tensors" not in report:
@@ -154,8 +151,6 @@ def survival_plan(model, bits: int, group_size: int = 64, adapter=None, base=Non
     """Run delta-survival on the float MODEL (delta from its provenance unless given) and plan."""
     from ..survival.analyze import delta_survival
 
-    if bits not in SUPPORTED_BITS:
-        raise QtoolsError(f"bits={bits} is not supported: use one of {' '.join(map(str, SUPPORTED_BITS))}")
     widths = [b for b in SUPPORTED_BITS if b >= bits]
     report = delta_survival(model, bits=widths, group_size=group_size, adapter=adapter, base=base,
                             progress=progress)
