@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -324,6 +325,24 @@ def test_sharded_model_is_read_through_its_index(tmp_path):
     (d / "model-00002-of-00002.safetensors").unlink()
     res = run("quant-error", d)
     assert res.exit_code == 1 and "is missing" in error_line(res)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc/self/maps")
+def test_closing_a_delta_source_unmaps_the_base_and_adapter(trio):
+    """delta-survival closes its delta source when done, not whenever it is collected."""
+    from qtools.io.weights import SafetensorsModel
+    from qtools.survival.analyze import resolve_delta_source
+
+    base, adapter, fused = trio
+    m = SafetensorsModel(fused)
+    src = resolve_delta_source(m, adapter=adapter, base=base)
+    src.base.raw(src.base.names()[0])  # maps the base file
+    mapped = Path("/proc/self/maps").read_text()
+    assert str(base) in mapped and str(adapter) in mapped
+    src.close()
+    m.close()
+    mapped = Path("/proc/self/maps").read_text()
+    assert str(base) not in mapped and str(adapter) not in mapped
 
 
 def test_tensors_are_memory_mapped_views_not_copies(trio):

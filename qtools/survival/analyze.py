@@ -75,6 +75,12 @@ class DeltaSource:
             "adapter": str(self.adapter.path) if self.adapter else None,
         }
 
+    def close(self) -> None:
+        """Unmap the base and adapter files (the deltas are float32 copies)."""
+        for st in (self.base, self.adapter):
+            if st is not None:
+                st.close()
+
 
 def resolve_delta_source(model: SafetensorsModel, adapter=None, base=None) -> DeltaSource:
     """Adapter and/or base given, else the fused directory's provenance record."""
@@ -192,7 +198,7 @@ def _mx_from(st: SafetensorsModel, name: str):
     return mx.array(raw)
 
 
-def _tensor_stats(r: dict, bits: list[int], group_size: int, has_delta: bool, has_sub: bool) -> dict:
+def _tensor_stats(r: dict, bits: list[int], has_delta: bool, has_sub: bool) -> dict:
     n = int(r["n"])
     w_rms = math.sqrt(r["w2"] / n) if n else 0.0
     d2 = float(r["d2"])
@@ -359,13 +365,15 @@ def analyze(
             "dtype": FLOAT_DTYPES[info.dtype],
             "kind": module_kind(name),
             "layer": layer_index(name),
-            "by_bits": _tensor_stats(r, bits, group_size, has_delta, delta is not None),
+            "by_bits": _tensor_stats(r, bits, has_delta, delta is not None),
             "_n": int(r["n"]),
             "_w2": float(r["w2"]),
             "_d2": float(r["d2"]) if has_delta else 0.0,
         }
         tensors.append(entry)
     m.close()
+    if src is not None:
+        src.close()
 
     summary = _aggregate(tensors, bits)
     by_kind = {k: _aggregate([t for t in tensors if t["kind"] == k], bits) for k in sorted({t["kind"] for t in tensors})}
