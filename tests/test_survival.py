@@ -44,7 +44,18 @@ def test_json_report_has_the_documented_shape(trio):
     assert rep["model"] == str(fused) and rep["group_size"] == 64 and rep["bits"] == [3, 4, 5]
     for b in ("3", "4", "5"):
         assert SUMMARY_KEYS <= set(rep["summary"][b])
-    assert rep["predicted_min_bits"] in (3, 4, 5, None)
+    # the verdict is the rule applied to the reported statistics, the prediction the smallest
+    # bit-width from which every verdict up is "survives"
+    rule = rep["threshold"]
+    for b in ("3", "4", "5"):
+        if rule["aggregate"] == "weakest_layer":
+            value = min(L["by_bits"][b][rule["statistic"]] for L in rep["layers"])
+        else:
+            value = rep["summary"][b][rule["statistic"]]
+        assert rep["verdict"][b] == (value >= rule["min"])
+    up = [b for b in (5, 4, 3) if rep["verdict"][str(b)]]
+    first_dead = next((b for b in (5, 4, 3) if not rep["verdict"][str(b)]), 2)
+    assert rep["predicted_min_bits"] == (min([b for b in up if b > first_dead], default=None))
     names = {t["name"] for t in rep["tensors"]}
     assert "model.layers.0.self_attn.q_proj.weight" in names
     assert "model.embed_tokens.weight" in names  # embeddings are quantized by mlx-lm too
