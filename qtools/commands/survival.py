@@ -9,28 +9,21 @@ from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from ..io.atomic import write_json_atomic
 from ..survival.analyze import delta_survival, quant_error
 
-class BitWidth(click.ParamType):
-    """One bit-width MLX affine quantization supports; anything else is one `Error:` line."""
+
+class Supported(click.ParamType):
+    """A value MLX supports (a bit-width, a group size); anything else is one `Error:` line."""
 
     name = "integer"
 
-    def convert(self, value, param, ctx):
-        b = int(value) if str(value).isdigit() else None
-        if b not in SUPPORTED_BITS:
-            raise click.ClickException(f"unsupported bits {value}: MLX affine quantization supports "
-                                       + ", ".join(map(str, SUPPORTED_BITS)))
-        return b
-
-
-class GroupSize(click.ParamType):
-    name = "integer"
+    def __init__(self, what: str, supported: tuple, by: str):
+        self.what, self.supported, self.by = what, supported, by
 
     def convert(self, value, param, ctx):
-        g = int(value) if str(value).isdigit() else None
-        if g not in SUPPORTED_GROUP_SIZES:
-            raise click.ClickException(f"unsupported group size {value}: MLX supports "
-                                       + ", ".join(map(str, SUPPORTED_GROUP_SIZES)))
-        return g
+        v = int(value) if str(value).isdigit() else None
+        if v not in self.supported:
+            raise click.ClickException(f"unsupported {self.what} {value}: {self.by} supports "
+                                       + ", ".join(map(str, self.supported)))
+        return v
 
 
 class ValuesOption(click.Option):
@@ -53,11 +46,12 @@ class ValuesOption(click.Option):
 
 
 _bits_option = click.option(
-    "--bits", "bits", cls=ValuesOption, type=BitWidth(), multiple=True, default=SUPPORTED_BITS,
-    show_default=True, help="Bit-widths to analyse (repeat or list: --bits 4 5 6).",
+    "--bits", "bits", cls=ValuesOption, type=Supported("bits", SUPPORTED_BITS, "MLX affine quantization"),
+    multiple=True, default=SUPPORTED_BITS, show_default=True,
+    help="Bit-widths to analyse (repeat or list: --bits 4 5 6).",
 )
-_group_option = click.option("--group-size", type=GroupSize(), default=64, show_default=True,
-                             help="Quantization group size.")
+_group_option = click.option("--group-size", type=Supported("group size", SUPPORTED_GROUP_SIZES, "MLX"),
+                             default=64, show_default=True, help="Quantization group size.")
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 _threads_option = click.option("--threads", type=int, default=0, help="Worker threads (0: all cores).")
 
