@@ -334,3 +334,11 @@ def test_the_committed_rule_judges_a_statistic_delta_survival_computes():
     committed = json.loads(calibration.RULE_FILE.read_text())
     assert committed["statistic"] in DELTA_STATS and committed["statistic"] in fit.STATISTICS
     assert Rule.load({committed["statistic"]: 1.0}) == Rule.from_dict(committed)
+
+
+def test_reliability_is_plain_json_for_calibrate_json():
+    """`qtools calibrate --json` prints the reliability: no numpy scalars in it."""
+    coin = with_cases(0, 5, 20.0, critical_at=5)
+    coin["true_min_bits"] = 6
+    rel = fit.reliability([coin, with_cases(1, 4, 20.0)], [coin], Rule("subspace_snr", "weighted", 10.0), 5, 0.8)
+    assert json.loads(json.dumps(rel))["reproduce_under_half"] == rel["reproduce_under_half"]

@@ -217,6 +217,8 @@ def reliability(results, test, rule, guess, min_accuracy, bits_list=BITS, size_f
         out["size_factors"][f] = {"ceiling": ceiling_all, "ceiling_held_out": ceiling_test}
         if f == 1:
             reproduce = [dists[r["id"]].get(_rank(r["true_min_bits"]), 0.0) for r in results]
+            # plain floats and ints: `qtools calibrate --json` prints them
+            reproduce = [float(p) for p in reproduce]
             out["reproduce"] = sum(reproduce) / len(reproduce)
             out["reproduce_under_half"] = sum(p < 0.5 for p in reproduce)
             out["reproduce_min"] = min(reproduce)
