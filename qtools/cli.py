@@ -1,8 +1,7 @@
 """The `qtools` command line: a thin click layer over the library modules.
 
 Each subcommand lives in qtools/commands/<name>.py and is imported only when
-used, so `qtools --help` stays fast and one broken optional import cannot take
-down the other commands.
+used, so `qtools --help` stays fast.
 """
 
 import importlib
@@ -26,7 +25,7 @@ COMMANDS = {
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
-        return [name for name in COMMANDS if self._load(name) is not None]
+        return list(COMMANDS)
 
     def get_command(self, ctx, name):
         return self._load(name)
@@ -46,14 +45,7 @@ class LazyGroup(click.Group):
         if target is None:
             return None
         module_name, attr = target.split(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            # Commands still being built are simply not listed.
-            if exc.name == module_name:
-                return None
-            raise
-        return getattr(module, attr)
+        return getattr(importlib.import_module(module_name), attr)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

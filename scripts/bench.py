@@ -23,11 +23,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from qtools import SUPPORTED_BITS
 from qtools.io.adapters import orthonormal_columns
 from qtools.survival.analyze import delta_survival
 from qtools.io.weights import SafetensorsModel
 
-BITS = [2, 3, 4, 5, 6, 8]
+BITS = list(SUPPORTED_BITS)
 G = 64
 MODULES = {  # name -> (out, in) for a 2048-wide model
     "self_attn.q_proj": (2048, 2048), "self_attn.k_proj": (512, 2048), "self_attn.v_proj": (512, 2048),

@@ -9,11 +9,8 @@ if [ "$(wc -w <<<"$BITS")" -ne 1 ]; then
   echo "quantize takes one bit-width (BITS=$BITS); use 'make sweep BITS=\"$BITS\"' for several" >&2; exit 2
 fi
 RECIPE=${RECIPE:-uniform}
-case "$RECIPE" in
-  uniform) default_out="models/fused_${BITS}bit" ;;
-  survival) default_out="models/fused_survival_${BITS}bit" ;;  # BITS except layers whose delta dies
-  *) default_out="models/fused_${RECIPE}" ;;
-esac
 force=(); [ "${FORCE:-0}" = 1 ] && force=(--force)
+# Without OUT, qtools names the output itself.
+out=(); [ -n "${OUT:-}" ] && out=(--out "$OUT")
 "$QTOOLS" quantize --model "${FROM:-models/fused_f16}" --bits "$BITS" --group-size "${GROUP:-64}" \
-  --recipe "$RECIPE" --out "${OUT:-$default_out}" ${force[@]+"${force[@]}"}
+  --recipe "$RECIPE" ${out[@]+"${out[@]}"} ${force[@]+"${force[@]}"}

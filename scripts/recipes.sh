@@ -3,9 +3,10 @@
 # 4 bits, mlx-lm's mixed_3_6 and mixed_4_6, and qtools' survival recipe at 3 and 4 bits.
 # Each is quantized (a uniform or mixed one newer than FROM is reused unless FORCE=1), validated
 # on SUITE, scored with `qtools retention` against FROM and BASE, and one compare table
-# (accuracy, critical errors, logit retention, bits/weight) is printed. Logs: $LOGS/recipes/.
+# (accuracy, critical errors, logit_retention, bits/weight) is printed. Logs: $LOGS/recipes/.
 set -euo pipefail
 QTOOLS=${QTOOLS:-.venv/bin/qtools}
+PY=${PY:-.venv/bin/python}
 FROM=${FROM:-models/demo_fused_f16}
 BASE=${BASE:-models/demo_base}
 SUITE=${SUITE:-suites/demo.jsonl}
@@ -20,11 +21,8 @@ rm -f "$LOGS"/*-"$(basename "$SUITE" .jsonl)".json "$LOGS"/retention-*.json
 models=()
 for spec in uniform:5 uniform:4 mixed_4_6:4 mixed_3_6:3 survival:4 survival:3; do
   recipe=${spec%%:*} b=${spec##*:}
-  case "$recipe" in
-    uniform) out="${PREFIX}_${b}bit" ;;
-    survival) out="${PREFIX}_survival_${b}bit" ;;
-    *) out="${PREFIX}_${recipe}" ;;
-  esac
+  # the name qtools quantize gives, with PREFIX for models/fused
+  out=$("$PY" -c 'import sys; from qtools.pipeline.quantize import default_output as d; print(d(*sys.argv[1:]))' "$b" "$recipe" "$PREFIX")
   # The survival plan follows qtools' code and its calibrated rule, not only FROM: always re-plan it
   # (seconds). Uniform and mixed-recipe models depend on FROM alone.
   if [ "$recipe" != survival ] && [ -d "$out" ] && [ "${FORCE:-0}" != 1 ] && [ "$out/config.json" -nt "$FROM/config.json" ]; then

@@ -4,8 +4,8 @@
 set -euo pipefail
 QTOOLS=${QTOOLS:-.venv/bin/qtools}
 FROM=${FROM:-models/fused_f16}
-BITS=${BITS:-2 3 4 5 6 8}
 LOGS=${LOGS:-logs}
+# Without BITS, every bit-width qtools supports.
 # shellcheck disable=SC2086  # BITS is a list of words
-"$QTOOLS" delta-survival "$FROM" --bits $BITS --group-size "${GROUP:-64}" --output "$LOGS/survival.json"
+"$QTOOLS" delta-survival "$FROM" ${BITS:+--bits $BITS} --group-size "${GROUP:-64}" --output "$LOGS/survival.json"
 echo "survival JSON: $LOGS/survival.json"

@@ -4,6 +4,7 @@
 # reference. One model in memory at a time; a failed verdict does not stop the sweep.
 set -euo pipefail
 QTOOLS=${QTOOLS:-.venv/bin/qtools}
+PY=${PY:-.venv/bin/python}
 FROM=${FROM:-models/fused_f16}
 BITS=${BITS:-8 6 5 4 3}
 PREFIX=${PREFIX:-models/fused}
@@ -11,7 +12,8 @@ export LOGS=${LOGS:-logs}
 failed=()
 models=("$FROM")
 for b in $BITS; do
-  out="${PREFIX}_${b}bit"
+  # the name qtools quantize gives, with PREFIX for models/fused
+  out=$("$PY" -c 'import sys; from qtools.pipeline.quantize import default_output as d; print(d(*sys.argv[1:]))' "$b" uniform "$PREFIX")
   if [ -d "$out" ] && [ "${FORCE:-0}" != 1 ] && [ "$out/config.json" -nt "$FROM/config.json" ]; then
     echo "== reusing $out (FORCE=1 re-quantizes)"
   else

@@ -7,8 +7,10 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-import qtools.calibrate.core as cal
+from qtools.calibrate import fit, measure, run
+from qtools.calibrate.grid import BITS
 import qtools.survival.rule as calibration
+from qtools.survival.rule import Rule
 
 
 def beh(acc16, crit16=0, **by_bits):
@@ -20,35 +22,35 @@ def beh(acc16, crit16=0, **by_bits):
 
 def test_true_threshold_needs_every_larger_bit_width_to_pass():
     b = beh(0.9, b8=(0.9, 0), b6=(0.88, 0), b5=(0.7, 0), b4=(0.9, 0), b3=(0.5, 0), b2=(0.3, 0))
-    assert cal.true_threshold(b, cal.BITS, 0.8) == 6  # 4 bits passes again, but 5 already failed
+    assert measure.true_threshold(b, BITS, 0.8) == 6  # 4 bits passes again, but 5 already failed
 
 
 def test_a_critical_error_fails_whatever_the_accuracy():
     b = beh(0.9, b8=(0.9, 0), b6=(0.9, 0), b5=(0.95, 1), b4=(0.9, 0), b3=(0.9, 0), b2=(0.9, 0))
-    assert cal.true_threshold(b, cal.BITS, 0.8) == 6
+    assert measure.true_threshold(b, BITS, 0.8) == 6
 
 
 def test_nothing_passes():
     b = beh(0.9, b8=(0.5, 0), b6=(0.9, 0), b5=(0.9, 0), b4=(0.9, 0), b3=(0.9, 0), b2=(0.9, 0))
-    assert cal.true_threshold(b, cal.BITS, 0.8) is None
+    assert measure.true_threshold(b, BITS, 0.8) is None
 
 
 def synthetic(i, true_bits, snr_at):
     """A result whose subspace_snr grows 4x per bit and crosses 10 at the true threshold."""
-    summary = {str(b): {"subspace_snr": snr_at * 4.0 ** (b - true_bits), "cosine": 0.5} for b in cal.BITS}
-    layers = [{"layer": 0, "by_bits": {str(b): dict(summary[str(b)]) for b in cal.BITS}}]
+    summary = {str(b): {"subspace_snr": snr_at * 4.0 ** (b - true_bits), "cosine": 0.5} for b in BITS}
+    layers = [{"layer": 0, "by_bits": {str(b): dict(summary[str(b)]) for b in BITS}}]
     return {"id": f"ft{i:02d}", "true_min_bits": true_bits, "summary": summary, "layers": layers}
 
 
 def test_fit_finds_the_separating_threshold_and_scores_held_out():
     rng = np.random.default_rng(0)
     results = [synthetic(i, b, float(rng.uniform(12, 30))) for i, b in enumerate([2, 3, 4, 5, 6, 3, 4, 5])]
-    rule, s = cal.fit(results)
-    assert rule["statistic"] in cal.STATISTICS and s["exact"] == len(results)
-    snr_rule = {"statistic": "subspace_snr", "aggregate": "weighted", "min": 10.0}
-    assert cal.score(results, snr_rule)["exact"] == len(results)
-    optimistic = {"statistic": "subspace_snr", "aggregate": "weighted", "min": 1.0}
-    sc = cal.score(results, optimistic)
+    rule, s = fit.fit(results)
+    assert rule.statistic in fit.STATISTICS and s["exact"] == len(results)
+    snr_rule = Rule("subspace_snr", "weighted", 10.0)
+    assert fit.score(results, snr_rule)["exact"] == len(results)
+    optimistic = Rule("subspace_snr", "weighted", 1.0)
+    sc = fit.score(results, optimistic)
     assert sc["optimistic"] > 0 and sc["exact"] < len(results) and sc["worst_optimistic_steps"] >= 1
 
 
@@ -59,33 +61,31 @@ def test_fit_prefers_the_statistic_with_the_wider_margin():
     results = []
     for i, t in enumerate([3, 4, 5, 4, 5, 3]):
         r = synthetic(i, t, float(rng.uniform(12, 14)))
-        for b in cal.BITS:
+        for b in BITS:
             r["summary"][str(b)]["delta_snr"] = r["summary"][str(b)]["subspace_snr"]
             r["summary"][str(b)]["subspace_snr"] = 10.5 * 1.1 ** (b - t)
             r["layers"][0]["by_bits"][str(b)] = dict(r["summary"][str(b)])
         results.append(r)
-    assert cal.score(results, {"statistic": "subspace_snr", "aggregate": "weighted", "min": 10.2})["exact"] == 6
-    rule, s = cal.fit(results)
-    assert s["exact"] == 6 and rule["statistic"] == "delta_snr"
+    assert fit.score(results, Rule("subspace_snr", "weighted", 10.2))["exact"] == 6
+    rule, s = fit.fit(results)
+    assert s["exact"] == 6 and rule.statistic == "delta_snr"
     # between the largest value below a threshold (<= 14/4) and the smallest at one (>= 12)
-    assert 14.0 / 4 < rule["min"] < 12.0
+    assert 14.0 / 4 < rule.min < 12.0
 
 
 def test_weakest_layer_aggregate_uses_the_minimum_layer():
-    from qtools.survival.analyze import rule_value
-
     r = synthetic(0, 4, 20.0)
-    r["layers"].append({"layer": 1, "by_bits": {str(b): {"subspace_snr": 0.5} for b in cal.BITS}})
-    rule = {"statistic": "subspace_snr", "aggregate": "weakest_layer", "min": 1.0}
-    assert rule_value(r["summary"], r["layers"], 4, rule) == 0.5
-    assert cal.predict(r, rule) is None
+    r["layers"].append({"layer": 1, "by_bits": {str(b): {"subspace_snr": 0.5} for b in BITS}})
+    rule = Rule("subspace_snr", "weakest_layer", 1.0)
+    assert rule.value(r["summary"], r["layers"], 4) == 0.5
+    assert fit.predict(r, rule) is None
 
 
 def test_fake_quantize_holds_the_values_mx_quantize_stores():
     model = nn.Sequential(nn.Linear(128, 64), nn.Embedding(10, 64))
     model.set_dtype(mx.float16)
     w = mx.array(model.layers[0].weight)
-    cal.fake_quantize(model, 4, 64)
+    measure.fake_quantize(model, 4, 64)
     q, s, b = mx.quantize(w, group_size=64, bits=4)
     expect = mx.dequantize(q, s, b, group_size=64, bits=4)
     assert mx.array_equal(model.layers[0].weight, expect).item()
@@ -100,47 +100,47 @@ def test_fake_quantize_can_keep_the_delta_exact():
     w0 = mx.array(model.layers[0].weight)
     delta = 1e-4 * mx.random.normal(w0.shape)
     model.layers[0].weight = w0 + delta
-    cal.fake_quantize(model, 4, 64, exact_delta_from={"layers.0.weight": w0})
+    measure.fake_quantize(model, 4, 64, exact_delta_from={"layers.0.weight": w0})
     q, s, b = mx.quantize(w0, group_size=64, bits=4)
     base_q = mx.dequantize(q, s, b, group_size=64, bits=4)
     assert mx.allclose(model.layers[0].weight - base_q, delta, atol=1e-6).item()
     shipped = nn.Sequential(nn.Linear(128, 64))
     shipped.layers[0].weight = w0 + delta
-    cal.fake_quantize(shipped, 4, 64)
+    measure.fake_quantize(shipped, 4, 64)
     assert float(mx.abs(shipped.layers[0].weight - base_q - delta).max()) > 1e-3
 
 
 def test_attribution_counts_where_the_delta_moves_the_threshold():
     def res(true_bits, exact_bits, acc4=0.7, acc4_exact=0.7, crit4=0, crit4_exact=0):
         def beh(t, acc, crit):
-            return {str(b): {"accuracy": 1.0 if b >= t else 0.5, "critical_errors": 0} for b in cal.BITS} | {
+            return {str(b): {"accuracy": 1.0 if b >= t else 0.5, "critical_errors": 0} for b in BITS} | {
                 "4": {"accuracy": acc, "critical_errors": crit}}
         r = {"true_min_bits": true_bits, "behaviour": beh(true_bits, acc4, crit4),
              "behaviour_exact_delta": beh(exact_bits, acc4_exact, crit4_exact)}
         return r
     results = [res(5, 5), res(5, 5), res(6, 5, crit4=2), res(5, 6, acc4_exact=0.6), {"true_min_bits": 5,
                "behaviour": {"4": {"accuracy": 0.7, "critical_errors": 0}}, "behaviour_exact_delta": None}]
-    a = cal.attribution(results, 0.8)
+    a = fit.attribution(results, 0.8)
     assert a["n"] == 4 and a["exact_thresholds"] == {5: 3, 6: 1}
     assert (a["same"], a["delta_costs"], a["lucky"]) == (2, 1, 1)
     assert a["at4"]["critical"] == 2 and a["at4"]["critical_exact"] == 0
     assert a["at4"]["accuracy_exact"] == pytest.approx((0.7 * 3 + 0.6) / 4)
-    assert cal.exact_delta_threshold(results[-1], 0.8) == cal.MISSING
+    assert measure.exact_delta_threshold(results[-1], 0.8) == measure.MISSING
 
 
 def test_calibrated_rule_file_is_read(tmp_path, monkeypatch):
     f = tmp_path / "calibration.json"
     monkeypatch.setattr(calibration, "RULE_FILE", f)
-    assert calibration.threshold_for({"subspace_snr": 3.0})["provisional"] is True
+    assert Rule.load({"subspace_snr": 3.0}).provisional is True
     f.write_text(json.dumps({"statistic": "cosine", "aggregate": "weighted", "min": 0.3,
                              "provisional": False, "evidence": "docs/calibration.md"}))
-    rule = calibration.threshold_for({"cosine": 0.9})
-    assert rule["statistic"] == "cosine" and rule["min"] == 0.3 and rule["provisional"] is False
+    rule = Rule.load({"cosine": 0.9})
+    assert rule.statistic == "cosine" and rule.min == 0.3 and rule.provisional is False
 
 
 def test_fallback_rule_when_the_statistic_is_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(calibration, "RULE_FILE", tmp_path / "none.json")
-    assert calibration.threshold_for({"cosine": 0.9}) is calibration.FALLBACK_THRESHOLD
+    assert Rule.load({"cosine": 0.9}) is calibration.FALLBACK
 
 
 def test_fake_quantized_model_computes_what_the_quantized_model_computes(tmp_path):
@@ -154,7 +154,7 @@ def test_fake_quantized_model_computes_what_the_quantized_model_computes(tmp_pat
     real, _ = load(str(path))
     nn.quantize(real, group_size=64, bits=4)
     fake, _ = load(str(path))
-    cal.fake_quantize(fake, 4, 64)
+    measure.fake_quantize(fake, 4, 64)
     assert float(mx.abs(real(x) - fake(x)).max()) < 0.05
 
 
@@ -179,42 +179,45 @@ def test_cached_fine_tunes_of_another_base_are_refused(tmp_path):
     b = make_tiny_model(tmp_path / "b", hidden_size=64, num_layers=1, seed=1)
     work = tmp_path / "work"
     work.mkdir()
-    cal._check_same_base(work, a)
-    cal._check_same_base(work, a)  # same base: fine
+    run._check_same_base(work, a)
+    run._check_same_base(work, a)  # same base: fine
     with pytest.raises(QtoolsError, match="different base"):
-        cal._check_same_base(work, b)
+        run._check_same_base(work, b)
     other = tmp_path / "other"
     other.mkdir()
     (other / "run00").mkdir()
     with pytest.raises(QtoolsError, match="unknown base"):
-        cal._check_same_base(other, a)
+        run._check_same_base(other, a)
 
 
-def test_predict_agrees_with_delta_survivals_predict_min_bits():
-    from qtools.survival.analyze import predict_min_bits
-
-    rng = np.random.default_rng(3)
-    for i in range(20):
-        r = synthetic(i, int(rng.choice(cal.BITS)), float(rng.uniform(1, 30)))
-        for agg in cal.AGGREGATES:
-            for t in (2.0, 10.0, 50.0):
-                rule = {"statistic": "subspace_snr", "aggregate": agg, "min": t}
-                want, _ = predict_min_bits(r["summary"], cal.BITS, r["layers"], rule)
-                assert cal.predict(r, rule) == want
+def test_rule_predicts_the_smallest_bit_width_above_which_everything_survives():
+    """Rule.predict (delta-survival) and fit.predict (calibration, on memoized values) are one
+    definition: a bit-width that survives below one that does not is no threshold."""
+    summary = {str(b): {"subspace_snr": v} for b, v in zip(BITS, [0.5, 3.0, 0.8, 2.0, 4.0, 9.0])}
+    layers = [{"layer": 0, "by_bits": {str(b): {"subspace_snr": v} for b, v in zip(BITS, [9, 9, 9, 1.5, 9, 9])}}]
+    weighted = Rule("subspace_snr", "weighted", 1.0)
+    assert weighted.predict(summary, layers, BITS) == (
+        5, {"2": False, "3": True, "4": False, "5": True, "6": True, "8": True})
+    weakest = Rule("subspace_snr", "weakest_layer", 1.6)
+    assert weakest.value(summary, layers, 5) == 1.5 and weakest.predict(summary, layers, BITS)[0] == 6
+    assert Rule("subspace_snr", "weighted", 10.0).predict(summary, layers, BITS)[0] is None
+    assert Rule("cosine").predict(summary, layers, BITS) == (None, {str(b): None for b in BITS})
+    r = {"summary": summary, "layers": layers}
+    assert fit.predict(r, weighted) == 5 and fit.predict(r, weakest) == 6
 
 
 def test_constant_baseline_and_separability():
     train = [synthetic(i, 5, 20.0) for i in range(3)] + [synthetic(3, 4, 20.0)]
     test = [synthetic(4, 5, 20.0), synthetic(5, 6, 20.0), synthetic(6, 4, 20.0)]
-    guess, base = cal.constant_baseline(train, test)
+    guess, base = fit.constant_baseline(train, test)
     assert guess == 5 and base == {"n": 3, "exact": 1, "optimistic": 1}
-    sep = {x["bits"]: x for x in cal.separability(train + test, "subspace_snr", "weighted")}
+    sep = {x["bits"]: x for x in fit.separability(train + test, "subspace_snr", "weighted")}
     # subspace_snr crosses 10 exactly at each true threshold: separable everywhere
     assert not any(x["overlap"] for x in sep.values())
     assert sep[5]["keep"][0] >= 20.0 > sep[5]["lose"][1]
     # the fine-tune that keeps 4 bits has a lower value there (2) than the one that loses it (5)
     mixed = [synthetic(0, 5, 20.0), synthetic(1, 4, 2.0)]
-    at4 = {x["bits"]: x for x in cal.separability(mixed, "subspace_snr", "weighted")}[4]
+    at4 = {x["bits"]: x for x in fit.separability(mixed, "subspace_snr", "weighted")}[4]
     assert at4["overlap"] and at4["keep"] == (2.0, 2.0) and at4["lose"] == (5.0, 5.0)
 
 
@@ -240,7 +243,7 @@ def with_cases(i, true_bits, snr_at, n=64, critical_at=None):
     below; `critical_at`: one case answered critically wrong at that bit-width only."""
     r = synthetic(i, true_bits, snr_at)
     r["behaviour"] = {}
-    for b in [16, *cal.BITS]:
+    for b in [16, *BITS]:
         good = b >= true_bits
         correct = "1" * n if good else "10" * (n // 2)
         critical = ["0"] * n
@@ -253,10 +256,10 @@ def with_cases(i, true_bits, snr_at, n=64, critical_at=None):
 
 def test_a_clean_fine_tune_reproduces_its_threshold_on_every_re_drawn_suite():
     r = with_cases(0, 4, 20.0)
-    assert cal.true_threshold({k: {"accuracy": v["cases"]["correct"].count("1") / 64,
+    assert measure.true_threshold({k: {"accuracy": v["cases"]["correct"].count("1") / 64,
                                    "critical_errors": v["cases"]["critical"].count("1")}
-                               for k, v in r["behaviour"].items()}, cal.BITS, 0.8) == 4
-    assert cal.threshold_distribution(r, cal.BITS, 0.8) == {4: 1.0}
+                               for k, v in r["behaviour"].items()}, BITS, 0.8) == 4
+    assert fit.threshold_distribution(r, BITS, 0.8) == {4: 1.0}
 
 
 def test_one_critical_case_makes_the_threshold_a_coin_toss():
@@ -264,9 +267,9 @@ def test_one_critical_case_makes_the_threshold_a_coin_toss():
     with probability 1 - (63/64)^64 = 63.4%, so the threshold is 6 that often and 5 otherwise;
     four times as many cases contain it 98.2% of the time."""
     r = with_cases(0, 5, 20.0, critical_at=5)
-    d = cal.threshold_distribution(r, cal.BITS, 0.8)
+    d = fit.threshold_distribution(r, BITS, 0.8)
     assert set(d) == {5, 6} and abs(d[6] - (1 - (63 / 64) ** 64)) < 0.04
-    d4 = cal.threshold_distribution(r, cal.BITS, 0.8, size_factor=4)
+    d4 = fit.threshold_distribution(r, BITS, 0.8, size_factor=4)
     assert abs(d4[6] - (1 - (63 / 64) ** 256)) < 0.02
 
 
@@ -275,10 +278,10 @@ def test_reliability_scores_the_rule_against_re_drawn_suites():
     coin = with_cases(0, 5, 20.0, critical_at=5)
     coin["true_min_bits"] = 6
     clean = with_cases(1, 4, 20.0)
-    rule = {"statistic": "subspace_snr", "aggregate": "weighted", "min": 10.0}
-    assert cal.predict(coin, rule) == 5 and cal.predict(clean, rule) == 4
-    rel = cal.reliability([coin, clean], [coin, clean], rule, 5, 0.8)
-    p6 = cal.threshold_distribution(coin, cal.BITS, 0.8)[6]
+    rule = Rule("subspace_snr", "weighted", 10.0)
+    assert fit.predict(coin, rule) == 5 and fit.predict(clean, rule) == 4
+    rel = fit.reliability([coin, clean], [coin, clean], rule, 5, 0.8)
+    p6 = fit.threshold_distribution(coin, BITS, 0.8)[6]
     assert rel["reproduce"] == pytest.approx((p6 + 1.0) / 2)
     assert rel["reproduce_under_half"] == 0
     assert rel["size_factors"][1]["ceiling_held_out"] == pytest.approx((p6 + 1.0) / 2)
@@ -294,18 +297,48 @@ def test_a_run_trained_on_other_data_is_not_reused(tmp_path):
     """Runs cached before every seed trained on the suite's split saw suite cases in training."""
     from qtools.demo.train import finetune_data
 
-    run = tmp_path / "run03"
-    assert not cal.trained_on_other_data(run, 3)  # nothing cached: nothing to discard
-    run.mkdir()
-    (run / "adapter_config.json").write_text(json.dumps({"data": "qtools.demo.data.finetune_examples"}))
-    assert cal.trained_on_other_data(run, 3)
-    (run / "adapter_config.json").write_text(json.dumps({"data": finetune_data(3)}))
-    assert not cal.trained_on_other_data(run, 3)
-    assert cal.trained_on_other_data(run, 4)
+    run_dir = tmp_path / "run03"
+    assert not run.trained_on_other_data(run_dir, 3)  # nothing cached: nothing to discard
+    run_dir.mkdir()
+    (run_dir / "adapter_config.json").write_text(json.dumps({"data": "qtools.demo.data.finetune_examples"}))
+    assert run.trained_on_other_data(run_dir, 3)
+    (run_dir / "adapter_config.json").write_text(json.dumps({"data": finetune_data(3)}))
+    assert not run.trained_on_other_data(run_dir, 3)
+    assert run.trained_on_other_data(run_dir, 4)
 
 
 def test_wilson_interval():
-    lo, hi = cal.wilson(12, 16)
+    lo, hi = fit.wilson(12, 16)
     assert lo == pytest.approx(0.505, abs=0.002) and hi == pytest.approx(0.898, abs=0.002)
-    assert cal.wilson(16, 16)[1] == pytest.approx(1.0) and cal.wilson(16, 16)[0] == pytest.approx(0.806, abs=0.002)
-    assert cal.wilson(0, 0) == (0.0, 1.0)
+    assert fit.wilson(16, 16)[1] == pytest.approx(1.0) and fit.wilson(16, 16)[0] == pytest.approx(0.806, abs=0.002)
+    assert fit.wilson(0, 0) == (0.0, 1.0)
+
+
+def test_a_cache_entry_of_another_format_is_measured_again(tmp_path):
+    import io
+
+    path = tmp_path / "result.json"
+    log = io.StringIO()
+    assert run._cached(path, "ft", log) is None and log.getvalue() == ""  # nothing cached
+    path.write_text(json.dumps({"id": "ft", "behaviour": {}}))  # written before the format was recorded
+    assert run._cached(path, "ft", log) is None
+    assert "format unrecorded" in log.getvalue() and "re-measuring it" in log.getvalue()
+    path.write_text(json.dumps({"format": run.CACHE_FORMAT, "id": "ft"}))
+    assert run._cached(path, "ft", log)["id"] == "ft"
+
+
+def test_the_committed_rule_judges_a_statistic_delta_survival_computes():
+    """A renamed statistic with a stale rule file would silently fall back to the cosine rule."""
+    from qtools.survival.analyze import DELTA_STATS
+
+    committed = json.loads(calibration.RULE_FILE.read_text())
+    assert committed["statistic"] in DELTA_STATS and committed["statistic"] in fit.STATISTICS
+    assert Rule.load({committed["statistic"]: 1.0}) == Rule.from_dict(committed)
+
+
+def test_reliability_is_plain_json_for_calibrate_json():
+    """`qtools calibrate --json` prints the reliability: no numpy scalars in it."""
+    coin = with_cases(0, 5, 20.0, critical_at=5)
+    coin["true_min_bits"] = 6
+    rel = fit.reliability([coin, with_cases(1, 4, 20.0)], [coin], Rule("subspace_snr", "weighted", 10.0), 5, 0.8)
+    assert json.loads(json.dumps(rel))["reproduce_under_half"] == rel["reproduce_under_half"]

@@ -22,7 +22,7 @@ def log(model, bits, acc, critical=0, gen=0.5, mem=1.0, disk=None, quantized=Tru
 
 
 SURVIVAL = {"model": "models/fused_f16", "group_size": 64, "bits": [3, 4, 5, 6, 8],
-            "summary": {str(b): {"retention": r, "cosine": r, "codes_changed": 0.1, "delta_to_step": 0.1,
+            "summary": {str(b): {"delta_retention": r, "cosine": r, "codes_changed": 0.1, "delta_to_step": 0.1,
                                  "sign_agreement": 0.9, "rmse": 0.01}
                         for b, r in [(3, 0.2), (4, 0.5), (5, 0.8), (6, 0.9), (8, 0.99)]},
             "tensors": [], "predicted_min_bits": 5}
@@ -89,7 +89,7 @@ def test_compare_survival_agreement_and_plot(logs, tmp_path):
         4: ("rounded away", "fails", True), 3: ("rounded away", "fails", True),
     }
     rows = {row["metric"]: row for row in out["comparisons"][0]["rows"]}
-    assert rows["predicted retention"]["values"]["fused_5bit"] == 0.8
+    assert rows["predicted delta_retention"]["values"]["fused_5bit"] == 0.8
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out["plot"] == str(png)
 
 
@@ -158,9 +158,20 @@ def test_agreement_shows_the_value_the_rule_judges():
     """With a weakest-layer rule the table shows the weakest layer's value, not the model's."""
     from qtools.pipeline.compare import _rule_value
 
-    surv = {"summary": {"4": {"retention": 0.96}},
-            "layers": [{"layer": 0, "by_bits": {"4": {"retention": 0.99}}},
-                       {"layer": 1, "by_bits": {"4": {"retention": 0.93}}}]}
-    assert _rule_value(surv, 4, {"statistic": "retention", "aggregate": "weakest_layer", "min": 0.97}) == 0.93
-    assert _rule_value(surv, 4, {"statistic": "retention", "aggregate": "weighted", "min": 0.97}) == 0.96
-    assert _rule_value(surv, 3, {"statistic": "retention", "min": 0.97}) is None
+    surv = {"summary": {"4": {"delta_retention": 0.96}},
+            "layers": [{"layer": 0, "by_bits": {"4": {"delta_retention": 0.99}}},
+                       {"layer": 1, "by_bits": {"4": {"delta_retention": 0.93}}}]}
+    assert _rule_value(surv, 4, {"statistic": "delta_retention", "aggregate": "weakest_layer", "min": 0.97}) == 0.93
+    assert _rule_value(surv, 4, {"statistic": "delta_retention", "aggregate": "weighted", "min": 0.97}) == 0.96
+    assert _rule_value(surv, 3, {"statistic": "delta_retention", "min": 0.97}) is None
+
+
+def test_a_survival_report_with_string_verdicts_is_refused(logs, tmp_path):
+    """Verdicts are true/false since delta-survival's rule moved to one place; an older
+    report's strings are not guessed at."""
+    surv = tmp_path / "survival.json"
+    surv.write_text(json.dumps(dict(SURVIVAL, verdict={"4": "rounded away", "5": "survives"})))
+    r = run("compare", *logs, surv)
+    assert r.exit_code == 1
+    assert r.output.strip() == ("Error: the delta-survival report's verdict at 5 bits is 'survives', not true or "
+                                "false: it was written by an older qtools; run delta-survival again")

@@ -158,6 +158,11 @@ def test_quantize_layer_bits_and_recipe(fused, tmp_path):
     assert model.model.layers[0].mlp.down_proj.bits == 8
     assert not hasattr(model.model.layers[1].mlp.down_proj, "bits")
     assert model.model.layers[0].mlp.up_proj.bits == 3
+    lb.write_text(json.dumps({"model.layers.0.mlp.down_proj": 7}))
+    r = run("quantize", "--model", fused, "--bits", 3, "--layer-bits", lb, "--out", tmp_path / "bad")
+    assert (r.exit_code, r.output.strip()) == (
+        1, "Error: layer model.layers.0.mlp.down_proj: bits=7 is not supported (use one of 2 3 4 5 6 8 or 0 to keep float)")
+    assert not (tmp_path / "bad").exists()
     lb.write_text(json.dumps({"model.layers.9.mlp.down_proj": 8}))
     r = run("quantize", "--model", fused, "--bits", 3, "--layer-bits", lb, "--out", tmp_path / "bad")
     assert r.exit_code == 1 and "layers the model does not have: model.layers.9.mlp.down_proj" in r.output

@@ -41,9 +41,34 @@ def test_silent_below_85_percent(model, monkeypatch, capsys):
     assert r["memory_pressure"] is None and not r["memory_warning"]
 
 
-def test_device_limit_falls_back_to_system_memory():
-    size, source = M.device_limit()
-    assert size and size > 0 and source
+def _no_mlx_limit(monkeypatch):
+    """MLX reports no recommended working set (as on Linux), whatever machine runs the test."""
+    import mlx.core as mx
+
+    monkeypatch.setattr(mx, "device_info", lambda: {}, raising=False)
+    monkeypatch.setattr(mx.metal, "is_available", lambda: False)
+
+
+def test_device_limit_falls_back_to_system_memory(monkeypatch):
+    import os
+
+    _no_mlx_limit(monkeypatch)
+    assert M.device_limit() == (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "system memory")
+
+
+@pytest.mark.skipif(M._meminfo_total() is None, reason="needs /proc/meminfo")
+def test_device_limit_falls_back_to_proc_meminfo(monkeypatch):
+    import os
+
+    _no_mlx_limit(monkeypatch)
+
+    def no_sysconf(name):
+        raise ValueError(name)
+
+    monkeypatch.setattr(os, "sysconf", no_sysconf)
+    assert M.device_limit() == (M._meminfo_total(), "system memory (/proc/meminfo)")
+    monkeypatch.setattr(M, "_meminfo_total", lambda: None)
+    assert M.device_limit() == (None, "unknown")
 
 
 def test_validate_logs_memory_and_warns_before_loading(model, tmp_path, monkeypatch):
@@ -56,8 +81,10 @@ def test_validate_logs_memory_and_warns_before_loading(model, tmp_path, monkeypa
                      + json.dumps({"id": "a", "category": "c", "prompt": "hi", "expect": {"type": "direct"}}) + "\n")
     monkeypatch.setattr(M, "device_limit", lambda: (1000, "test limit"))
     out = tmp_path / "log.json"
-    r = CliRunner().invoke(cli, ["validate", str(model), "--suite", str(suite), "--out", str(out)])
-    assert r.exit_code in (0, 1), r.output
+    # --min-accuracy 0 and no critical case: the verdict passes whatever the tiny model answers
+    r = CliRunner().invoke(cli, ["validate", str(model), "--suite", str(suite), "--out", str(out),
+                                 "--min-accuracy", "0"])
+    assert r.exit_code == 0, r.output
     log = json.loads(out.read_text())
     assert log["memory_limit_gb"] == pytest.approx(1e-6)
     assert log["memory_pressure"] > 1 and log["memory_estimate_gb"] > 0

@@ -62,11 +62,11 @@ def test_self_kl_is_zero_and_8bit_beats_3bit(fam):
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     by = {m["model"]: m for m in res["models"]}
-    assert by["fused"]["kl"]["mean"] == 0 and by["fused"]["retention"] == 1.0
+    assert by["fused"]["kl"]["mean"] == 0 and by["fused"]["logit_retention"] == 1.0
     assert by["fused"]["kl"]["same_top_rate"] == 1.0
     assert res["base"]["mean"] > 0
-    assert by["q8"]["retention"] > by["q3"]["retention"]
-    assert by["q8"]["retention"] > 0.9
+    assert by["q8"]["logit_retention"] > by["q3"]["logit_retention"]
+    assert by["q8"]["logit_retention"] > 0.9
     assert res["tokens"] > 3 and not res["reference_cached"]
     log = json.loads((logs / "retention-q8.json").read_text())
     assert log["qtools_retention"] == 1 and log["suite"] == "mini" and log["top_k"] == 32
@@ -135,14 +135,27 @@ def test_compare_shows_logit_retention(tmp_path):
         paths.append(p)
     for name, ret in (("fused_4bit", 0.93), ("fused_3bit", 0.41)):
         p = tmp_path / f"retention-{name}.json"
-        p.write_text(json.dumps({"qtools_retention": 1, "model": name, "suite": "demo", "retention": ret,
+        p.write_text(json.dumps({"qtools_retention": 1, "model": name, "suite": "demo", "logit_retention": ret,
                                  "kl": {"mean": 0.01}, "created": "2025"}))
         paths.append(p)
     res = compare(paths)
     rows = res["comparisons"][0]["rows"]
     names = [r["metric"] for r in rows]
-    row = rows[names.index("logit retention")]
-    assert names.index("logit retention") == names.index("accuracy") + 1
+    row = rows[names.index("logit_retention")]
+    assert names.index("logit_retention") == names.index("accuracy") + 1
     assert row["values"] == {"fused_f16": None, "fused_4bit": 0.93, "fused_3bit": 0.41}
     assert row["winner"] == "fused_4bit"
-    assert "logit retention" in format_comparison(res)
+    assert "logit_retention" in format_comparison(res)
+
+
+def test_compare_refuses_a_retention_log_of_an_older_qtools(tmp_path):
+    from click.testing import CliRunner
+
+    from qtools.cli import cli
+
+    old = tmp_path / "retention-fused_4bit.json"
+    old.write_text(json.dumps({"qtools_retention": 1, "model": "fused_4bit", "suite": "demo", "retention": 0.9}))
+    r = CliRunner().invoke(cli, ["compare", str(old)])
+    assert r.exit_code == 1
+    assert r.output.strip() == (f"Error: {old} has no logit_retention: it was written by an older qtools; "
+                                "run `qtools retention` again")

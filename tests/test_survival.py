@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -12,7 +13,7 @@ from click.testing import CliRunner
 from qtools.cli import cli
 from qtools.demo.model import make_tiny_adapter, make_tiny_model
 
-SUMMARY_KEYS = {"rmse", "retention", "cosine", "codes_changed", "delta_to_step", "sign_agreement"}
+SUMMARY_KEYS = {"rmse", "delta_retention", "cosine", "codes_changed", "delta_to_step", "sign_agreement"}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,18 @@ def test_json_report_has_the_documented_shape(trio):
     assert rep["model"] == str(fused) and rep["group_size"] == 64 and rep["bits"] == [3, 4, 5]
     for b in ("3", "4", "5"):
         assert SUMMARY_KEYS <= set(rep["summary"][b])
-    assert rep["predicted_min_bits"] in (3, 4, 5, None)
+    # the verdict is the rule applied to the reported statistics, the prediction the smallest
+    # bit-width from which every verdict up is "survives"
+    rule = rep["threshold"]
+    for b in ("3", "4", "5"):
+        if rule["aggregate"] == "weakest_layer":
+            value = min(L["by_bits"][b][rule["statistic"]] for L in rep["layers"])
+        else:
+            value = rep["summary"][b][rule["statistic"]]
+        assert rep["verdict"][b] == (value >= rule["min"])
+    up = [b for b in (5, 4, 3) if rep["verdict"][str(b)]]
+    first_dead = next((b for b in (5, 4, 3) if not rep["verdict"][str(b)]), 2)
+    assert rep["predicted_min_bits"] == (min([b for b in up if b > first_dead], default=None))
     names = {t["name"] for t in rep["tensors"]}
     assert "model.layers.0.self_attn.q_proj.weight" in names
     assert "model.embed_tokens.weight" in names  # embeddings are quantized by mlx-lm too
@@ -52,7 +64,7 @@ def test_json_report_has_the_documented_shape(trio):
     assert SUMMARY_KEYS <= set(t["by_bits"]["4"])
     # untouched tensors carry quantization error only
     k = next(t for t in rep["tensors"] if t["name"] == "model.layers.0.self_attn.k_proj.weight")
-    assert "rmse" in k["by_bits"]["4"] and "retention" not in k["by_bits"]["4"]
+    assert "rmse" in k["by_bits"]["4"] and "delta_retention" not in k["by_bits"]["4"]
     assert {"q", "v"} <= set(rep["by_kind"])
     assert [L["layer"] for L in rep["layers"]] == [0, 1]
 
@@ -64,7 +76,7 @@ def test_survival_improves_with_bits(trio):
     err = [rep["summary"][str(b)]["rmse"] for b in rep["bits"]]
     assert cos == sorted(cos) and cos[-1] > 0.95
     assert err == sorted(err, reverse=True)
-    assert rep["summary"]["8"]["retention"] == pytest.approx(1.0, abs=0.05)
+    assert rep["summary"]["8"]["delta_retention"] == pytest.approx(1.0, abs=0.05)
 
 
 def test_model_statistics_pool_over_tensors(trio):
@@ -73,13 +85,13 @@ def test_model_statistics_pool_over_tensors(trio):
     _, adapter, fused = trio
     rep = survival_json(fused, "--adapter", adapter, "--bits", 3, 4)
     for b in ("3", "4"):
-        ts = [t["by_bits"][b] for t in rep["tensors"] if "retention" in t["by_bits"][b]]
+        ts = [t["by_bits"][b] for t in rep["tensors"] if "delta_retention" in t["by_bits"][b]]
         n = {t["name"]: t["shape"][0] * t["shape"][1] for t in rep["tensors"]}
         ws = [(t["by_bits"][b]["delta_rms"] ** 2 * n[t["name"]], t["by_bits"][b])
-              for t in rep["tensors"] if "retention" in t["by_bits"][b]]
+              for t in rep["tensors"] if "delta_retention" in t["by_bits"][b]]
         assert len(ts) >= 2
         wsum = sum(w for w, _ in ws)
-        assert rep["summary"][b]["retention"] == pytest.approx(sum(w * s["retention"] for w, s in ws) / wsum)
+        assert rep["summary"][b]["delta_retention"] == pytest.approx(sum(w * s["delta_retention"] for w, s in ws) / wsum)
         for key in ("subspace_snr", "delta_snr"):
             pooled = wsum / sum(w / s[key] for w, s in ws)
             assert rep["summary"][b][key] == pytest.approx(pooled)
@@ -105,7 +117,7 @@ def test_adapter_and_base_sources_agree(trio):
     base, adapter, fused = trio
     a = survival_json(fused, "--adapter", adapter, "--bits", 4)["summary"]["4"]
     b = survival_json(fused, "--base", base, "--bits", 4)["summary"]["4"]
-    for key in ("retention", "cosine", "codes_changed", "delta_to_step"):
+    for key in ("delta_retention", "cosine", "codes_changed", "delta_to_step"):
         assert a[key] == pytest.approx(b[key], rel=0.05, abs=0.01), key
 
 
@@ -135,7 +147,7 @@ def test_quant_error_json_has_no_delta_keys(trio):
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
     assert set(rep["summary"]) == {"4", "8"}
-    assert "retention" not in rep["summary"]["4"] and "predicted_min_bits" not in rep
+    assert "delta_retention" not in rep["summary"]["4"] and "predicted_min_bits" not in rep
     assert rep["summary"]["8"]["rmse"] < rep["summary"]["4"]["rmse"]
 
 
@@ -243,6 +255,26 @@ def test_unsupported_bits(trio, bits):
     assert f"unsupported bits {bits}" in error_line(res)
 
 
+@pytest.mark.parametrize("args", [
+    ["--bits", 5, 3, 4],                          # as the README types it, after MODEL
+    ["--bits", 4, "--bits", 5, "--bits", 3],      # click's repeated form
+    ["--bits", 5, "--bits", 3, 4, "--json"],      # both, then another option
+])
+def test_bits_take_a_list_or_repeats_before_or_after_the_model(trio, args):
+    _, adapter, fused = trio
+    for argv in ([fused, "--adapter", adapter, *args], [*args, fused, "--adapter", adapter]):
+        res = run("delta-survival", *argv, *([] if "--json" in args else ["--json"]))
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.stdout)["bits"] == [3, 4, 5]
+
+
+def test_bits_that_are_not_numbers_are_refused(trio):
+    _, adapter, fused = trio
+    res = run("delta-survival", fused, "--adapter", adapter, "--bits", "four")
+    assert res.exit_code == 1
+    assert error_line(res) == "Error: unsupported bits four: MLX affine quantization supports 2, 3, 4, 5, 6, 8"
+
+
 def test_unsupported_group_size(trio):
     _, _, fused = trio
     res = run("quant-error", fused, "--group-size", 48)
@@ -306,6 +338,24 @@ def test_sharded_model_is_read_through_its_index(tmp_path):
     assert res.exit_code == 1 and "is missing" in error_line(res)
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc/self/maps")
+def test_closing_a_delta_source_unmaps_the_base_and_adapter(trio):
+    """delta-survival closes its delta source when done, not whenever it is collected."""
+    from qtools.io.weights import SafetensorsModel
+    from qtools.survival.analyze import resolve_delta_source
+
+    base, adapter, fused = trio
+    m = SafetensorsModel(fused)
+    src = resolve_delta_source(m, adapter=adapter, base=base)
+    src.base.raw(src.base.names()[0])  # maps the base file
+    mapped = Path("/proc/self/maps").read_text()
+    assert str(base) in mapped and str(adapter) in mapped
+    src.close()
+    m.close()
+    mapped = Path("/proc/self/maps").read_text()
+    assert str(base) not in mapped and str(adapter) not in mapped
+
+
 def test_tensors_are_memory_mapped_views_not_copies(trio):
     from qtools.io.weights import SafetensorsModel
 
@@ -338,7 +388,7 @@ def test_moe_expert_adapter_matches_the_base_delta(tmp_path):
     x = survival_json(tmp_path / "fused", "--adapter", ad, "--bits", 4, 8)
     y = survival_json(tmp_path / "fused", "--base", tmp_path / "base", "--bits", 4, 8)
     assert x["tensors"][0]["shape"] == [E, out, inp]
-    for key in ("retention", "cosine", "codes_changed"):
+    for key in ("delta_retention", "cosine", "codes_changed"):
         assert x["summary"]["4"][key] == pytest.approx(y["summary"]["4"][key], rel=0.05, abs=0.01), key
     assert "subspace_snr" in x["summary"]["4"]
 
@@ -354,5 +404,5 @@ def test_quantized_base_is_dequantized_like_mlx_lm_fuse(tmp_path):
     via_base = survival_json(fused, "--base", qbase, "--bits", 4, 8)
     via_adapter = survival_json(fused, "--adapter", adapter, "--bits", 4, 8)
     assert via_base["summary"]["8"]["cosine"] > 0.9
-    for key in ("retention", "cosine"):
+    for key in ("delta_retention", "cosine"):
         assert via_base["summary"]["4"][key] == pytest.approx(via_adapter["summary"]["4"][key], rel=0.05, abs=0.02)

@@ -4,7 +4,8 @@ import json
 
 import click
 
-from ..calibrate.core import calibrate
+from ..calibrate.run import calibrate
+from ..survival.rule import RULE_FILE
 
 
 @click.command("calibrate")
@@ -20,7 +21,7 @@ from ..calibrate.core import calibrate
 @click.option("--json", "as_json", is_flag=True)
 def calibrate_cmd(base, suite, work_dir, docs_dir, min_accuracy, jobs, as_json):
     """Train a grid of demo fine-tunes, measure their behavioural threshold, fit the rule."""
-    res = calibrate(base, suite, work_dir, docs_dir, min_accuracy, jobs=jobs)
+    res = calibrate(base, suite, RULE_FILE, work_dir, docs_dir, min_accuracy, jobs=jobs)
     if as_json:
         click.echo(json.dumps(res))
         return
@@ -29,4 +30,4 @@ def calibrate_cmd(base, suite, work_dir, docs_dir, min_accuracy, jobs, as_json):
     click.echo(f"Training: {t['exact']}/{t['n']} exact, {t['optimistic']} optimistic")
     click.echo(f"Held out: {h['exact']}/{h['n']} exact ({h['exact_rate']:.0%}), {h['optimistic']} optimistic, "
                f"worst optimistic miss {h['worst_optimistic_steps']} step(s)")
-    click.echo(f"Report: {docs_dir}/calibration.md; rule: qtools/calibration.json")
+    click.echo(f"Report: {docs_dir}/calibration.md; rule: {res['rule_file']}")

@@ -5,7 +5,7 @@ import json
 import click
 
 from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
-from ..pipeline.quantize import RECIPES, quantize
+from ..pipeline.quantize import RECIPES, default_output, quantize
 from ..format import human_bytes
 
 
@@ -39,8 +39,11 @@ def quantize_cmd(model, bits, group_size, recipe, layer_bits_file, out, force, a
             raise QtoolsError(f"cannot read --layer-bits {layer_bits_file}: {exc}") from None
         if not isinstance(layer_bits, dict):
             raise QtoolsError(f"--layer-bits {layer_bits_file} must hold a JSON object")
-    suffix = {"uniform": f"{bits}bit", "survival": f"survival_{bits}bit"}.get(recipe, recipe)
-    out = out or f"models/fused_{suffix}"
+        for path, b in layer_bits.items():
+            if b and b not in SUPPORTED_BITS:
+                raise QtoolsError(f"layer {path}: bits={b} is not supported (use one of "
+                                  f"{' '.join(map(str, SUPPORTED_BITS))} or 0 to keep float)")
+    out = out or default_output(bits, recipe)
     report = quantize(model, out, bits=bits, group_size=group_size, recipe=recipe,
                       layer_bits=layer_bits, force=force)
     if as_json:

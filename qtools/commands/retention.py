@@ -28,7 +28,7 @@ from ..pipeline.retention import DEFAULT_TOP_K, format_retention, log_path, rete
               help="Where logs/retention-<model>.json go.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def retention_cmd(quantized, reference, base, suite, text, top_k, max_tokens, cache, logs_dir, as_json):
-    """KL of each QUANTIZED model (and of --base) from the float --reference, and the retention
+    """KL of each QUANTIZED model (and of --base) from the float --reference, and the logit_retention
     1 - KL(reference||quantized) / KL(reference||base): 1 keeps the fine-tune, 0 is back to the base."""
     import sys
     from pathlib import Path

@@ -5,40 +5,55 @@ import json
 import click
 from tabulate import tabulate
 
-from .. import SUPPORTED_BITS
+from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from ..io.atomic import write_json_atomic
 from ..survival.analyze import delta_survival, quant_error
 
+
+class Supported(click.ParamType):
+    """A value MLX supports (a bit-width, a group size); anything else is one `Error:` line."""
+
+    name = "integer"
+
+    def __init__(self, what: str, supported: tuple, by: str):
+        self.what, self.supported, self.by = what, supported, by
+
+    def convert(self, value, param, ctx):
+        v = int(value) if str(value).isdigit() else None
+        if v not in self.supported:
+            raise click.ClickException(f"unsupported {self.what} {value}: {self.by} supports "
+                                       + ", ".join(map(str, self.supported)))
+        return v
+
+
+class ValuesOption(click.Option):
+    """A repeatable option that also takes the numbers after it: `--bits 4 5 6` as users type
+    it, the same as `--bits 4 --bits 5 --bits 6`."""
+
+    def add_to_parser(self, parser, ctx):
+        super().add_to_parser(parser, ctx)
+        # click options take a fixed number of values: after the first, take every number that follows
+        for name in self.opts:
+            opt = parser._long_opt.get(name) or parser._short_opt.get(name)
+            take = opt.process
+
+            def process(value, state, take=take):
+                take(value, state)
+                while state.rargs and state.rargs[0].isdigit():
+                    take(state.rargs.pop(0), state)
+
+            opt.process = process
+
+
 _bits_option = click.option(
-    "--bits", "bits", type=int, multiple=True, default=(2, 3, 4, 5, 6, 8), show_default=True,
+    "--bits", "bits", cls=ValuesOption, type=Supported("bits", SUPPORTED_BITS, "MLX affine quantization"),
+    multiple=True, default=SUPPORTED_BITS, show_default=True,
     help="Bit-widths to analyse (repeat or list: --bits 4 5 6).",
 )
-_group_option = click.option("--group-size", type=int, default=64, show_default=True, help="Quantization group size.")
+_group_option = click.option("--group-size", type=Supported("group size", SUPPORTED_GROUP_SIZES, "MLX"),
+                             default=64, show_default=True, help="Quantization group size.")
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 _threads_option = click.option("--threads", type=int, default=0, help="Worker threads (0: all cores).")
-
-
-class BitsCommand(click.Command):
-    """Lets `--bits 4 5 6` take several values, as users type it."""
-
-    def parse_args(self, ctx, args):
-        out, i = [], 0
-        while i < len(args):
-            a = args[i]
-            out.append(a)
-            if a == "--bits":
-                j = i + 1
-                first = True
-                while j < len(args) and args[j].isdigit():
-                    if not first:
-                        out.append("--bits")
-                    out.append(args[j])
-                    first = False
-                    j += 1
-                i = j
-                continue
-            i += 1
-        return super().parse_args(ctx, out)
 
 
 def _fmt(v, spec=".3f"):
@@ -57,14 +72,14 @@ def _summary_table(report, with_delta):
                _fmt(s["step_median"], ".2e")]
         if with_delta:
             v = report["verdict"].get(str(b))
-            row += [_fmt(s.get("delta_to_step")), _fmt(s.get("retention")), _fmt(s.get("cosine")),
+            row += [_fmt(s.get("delta_to_step")), _fmt(s.get("delta_retention")), _fmt(s.get("cosine")),
                     _fmt(s.get("sign_agreement")), _fmt(s.get("codes_changed"), ".4f"),
                     _fmt(s.get("subspace_snr"), ".2f"),
                     "survives" if v else ("rounded away" if v is not None else "-")]
         rows.append(row)
     headers = ["bits", "bits/w", "rmse", "rel rmse", "step (median)"]
     if with_delta:
-        headers += ["delta/step", "retention", "cosine", "sign agree", "codes chg", "subspace SNR", "verdict"]
+        headers += ["delta/step", "delta_retention", "cosine", "sign agree", "codes chg", "subspace SNR", "verdict"]
     return tabulate(rows, headers=headers, tablefmt="simple")
 
 
@@ -75,7 +90,7 @@ def _print_skipped(report):
             click.echo(f"  {s['name']} {s['shape']}: {s['reason']}")
 
 
-@click.command("delta-survival", cls=BitsCommand)
+@click.command("delta-survival")
 @click.argument("model", type=click.Path())
 @click.option("--adapter", type=click.Path(), default=None, help="mlx-lm adapter directory the model was fused from.")
 @click.option("--base", type=click.Path(), default=None, help="Base model directory (delta = fused - base).")
@@ -123,7 +138,7 @@ def delta_survival_cmd(model, adapter, base, bits, group_size, as_json, output, 
             click.echo(f'Confirm: make sweep BITS="{pm} {above[0]}" (the predicted bit-width and the one above)')
 
 
-@click.command("quant-error", cls=BitsCommand)
+@click.command("quant-error")
 @click.argument("model", type=click.Path())
 @_bits_option
 @_group_option

@@ -189,12 +189,6 @@ def suite_records(seed=SPLIT_SEED, max_tokens=24):
     return [header] + cases
 
 
-def write_suite(path, seed=SPLIT_SEED):
-    lines = [json.dumps(r) for r in suite_records(seed)]
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-
-
 def corpus_texts():
     """Text pieces between special tokens and newlines, with their natural
     frequencies in the rendered chats (the BPE training corpus)."""

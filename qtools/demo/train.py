@@ -30,8 +30,9 @@ from .tokenizer import build_tokenizer
 # is learned, so its margin there is thin.
 BASE = dict(hidden_size=128, num_layers=4, intermediate_size=256, seed=0,
             iters=250, batch_size=16, lr=3e-3, outlier_gain=24.0)
-ALL_LINEAR = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+ALL_LINEAR = ATTENTION + MLP
 ADAPTER = dict(rank=8, scale=4.0, keys=ALL_LINEAR, num_layers=4, iters=100, batch_size=16,
                lr=2e-4, seed=0)
 

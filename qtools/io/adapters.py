@@ -42,16 +42,6 @@ class LowRankDelta:
             v[e * cols : (e + 1) * cols] = orthonormal_columns(self.at[e * r : (e + 1) * r].T)
         return u, v
 
-    def dense(self) -> np.ndarray:
-        """The delta as a dense float32 array (for tests and small tensors)."""
-        rows = self.bt.shape[0] // self.experts
-        r = self.rank
-        parts = [
-            self.bt[e * rows : (e + 1) * rows] @ self.at[e * r : (e + 1) * r]
-            for e in range(self.experts)
-        ]
-        return np.concatenate(parts, axis=0)
-
 
 def orthonormal_columns(x: np.ndarray) -> np.ndarray:
     """An orthonormal basis of x's column space (tall x: n x r, float32 out), padded

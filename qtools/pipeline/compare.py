@@ -4,7 +4,8 @@ Also checks delta-survival's prediction against behaviour, per bit-width: the
 prediction says the fine-tune survives at b bits when b >= predicted_min_bits;
 behaviour says it survived when accuracy and critical errors meet the criteria.
 `qtools retention` logs (logs/retention-<model>.json) among the inputs add a
-"logit retention" row next to accuracy.
+"logit_retention" row next to accuracy; delta-survival's weight statistic
+is `delta_retention`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def _is_log(obj) -> bool:
 
 
 def _is_retention(obj) -> bool:
-    return isinstance(obj, dict) and "qtools_retention" in obj and "retention" in obj
+    return isinstance(obj, dict) and "qtools_retention" in obj and "logit_retention" in obj
 
 
 def _is_survival(obj) -> bool:
@@ -57,6 +58,9 @@ def load_inputs(paths, survival: str | Path | None = None, retention: list | Non
         elif _is_retention(obj):
             if retention is not None:
                 retention.append(obj)
+        elif isinstance(obj, dict) and "qtools_retention" in obj:
+            raise QtoolsError(f"{p} has no logit_retention: it was written by an older qtools; "
+                              "run `qtools retention` again")
         else:
             raise QtoolsError(f"{p} is not a qtools validate log")
     if not logs:
@@ -101,10 +105,15 @@ def survival_at(surv: dict | None, bits) -> dict | None:
 
 
 def predicted_survives(surv: dict, bits: int) -> bool:
-    verdict = surv.get("verdict")
-    if isinstance(verdict, dict) and str(bits) in verdict:
-        v = verdict[str(bits)]  # delta-survival writes a bool per bit-width
-        return v if isinstance(v, bool) else str(v).lower().startswith("surviv")
+    """delta-survival's verdict at `bits`; at a bit-width it did not judge, whether `bits`
+    is at or above the predicted minimum."""
+    verdict = surv.get("verdict") or {}
+    if str(bits) in verdict:
+        v = verdict[str(bits)]
+        if v is not None and not isinstance(v, bool):
+            raise QtoolsError(f"the delta-survival report's verdict at {bits} bits is {v!r}, not true or false: "
+                              "it was written by an older qtools; run delta-survival again")
+        return bool(v)
     p = surv.get("predicted_min_bits")
     return p is not None and bits >= p
 
@@ -142,11 +151,10 @@ def retention_for(model: str, suite: str, retention: list) -> dict | None:
 
 
 def _rule_value(surv: dict, bits, rule: dict):
-    from ..survival.analyze import rule_value
+    """The value the report's rule judges at `bits` (None where the report has none)."""
+    from ..survival.rule import Rule
 
-    if str(bits) not in (surv.get("summary") or {}):
-        return None
-    return rule_value(surv["summary"], surv.get("layers") or [], bits, rule)
+    return Rule.from_dict(rule).value(surv.get("summary") or {}, surv.get("layers") or [], bits)
 
 
 def compare_suite(logs: list, surv: dict | None, c: Criteria, retention: list | None = None) -> dict:
@@ -176,9 +184,9 @@ def compare_suite(logs: list, surv: dict | None, c: Criteria, retention: list | 
     if retention:
         found = {log["model"]: retention_for(log["model"], log["suite"], retention) for log in logs}
         if any(found.values()):
-            values = {m: (r or {}).get("retention") for m, r in found.items()}
+            values = {m: (r or {}).get("logit_retention") for m, r in found.items()}
             rows.insert(4 + len(categories), {
-                "metric": "logit retention", "key": "retention", "better": "max", "values": values,
+                "metric": "logit_retention", "key": "logit_retention", "better": "max", "values": values,
                 "display": {m: (f"{v:.3f} (KL {found[m]['kl']['mean']:.2g})" if v is not None else "-")
                             for m, v in values.items()},
                 "winner": _winner(values, "max"),
@@ -187,9 +195,9 @@ def compare_suite(logs: list, surv: dict | None, c: Criteria, retention: list | 
         values = {}
         for log in logs:
             s = survival_at(surv, log.get("bits")) if log.get("quantized") else None
-            values[log["model"]] = s.get("retention") if s else None
+            values[log["model"]] = s.get("delta_retention") if s else None
         rows.append({
-            "metric": "predicted retention", "key": "survival.retention", "better": "max", "values": values,
+            "metric": "predicted delta_retention", "key": "survival.delta_retention", "better": "max", "values": values,
             "display": {m: f"{v:.2f}" if v is not None else "-" for m, v in values.items()},
             "winner": _winner(values, "max"),
         })
@@ -227,7 +235,7 @@ def compare_suite(logs: list, surv: dict | None, c: Criteria, retention: list | 
             s = survival_at(surv, log["bits"]) or {}
             agreement.append({
                 "model": log["model"], "bits": log["bits"],
-                "retention": s.get("retention"), "cosine": s.get("cosine"),
+                "delta_retention": s.get("delta_retention"), "cosine": s.get("cosine"),
                 "statistic": label,
                 "statistic_value": _rule_value(surv, log["bits"], rule) if stat else None,
                 "predicted": "survives" if pred else "rounded away",
@@ -307,21 +315,21 @@ def format_comparison(result: dict) -> str:
             out.append(f"delta-survival predicted the fine-tune survives down to "
                        f"{pmb if pmb is not None else '(no tested bit-width)'} bits:")
             stat = comp["survival_agreement"][0]["statistic"]
-            extra = [stat] if stat and stat != "retention" else []
+            extra = [stat] if stat and stat != "delta_retention" else []
             rows = []
             for a in comp["survival_agreement"]:
-                vals = [a["retention"]] + ([a["statistic_value"]] if extra else [])
+                vals = [a["delta_retention"]] + ([a["statistic_value"]] if extra else [])
                 agree = "n/a" if a["agree"] is None else ("yes" if a["agree"] else "NO")
                 rows.append([a["bits"], a["model"], *[f"{v:.3g}" if v is not None else "-" for v in vals],
                              a["predicted"], a["observed"], agree])
-            out.append(tabulate(rows, headers=["bits", "model", "retention", *extra, "predicted", "observed", "agree"],
+            out.append(tabulate(rows, headers=["bits", "model", "delta_retention", *extra, "predicted", "observed", "agree"],
                                 tablefmt="github"))
         out.append("")
     return "\n".join(out).rstrip()
 
 
 def plot_comparison(result: dict, path: str | Path) -> Path:
-    """bits vs accuracy, disk size and predicted retention, one PNG."""
+    """bits vs accuracy, disk size and predicted delta_retention, one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -346,7 +354,7 @@ def plot_comparison(result: dict, path: str | Path) -> Path:
     axes[1].set(xlabel="bits", ylabel="disk size (MB)", title="size")
     if surv:
         bits = sorted(int(b) for b in surv.get("summary", {}))
-        axes[2].plot(bits, [surv["summary"][str(b)].get("retention") for b in bits], "o-", label="retention")
+        axes[2].plot(bits, [surv["summary"][str(b)].get("delta_retention") for b in bits], "o-", label="delta_retention")
         if any("cosine" in surv["summary"][str(b)] for b in bits):
             axes[2].plot(bits, [surv["summary"][str(b)].get("cosine") for b in bits], "s--", label="cosine")
         if surv.get("predicted_min_bits") is not None:

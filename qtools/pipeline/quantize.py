@@ -17,24 +17,18 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QtoolsError, versions
+from .. import QtoolsError, versions
 from ..io.atomic import atomic_output_dir, check_output_free
 from ..io.modeldir import PROVENANCE, check_model_dir, dir_size
 
 RECIPES = ("uniform", "mixed_3_6", "mixed_4_6", "survival")
 
 
-def check_bits(bits: int, group_size: int) -> None:
-    if bits not in SUPPORTED_BITS:
-        raise QtoolsError(
-            f"bits={bits} is not supported by MLX affine quantization: use one of "
-            + " ".join(map(str, SUPPORTED_BITS))
-        )
-    if group_size not in SUPPORTED_GROUP_SIZES:
-        raise QtoolsError(
-            f"group size {group_size} is not supported: use one of "
-            + " ".join(map(str, SUPPORTED_GROUP_SIZES))
-        )
+def default_output(bits: int, recipe: str = "uniform", prefix: str = "models/fused") -> str:
+    """Where a quantized model goes unless told: <prefix>_<bits>bit, <prefix>_survival_<bits>bit
+    or <prefix>_<recipe> (the scripts' PREFIX replaces models/fused)."""
+    suffix = {"uniform": f"{bits}bit", "survival": f"survival_{bits}bit"}.get(recipe, recipe)
+    return f"{prefix}_{suffix}"
 
 
 def make_predicate(
@@ -51,9 +45,6 @@ def make_predicate(
             raise QtoolsError(f"recipe {recipe} does not apply to this model: {exc}") from None
     if not layer_bits:
         return base
-    for path, b in layer_bits.items():
-        if b and b not in SUPPORTED_BITS:
-            raise QtoolsError(f"layer {path}: bits={b} is not supported (use one of {SUPPORTED_BITS} or 0 to keep float)")
     known = {name for name, _ in model.named_modules()}
     missing = sorted(set(layer_bits) - known)
     if missing:
@@ -87,7 +78,6 @@ def quantize(
         raise QtoolsError(f"recipe {recipe!r} is not known: use one of {', '.join(RECIPES)}")
     if recipe.startswith("mixed_"):
         bits = int(recipe.split("_")[1])  # mixed_L_H: most layers at L bits
-    check_bits(bits, group_size)
     src = check_model_dir(model)
     check_output_free(out, force)
     config_src = json.loads((src / "config.json").read_text())

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from .. import SUPPORTED_BITS, QtoolsError
 
-MAX_BITS = max(SUPPORTED_BITS)
 # What each extra bit should buy: the largest cut in the delta's quantization error
 # |Dq - D|^2 summed over tensors (rate-distortion allocation). The rule decides when to stop.
 OBJECTIVE = "delta_snr"
@@ -41,20 +40,20 @@ def _n_elements(t: dict) -> int:
     return n
 
 
-def _rule_value(tensors: list[dict], assigned: dict, stat: str, aggregate: str) -> float:
-    """The rule's statistic for the model at the assigned bit-widths: weighted by |D|^2
-    over all tensors, or the smallest of the per-layer weighted values."""
-    groups: dict = {}
-    for t in tensors:
-        if aggregate == "weakest_layer" and t["layer"] is None:
-            continue  # embeddings and lm_head belong to no layer, as in delta-survival's layers
-        groups.setdefault(t["layer"] if aggregate == "weakest_layer" else None, []).append(t)
-    if not groups:
-        groups = {None: tensors}
+def _rule_value(tensors: list[dict], assigned: dict, rule) -> float:
+    """The rule's statistic for the model at the assigned bit-widths, pooled over all tensors
+    and over each layer's as delta-survival pools them (embeddings and lm_head belong to no layer)."""
     from ..survival.analyze import pool
 
-    return min(pool(stat, [(t["w"], t["stat"][assigned[t["name"]]]) for t in members])
-               for members in groups.values())
+    def pooled(members):
+        return pool(rule.statistic, [(t["w"], t["stat"][assigned[t["name"]]]) for t in members])
+
+    layers: dict = {}
+    if rule.aggregate == "weakest_layer":
+        for t in tensors:
+            if t["layer"] is not None:
+                layers.setdefault(t["layer"], []).append(t)
+    return rule.judged_value(pooled(tensors), [pooled(m) for m in layers.values()])
 
 
 def _delta_error(t: dict, b: int) -> float:
@@ -74,22 +73,22 @@ def plan_from_report(report: dict, bits: int, objective: str = OBJECTIVE, target
     raised: one entry per raised tensor, {layer, bits, statistic, value_at_bits, survives}
     (survives False: the model does not clear the rule even with every delta tensor at 8 bits).
     """
-    from ..survival.analyze import bits_per_weight, smallest_surviving
+    from ..survival.analyze import bits_per_weight
+    from ..survival.rule import Rule, smallest_surviving
 
-    if bits not in SUPPORTED_BITS:
-        raise QtoolsError(f"bits={bits} is not supported: use one of {' '.join(map(str, SUPPORTED_BITS))}")
     if target not in ("recommended", "rule"):
         raise QtoolsError(f"unknown survival target {target!r}: use recommended or rule")
     if not isinstance(report, dict) or "tensors" not in report:
         raise QtoolsError("not a delta-survival report (no per-tensor statistics)")
-    rule = report.get("threshold")
-    if not isinstance(rule, dict) or "statistic" not in rule or "min" not in rule:
+    threshold = report.get("threshold")
+    if not isinstance(threshold, dict) or "statistic" not in threshold or "min" not in threshold:
         raise QtoolsError("the delta-survival report has no threshold rule (was it run without a delta source?)")
+    rule = Rule.from_dict(threshold)
     have = sorted(int(b) for b in report.get("bits", []))
     if bits not in have:
         raise QtoolsError(f"the delta-survival report has no statistics at {bits} bits (it has {have})")
     widths = [b for b in have if b >= bits]
-    stat, aggregate = rule["statistic"], rule.get("aggregate", "weighted")
+    stat = rule.statistic
     group_size = int(report.get("group_size", 64))
     tensors = []
     for t in report["tensors"]:
@@ -105,11 +104,11 @@ def plan_from_report(report: dict, bits: int, objective: str = OBJECTIVE, target
                         "obj": obj if all(v is not None for v in obj.values()) else None})
     assigned = {t["name"]: bits for t in tensors}
     raised_ok = True
-    value_before = value = _rule_value(tensors, assigned, stat, aggregate) if tensors else None
-    goal, goal_bits = rule["min"], None
+    value_before = value = _rule_value(tensors, assigned, rule) if tensors else None
+    goal, goal_bits = rule.min, None
     if tensors and target == "recommended":
-        uniform = {b: _rule_value(tensors, {t["name"]: b for t in tensors}, stat, aggregate) for b in widths}
-        goal_bits = smallest_surviving(widths, lambda b: uniform[b] >= rule["min"])
+        uniform = {b: _rule_value(tensors, {t["name"]: b for t in tensors}, rule) for b in widths}
+        goal_bits = smallest_surviving(widths, lambda b: rule.clears(uniform[b]))
         if goal_bits is not None and goal_bits > bits:
             goal = max(goal, uniform[goal_bits])
         else:
@@ -124,7 +123,7 @@ def plan_from_report(report: dict, bits: int, objective: str = OBJECTIVE, target
             if t["obj"] is not None:
                 gain = _delta_error(t, cur) - _delta_error(t, nxt)
             else:  # no objective statistic: what the rule gains
-                gain = _rule_value(tensors, {**assigned, t["name"]: nxt}, stat, aggregate) - value
+                gain = _rule_value(tensors, {**assigned, t["name"]: nxt}, rule) - value
             cost = t["n"] * (bits_per_weight(nxt, group_size) - bits_per_weight(cur, group_size))
             key = gain / cost
             if best is None or key > best[0]:
@@ -133,7 +132,7 @@ def plan_from_report(report: dict, bits: int, objective: str = OBJECTIVE, target
             raised_ok = False
             break
         assigned[best[1]] = best[2]
-        value = _rule_value(tensors, assigned, stat, aggregate)
+        value = _rule_value(tensors, assigned, rule)
     layer_bits, raised = {}, []
     for t in tensors:
         b = assigned[t["name"]]
@@ -143,7 +142,7 @@ def plan_from_report(report: dict, bits: int, objective: str = OBJECTIVE, target
         layer_bits[path] = b
         raised.append({"layer": path, "bits": b, "statistic": stat, "value_at_bits": t["stat"][bits],
                        "survives": raised_ok})
-    return {"layer_bits": layer_bits, "raised": raised, "rule": rule, "base_bits": bits,
+    return {"layer_bits": layer_bits, "raised": raised, "rule": threshold, "base_bits": bits,
             "value_before": value_before, "value": value, "survives": raised_ok,
             "target": {"kind": target, "value": goal, "uniform_bits": goal_bits}}
 
@@ -152,8 +151,6 @@ def survival_plan(model, bits: int, group_size: int = 64, adapter=None, base=Non
     """Run delta-survival on the float MODEL (delta from its provenance unless given) and plan."""
     from ..survival.analyze import delta_survival
 
-    if bits not in SUPPORTED_BITS:
-        raise QtoolsError(f"bits={bits} is not supported: use one of {' '.join(map(str, SUPPORTED_BITS))}")
     widths = [b for b in SUPPORTED_BITS if b >= bits]
     report = delta_survival(model, bits=widths, group_size=group_size, adapter=adapter, base=base,
                             progress=progress)

@@ -4,7 +4,7 @@ On each scored token, KL(fused || model) is measured between the float fused
 model (the reference) and a quantized model, and between the reference and the
 base (the distance the fine-tune itself moved the outputs):
 
-    retention = 1 - mean KL(fused || quantized) / mean KL(fused || base)
+    logit_retention = 1 - mean KL(fused || quantized) / mean KL(fused || base)
 
 1 means the quantized model predicts like the fine-tune, 0 as far off as the
 base. Scored tokens: for a suite, each case's prompt with its chat template,
@@ -297,7 +297,7 @@ def retention(
             "base": str(base.resolve()),
             "suite": _suite_name(suite) if suite is not None else None,
             "source": source,
-            "retention": retention_value(stats["mean"], base_stats["mean"]),
+            "logit_retention": retention_value(stats["mean"], base_stats["mean"]),
             "kl": stats,
             "base_kl": base_stats,
             "tokens": int(s["kl"].size),
@@ -323,7 +323,7 @@ def _method(kind: str, top_k: int) -> str:
     scored = ("suite prompts (chat template) + the reference's greedy answer; answer tokens scored"
               if kind == "suite" else "text paragraphs; every token scored")
     return (f"{scored}; KL(reference || model) over the reference's top-{top_k} tokens plus one tail "
-            "bucket (a lower bound on the full KL); retention = 1 - KL(model) / KL(base)")
+            "bucket (a lower bound on the full KL); logit_retention = 1 - KL(model) / KL(base)")
 
 
 def log_path(model_name: str, logs_dir: str | Path = "logs") -> Path:
@@ -337,13 +337,13 @@ def format_retention(result: dict) -> str:
         return [name, "-" if ret is None else f"{ret:.3f}", f"{s['mean']:.4g}", f"{s['p50']:.3g}",
                 f"{s['p90']:.3g}", f"{s['p99']:.3g}", f"{s['max']:.3g}", f"{s['same_top_rate']:.1%}"]
 
-    rows = [row(m["model"], m["retention"], m["kl"]) for m in result["models"]]
+    rows = [row(m["model"], m["logit_retention"], m["kl"]) for m in result["models"]]
     rows.append(row(Path(result["models"][0]["base"]).name + " (base)", 0.0, result["base"]))
-    table = tabulate(rows, headers=["model", "retention", "mean KL", "p50", "p90", "p99", "max", "same top"],
+    table = tabulate(rows, headers=["model", "logit_retention", "mean KL", "p50", "p90", "p99", "max", "same top"],
                      tablefmt="github")
     note = (f"{result['tokens']} tokens from {result['sequences']} sequences"
             f"{' (reference from cache)' if result['reference_cached'] else ''}; {result['method']}")
     out = [table, "", note]
     if result["base"]["mean"] <= 0:
-        out.append("retention undefined: the base predicts exactly like the reference (no fine-tune to retain)")
+        out.append("logit_retention undefined: the base predicts exactly like the reference (no fine-tune to retain)")
     return "\n".join(out)

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QtoolsError
+from .. import SUPPORTED_BITS, QtoolsError
 from ..format import progress as progress_bar
 from ..io.adapters import Adapter, LowRankDelta
-from .rule import threshold_for
+from .rule import Rule
 from ..io.modeldir import PROVENANCE
 from ..io.weights import FLOAT_DTYPES, SafetensorsModel
 
@@ -32,24 +32,8 @@ KIND_PATTERNS = [
 ]
 _LAYER_RE = re.compile(r"layers\.(\d+)\.")
 # Statistics that exist only where a delta does, weighted by |D|^2 over tensors.
-DELTA_STATS = ("delta_rms", "delta_to_step", "retention", "cosine", "sign_agreement",
+DELTA_STATS = ("delta_rms", "delta_to_step", "delta_retention", "cosine", "sign_agreement",
                "codes_changed", "delta_snr", "subspace_snr")
-
-
-def check_bits(bits, group_size):
-    bits = sorted(set(int(b) for b in bits))
-    if not bits:
-        raise QtoolsError("give at least one bit-width")
-    bad = [b for b in bits if b not in SUPPORTED_BITS]
-    if bad:
-        raise QtoolsError(
-            f"unsupported bits {bad[0]}: MLX affine quantization supports {', '.join(map(str, SUPPORTED_BITS))}"
-        )
-    if group_size not in SUPPORTED_GROUP_SIZES:
-        raise QtoolsError(
-            f"unsupported group size {group_size}: MLX supports {', '.join(map(str, SUPPORTED_GROUP_SIZES))}"
-        )
-    return bits
 
 
 def bits_per_weight(bits: int, group_size: int) -> float:
@@ -91,6 +75,12 @@ class DeltaSource:
             "base": str(self.base.path) if self.base else None,
             "adapter": str(self.adapter.path) if self.adapter else None,
         }
+
+    def close(self) -> None:
+        """Unmap the base and adapter files (the deltas are float32 copies)."""
+        for st in (self.base, self.adapter):
+            if st is not None:
+                st.close()
 
 
 def resolve_delta_source(model: SafetensorsModel, adapter=None, base=None) -> DeltaSource:
@@ -209,7 +199,7 @@ def _mx_from(st: SafetensorsModel, name: str):
     return mx.array(raw)
 
 
-def _tensor_stats(r: dict, bits: list[int], group_size: int, has_delta: bool, has_sub: bool) -> dict:
+def _tensor_stats(r: dict, bits: list[int], has_delta: bool, has_sub: bool) -> dict:
     n = int(r["n"])
     w_rms = math.sqrt(r["w2"] / n) if n else 0.0
     d2 = float(r["d2"])
@@ -233,7 +223,7 @@ def _tensor_stats(r: dict, bits: list[int], group_size: int, has_delta: bool, ha
             s.update({
                 "delta_rms": delta_rms,
                 "delta_to_step": delta_rms / step_median if step_median > 0 else SNR_CAP,
-                "retention": float(r["dot"][i]) / d2,
+                "delta_retention": float(r["dot"][i]) / d2,
                 "cosine": float(r["dot"][i]) / math.sqrt(float(r["dq2"][i]) * d2) if r["dq2"][i] > 0 else 0.0,
                 "sign_agreement": int(r["sign_agree"][i]) / int(r["nonzero_d"]) if r["nonzero_d"] else 0.0,
                 "codes_changed": int(r["changed"][i]) / n,
@@ -275,7 +265,7 @@ def _aggregate(tensors: list[dict], bits: list[int]) -> dict:
             "max_abs_err": max((t["by_bits"][b]["max_abs_err"] for t in tensors), default=0.0),
             "step_median": (sum(t["by_bits"][b]["step_median"] * t["_n"] for t in tensors) / n_tot) if n_tot else 0.0,
         }
-        with_delta = [t for t in tensors if t["_d2"] > 0 and "retention" in t["by_bits"][b]]
+        with_delta = [t for t in tensors if t["_d2"] > 0 and "delta_retention" in t["by_bits"][b]]
         wsum = sum(t["_d2"] for t in with_delta)
         if wsum > 0:
             for key in DELTA_STATS:
@@ -305,43 +295,9 @@ def reaggregate(tensors: list[dict], bits: list[int]) -> tuple[dict, list[dict]]
     return _aggregate(rebuilt, bits), layers
 
 
-def rule_value(summary: dict, layers: list, bits: int, rule: dict):
-    """The statistic a rule judges: |D|^2-weighted over the model, or the weakest layer's."""
-    stat = rule["statistic"]
-    if rule.get("aggregate", "weighted") == "weakest_layer":
-        vals = [L["by_bits"][str(bits)].get(stat) for L in layers]
-        vals = [v for v in vals if v is not None]
-        return min(vals) if vals else summary[str(bits)].get(stat)
-    return summary[str(bits)].get(stat)
-
-
-def smallest_surviving(bits, survives):
-    """Smallest bit-width b for which survives(b) holds with every larger one holding too;
-    None when even the largest fails. The one definition of a threshold, for predictions
-    and measured behaviour alike."""
-    best = None
-    for b in sorted(bits, reverse=True):
-        if not survives(b):
-            break
-        best = b
-    return best
-
-
-def predict_min_bits(summary: dict, bits: list[int], layers: list | None = None, rule: dict | None = None):
-    """Smallest requested bit-width that survives, with every larger one surviving too."""
-    if not summary:
-        return None, None
-    rule = rule or threshold_for(summary[str(max(bits))])
-    verdict = {}
-    for b in bits:
-        v = rule_value(summary, layers or [], b, rule)
-        verdict[str(b)] = None if v is None else v >= rule["min"]
-    return smallest_surviving(bits, lambda b: verdict[str(b)]), {"rule": rule, "verdict": verdict}
-
-
 def analyze(
     model: str | Path,
-    bits=(2, 3, 4, 5, 6, 8),
+    bits=SUPPORTED_BITS,
     group_size: int = 64,
     adapter=None,
     base=None,
@@ -352,7 +308,7 @@ def analyze(
     """Analyse every quantizable tensor of a model directory; returns the JSON-able report."""
     from .. import _ext
 
-    bits = check_bits(bits, group_size)
+    bits = sorted(set(int(b) for b in bits))  # the CLI checked them; the kernel checks them again
     t0 = time.perf_counter()
     m = SafetensorsModel(model)
     if m.quantization:
@@ -408,13 +364,15 @@ def analyze(
             "dtype": FLOAT_DTYPES[info.dtype],
             "kind": module_kind(name),
             "layer": layer_index(name),
-            "by_bits": _tensor_stats(r, bits, group_size, has_delta, delta is not None),
+            "by_bits": _tensor_stats(r, bits, has_delta, delta is not None),
             "_n": int(r["n"]),
             "_w2": float(r["w2"]),
             "_d2": float(r["d2"]) if has_delta else 0.0,
         }
         tensors.append(entry)
     m.close()
+    if src is not None:
+        src.close()
 
     summary = _aggregate(tensors, bits)
     by_kind = {k: _aggregate([t for t in tensors if t["kind"] == k], bits) for k in sorted({t["kind"] for t in tensors})}
@@ -432,14 +390,15 @@ def analyze(
         "skipped": skipped,
     }
     if src is not None:
-        predicted, detail = predict_min_bits(summary, bits, layers)
-        if "retention" not in summary[str(bits[0])]:
+        if "delta_retention" not in summary[str(bits[0])]:
             raise QtoolsError("the delta is zero in every quantizable tensor: nothing to predict (is this the fused model?)")
+        rule = Rule.load(available=summary[str(max(bits))])
+        predicted, verdict = rule.predict(summary, layers, bits)
         report["delta_source"] = src.describe()
-        report["threshold"] = detail["rule"]
-        report["verdict"] = detail["verdict"]
+        report["threshold"] = rule.to_dict()
+        report["verdict"] = verdict
         report["predicted_min_bits"] = predicted
-        report["weakest_layers"] = _weakest_layers(layers, bits, detail["rule"]["statistic"])
+        report["weakest_layers"] = _weakest_layers(layers, bits, rule.statistic)
     for t in tensors:
         for k in ("_n", "_w2", "_d2"):
             t.pop(k)
@@ -461,9 +420,9 @@ def _weakest_layers(layers: list[dict], bits: list[int], stat: str, k: int = 5) 
     return rows[:k]
 
 
-def delta_survival(model, bits=(2, 3, 4, 5, 6, 8), group_size=64, adapter=None, base=None, threads=0, progress=True):
+def delta_survival(model, bits=SUPPORTED_BITS, group_size=64, adapter=None, base=None, threads=0, progress=True):
     return analyze(model, bits, group_size, adapter=adapter, base=base, with_delta=True, threads=threads, progress=progress)
 
 
-def quant_error(model, bits=(2, 3, 4, 5, 6, 8), group_size=64, threads=0, progress=True):
+def quant_error(model, bits=SUPPORTED_BITS, group_size=64, threads=0, progress=True):
     return analyze(model, bits, group_size, with_delta=False, threads=threads, progress=progress)

@@ -1,49 +1,101 @@
-"""The survival threshold `delta-survival` predicts with, and where it comes from.
+"""The rule delta-survival predicts with, and where it comes from.
+
+A rule is (statistic, aggregate, min): a bit-width survives when the statistic,
+|D|^2-weighted over the model or the weakest layer's, is at least min; the
+predicted minimum bit-width is the smallest that survives with every larger one
+surviving too (smallest_surviving, the one definition of a threshold, for
+predictions and measured behaviour alike).
 
 `make calibrate` fits it against behaviour on a grid of fine-tunes and writes
-qtools/calibration.json (rule + evidence; the study is docs/calibration.md).
-Until that file exists the rule is PROVISIONAL: a bit-width is predicted safe
-when the fine-tuning delta carries more energy than the quantization noise
-that lands in the adapter's own subspace (U^T (Dq - D) V), weighted over the
-model by |D|^2. Without the adapter's factors the subspace is unknown and the
-per-weight cosine is used instead.
+RULE_FILE (rule + evidence; the study is docs/calibration.md). Until that file
+exists the rule is PROVISIONAL: a bit-width is predicted safe when the
+fine-tuning delta carries more energy than the quantization noise that lands in
+the adapter's own subspace (U^T (Dq - D) V), weighted over the model by |D|^2.
+Without the adapter's factors the subspace is unknown and the per-weight cosine
+is used instead (FALLBACK).
 """
 
+from __future__ import annotations
+
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 RULE_FILE = Path(__file__).with_name("calibration.json")
-
-PROVISIONAL = {
-    "statistic": "subspace_snr",
-    "aggregate": "weighted",
-    "min": 1.0,
-    "provisional": True,
-    "evidence": "not yet calibrated against behaviour (see README: Prediction threshold)",
-}
-
-FALLBACK_THRESHOLD = {
-    "statistic": "cosine",
-    "aggregate": "weighted",
-    "min": 0.5,
-    "provisional": True,
-    "evidence": "no adapter factors: the subspace statistic is unavailable; cosine threshold not calibrated",
-}
+AGGREGATES = ("weighted", "weakest_layer")
 
 
-def calibrated_rule() -> dict:
-    if RULE_FILE.exists():
-        try:
-            rule = json.loads(RULE_FILE.read_text())
-            return {k: rule[k] for k in ("statistic", "aggregate", "min", "provisional", "evidence")}
-        except (json.JSONDecodeError, KeyError):
-            pass
-    return PROVISIONAL
+def smallest_surviving(bits, survives):
+    """Smallest bit-width b for which survives(b) holds with every larger one holding too;
+    None when even the largest fails."""
+    best = None
+    for b in sorted(bits, reverse=True):
+        if not survives(b):
+            break
+        best = b
+    return best
 
 
-def threshold_for(summary_stats: dict) -> dict:
-    """The rule that applies to a summary (subspace statistics need the adapter)."""
-    rule = calibrated_rule()
-    if summary_stats.get(rule["statistic"]) is not None:
+@dataclass(frozen=True)
+class Rule:
+    statistic: str
+    aggregate: str = "weighted"
+    min: float = 0.0
+    provisional: bool = True
+    evidence: str = ""
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Rule:
+        """A rule as delta-survival reports write it ("threshold"), or as the rule file holds it."""
+        return cls(d["statistic"], d.get("aggregate", "weighted"), d["min"], d.get("provisional", True),
+                   d.get("evidence", ""))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def load(cls, available: dict | None = None, path: str | Path | None = None) -> Rule:
+        """The calibrated rule from the rule file (PROVISIONAL when there is none or it is
+        unreadable); FALLBACK when `available`, a report's statistics at one bit-width,
+        lacks its statistic (subspace statistics need the adapter's factors)."""
+        path = Path(path or RULE_FILE)
+        rule = PROVISIONAL
+        if path.exists():
+            try:
+                rule = cls.from_dict(json.loads(path.read_text()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                pass
+        if available is not None and available.get(rule.statistic) is None:
+            return FALLBACK
         return rule
-    return FALLBACK_THRESHOLD
+
+    def judged_value(self, model_value, layer_values):
+        """The value the rule judges, from the model's pooled value and each layer's."""
+        if self.aggregate == "weakest_layer":
+            vals = [v for v in layer_values if v is not None]
+            return min(vals) if vals else model_value
+        return model_value
+
+    def value(self, summary: dict, layers: list, bits: int):
+        """The rule's statistic at `bits` for a report's summary and layers (None where absent)."""
+        key = str(bits)
+        return self.judged_value((summary.get(key) or {}).get(self.statistic),
+                                 [(L["by_bits"].get(key) or {}).get(self.statistic) for L in layers or []])
+
+    def clears(self, value) -> bool | None:
+        """Whether a value meets the threshold (None: no value to judge)."""
+        return None if value is None else value >= self.min
+
+    def survives(self, summary: dict, layers: list, bits: int) -> bool | None:
+        return self.clears(self.value(summary, layers, bits))
+
+    def predict(self, summary: dict, layers: list, bits) -> tuple[int | None, dict]:
+        """(predicted minimum bit-width, {bits: survives}) over the bit-widths `bits`."""
+        verdict = {str(b): self.survives(summary, layers, b) for b in bits}
+        return smallest_surviving(bits, lambda b: verdict[str(b)]), verdict
+
+
+PROVISIONAL = Rule("subspace_snr", "weighted", 1.0, True,
+                   "not yet calibrated against behaviour (see README: Prediction threshold)")
+FALLBACK = Rule("cosine", "weighted", 0.5, True,
+                "no adapter factors: the subspace statistic is unavailable; cosine threshold not calibrated")

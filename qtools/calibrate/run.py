@@ -1,0 +1,188 @@
+"""Run the calibration: train, fuse, predict and measure every fine-tune of the grid (cached per
+fine-tune), fit and judge the rule, write the report and the rule file delta-survival reads."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from .. import QtoolsError
+from ..io.atomic import write_json_atomic
+from .fit import study
+from .grid import BITS, default_grid, expand_run
+from .measure import behaviour, model_weights, passes, true_threshold
+from .report import write_report
+
+# What a cached result.json holds (2: the weight statistic is named delta_retention); an entry
+# of another format is measured again, not migrated.
+CACHE_FORMAT = 2
+
+
+def run_grid(base_dir, suite_path, work_dir, grid=None, bits_list=BITS, group_size=64, min_accuracy=0.8,
+             jobs=1, log=sys.stderr) -> list[dict]:
+    """Train, fuse, predict and measure every fine-tune of the grid.
+
+    Runs are independent: `jobs` processes share them. Resumable: each
+    fine-tune's result is cached beside its adapter.
+    """
+    from ..io.modeldir import check_model_dir
+    from ..io.suite import load_suite
+
+    check_model_dir(base_dir, "base model")  # fail early on a bad base or suite
+    suite_obj = load_suite(suite_path)
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    _check_same_base(work, base_dir)
+    grid = grid or default_grid()
+    base_beh_path = work / "base_behaviour.json"
+    if not base_beh_path.exists():
+        base_beh_path.write_text(json.dumps(behaviour(base_dir, suite_obj, [], group_size)["16"]))
+    args = [(i, run, str(base_dir), str(suite_path), str(work), list(bits_list), group_size, min_accuracy)
+            for i, run in enumerate(grid)]
+    if jobs > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            chunks = list(pool.map(_run_one, args))
+    else:
+        chunks = [_run_one(a) for a in args]
+    return [r for chunk in chunks for r in chunk]
+
+
+def _check_same_base(work: Path, base_dir) -> None:
+    """Cached fine-tunes belong to the base they were trained on; a rebuilt base invalidates them."""
+    from ..io.weights import fingerprint
+
+    path = work / "base_fingerprint.json"
+    fp = {"base": fingerprint(base_dir)}
+    if path.exists():
+        if json.loads(path.read_text()) != fp:
+            raise QtoolsError(f"{work} holds fine-tunes of a different base than {base_dir}; "
+                              f"remove it (rm -rf {work}) or pass another --work-dir")
+    elif any(work.iterdir()):
+        raise QtoolsError(f"{work} holds results of an unknown base; remove it (rm -rf {work}) "
+                          "or pass another --work-dir")
+    else:
+        path.write_text(json.dumps(fp, indent=1))
+
+
+def _cached(path: Path, ft_id: str, log):
+    """The cached result of a fine-tune, or None when there is none or it is of another format."""
+    if not path.exists():
+        return None
+    res = json.loads(path.read_text())
+    if res.get("format") != CACHE_FORMAT:
+        print(f"[calibrate] {ft_id}: {path} is a cache entry of another qtools (format "
+              f"{res.get('format', 'unrecorded')}, this one writes {CACHE_FORMAT}); re-measuring it",
+              file=log, flush=True)
+        return None
+    return res
+
+
+def _run_one(args) -> list[dict]:
+    """One training run: train (with checkpoints), then measure each of its fine-tunes."""
+    import shutil
+
+    from ..demo.train import ADAPTER, finetune_data, train_adapter
+    from ..io.suite import load_suite
+    from ..pipeline.fuse import fuse
+    from ..survival.analyze import delta_survival, reaggregate
+
+    i, run, base_dir, suite_path, work, bits_list, group_size, min_accuracy = args
+    log = sys.stderr
+    work = Path(work)
+    suite_obj = load_suite(suite_path)
+    base_beh = json.loads((work / "base_behaviour.json").read_text())
+    run_dir = work / f"run{i:02d}"
+    cfg_path = run_dir / "adapter_config.json"
+    if trained_on_other_data(run_dir, run["seed"]):
+        # its validation cases may have been trained on: neither the run nor its results are kept
+        print(f"[calibrate] run{i:02d} was trained on other data than {finetune_data(run['seed'])}; "
+              "retraining", file=log, flush=True)
+        shutil.rmtree(run_dir)
+    if not cfg_path.exists():
+        params = {**ADAPTER, **{k: v for k, v in run.items() if k in ADAPTER}}
+        print(f"[calibrate] training run{i:02d}: {run}", file=log, flush=True)
+        train_adapter(base_dir, run_dir, rank=params["rank"], scale=params["scale"], keys=params["keys"],
+                      num_layers=params["num_layers"], iters=max(run["checkpoints"]),
+                      batch_size=params["batch_size"], lr=params["lr"], seed=params["seed"],
+                      save_every=math.gcd(*run["checkpoints"]))
+    results = []
+    base_weights = None  # loaded once per run, when a fine-tune first needs them
+    for ft_id, cfg, adapter in expand_run(run_dir, run):
+        cached = adapter / "result.json"
+        res = _cached(cached, ft_id, log)
+        if res is not None:
+            # statistics are re-pooled with the current code; the verdict follows the current min_accuracy
+            res["summary"], res["layers"] = reaggregate(res["tensors"], bits_list)
+            res["true_min_bits"] = true_threshold(res["behaviour"], bits_list, min_accuracy)
+            res["float16_passes"] = passes(res["behaviour"]["16"], min_accuracy)
+            results.append(res)
+            continue
+        tic = time.perf_counter()
+        fused = adapter / "fused_f16"
+        fuse(base_dir, adapter, fused, force=True)
+        rep = delta_survival(fused, bits_list, group_size, adapter=adapter, progress=False)
+        beh = behaviour(fused, suite_obj, bits_list, group_size)
+        beh_exact = None  # left out of the study anyway when float16 fails
+        if passes(beh["16"], min_accuracy):
+            # what the threshold would be if only the base's noise counted (the delta kept exactly)
+            base_weights = base_weights or model_weights(base_dir)
+            beh_exact = behaviour(fused, suite_obj, bits_list, group_size, exact_delta_from=base_weights)
+        shutil.rmtree(fused)  # only the statistics are kept
+        res = {
+            "format": CACHE_FORMAT,
+            "id": ft_id,
+            "config": cfg,
+            "base_accuracy": base_beh["accuracy"],
+            "behaviour": beh,
+            "behaviour_exact_delta": beh_exact,
+            "true_min_bits": true_threshold(beh, bits_list, min_accuracy),
+            "float16_passes": passes(beh["16"], min_accuracy),
+            "summary": rep["summary"],
+            "layers": rep["layers"],
+            "tensors": [{k: t[k] for k in ("name", "shape", "layer", "kind", "by_bits")} for t in rep["tensors"]],
+            "seconds": time.perf_counter() - tic,
+        }
+        cached.write_text(json.dumps(res))
+        results.append(res)
+        print(f"[calibrate] {ft_id}: float16 acc {beh['16']['accuracy']:.2f} (base {base_beh['accuracy']:.2f}), "
+              f"true min bits {res['true_min_bits']} ({res['seconds']:.0f} s)", file=log, flush=True)
+    return results
+
+
+def trained_on_other_data(run_dir: Path, seed: int) -> bool:
+    """Whether a cached training run's adapter_config records other data than the grid trains on."""
+    from ..demo.train import finetune_data
+
+    cfg_path = Path(run_dir) / "adapter_config.json"
+    return cfg_path.exists() and json.loads(cfg_path.read_text()).get("data") != finetune_data(seed)
+
+
+def write_rule_file(path, s: dict) -> None:
+    """The fitted rule, with its evidence, where delta-survival reads it."""
+    # delta-survival reads this file: never leave it half-written
+    write_json_atomic(path, {**s["rule"].to_dict(), "train": s["train"], "held_out": s["held_out"],
+                             "held_out_ceiling": round(s["ceiling"], 4)})
+
+
+def calibrate(base_dir, suite_path, rule_file, work_dir="models/calibration", docs_dir="docs",
+              min_accuracy=0.8, jobs=1, log=sys.stderr) -> dict:
+    """Run the grid, fit the rule on half, judge it on the other half; write the report to
+    docs_dir and the rule to rule_file (delta-survival's is qtools/survival/calibration.json)."""
+    results = run_grid(base_dir, suite_path, work_dir, min_accuracy=min_accuracy, jobs=jobs, log=log)
+    usable = [r for r in results if r["float16_passes"]]
+    excluded = [r for r in results if not r["float16_passes"]]
+    if len(usable) < 4:
+        raise QtoolsError(f"only {len(usable)} fine-tunes learned the task; calibration needs more")
+    s = study(usable, min_accuracy)
+    docs = Path(docs_dir)
+    docs.mkdir(parents=True, exist_ok=True)
+    write_report(usable, s, docs / "calibration.md", docs / "calibration.png", min_accuracy, excluded)
+    write_rule_file(rule_file, s)
+    return {"rule": s["rule"].to_dict(), "train": s["train"], "held_out": s["held_out"], "fine_tunes": len(results),
+            "reliability": s["reliability"], "rule_file": str(rule_file)}

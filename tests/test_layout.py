@@ -1,0 +1,93 @@
+"""The package's layers: no module of qtools/ imports a layer above its own.
+
+io and demo (files, fixtures) <- survival (the analysis and its rule) <- pipeline (fuse,
+quantize, validate, compare) <- calibrate <- commands <- cli. Imports are read with `ast`,
+function-level ones included, so a lazy import cannot hide an upward arrow.
+"""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "qtools"
+
+# layer -> the layers it must not import
+FORBIDDEN = {
+    "root": {"io", "demo", "survival", "pipeline", "calibrate", "commands", "cli"},  # __init__, format
+    "io": {"demo", "survival", "pipeline", "calibrate", "commands", "cli"},
+    "demo": {"survival", "pipeline", "calibrate", "commands", "cli"},
+    "survival": {"demo", "pipeline", "calibrate", "commands", "cli"},
+    "pipeline": {"demo", "calibrate", "commands", "cli"},
+    "calibrate": {"commands", "cli"},
+    "commands": {"cli"},
+    "cli": set(),
+}
+
+
+def layer(first: str, is_module_file: bool) -> str:
+    """The layer of qtools.<first>...: a subpackage, cli.py, or the root modules."""
+    if not is_module_file or first == "cli":
+        return first
+    return "root"
+
+
+def imported_layers(path: Path, package: Path) -> set:
+    """The qtools layers a module imports: relative and absolute, at any depth of the code."""
+    here = ("qtools", *path.relative_to(package).parts[:-1])  # the package the module is in
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [tuple(a.name.split(".")) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = here[: len(here) - node.level + 1] if node.level else ()
+            mod = base + tuple(node.module.split(".")) if node.module else base
+            # `from .. import pipeline` names a subpackage, `from .. import QtoolsError` does not
+            targets = [mod + (a.name,) for a in node.names]
+        else:
+            continue
+        for t in targets:
+            if len(t) < 2 or t[0] != "qtools":
+                continue
+            if (package / t[1]).is_dir():
+                found.add(layer(t[1], False))
+            elif (package / f"{t[1]}.py").is_file():
+                found.add(layer(t[1], True))
+    return found
+
+
+def upward_imports(package: Path = PACKAGE) -> list:
+    out = []
+    for path in sorted(package.rglob("*.py")):
+        parts = path.relative_to(package).parts
+        mine = layer(parts[0].removesuffix(".py"), len(parts) == 1)
+        for other in sorted(imported_layers(path, package) & FORBIDDEN[mine]):
+            out.append(f"{path.relative_to(package.parent)} ({mine}) imports {other}")
+    return out
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    assert upward_imports() == []
+
+
+def test_the_checker_sees_relative_absolute_and_function_level_imports(tmp_path):
+    pkg = tmp_path / "qtools"
+    for d in ("io", "pipeline", "commands"):
+        (pkg / d).mkdir(parents=True)
+        (pkg / d / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "cli.py").write_text("from .commands import x\n")
+    (pkg / "io" / "a.py").write_text("def f():\n    from ..pipeline import quantize\n")
+    (pkg / "io" / "b.py").write_text("import qtools.commands.fuse\nfrom .. import format, QtoolsError\n")
+    (pkg / "io" / "c.py").write_text("from qtools import cli\n")
+    (pkg / "pipeline" / "d.py").write_text("from ..io import a\nfrom qtools import io\n")
+    (pkg / "format.py").write_text("from .io import a\n")
+    assert upward_imports(pkg) == ["qtools/format.py (root) imports io",
+                                   "qtools/io/a.py (io) imports pipeline",
+                                   "qtools/io/b.py (io) imports commands",
+                                   "qtools/io/c.py (io) imports cli"]
+
+
+def test_the_bit_widths_are_written_out_once():
+    """SUPPORTED_BITS in qtools/__init__.py is the one list; everything else refers to it."""
+    hits = [str(p.relative_to(PACKAGE.parent)) for p in sorted(PACKAGE.rglob("*.py"))
+            if "2, 3, 4, 5, 6, 8" in p.read_text()]
+    assert hits == ["qtools/__init__.py"]
