@@ -5,10 +5,12 @@ import sys
 
 import click
 
+from .. import VerdictFailed
 from ..pipeline.validate import DEFAULT_MIN_ACCURACY, format_report, log_path, validate, write_log
 
 
-@click.command("validate")
+@click.command("validate", epilog="Exit status: 0 the verdict passed, 3 it failed, 1 an error (bad input: "
+                                   "nothing was judged), 2 a usage error.")
 @click.argument("model", type=click.Path())
 @click.option("--suite", "suite", default="suites/demo.jsonl", show_default=True, type=click.Path(),
               help="Suite JSONL file.")
@@ -23,7 +25,7 @@ from ..pipeline.validate import DEFAULT_MIN_ACCURACY, format_report, log_path, v
               help="Generate all but the first case with mlx_lm.batch_generate (faster; mean time is then amortized).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON on stdout.")
 def validate_cmd(model, suite, out, logs_dir, max_tokens, min_accuracy, batch, as_json):
-    """Validate MODEL on a suite; exit 1 if the verdict fails (critical errors or low accuracy)."""
+    """Validate MODEL on a suite; exit 3 if the verdict fails (critical errors or low accuracy)."""
     result = validate(model, suite, max_tokens=max_tokens, min_accuracy=min_accuracy,
                       progress=sys.stderr.isatty(), batch=batch)
     from ..io.suite import load_suite
@@ -36,4 +38,4 @@ def validate_cmd(model, suite, out, logs_dir, max_tokens, min_accuracy, batch, a
         click.echo(format_report(result))
         click.echo(f"log: {written}")
     if result["verdict"] != "pass":
-        sys.exit(1)
+        raise VerdictFailed
