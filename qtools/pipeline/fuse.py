@@ -20,6 +20,7 @@ from .. import QtoolsError, versions
 from ..io.adapters import check_adapter_dir
 from ..io.atomic import atomic_output_dir, check_output_free
 from ..io.modeldir import PROVENANCE, check_model_dir, dir_size
+from ..io.weights import SafetensorsModel, check_finite
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -103,6 +104,12 @@ def fuse(
     base_path = check_model_dir(base, "base model")
     adapter_path, adapter_cfg = check_adapter_dir(adapter)
     check_output_free(out, force)
+    # Non-finite inputs first, so a NaN in the output below can only be an overflow of the fuse.
+    hint = "the input is already broken, not an overflow of the fused weights; fix the model that wrote it"
+    with SafetensorsModel(base_path) as st:
+        check_finite(st, f"base model {base_path}", hint)
+    with SafetensorsModel.from_file(adapter_path / "adapters.safetensors") as st:
+        check_finite(st, f"adapter {adapter_path}", hint)
 
     tic = time.perf_counter()
     try:

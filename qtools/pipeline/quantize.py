@@ -20,6 +20,7 @@ from typing import Callable
 from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QtoolsError, versions
 from ..io.atomic import atomic_output_dir, check_output_free
 from ..io.modeldir import PROVENANCE, check_model_dir, dir_size
+from ..io.weights import SafetensorsModel, check_finite
 
 RECIPES = ("uniform", "mixed_3_6", "mixed_4_6", "survival")
 
@@ -96,6 +97,10 @@ def quantize(
         raise QtoolsError(
             f"{src} is already quantized ({q.get('bits')}-bit); quantize the float16 fused model instead"
         )
+    # One NaN/Inf makes its group's scale NaN: refuse it before anything is loaded or written.
+    with SafetensorsModel(src) as st:
+        check_finite(st, f"model {src}",
+                     hint="quantizing would spread it over its whole group; fix the model that wrote it")
     tic = time.perf_counter()
     plan = None
     if recipe == "survival":
