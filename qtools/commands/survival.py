@@ -6,7 +6,7 @@ import click
 from tabulate import tabulate
 
 from .. import SUPPORTED_BITS
-from ..io.atomic import write_json_atomic
+from ..io.atomic import check_writable, write_json_atomic
 from ..survival.analyze import delta_survival, quant_error
 
 _bits_option = click.option(
@@ -91,6 +91,8 @@ def delta_survival_cmd(model, adapter, base, bits, group_size, as_json, output, 
     MODEL is the fused float model directory. The delta comes from --adapter,
     --base, or the provenance `qtools fuse` recorded in MODEL.
     """
+    if output:
+        check_writable(output)  # before the analysis, not after it
     report = delta_survival(model, bits, group_size, adapter=adapter, base=base, threads=threads,
                             progress=not as_json)
     if output:
