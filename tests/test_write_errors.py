@@ -309,3 +309,9 @@ def test_validate_env_LOGS_readonly(base, suite, readonly, no_load, monkeypatch)
     monkeypatch.setenv("LOGS", str(readonly))
     r = run("validate", base, "--suite", suite)
     assert r.exit_code == 1 and r.output.startswith(f"Error: cannot write {readonly / 'base-s.json'}: ")
+
+
+def test_validate_log_that_is_a_directory_is_refused_before_loading(base, suite, tmp_path, no_load):
+    (tmp_path / "log.json").mkdir()
+    r = run("validate", base, "--suite", suite, "--out", tmp_path / "log.json")
+    assert (r.exit_code, r.output.strip()) == (1, f"Error: cannot write {tmp_path / 'log.json'}: it is a directory")

@@ -92,7 +92,7 @@ def delta_survival_cmd(model, adapter, base, bits, group_size, as_json, output, 
     --base, or the provenance `qtools fuse` recorded in MODEL.
     """
     if output:
-        check_writable(output)  # before the analysis, not after it
+        check_writable(output, file=True)  # before the analysis, not after it
     report = delta_survival(model, bits, group_size, adapter=adapter, base=base, threads=threads,
                             progress=not as_json)
     if output:

@@ -42,13 +42,16 @@ def _existing_ancestor(path: Path) -> Path:
     return anc
 
 
-def check_writable(path: str | os.PathLike, need_bytes: int | None = None) -> Path:
+def check_writable(path: str | os.PathLike, need_bytes: int | None = None, file: bool = False) -> Path:
     """Before long work, the checks a write to `path` will meet: its directory (or the nearest
     existing one above it) accepts a new file, created and removed here, and holds `need_bytes`
-    free when an estimate is known. Nothing is left behind; returns the path."""
+    free when an estimate is known; a `file` must not be an existing directory. Nothing is left
+    behind; returns the path."""
     from ..format import human_bytes
 
     path = Path(path)
+    if file and path.is_dir():
+        raise QtoolsError(f"cannot write {path}: it is a directory")
     anc = _existing_ancestor(path)
     if not anc.is_dir():
         raise QtoolsError(f"cannot write {path}: {anc} is not a directory")

@@ -493,7 +493,7 @@ def validate(
         raise QtoolsError("--max-tokens must be at least 1")
     partial, entries, writer = None, [], None
     if log is not None:
-        log = check_writable(log)  # before the model loads: a run must never be lost at the end
+        log = check_writable(log, file=True)  # before the model loads: a run must never be lost at the end
         partial = partial_path(log)
         header = partial_header(path, suite, max_tokens, batch)
         entries = _resume_entries(partial, header, resume, suite_obj, note)
