@@ -65,10 +65,10 @@ ifneq ($(filter validate,$(MAKECMDGOALS)),)
 $(if $(MODEL),,$(error MODEL is required: make validate MODEL=models/fused_5bit))
 endif
 
-validate: $(STAMP) ## Run SUITE on MODEL=... -> $(LOGS)/<model>-<suite>.json; fails if the verdict fails
+validate: $(STAMP) ## Run SUITE on MODEL=... -> $(LOGS)/<model>-<suite>.json; fails if the verdict fails (Error 3)
 	MODEL="$(MODEL)" SUITE="$(SUITE)" scripts/validate.sh
 
-sweep: $(STAMP) ## Quantize + validate each of BITS (default "8 6 5 4 3") and FROM, one model at a time
+sweep: $(STAMP) ## Quantize + validate each of BITS (default "8 6 5 4 3") and FROM; stops on an error, not on a failed verdict
 	FROM="$(FROM)" BITS="$(call given_or,BITS,8 6 5 4 3)" SUITE="$(SUITE)" scripts/sweep.sh
 
 survival: $(STAMP) ## qtools delta-survival on FROM for BITS (default all) -> $(LOGS)/survival.json + table

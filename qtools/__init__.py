@@ -6,8 +6,19 @@ SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 
 
+# Exit statuses of every command. Errors keep 1, as click's ClickException, Python's uncaught
+# exceptions and mlx-lm do, so a crash is never mistaken for a result; a failed verdict has its own.
+EXIT_ERROR = 1  # bad input or any other error: nothing was judged, a script should stop
+EXIT_USAGE = 2  # click's usage errors (unknown option, value out of range)
+EXIT_VERDICT_FAILED = 3  # the run completed and its verdict failed: a result
+
+
 class QtoolsError(Exception):
-    """An error caused by the user's input; the CLI prints it as one `Error: ...` line."""
+    """An error caused by the user's input; the CLI prints it as one `Error: ...` line (exit 1)."""
+
+
+class VerdictFailed(Exception):
+    """Raised by a command whose run completed with a failing verdict; the CLI exits 3."""
 
 
 def versions() -> dict:

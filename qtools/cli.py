@@ -8,7 +8,7 @@ import importlib
 
 import click
 
-from . import QtoolsError, __version__
+from . import EXIT_ERROR, EXIT_VERDICT_FAILED, QtoolsError, VerdictFailed, __version__
 
 COMMANDS = {
     "delta-survival": "qtools.commands.survival:delta_survival_cmd",
@@ -31,13 +31,16 @@ class LazyGroup(click.Group):
         return self._load(name)
 
     def invoke(self, ctx):
-        # Library errors caused by the user's input become `Error: ...` + exit 1.
+        # Library errors caused by the user's input become `Error: ...` + exit 1; a failed
+        # verdict, already reported by the command, exits 3.
         try:
             return super().invoke(ctx)
         except QtoolsError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise _error(str(exc)) from None
         except KeyboardInterrupt:
-            raise click.ClickException("interrupted") from None
+            raise _error("interrupted") from None
+        except VerdictFailed:
+            ctx.exit(EXIT_VERDICT_FAILED)
 
     @staticmethod
     def _load(name):
@@ -48,7 +51,17 @@ class LazyGroup(click.Group):
         return getattr(importlib.import_module(module_name), attr)
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def _error(message):
+    exc = click.ClickException(message)
+    exc.exit_code = EXIT_ERROR
+    return exc
+
+
+EXIT_HELP = ("Exit status: 0 success (a verdict passed), 3 a verdict failed (qtools validate), "
+             "1 an error (bad input: nothing was judged), 2 a usage error.")
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_HELP)
 @click.version_option(__version__, prog_name="qtools")
 def cli():
     """Predict and prove which MLX quantization bit-width keeps a LoRA fine-tune alive."""

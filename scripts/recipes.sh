@@ -36,7 +36,9 @@ done
 failed=()
 for m in "$FROM" "${models[@]}"; do
   echo "== validate $m"
-  MODEL="$m" SUITE="$SUITE" BATCH=${BATCH:-1} scripts/validate.sh >/dev/null || failed+=("$m")
+  rc=0; MODEL="$m" SUITE="$SUITE" BATCH=${BATCH:-1} scripts/validate.sh >/dev/null || rc=$?
+  # a failed verdict (3) is a result to compare; an error (1) stops the run
+  if [ "$rc" -eq 3 ]; then failed+=("$m"); elif [ "$rc" -ne 0 ]; then exit "$rc"; fi
 done
 echo "== retention (KL from $FROM, relative to $BASE)"
 "$QTOOLS" retention --reference "$FROM" --base "$BASE" --suite "$SUITE" --logs-dir "$LOGS" "$FROM" "${models[@]}"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # For each bit-width in BITS: quantize FROM (reusing an existing models/fused_<b>bit
 # newer than FROM unless FORCE=1), then validate it; the float model FROM is validated too, as the
-# reference. One model in memory at a time; a failed verdict does not stop the sweep.
+# reference. One model in memory at a time; a failed verdict (exit 3) does not stop the
+# sweep, an error (bad input, exit 1) does.
 set -euo pipefail
 QTOOLS=${QTOOLS:-.venv/bin/qtools}
 PY=${PY:-.venv/bin/python}
@@ -25,6 +26,7 @@ for b in $BITS; do
 done
 for m in "${models[@]}"; do
   echo "== validate $m"
-  MODEL="$m" scripts/validate.sh || failed+=("$m")
+  rc=0; MODEL="$m" scripts/validate.sh || rc=$?
+  if [ "$rc" -eq 3 ]; then failed+=("$m"); elif [ "$rc" -ne 0 ]; then exit "$rc"; fi
 done
 echo "== logs in $LOGS/; failed verdicts: ${failed[*]:-none}"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the behavioural suite SUITE on MODEL -> $LOGS/<model>-<suite>.json and a table.
-# Exits 1 when the verdict fails (a critical error, or accuracy below MIN_ACCURACY).
+# Exits 3 when the verdict fails (a critical error, or accuracy below MIN_ACCURACY), 1 on an error.
 # BATCH=1 batches all but the first query (faster; mean time is then amortized).
 set -euo pipefail
 QTOOLS=${QTOOLS:-.venv/bin/qtools}

@@ -138,7 +138,7 @@ def test_validate_real_model_writes_log(model, tmp_path):
     assert (log["model"], log["suite"], log["bits"], log["bits_per_weight"]) == ("tiny_f16", "mini", 16, 16.0)
     assert len(log["cases"]) == 6 and {"id", "expected", "got", "output", "correct"} <= set(log["cases"][0])
     assert all(c["tokens"] <= 4 for c in log["cases"])
-    assert r.exit_code == (0 if log["critical_errors"] == 0 else 1)
+    assert r.exit_code == (0 if log["critical_errors"] == 0 else 3)
     assert "overall" in r.output and "bits per weight" in r.output
 
 
@@ -148,7 +148,7 @@ def test_validate_default_log_name_and_json(model, tmp_path):
     log = json.loads(r.stdout)
     assert (tmp_path / "logs" / "tiny_f16-mini.json").is_file()
     assert log["max_tokens"] == 2
-    assert r.exit_code == (0 if log["verdict"] == "pass" else 1)
+    assert r.exit_code == (0 if log["verdict"] == "pass" else 3)
 
 
 def test_batch_matches_sequential(model, tmp_path):
@@ -164,7 +164,7 @@ def test_critical_error_fails_verdict_with_high_accuracy(model, tmp_path, monkey
     it = iter(c.id for c in suite.cases)
     monkeypatch.setattr(V, "generate_one", lambda m, t, p, n: (canned[next(it)], 3, 0.01))
     r = run("validate", model, "--suite", tmp_path / "mini.jsonl", "--out", tmp_path / "l.json", "--min-accuracy", 0.5)
-    assert r.exit_code == 1
+    assert r.exit_code == 3  # a failed verdict, not an error (1)
     assert r.output.strip().splitlines()[-2] == "verdict: FAIL: 1 critical error(s): s1"
     log = json.loads((tmp_path / "l.json").read_text())
     assert (log["correct"], log["critical_errors"], log["critical_cases"]) == (5, 1, ["s1"])

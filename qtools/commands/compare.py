@@ -1,10 +1,38 @@
 """`qtools compare logs/*.json`: side-by-side table, verdicts, recommendation, plot."""
 
 import json
+import math
 
 import click
 
 from ..pipeline.compare import Criteria, compare, format_comparison, plot_comparison, public
+
+
+class CategoryMinimum(click.ParamType):
+    """NAME=MIN, MIN an accuracy between 0 and 1 (field_access=0.8)."""
+
+    name = "NAME=MIN"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        name, sep, raw = str(value).partition("=")
+        try:
+            minimum = float(raw)
+        except ValueError:
+            minimum = math.nan
+        if not sep or not name.strip() or not 0 <= minimum <= 1:
+            self.fail(f"{value!r}: use NAME=MIN with MIN between 0 and 1 (field_access=0.8)", param, ctx)
+        return name.strip(), minimum
+
+
+def _min_category(ctx, param, values):
+    out = {}
+    for name, minimum in values:
+        if name in out:
+            raise click.BadParameter(f"{name} is given twice", ctx, param)
+        out[name] = minimum
+    return out
 
 
 @click.command("compare")
@@ -17,11 +45,13 @@ from ..pipeline.compare import Criteria, compare, format_comparison, plot_compar
               help="Most mean generation seconds per query.")
 @click.option("--max-memory-gb", type=click.FloatRange(0), default=20.0, show_default=True,
               help="Most peak memory in GB.")
+@click.option("--min-category", type=CategoryMinimum(), multiple=True, callback=_min_category,
+              help="Least accuracy in one suite category, e.g. field_access=0.8 (repeatable).")
 @click.option("--plot", type=click.Path(), default=None, help="Write a PNG: bits vs accuracy, size, predicted survival.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
-def compare_cmd(logs, survival, min_accuracy, max_critical, max_gen_s, max_memory_gb, plot, as_json):
+def compare_cmd(logs, survival, min_accuracy, max_critical, max_gen_s, max_memory_gb, min_category, plot, as_json):
     """Compare validate LOGS: metrics as rows, models as columns, winner, verdict, recommendation."""
-    criteria = Criteria(min_accuracy, max_critical, max_gen_s, max_memory_gb)
+    criteria = Criteria(min_accuracy, max_critical, max_gen_s, max_memory_gb, min_category)
     result = compare(logs, survival, criteria)
     written = plot_comparison(result, plot) if plot else None
     if as_json:

@@ -1,14 +1,15 @@
 """`qtools validate MODEL --suite S`: run a behavioural suite, write logs/<model>-<suite>.json."""
 
 import json
-import sys
 
 import click
 
-from ..pipeline.validate import DEFAULT_MIN_ACCURACY, format_report, log_path, validate, write_log
+from .. import VerdictFailed
+from ..pipeline.validate import DEFAULT_MIN_ACCURACY, format_report, log_path, validate
 
 
-@click.command("validate")
+@click.command("validate", epilog="Exit status: 0 the verdict passed, 3 it failed, 1 an error (bad input: "
+                                   "nothing was judged), 2 a usage error.")
 @click.argument("model", type=click.Path())
 @click.option("--suite", "suite", default="suites/demo.jsonl", show_default=True, type=click.Path(),
               help="Suite JSONL file.")
@@ -21,19 +22,25 @@ from ..pipeline.validate import DEFAULT_MIN_ACCURACY, format_report, log_path, v
               help="Verdict fails below this overall accuracy.")
 @click.option("--batch", is_flag=True,
               help="Generate all but the first case with mlx_lm.batch_generate (faster; mean time is then amortized).")
+@click.option("--resume/--no-resume", default=None,
+              help="Reuse the results an interrupted run left in <log>.partial.jsonl [default: when they are "
+                   "for the same model, suite and settings]; --resume reuses them anyway, --no-resume starts over.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON on stdout.")
-def validate_cmd(model, suite, out, logs_dir, max_tokens, min_accuracy, batch, as_json):
-    """Validate MODEL on a suite; exit 1 if the verdict fails (critical errors or low accuracy)."""
-    result = validate(model, suite, max_tokens=max_tokens, min_accuracy=min_accuracy,
-                      progress=True, batch=batch)
+def validate_cmd(model, suite, out, logs_dir, max_tokens, min_accuracy, batch, resume, as_json):
+    """Validate MODEL on a suite; exit 3 if the verdict fails (critical errors or low accuracy).
+
+    Each case's result is saved as it is scored, so an interrupted run resumes where it stopped.
+    """
+    from ..io.modeldir import check_model_dir
     from ..io.suite import load_suite
 
-    path = out or log_path(model, load_suite(suite), logs_dir)
-    written = write_log(result, path)
+    path = out or log_path(check_model_dir(model), load_suite(suite), logs_dir)
+    result = validate(model, suite, max_tokens=max_tokens, min_accuracy=min_accuracy,
+                      progress=True, batch=batch, log=path, resume=resume)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
         click.echo(format_report(result))
-        click.echo(f"log: {written}")
+        click.echo(f"log: {path}")
     if result["verdict"] != "pass":
-        sys.exit(1)
+        raise VerdictFailed

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import signal
 import threading
@@ -33,6 +34,67 @@ def check_output_free(path: str | os.PathLike, force: bool = False) -> Path:
     return path
 
 
+def _existing_ancestor(path: Path) -> Path:
+    """The nearest directory above `path` that exists (what must accept the new entries)."""
+    anc = path.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    return anc
+
+
+def check_writable(path: str | os.PathLike, need_bytes: int | None = None, file: bool = False) -> Path:
+    """Before long work, the checks a write to `path` will meet: its directory (or the nearest
+    existing one above it) accepts a new file, created and removed here, and holds `need_bytes`
+    free when an estimate is known; a `file` must not be an existing directory. Nothing is left
+    behind; returns the path."""
+    from ..format import human_bytes
+
+    path = Path(path)
+    if file and path.is_dir():
+        raise QtoolsError(f"cannot write {path}: it is a directory")
+    anc = _existing_ancestor(path)
+    if not anc.is_dir():
+        raise QtoolsError(f"cannot write {path}: {anc} is not a directory")
+    probe = anc / f"{TMP_PREFIX}probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as exc:
+        raise QtoolsError(f"cannot write {path}: {anc} is not writable ({exc.strerror or exc})") from None
+    if need_bytes:
+        free = shutil.disk_usage(anc).free
+        if free < need_bytes:
+            raise QtoolsError(f"not enough free space for {path}: it needs about {human_bytes(need_bytes)}, "
+                              f"{anc} has {human_bytes(free)} free")
+    return path
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def write_error(exc: BaseException, target: Path, free: int | None = None) -> QtoolsError | None:
+    """The one-line error for a failed write, or None if `exc` is not one. MLX reports its own
+    write failures as RuntimeError ("[write] Unable to write N bytes"), without an errno: a
+    filesystem left with less free space than the write needed was full."""
+    if isinstance(exc, OSError):
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        detail = exc.strerror or str(exc)
+    elif isinstance(exc, RuntimeError) and re.match(r"\[(write|save\w*)\] (Unable to write|File|Failed to open)",
+                                                  str(exc)):
+        m = re.search(r"Unable to write (\d+) bytes", str(exc))
+        full = m is not None and free is not None and free < int(m.group(1)) + (1 << 20)
+        detail = str(exc)
+    else:
+        return None
+    if full:
+        return QtoolsError(f"no space left on device while writing {target}; the partial output was removed")
+    return QtoolsError(f"could not write {target}: {detail}; the partial output was removed")
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -51,7 +113,10 @@ def atomic_output_dir(path: str | os.PathLike, force: bool = False) -> Iterator[
     except OSError as exc:
         raise QtoolsError(f"cannot create {parent}: {exc.strerror or exc}") from None
     tmp = parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as exc:
+        raise QtoolsError(f"cannot write {target}: {parent} is not writable ({exc.strerror or exc})") from None
     # SIGTERM (kill, a closed terminal) cleans up like Ctrl-C instead of leaving tmp behind.
     old_handler = None
     if threading.current_thread() is threading.main_thread():
@@ -67,17 +132,11 @@ def atomic_output_dir(path: str | os.PathLike, force: bool = False) -> Iterator[
         if old is not None:
             _remove(old)
     except BaseException as exc:
+        free = _free_bytes(parent)  # measured before the partial output frees its space
         _remove(tmp)
-        if isinstance(exc, OSError) and not isinstance(exc, QtoolsError):
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise QtoolsError(
-                    f"no space left on device while writing {target}; "
-                    "the partial output was removed"
-                ) from None
-            raise QtoolsError(
-                f"could not write {target}: {exc.strerror or exc}; "
-                "the partial output was removed"
-            ) from None
+        err = write_error(exc, target, free)
+        if err is not None:
+            raise err from None
         raise
     finally:
         if old_handler is not None:
@@ -93,9 +152,9 @@ def write_json_atomic(path: str | os.PathLike, obj) -> Path:
     import json
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
         tmp.replace(path)
     except OSError as exc:

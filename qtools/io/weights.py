@@ -34,6 +34,9 @@ _STORAGE = {
     "BOOL": (np.bool_, 1),
 }
 FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+# A float is NaN or Inf exactly when all its exponent bits are set: (unsigned view, exponent mask).
+_EXPONENT = {"F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80), "F32": (np.uint32, 0x7F800000),
+             "F64": (np.uint64, 0x7FF0000000000000)}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -239,3 +242,36 @@ class SafetensorsModel:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def count_nonfinite(st: "SafetensorsModel", name: str, chunk: int = 1 << 24) -> int:
+    """NaN/Inf values of one stored tensor, read from the memory map in chunks (no float copy)."""
+    info = st.info(name)
+    if info.dtype not in _EXPONENT:
+        return 0
+    utype, mask = _EXPONENT[info.dtype]
+    flat = st.raw(name).reshape(-1).view(utype)
+    mask = utype(mask)
+    buf = np.empty(min(chunk, flat.size), utype)
+    hit = np.empty(buf.size, np.bool_)
+    n = 0
+    try:
+        for i in range(0, flat.size, chunk):
+            part = flat[i:i + chunk]
+            b, h = buf[:part.size], hit[:part.size]
+            np.bitwise_and(part, mask, out=b)
+            np.equal(b, mask, out=h)
+            n += int(np.count_nonzero(h))
+    finally:
+        del flat
+        st.release(name)
+    return n
+
+
+def check_finite(st: "SafetensorsModel", what: str, hint: str | None = None, chunk: int = 1 << 24) -> None:
+    """Raise a QtoolsError naming the first float tensor with NaN/Inf values; one tensor at a time."""
+    for name, info in st.tensors.items():
+        n = count_nonfinite(st, name, chunk)
+        if n:
+            raise QtoolsError(f"{what}: tensor {name!r} ({info.file.name}) has {n} NaN or Inf value(s) of "
+                              f"{info.numel}" + (f": {hint}" if hint else ""))

@@ -11,7 +11,7 @@ is `delta_retention`.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .. import QtoolsError
@@ -24,6 +24,8 @@ class Criteria:
     max_critical: int = 0
     max_gen_s: float | None = 3.0
     max_memory_gb: float | None = 20.0
+    # {category: minimum accuracy}, e.g. {"field_access": 0.8}: the field's decision matrix
+    min_category: dict = field(default_factory=dict)
 
 
 def _is_log(obj) -> bool:
@@ -95,7 +97,34 @@ def model_verdict(log: dict, c: Criteria) -> list:
         reasons.append(f"mean generation {log['mean_gen_s']:.2f} s > {c.max_gen_s} s")
     if c.max_memory_gb is not None and log["peak_memory_gb"] > c.max_memory_gb:
         reasons.append(f"peak memory {log['peak_memory_gb']:.2f} GB > {c.max_memory_gb} GB")
+    per = log.get("per_category") or {}
+    for cat, minimum in (c.min_category or {}).items():
+        if cat not in per:
+            reasons.append(f"{cat}: no cases in this log")
+        elif per[cat]["accuracy"] < minimum:
+            reasons.append(f"{cat} {pct(per[cat]['accuracy'])} < {pct(minimum)}")
     return reasons
+
+
+def pct(v: float) -> str:
+    """80% or 66.7%: whole percents without decimals, so a near miss never reads 80% < 80%."""
+    return f"{v:.0%}" if abs(v * 100 - round(v * 100)) < 1e-9 else f"{v:.1%}"
+
+
+def check_categories(logs: list, c: Criteria) -> None:
+    """A --min-category no log knows is a typo, not a criterion that never applies."""
+    known = list(dict.fromkeys(cat for log in logs for cat in (log.get("per_category") or {})))
+    for cat in c.min_category or {}:
+        if cat not in known:
+            raise QtoolsError(f"--min-category {cat}: no log has this category "
+                              f"(categories: {', '.join(known) or 'none'})")
+
+
+def _suite_criteria(logs: list, c: Criteria) -> Criteria:
+    """The criteria for one suite: category minima for categories its logs do not have are dropped."""
+    cats = {cat for log in logs for cat in (log.get("per_category") or {})}
+    return Criteria(c.min_accuracy, c.max_critical, c.max_gen_s, c.max_memory_gb,
+                    {k: v for k, v in (c.min_category or {}).items() if k in cats})
 
 
 def survival_at(surv: dict | None, bits) -> dict | None:
@@ -159,6 +188,7 @@ def _rule_value(surv: dict, bits, rule: dict):
 
 def compare_suite(logs: list, surv: dict | None, c: Criteria, retention: list | None = None) -> dict:
     logs = sorted(logs, key=_sort_key)
+    c = _suite_criteria(logs, c)
     names = [log["model"] for log in logs]
     rows = []
     for label, key, better, fmt in ROWS:
@@ -218,7 +248,7 @@ def compare_suite(logs: list, surv: dict | None, c: Criteria, retention: list | 
 
     agreement = []
     if surv:
-        behaviour_c = Criteria(c.min_accuracy, c.max_critical, None, None)
+        behaviour_c = Criteria(c.min_accuracy, c.max_critical, None, None, c.min_category)
         rule = surv.get("threshold") or {}
         stat = rule.get("statistic")
         # the value the rule judges (weakest layer or |D|^2-weighted), not always the summary's
@@ -253,6 +283,7 @@ def compare_suite(logs: list, surv: dict | None, c: Criteria, retention: list | 
         "recommendation_above_failures": monotone,
         "predicted_min_bits": surv.get("predicted_min_bits") if surv else None,
         "survival_agreement": agreement,
+        "min_category": c.min_category,
     }
 
 
@@ -261,6 +292,7 @@ def compare(paths, survival=None, criteria: Criteria | None = None) -> dict:
     criteria = criteria or Criteria()
     retention: list = []
     logs, surv = load_inputs(paths, survival, retention)
+    check_categories(logs, criteria)
     by_suite: dict = {}
     for log in logs:
         # A rerun replaces the older log of the same model and suite.
@@ -291,12 +323,17 @@ def format_comparison(result: dict) -> str:
     out = []
     for comp in result["comparisons"]:
         models = comp["models"]
+        cats = comp.get("min_category", {})
+        absent = [k for k in c.get("min_category") or {} if k not in cats]
+        suite_crit = crit + [f"{k} >= {pct(v)}" for k, v in cats.items()]
         table = [[row["metric"], *[row["display"][m] for m in models], row["winner"]] for row in comp["rows"]]
         table.append(["verdict", *[comp["verdicts"][m].upper() for m in models], ""])
         out.append(f"suite: {comp['suite']}")
         out.append(tabulate(table, headers=["metric", *models, "winner"], tablefmt="github"))
         out.append("")
-        out.append("criteria: " + ", ".join(crit))
+        out.append("criteria: " + ", ".join(suite_crit))
+        if absent:
+            out.append(f"  (no {', '.join(absent)} cases in this suite: those minima do not apply)")
         for m in models:
             if comp["verdict_reasons"][m]:
                 out.append(f"  {m}: FAIL ({'; '.join(comp['verdict_reasons'][m])})")

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from .. import QtoolsError, versions
 from ..io.adapters import check_adapter_dir
-from ..io.atomic import atomic_output_dir, check_output_free
-from ..io.modeldir import PROVENANCE, check_model_dir, dir_size
+from ..io.atomic import atomic_output_dir, check_output_free, check_writable
+from ..io.modeldir import PROVENANCE, check_model_dir, dir_size, read_config, weights_bytes
+from ..io.weights import SafetensorsModel, check_finite
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -85,6 +86,28 @@ def fuse_module_f32(module, dtype):
     return module.fuse(dequantize=True)
 
 
+def output_bytes_estimate(base: str | Path, dtype: str = "float16") -> int:
+    """The fused model's size: every float tensor of the base in `dtype`, a quantized base's packed
+    weights at their unpacked size (their scales and biases dropped), plus the other files."""
+    base = Path(base)
+    size = {"float16": 2, "bfloat16": 2, "float32": 4}[dtype]
+    q = read_config(base).get("quantization") or {}
+    total = dir_size(base) - weights_bytes(base)
+    with SafetensorsModel(base) as st:
+        packed = {n[: -len(".weight")] for n, i in st.tensors.items()
+                  if n.endswith(".weight") and not i.is_float and f"{n[: -len('.weight')]}.scales" in st}
+        for name, info in st.tensors.items():
+            layer, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+            if layer in packed and leaf == "weight":
+                own = q.get(layer) if isinstance(q.get(layer), dict) else {}
+                total += info.numel * (32 // int(own.get("bits", q.get("bits", 4)))) * size
+            elif layer in packed and leaf in ("scales", "biases"):
+                continue  # dropped by the dequantization
+            else:
+                total += info.numel * size if info.is_float else info.nbytes
+    return total
+
+
 def fuse(
     base: str | Path,
     adapter: str | Path,
@@ -103,6 +126,13 @@ def fuse(
     base_path = check_model_dir(base, "base model")
     adapter_path, adapter_cfg = check_adapter_dir(adapter)
     check_output_free(out, force)
+    check_writable(out, output_bytes_estimate(base_path, dtype))
+    # Non-finite inputs first, so a NaN in the output below can only be an overflow of the fuse.
+    hint = "the input is already broken, not an overflow of the fused weights; fix the model that wrote it"
+    with SafetensorsModel(base_path) as st:
+        check_finite(st, f"base model {base_path}", hint)
+    with SafetensorsModel.from_file(adapter_path / "adapters.safetensors") as st:
+        check_finite(st, f"adapter {adapter_path}", hint)
 
     tic = time.perf_counter()
     try:

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Callable
 
 from .. import QtoolsError, versions
-from ..io.atomic import atomic_output_dir, check_output_free
-from ..io.modeldir import PROVENANCE, check_model_dir, dir_size
+from ..io.atomic import atomic_output_dir, check_output_free, check_writable
+from ..io.modeldir import PROVENANCE, check_model_dir, dir_size, read_config, weights_bytes
+from ..io.weights import SafetensorsModel, check_finite
 
 RECIPES = ("uniform", "mixed_3_6", "mixed_4_6", "survival")
 
@@ -61,6 +62,22 @@ def make_predicate(
     return predicate
 
 
+def output_bytes_estimate(st: SafetensorsModel, src: Path, bits: int, group_size: int, recipe: str,
+                          layer_bits: dict | None = None) -> int:
+    """An upper bound of the quantized model's size: every 2-D+ float weight at the most bits the
+    recipe may give it (plus a float16 scale and bias per group), the rest and the other files as they are."""
+    top = {"uniform": bits, "survival": 8}.get(recipe, 6)  # mlx-lm's mixed_L_6 recipes keep some at 6
+    if layer_bits:
+        top = max([top] + [16 if not b else b for b in layer_bits.values()])
+    total = dir_size(src) - weights_bytes(src)
+    for info in st.tensors.values():
+        if info.is_float and len(info.shape) >= 2:
+            total += min(info.nbytes, int(info.numel * (top + 32 / group_size) / 8))
+        else:
+            total += info.nbytes
+    return total
+
+
 def quantize(
     model: str | Path,
     out: str | Path,
@@ -80,12 +97,18 @@ def quantize(
         bits = int(recipe.split("_")[1])  # mixed_L_H: most layers at L bits
     src = check_model_dir(model)
     check_output_free(out, force)
-    config_src = json.loads((src / "config.json").read_text())
+    config_src = read_config(src)
     if config_src.get("quantization"):
         q = config_src["quantization"]
         raise QtoolsError(
             f"{src} is already quantized ({q.get('bits')}-bit); quantize the float16 fused model instead"
         )
+    with SafetensorsModel(src) as st:
+        # What will be written is checked before the work: the output directory and its free space.
+        check_writable(out, output_bytes_estimate(st, src, bits, group_size, recipe, layer_bits))
+        # One NaN/Inf makes its group's scale NaN: refuse it before anything is loaded or written.
+        check_finite(st, f"model {src}",
+                     hint="quantizing would spread it over its whole group; fix the model that wrote it")
     tic = time.perf_counter()
     plan = None
     if recipe == "survival":

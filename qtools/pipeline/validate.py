@@ -18,7 +18,7 @@ from typing import Any, Callable
 from .. import QtoolsError, versions
 from ..format import human_bytes
 from ..format import progress as progress_bar
-from ..io.atomic import write_json_atomic
+from ..io.atomic import check_writable, write_json_atomic
 from ..io.modeldir import check_model_dir, dir_size, load_model, quantization_info
 from ..io.suite import Case, Suite, load_suite
 
@@ -293,39 +293,174 @@ def tool_format_of(tokenizer) -> dict:
 
 
 def run_cases(net, tokenizer, suite_obj: Suite, max_tokens: int | None = None, batch: bool = False,
-              progress: bool = False, label: str = "model") -> tuple[list, int, float]:
+              progress: bool = False, label: str = "model", done: dict | None = None,
+              on_record: Callable[[dict], None] | None = None) -> tuple[list, int, float]:
     """Generate greedily for every case of a loaded model and score the outputs.
 
-    Returns (records, generated tokens, generation seconds).
+    `done` ({case id: record} from an interrupted run) are re-scored from their saved output and
+    keep their timings, not generated again; `on_record` receives each new record as soon as it
+    exists (validate appends it to the partial log). Returns (records, generated tokens,
+    generation seconds), records in suite order.
     """
     tool_format = tool_format_of(tokenizer)
-    records = []
+    done = done or {}
     cases = suite_obj.cases
     limits = [max_tokens or c.max_tokens or suite_obj.max_tokens for c in cases]
-    prompts = [build_prompt(tokenizer, c, suite_obj) for c in cases]
-    outputs = []  # (text, tokens, seconds)
-    if batch and len(cases) > 1:
+    pending = [i for i, c in enumerate(cases) if c.id not in done]
+    prompts = {i: build_prompt(tokenizer, cases[i], suite_obj) for i in pending}
+    by_index = {}
+
+    def finish(i, text, ntok, secs):
+        record = score_case(cases[i], suite_obj, text, tool_format)
+        record.update({"gen_s": secs, "tokens": ntok})
+        by_index[i] = record
+        if on_record is not None:
+            on_record(record)
+
+    if batch and len(pending) > 1:
         # First query alone (its latency is a metric), the rest in one batch:
         # on the tiny demo models batch_generate gave identical greedy outputs.
         from mlx_lm import batch_generate
 
-        outputs.append(generate_one(net, tokenizer, prompts[0], limits[0]))
+        if pending[0] == 0:
+            finish(0, *generate_one(net, tokenizer, prompts[0], limits[0]))
+            pending = pending[1:]
         tic = time.perf_counter()
-        resp = batch_generate(net, tokenizer, prompts[1:], max_tokens=limits[1:], return_token_ids=True)
-        per = (time.perf_counter() - tic) / (len(cases) - 1)
-        outputs += [(t, len(ids), per) for t, ids in zip(resp.texts, resp.token_ids)]
+        resp = batch_generate(net, tokenizer, [prompts[i] for i in pending],
+                              max_tokens=[limits[i] for i in pending], return_token_ids=True)
+        per = (time.perf_counter() - tic) / len(pending)
+        for i, text, ids in zip(pending, resp.texts, resp.token_ids):
+            finish(i, text, len(ids), per)
     else:
-        it = range(len(cases))
-        it = progress_bar(it, f"validate {label}", enabled=progress)
-        outputs = [generate_one(net, tokenizer, prompts[i], limits[i]) for i in it]
-    total_tokens, total_time = 0, 0.0
-    for case, (text, ntok, secs) in zip(cases, outputs):
-        record = score_case(case, suite_obj, text, tool_format)
-        record.update({"gen_s": secs, "tokens": ntok})
-        records.append(record)
-        total_tokens += ntok
-        total_time += secs
+        it = progress_bar(pending, f"validate {label}", enabled=progress)
+        for i in it:
+            finish(i, *generate_one(net, tokenizer, prompts[i], limits[i]))
+    records = []
+    for i, case in enumerate(cases):
+        if i not in by_index:
+            old = done[case.id]
+            by_index[i] = {**score_case(case, suite_obj, old["output"], tool_format),
+                           "gen_s": old["gen_s"], "tokens": old["tokens"]}
+        records.append(by_index[i])
+    total_tokens = sum(r["tokens"] for r in records)
+    total_time = sum(r["gen_s"] for r in records)
     return records, total_tokens, total_time
+
+
+# ---------------------------------------------------------------- partial logs (resume)
+
+def partial_path(log: str | Path) -> Path:
+    """<log>.partial.jsonl beside the log (not *.json, so compare never reads it)."""
+    log = Path(log)
+    return log.with_name(f"{log.stem}.partial.jsonl")
+
+
+def _suite_sha256(suite: str | Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(suite).read_bytes()).hexdigest()
+
+
+def partial_header(model: Path, suite: str | Path, max_tokens: int | None, batch: bool) -> dict:
+    """What the saved results depend on: the weights, the suite file, the generation settings and
+    the libraries that generate (min_accuracy only judges them, so it is not here)."""
+    from ..io.weights import fingerprint
+
+    v = versions()
+    return {"qtools_partial_log": 1, "model": model.resolve().name, "model_fingerprint": fingerprint(model),
+            "suite_sha256": _suite_sha256(suite), "settings": {"max_tokens": max_tokens, "batch": batch},
+            "versions": {"mlx": v.get("mlx"), "mlx-lm": v.get("mlx-lm")}}
+
+
+def _differences(old: dict, new: dict) -> list:
+    diffs = []
+    if old.get("model_fingerprint") != new["model_fingerprint"]:
+        diffs.append("another model")
+    if old.get("suite_sha256") != new["suite_sha256"]:
+        diffs.append("another suite")
+    settings = [k for k in new["settings"] if (old.get("settings") or {}).get(k) != new["settings"][k]]
+    if settings:
+        diffs.append(f"other settings ({', '.join(settings)})")
+    if old.get("versions") != new["versions"]:
+        diffs.append("other mlx / mlx-lm versions")
+    return diffs
+
+
+def read_partial(path: Path) -> tuple[dict | None, list]:
+    """(header, [{"record": ..., "peak_memory_gb": ...}]) of a partial log; a torn last line (a
+    run killed while writing it) is dropped. (None, []) if the file is not a partial log."""
+    try:
+        lines = path.read_text().splitlines()
+        header = json.loads(lines[0]) if lines else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None, []
+    if not isinstance(header, dict) or header.get("qtools_partial_log") != 1:
+        return None, []
+    entries = []
+    for line in lines[1:]:
+        try:
+            entry = json.loads(line)
+            rec = entry["record"]
+            if not all(k in rec for k in ("id", "output", "gen_s", "tokens")):
+                raise KeyError
+        except (json.JSONDecodeError, KeyError, TypeError):
+            break
+        entries.append(entry)
+    return header, entries
+
+
+class PartialLog:
+    """An append-only JSONL file: a header line, then one line per scored case."""
+
+    def __init__(self, path: Path, header: dict, entries: list):
+        self.path, self.count = path, len(entries)
+        # Rewritten whole first (dropping a torn line, adopting the current header), then appended to.
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text("".join(json.dumps(x) + "\n" for x in [header, *entries]))
+            tmp.replace(path)
+            self._f = open(path, "a")
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise QtoolsError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+    def append(self, record: dict) -> None:
+        import mlx.core as mx
+
+        self._f.write(json.dumps({"record": record, "peak_memory_gb": mx.get_peak_memory() / 1e9}) + "\n")
+        self._f.flush()  # on disk (in the page cache) before the next case starts
+        self.count += 1
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _resume_entries(partial: Path, header: dict, resume: bool | None, suite_obj: Suite, note) -> list:
+    """The saved entries to reuse: all when the partial log matches (or resume=True), else none."""
+    if resume is False or not partial.exists():
+        return []
+    old, entries = read_partial(partial)
+    if old is None:
+        if resume:
+            raise QtoolsError(f"cannot resume from {partial}: not a qtools partial log")
+        note(f"{partial} is not a qtools partial log; starting over")
+        return []
+    ids = {c.id for c in suite_obj.cases}
+    entries = [e for e in entries if e["record"]["id"] in ids]
+    diffs = _differences(old, header)
+    n = len(suite_obj.cases)
+    if diffs and not resume:
+        note(f"{partial} was written for {', '.join(diffs)}; starting over (--resume reuses it)")
+        return []
+    if entries:
+        note(f"resuming {len(entries)} of {n} cases from {partial}"
+             + (f", although it was written for {', '.join(diffs)}" if diffs else ""))
+    return entries
+
+
+def _note(msg: str) -> None:
+    print(f"[validate] {msg}", file=sys.stderr, flush=True)
 
 
 def validate(
@@ -335,8 +470,17 @@ def validate(
     min_accuracy: float = DEFAULT_MIN_ACCURACY,
     progress: bool = True,
     batch: bool = False,
+    log: str | Path | None = None,
+    resume: bool | None = None,
+    note: Callable[[str], None] = _note,
 ) -> dict:
-    """Load MODEL, run SUITE greedily, return the full result (see log format)."""
+    """Load MODEL, run SUITE greedily, return the full result (see log format).
+
+    With `log`, the log's directory is checked before the model loads, each case is appended to
+    <log>.partial.jsonl as it is scored, the log is written at the end and the partial removed.
+    A partial left by an interrupted run is resumed when it matches the model, suite and settings
+    (resume=None), always (True) or never (False).
+    """
     import mlx.core as mx
     from mlx_lm.utils import compute_bits_per_weight
 
@@ -344,17 +488,48 @@ def validate(
     suite_obj = load_suite(suite)
     if max_tokens is not None and max_tokens < 1:
         raise QtoolsError("--max-tokens must be at least 1")
+    partial, entries, writer = None, [], None
+    if log is not None:
+        log = check_writable(log, file=True)  # before the model loads: a run must never be lost at the end
+        partial = partial_path(log)
+        header = partial_header(path, suite, max_tokens, batch)
+        entries = _resume_entries(partial, header, resume, suite_obj, note)
+        writer = PartialLog(partial, header, entries)
     from .memory import check_memory
 
-    memory = check_memory(path)  # warns on stderr before a model near the device limit loads
-    net, tokenizer, config, load_s = load_model(path)
-    tool_format = tool_format_of(tokenizer)
+    try:
+        memory = check_memory(path)  # warns on stderr before a model near the device limit loads
+        net, tokenizer, config, load_s = load_model(path)
+        tool_format = tool_format_of(tokenizer)
 
-    records, total_tokens, total_time = run_cases(net, tokenizer, suite_obj, max_tokens, batch,
-                                                  progress, label=path.name)
+        def on_record(record):
+            try:
+                writer.append(record)
+            except OSError as exc:
+                raise QtoolsError(f"cannot write {partial}: {exc.strerror or exc}; {writer.count} of "
+                                  f"{len(suite_obj.cases)} cases are saved there: rerun to resume") from None
+
+        try:
+            records, total_tokens, total_time = run_cases(
+                net, tokenizer, suite_obj, max_tokens, batch, progress, label=path.name,
+                done={e["record"]["id"]: e["record"] for e in entries}, on_record=on_record if writer else None)
+        except KeyboardInterrupt:
+            if writer is None:
+                raise
+            n = len(suite_obj.cases)
+            if not writer.count:
+                raise QtoolsError(f"interrupted after 0 of {n} cases") from None
+            raise QtoolsError(f"interrupted after {writer.count} of {n} cases; rerun the same "
+                              f"command to resume (results so far: {partial})") from None
+    finally:
+        if writer is not None:
+            writer.close()
+            if not writer.count:  # nothing to resume: leave no file behind
+                partial.unlink(missing_ok=True)
 
     quant = quantization_info(config)
     disk = dir_size(path)
+    peak = max([mx.get_peak_memory() / 1e9] + [e.get("peak_memory_gb") or 0.0 for e in entries])
     result = {
         "qtools_log": 1,
         "model": path.resolve().name,
@@ -370,17 +545,26 @@ def validate(
         "mean_gen_s": total_time / len(records),
         "tokens_per_s": total_tokens / total_time if total_time > 0 else 0.0,
         "generated_tokens": total_tokens,
-        "peak_memory_gb": mx.get_peak_memory() / 1e9,
+        "peak_memory_gb": peak,
         **{k: memory[k] for k in ("memory_estimate_gb", "memory_limit_gb", "memory_pressure")},
         "max_tokens": max_tokens or suite_obj.max_tokens,
         "generation": "greedy, " + ("mlx_lm.batch_generate (first query alone)" if batch else "mlx_lm.stream_generate, one case at a time"),
         "tool_parser": getattr(tool_format.get("parser"), "__module__", None) or "json (default)",
         **summarize(records, suite_obj, min_accuracy),
         "cases": records,
+        # cases taken from an interrupted run's partial log (their timings are the recorded ones)
+        "resumed_cases": len(entries),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
     }
     del net
+    if log is not None:
+        try:
+            write_log(result, log)
+        except QtoolsError as exc:
+            raise QtoolsError(f"{exc}; the results are kept in {partial}: rerun to write the log "
+                              "without generating again") from None
+        partial.unlink(missing_ok=True)
     return result
 
 
