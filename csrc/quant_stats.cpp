@@ -31,18 +31,17 @@ static_assert(kMaxGroup % kLanes == 0, "every group size is a multiple of the la
 constexpr int kLutSize = 32;  // dequantization tables for up to 5-bit codes
 
 // Table of the dequantized values of the codes 0..31 of one group, held in
-// registers and read with variable two-register permutes, where GCC lowers
+// four registers and read with variable two-register permutes, where GCC lowers
 // __builtin_shuffle to them: AVX-512 (two vpermt2ps and a blend per 8 values,
 // 6% faster than computing the two roundings). With AVX2 (vpermps) it measured
 // no faster; SSE, NEON and Clang (no variable vector shuffle) compute them.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__AVX512F__) && defined(__AVX512VL__) && \
-    !defined(QTOOLS_NO_LUT)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__AVX512F__) && defined(__AVX512VL__)
 constexpr bool kHaveLut = true;
 alignas(64) constexpr float kIota[kLutSize] = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10,
                                                11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21,
                                                22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
 struct Lut {
-  static_assert(kW == 16 || kW == 8, "two or four registers");
+  static_assert(kW == 8, "AVX-512 builds use 8-float vectors (simd.h)");
   vf t[kLutSize / kW];
   template <int DT>
   void build(vf scale_t, vf bias_t) {
@@ -52,13 +51,9 @@ struct Lut {
   // codes q: integral floats in [0, kLutSize)
   vf lookup(vf q) const {
     const vi idx = __builtin_convertvector(q, vi);
-    if constexpr (kW == 16) {
-      return __builtin_shuffle(t[0], t[1], idx);
-    } else {
-      const vf lo = __builtin_shuffle(t[0], t[1], idx);  // mask taken modulo 16
-      const vf hi = __builtin_shuffle(t[2], t[3], idx);
-      return simd::select((idx & 16) != 0, hi, lo);
-    }
+    const vf lo = __builtin_shuffle(t[0], t[1], idx);  // mask taken modulo 16
+    const vf hi = __builtin_shuffle(t[2], t[3], idx);
+    return simd::select((idx & 16) != 0, hi, lo);
   }
 };
 #else
