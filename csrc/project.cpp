@@ -120,7 +120,7 @@ bool project_rank(const float* x, int nrows, int G, const float* v, double* c) {
 }
 
 void project_any(const float* x, int nrows, int G, const float* v, int r, double* c) {
-  float acc[kProjMaxRows * kProjMaxRank];
+  float acc[kProjMaxRows * kMaxRank];
   for (int i = 0; i < nrows * r; ++i) acc[i] = 0.0f;
   for (int j = 0; j < G; ++j) {
     const float* vj = v + static_cast<int64_t>(j) * r;
