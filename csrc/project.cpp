@@ -17,10 +17,7 @@ namespace {
 // (8-float vectors there; 16-float ones measured ~195).
 typedef float vf4 __attribute__((vector_size(16)));
 typedef float vf8 __attribute__((vector_size(32)));
-typedef float vf16 __attribute__((vector_size(64)));
-#if defined(QTOOLS_PROJ_VEC)  // for experiments: 4, 8 or 16
-constexpr int kVecFloats = QTOOLS_PROJ_VEC;
-#elif defined(__AVX__)
+#if defined(__AVX__)
 constexpr int kVecFloats = 8;
 #else
 constexpr int kVecFloats = 4;
@@ -28,9 +25,7 @@ constexpr int kVecFloats = 4;
 // Vector registers the accumulators of one row block may take: with 16
 // registers, 12 leave room for the basis vectors and the broadcast row value
 // (with FMA), or for the broadcast and a product (SSE: loads from memory).
-#if defined(QTOOLS_PROJ_ACC)
-constexpr int kAccRegs = QTOOLS_PROJ_ACC;
-#elif defined(__AVX512F__) || defined(__aarch64__)  // 32 registers
+#if defined(__AVX512F__) || defined(__aarch64__)  // 32 registers
 constexpr int kAccRegs = 24;
 #else
 constexpr int kAccRegs = 12;
@@ -104,9 +99,7 @@ void project_blocks(const float* x, int nrows, int G, const float* v, double* c)
 
 template <int R>
 bool project_rank(const float* x, int nrows, int G, const float* v, double* c) {
-  using V = typename std::conditional<
-      kVecFloats >= 16 && R % 16 == 0, vf16,
-      typename std::conditional<kVecFloats >= 8 && R % 8 == 0, vf8, vf4>::type>::type;
+  using V = typename std::conditional<kVecFloats >= 8 && R % 8 == 0, vf8, vf4>::type;
   constexpr int W = R / (sizeof(V) / sizeof(float));
   constexpr int NB0 = kAccRegs / W;
   constexpr int NB = NB0 < 1 ? 1 : (NB0 > kProjMaxRows ? kProjMaxRows : NB0);
@@ -127,7 +120,7 @@ bool project_rank(const float* x, int nrows, int G, const float* v, double* c) {
 }
 
 void project_any(const float* x, int nrows, int G, const float* v, int r, double* c) {
-  float acc[kProjMaxRows * kProjMaxRank];
+  float acc[kProjMaxRows * kMaxRank];
   for (int i = 0; i < nrows * r; ++i) acc[i] = 0.0f;
   for (int j = 0; j < G; ++j) {
     const float* vj = v + static_cast<int64_t>(j) * r;

@@ -5,12 +5,13 @@
 
 #include <cstdint>
 
+#include "rank.h"
+
 namespace qtools {
 
 constexpr int kProjMaxRows = 6;
-constexpr int kProjMaxRank = 128;
 
-// c[b*r + k] += sum_j x[b*G + j] * v[j*r + k]   for b < nrows (<= 6), k < r (<= 128)
+// c[b*r + k] += sum_j x[b*G + j] * v[j*r + k]   for b < nrows (<= 6), k < r (<= kMaxRank)
 void project_rows(const float* x, int nrows, int G, const float* v, int r, double* c);
 
 }  // namespace qtools

@@ -17,6 +17,11 @@ namespace qtools {
 
 namespace {
 
+// The worker's steps are small functions for reading; inlined into it, they
+// compile to the one loop nest they were (the compiler would not inline them all
+// on its own: each is shared by several worker instantiations).
+#define QTOOLS_INLINE inline __attribute__((always_inline))
+
 enum Mode { kNoDelta = 0, kBase = 1, kLowRank = 2 };
 constexpr int kMaxGroup = 128;
 // Logical lanes of every per-element reduction: fixed, so the sums are the same
@@ -31,18 +36,17 @@ static_assert(kMaxGroup % kLanes == 0, "every group size is a multiple of the la
 constexpr int kLutSize = 32;  // dequantization tables for up to 5-bit codes
 
 // Table of the dequantized values of the codes 0..31 of one group, held in
-// registers and read with variable two-register permutes, where GCC lowers
+// four registers and read with variable two-register permutes, where GCC lowers
 // __builtin_shuffle to them: AVX-512 (two vpermt2ps and a blend per 8 values,
 // 6% faster than computing the two roundings). With AVX2 (vpermps) it measured
 // no faster; SSE, NEON and Clang (no variable vector shuffle) compute them.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__AVX512F__) && defined(__AVX512VL__) && \
-    !defined(QTOOLS_NO_LUT)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__AVX512F__) && defined(__AVX512VL__)
 constexpr bool kHaveLut = true;
 alignas(64) constexpr float kIota[kLutSize] = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10,
                                                11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21,
                                                22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
 struct Lut {
-  static_assert(kW == 16 || kW == 8, "two or four registers");
+  static_assert(kW == 8, "AVX-512 builds use 8-float vectors (simd.h)");
   vf t[kLutSize / kW];
   template <int DT>
   void build(vf scale_t, vf bias_t) {
@@ -52,13 +56,9 @@ struct Lut {
   // codes q: integral floats in [0, kLutSize)
   vf lookup(vf q) const {
     const vi idx = __builtin_convertvector(q, vi);
-    if constexpr (kW == 16) {
-      return __builtin_shuffle(t[0], t[1], idx);
-    } else {
-      const vf lo = __builtin_shuffle(t[0], t[1], idx);  // mask taken modulo 16
-      const vf hi = __builtin_shuffle(t[2], t[3], idx);
-      return simd::select((idx & 16) != 0, hi, lo);
-    }
+    const vf lo = __builtin_shuffle(t[0], t[1], idx);  // mask taken modulo 16
+    const vf hi = __builtin_shuffle(t[2], t[3], idx);
+    return simd::select((idx & 16) != 0, hi, lo);
   }
 };
 #else
@@ -109,8 +109,264 @@ struct Local {
   // U^T X V for the expert being processed
   std::vector<double> m_err, m_d;
   int64_t cur_expert = -1;
+
+  Local(int nbits, int r, bool sub) {
+    s.resize(nbits);
+    bits_l.assign(static_cast<size_t>(nbits) * kBitSums * kLanes, 0.0);
+    maxabs_l.assign(static_cast<size_t>(nbits) * kLanes, 0.0f);
+    if (sub) {
+      c_err.assign(static_cast<size_t>(nbits) * r, 0.0);
+      c_d.assign(r, 0.0);
+      m_err.assign(static_cast<size_t>(nbits) * r * r, 0.0);
+      m_d.assign(static_cast<size_t>(r) * r, 0.0);
+    }
+  }
 };
 
+// One group's values as float, for the fused weights, the base and the delta,
+// and the delta's error per bit-width (read by the projection).
+struct GroupBuffers {
+  alignas(64) float w1[kMaxGroup];
+  alignas(64) float w0[kMaxGroup];
+  alignas(64) float d[kMaxGroup];
+  alignas(64) float ed[kMaxBits * kMaxGroup];
+};
+
+// What the group's quantization parameters are computed from.
+struct GroupRange {
+  float mn = INFINITY, mx = -INFINITY;
+  float nonfinite = 0.0f;  // count of NaN/Inf elements
+};
+
+// Lanes of per-element sums of one group and one bit-width.
+struct ErrorLanes {
+  alignas(64) float sse[kLanes];
+  alignas(64) float max[kLanes];  // max |error|
+};
+struct DeltaLanes {
+  alignas(64) float dot[kLanes], dq2[kLanes], err2[kLanes], chg[kLanes], agree[kLanes];
+};
+
+// A group's GroupParams in every lane.
+struct VecParams {
+  vf scale, bias, scale_t, bias_t;
+  explicit VecParams(const GroupParams& p)
+      : scale(simd::splat(p.scale)), bias(simd::splat(p.bias)),
+        scale_t(simd::splat(p.scale_t)), bias_t(simd::splat(p.bias_t)) {}
+};
+
+// Reductions run in kLanes independent lanes (lane l takes the elements j with
+// j % kLanes == l, in order), kRegs target registers of kW each: vectorized
+// without reassociating float sums (no -ffast-math), and the same sums, bit
+// for bit, on every target.
+
+// Min, max and non-finite count of the lanes, folded in lane order.
+QTOOLS_INLINE void fold_range(const vf* v_nf, const vf* v_mn, const vf* v_mx, GroupRange& rg) {
+  float l_nf[kLanes], l_mn[kLanes], l_mx[kLanes];
+  std::memcpy(l_nf, v_nf, sizeof l_nf);
+  std::memcpy(l_mn, v_mn, sizeof l_mn);
+  std::memcpy(l_mx, v_mx, sizeof l_mx);
+  for (int l = 0; l < kLanes; ++l) {
+    rg.nonfinite += l_nf[l];
+    rg.mn = min_f(rg.mn, l_mn[l]); rg.mx = max_f(rg.mx, l_mx[l]);
+  }
+}
+
+QTOOLS_INLINE void add_lanes(double* acc, const vf* v) {
+  float l[kLanes];
+  std::memcpy(l, v, sizeof l);
+  for (int i = 0; i < kLanes; ++i) acc[i] += l[i];
+}
+
+// Step 1: read the fused weights of group [base, base + G) as float into w1,
+// add |W1|^2 to the lanes w2_l and return their range.
+template <int DT1>
+QTOOLS_INLINE GroupRange load_fused_group(const void* src, int64_t base, int G, float* w1, double* w2_l) {
+  vf v_w2[kRegs], v_nf[kRegs], v_mn[kRegs], v_mx[kRegs];
+  for (int q = 0; q < kRegs; ++q) {
+    v_w2[q] = vf{}; v_nf[q] = vf{}; v_mn[q] = simd::splat(INFINITY); v_mx[q] = simd::splat(-INFINITY);
+  }
+  for (int j0 = 0; j0 < G; j0 += kLanes) {
+    for (int q = 0; q < kRegs; ++q) {
+      const int j = j0 + q * kW;
+      const vf x = simd::load_as_float<DT1>(src, base + j);
+      v_nf[q] += simd::ones_where(~simd::is_finite_bits(x));
+      simd::store(w1 + j, x);
+      v_w2[q] += x * x;
+      v_mn[q] = simd::min_f(v_mn[q], x);
+      v_mx[q] = simd::max_f(v_mx[q], x);
+    }
+  }
+  GroupRange rg;
+  fold_range(v_nf, v_mn, v_mx, rg);
+  add_lanes(w2_l, v_w2);
+  return rg;
+}
+
+// Step 2a: the base weights as given, as float.
+template <int DT0>
+QTOOLS_INLINE void load_base_group(const void* src, int64_t base, int G, float* w0) {
+  for (int j = 0; j < G; j += kW) simd::store(w0 + j, simd::load_as_float<DT0>(src, base + j));
+}
+
+// Step 2b: the base rebuilt from the adapter, W0 = W1 - scale * B^T A^T, rounded
+// to the fused dtype as the base was stored. brow: the row's r values of scale *
+// B^T; acol: the group's first column of A^T, rows at_stride apart. kLanes
+// columns at a time, so the partial sums stay in registers over k.
+template <int DT1>
+QTOOLS_INLINE void rebuild_base_group(const float* w1, const float* brow, const float* acol, int64_t at_stride,
+                                      int r, int G, float* w0) {
+  for (int j0 = 0; j0 < G; j0 += kLanes) {
+    vf v_d[kRegs];
+    for (int q = 0; q < kRegs; ++q) v_d[q] = vf{};
+    for (int k = 0; k < r; ++k) {
+      const vf bk = simd::splat(brow[k]);
+      const float* arow = acol + k * at_stride + j0;
+      for (int q = 0; q < kRegs; ++q) v_d[q] += bk * simd::load(arow + q * kW);
+    }
+    for (int q = 0; q < kRegs; ++q) {
+      const int j = j0 + q * kW;
+      simd::store(w0 + j, simd::round_to<DT1>(simd::load(w1 + j) - v_d[q]));
+    }
+  }
+}
+
+// Step 3: the delta D = W1 - W0 into d, |D|^2 and its nonzero count into the
+// lanes d2_l and nz_l; returns the base's range.
+QTOOLS_INLINE GroupRange delta_group(const float* w1, const float* w0, int G, float* d, double* d2_l,
+                                     double* nz_l) {
+  vf v_d2[kRegs], v_nz[kRegs], v_nf[kRegs], v_mn[kRegs], v_mx[kRegs];
+  for (int q = 0; q < kRegs; ++q) {
+    v_d2[q] = vf{}; v_nz[q] = vf{}; v_nf[q] = vf{};
+    v_mn[q] = simd::splat(INFINITY); v_mx[q] = simd::splat(-INFINITY);
+  }
+  for (int j0 = 0; j0 < G; j0 += kLanes) {
+    for (int q = 0; q < kRegs; ++q) {
+      const int j = j0 + q * kW;
+      const vf x0 = simd::load(w0 + j);
+      const vf dj = simd::load(w1 + j) - x0;
+      simd::store(d + j, dj);
+      v_nf[q] += simd::ones_where(~simd::is_finite_bits(x0));
+      v_d2[q] += dj * dj;
+      v_nz[q] += simd::ones_where(dj != 0.0f);
+      v_mn[q] = simd::min_f(v_mn[q], x0);
+      v_mx[q] = simd::max_f(v_mx[q], x0);
+    }
+  }
+  GroupRange rg;
+  fold_range(v_nf, v_mn, v_mx, rg);
+  add_lanes(d2_l, v_d2);
+  add_lanes(nz_l, v_nz);
+  return rg;
+}
+
+// Step 4a (no delta): quantization error lanes of the fused weights at one bit-width.
+template <int DT1>
+QTOOLS_INLINE void error_lanes(const float* w1, int G, vf v_nb, const VecParams& p1, ErrorLanes& out) {
+  for (int q = 0; q < kRegs; ++q) {
+    vf v_sse = vf{}, v_max = vf{};
+    for (int j = q * kW; j < G; j += kLanes) {
+      const vf x = simd::load(w1 + j);
+      const vf q1 = simd::quant_code(x, p1.scale, p1.bias, v_nb);
+      const vf e1 = simd::dequant<DT1>(q1, p1.scale_t, p1.bias_t) - x;
+      v_sse += e1 * e1;
+      v_max = simd::max_f(v_max, simd::fabs_f(e1));
+    }
+    simd::store(out.sse + q * kW, v_sse);
+    simd::store(out.max + q * kW, v_max);
+  }
+}
+
+// Step 4b (with a delta): the fused and the base weights quantized at one
+// bit-width, the error lanes of the fused ones and the lanes of the delta's
+// agreement; with SUB the delta's error Dq - D into ed. With few codes (<= 5
+// bits) and a register permute to look them up (LUT), a per-group table of
+// dequantized values, built with the same dequant(), replaces two float16
+// roundings per element.
+template <int DT1, int DTB, bool LUT, bool SUB>
+QTOOLS_INLINE void delta_error_lanes(const GroupBuffers& buf, int G, vf v_nb, const VecParams& p1,
+                                     const VecParams& p0, float* ed, ErrorLanes& el, DeltaLanes& dl) {
+  Lut lut1, lut0;
+  if constexpr (LUT) {
+    lut1.template build<DT1>(p1.scale_t, p1.bias_t);
+    lut0.template build<DTB>(p0.scale_t, p0.bias_t);
+  }
+  for (int q = 0; q < kRegs; ++q) {
+    vf v_sse = vf{}, v_max = vf{}, v_dot = vf{}, v_dq2 = vf{}, v_err2 = vf{};
+    vf v_chg = vf{}, v_agree = vf{};
+    for (int j = q * kW; j < G; j += kLanes) {
+      const vf x1 = simd::load(buf.w1 + j), dj = simd::load(buf.d + j);
+      const vf q1 = simd::quant_code(x1, p1.scale, p1.bias, v_nb);
+      const vf q0 = simd::quant_code(simd::load(buf.w0 + j), p0.scale, p0.bias, v_nb);
+      vf y1, y0;
+      if constexpr (LUT) {
+        y1 = lut1.lookup(q1);
+        y0 = lut0.lookup(q0);
+      } else {
+        y1 = simd::dequant<DT1>(q1, p1.scale_t, p1.bias_t);
+        y0 = simd::dequant<DTB>(q0, p0.scale_t, p0.bias_t);
+      }
+      const vf e1 = y1 - x1;
+      const vf dq = y1 - y0;
+      const vf de = dq - dj;
+      v_sse += e1 * e1;
+      v_max = simd::max_f(v_max, simd::fabs_f(e1));
+      v_dot += dq * dj;
+      v_dq2 += dq * dq;
+      v_err2 += de * de;
+      v_chg += simd::ones_where(q1 != q0);
+      v_agree += simd::ones_where(dq * dj > 0.0f);
+      if constexpr (SUB) simd::store(ed + j, de);
+    }
+    simd::store(el.sse + q * kW, v_sse);
+    simd::store(el.max + q * kW, v_max);
+    simd::store(dl.dot + q * kW, v_dot);
+    simd::store(dl.dq2 + q * kW, v_dq2);
+    simd::store(dl.err2 + q * kW, v_err2);
+    simd::store(dl.chg + q * kW, v_chg);
+    simd::store(dl.agree + q * kW, v_agree);
+  }
+}
+
+// Step 5a: the group's own squared error (kept per group, summed in lane
+// order) and max-error lanes into one bit-width's stats; returns the sum.
+QTOOLS_INLINE float accumulate_error_lanes(const ErrorLanes& el, BitsStats& st, float* maxabs_l) {
+  float sse = 0.0f;
+  for (int l = 0; l < kLanes; ++l) sse += el.sse[l];
+  st.sse += sse;
+  for (int l = 0; l < kLanes; ++l) maxabs_l[l] = max_f(maxabs_l[l], el.max[l]);
+  return sse;
+}
+
+// Step 5b: the delta lanes into one bit-width's sums (kBitSums x kLanes).
+QTOOLS_INLINE void accumulate_delta_lanes(double* acc, const DeltaLanes& dl) {
+  for (int l = 0; l < kLanes; ++l) {
+    acc[kDot * kLanes + l] += dl.dot[l];
+    acc[kDq2 * kLanes + l] += dl.dq2[l];
+    acc[kErr2 * kLanes + l] += dl.err2[l];
+    acc[kChanged * kLanes + l] += dl.chg[l];
+    acc[kAgree * kLanes + l] += dl.agree[l];
+  }
+}
+
+// Step 6 (SUB, once per row): fold the row's input-side projections c_err and
+// c_d into U^T X V of the current expert, then clear them.
+QTOOLS_INLINE void fold_row_projection(Local& lo, const float* urow, int nbits, int r) {
+  for (int p = 0; p < r; ++p) {
+    const double up = urow[p];
+    for (int b = 0; b < nbits; ++b) {
+      const double* c = lo.c_err.data() + static_cast<size_t>(b) * r;
+      double* m = lo.m_err.data() + (static_cast<size_t>(b) * r + p) * r;
+      for (int k = 0; k < r; ++k) m[k] += up * c[k];
+    }
+    double* md = lo.m_d.data() + static_cast<size_t>(p) * r;
+    for (int k = 0; k < r; ++k) md[k] += up * lo.c_d[k];
+  }
+  std::fill(lo.c_err.begin(), lo.c_err.end(), 0.0);
+  std::fill(lo.c_d.begin(), lo.c_d.end(), 0.0);
+}
+
+// Step 7 (SUB): the current expert's U^T X V into the shared sums.
 void flush_expert(Shared& sh, Local& lo, int nbits, int r) {
   if (lo.cur_expert < 0) return;
   std::lock_guard<std::mutex> lock(sh.mu);
@@ -122,269 +378,8 @@ void flush_expert(Shared& sh, Local& lo, int nbits, int r) {
   std::fill(lo.m_d.begin(), lo.m_d.end(), 0.0);
 }
 
-template <int DT1, int MODE, int DT0, bool SUB>
-void worker(Shared& sh) {
-  const AnalyzeInput& in = *sh.in;
-  const int G = in.group_size;
-  const int nbits = static_cast<int>(in.bits.size());
-  const int r = in.rank;
-  const int64_t cols = in.cols;
-  const int64_t ngroups_total = in.rows * sh.groups_per_row;
-  // The base's dtype: its own when given, the fused dtype when rebuilt from the adapter.
-  constexpr int DTB = MODE == kBase ? DT0 : DT1;
-
-  Local lo;
-  lo.s.resize(nbits);
-  lo.bits_l.assign(static_cast<size_t>(nbits) * kBitSums * kLanes, 0.0);
-  lo.maxabs_l.assign(static_cast<size_t>(nbits) * kLanes, 0.0f);
-  if (SUB) {
-    lo.c_err.assign(static_cast<size_t>(nbits) * r, 0.0);
-    lo.c_d.assign(r, 0.0);
-    lo.m_err.assign(static_cast<size_t>(nbits) * r * r, 0.0);
-    lo.m_d.assign(static_cast<size_t>(r) * r, 0.0);
-  }
-  float nb[kMaxBits];
-  for (int b = 0; b < nbits; ++b) nb[b] = static_cast<float>((1 << in.bits[b]) - 1);
-
-  alignas(64) float a[kMaxGroup];
-  alignas(64) float w0[kMaxGroup];
-  alignas(64) float d[kMaxGroup];
-  alignas(64) float ed[kMaxBits * kMaxGroup];
-
-  for (;;) {
-    int64_t r0 = sh.next_row.fetch_add(sh.chunk);
-    if (r0 >= in.rows) break;
-    int64_t r1 = std::min(in.rows, r0 + sh.chunk);
-    for (int64_t i = r0; i < r1; ++i) {
-      const int64_t e = i / sh.rows_per_expert;
-      if (SUB && e != lo.cur_expert) {
-        flush_expert(sh, lo, nbits, r);
-        lo.cur_expert = e;
-      }
-      for (int64_t g = 0; g < sh.groups_per_row; ++g) {
-        const int64_t base = i * cols + g * G;
-        const int64_t gidx = i * sh.groups_per_row + g;
-        // Reductions run in kLanes independent lanes (lane l takes the elements
-        // j with j % kLanes == l, in order), kRegs target registers of kW each:
-        // vectorized without reassociating float sums (no -ffast-math), and the
-        // same sums, bit for bit, on every target.
-        vf v_w2[kRegs], v_nf[kRegs], v_mn[kRegs], v_mx[kRegs];
-        for (int q = 0; q < kRegs; ++q) {
-          v_w2[q] = vf{}; v_nf[q] = vf{}; v_mn[q] = simd::splat(INFINITY); v_mx[q] = simd::splat(-INFINITY);
-        }
-        for (int j0 = 0; j0 < G; j0 += kLanes) {
-          for (int q = 0; q < kRegs; ++q) {
-            const int j = j0 + q * kW;
-            const vf x = simd::load_as_float<DT1>(in.w1, base + j);
-            v_nf[q] += simd::ones_where(~simd::is_finite_bits(x));
-            simd::store(a + j, x);
-            v_w2[q] += x * x;
-            v_mn[q] = simd::min_f(v_mn[q], x);
-            v_mx[q] = simd::max_f(v_mx[q], x);
-          }
-        }
-        float l_w2[kLanes], l_nf[kLanes], l_mn[kLanes], l_mx[kLanes];
-        std::memcpy(l_w2, v_w2, sizeof l_w2);
-        std::memcpy(l_nf, v_nf, sizeof l_nf);
-        std::memcpy(l_mn, v_mn, sizeof l_mn);
-        std::memcpy(l_mx, v_mx, sizeof l_mx);
-        float nonfinite = 0.0f, mn1 = INFINITY, mx1 = -INFINITY;
-        for (int l = 0; l < kLanes; ++l) {
-          nonfinite += l_nf[l];
-          mn1 = min_f(mn1, l_mn[l]); mx1 = max_f(mx1, l_mx[l]);
-        }
-        for (int l = 0; l < kLanes; ++l) lo.w2_l[l] += l_w2[l];
-        float mn0 = 0.0f, mx0 = 0.0f;
-        if constexpr (MODE != kNoDelta) {
-          if constexpr (MODE == kBase) {
-            for (int j = 0; j < G; j += kW) simd::store(w0 + j, simd::load_as_float<DT0>(in.w0, base + j));
-          } else {
-            // W0 = W1 - scale * B^T A^T, rounded to the fused dtype as the base was stored.
-            // kLanes columns at a time, so the partial sums stay in registers over k
-            const float* brow = in.bt + i * r;
-            const float* acol = sh.at + e * r * sh.at_stride + g * G;
-            for (int j0 = 0; j0 < G; j0 += kLanes) {
-              vf v_d[kRegs];
-              for (int q = 0; q < kRegs; ++q) v_d[q] = vf{};
-              for (int k = 0; k < r; ++k) {
-                const vf bk = simd::splat(brow[k]);
-                const float* arow = acol + k * sh.at_stride + j0;
-                for (int q = 0; q < kRegs; ++q) v_d[q] += bk * simd::load(arow + q * kW);
-              }
-              for (int q = 0; q < kRegs; ++q) {
-                const int j = j0 + q * kW;
-                simd::store(w0 + j, simd::round_to<DT1>(simd::load(a + j) - v_d[q]));
-              }
-            }
-          }
-          vf v_d2[kRegs], v_nz[kRegs];
-          for (int q = 0; q < kRegs; ++q) {
-            v_d2[q] = vf{}; v_nz[q] = vf{}; v_nf[q] = vf{};
-            v_mn[q] = simd::splat(INFINITY); v_mx[q] = simd::splat(-INFINITY);
-          }
-          for (int j0 = 0; j0 < G; j0 += kLanes) {
-            for (int q = 0; q < kRegs; ++q) {
-              const int j = j0 + q * kW;
-              const vf x0 = simd::load(w0 + j);
-              const vf dj = simd::load(a + j) - x0;
-              simd::store(d + j, dj);
-              v_nf[q] += simd::ones_where(~simd::is_finite_bits(x0));
-              v_d2[q] += dj * dj;
-              v_nz[q] += simd::ones_where(dj != 0.0f);
-              v_mn[q] = simd::min_f(v_mn[q], x0);
-              v_mx[q] = simd::max_f(v_mx[q], x0);
-            }
-          }
-          float l_d2[kLanes], l_nz[kLanes];
-          std::memcpy(l_d2, v_d2, sizeof l_d2);
-          std::memcpy(l_nz, v_nz, sizeof l_nz);
-          std::memcpy(l_nf, v_nf, sizeof l_nf);
-          std::memcpy(l_mn, v_mn, sizeof l_mn);
-          std::memcpy(l_mx, v_mx, sizeof l_mx);
-          mn0 = INFINITY;
-          mx0 = -INFINITY;
-          for (int l = 0; l < kLanes; ++l) {
-            nonfinite += l_nf[l];
-            mn0 = min_f(mn0, l_mn[l]); mx0 = max_f(mx0, l_mx[l]);
-          }
-          for (int l = 0; l < kLanes; ++l) {
-            lo.d2_l[l] += l_d2[l];
-            lo.nz_l[l] += l_nz[l];
-          }
-          if constexpr (SUB) {
-            const float* v = in.v + (e * cols + g * G) * r;
-            project_rows(d, 1, G, v, r, lo.c_d.data());
-          }
-        }
-        if (nonfinite != 0.0f) {
-          lo.nonfinite += static_cast<int64_t>(nonfinite);
-          for (int b = 0; b < nbits; ++b) {
-            sh.out->steps[static_cast<size_t>(b) * ngroups_total + gidx] = NAN;
-            sh.out->group_sse[static_cast<size_t>(b) * ngroups_total + gidx] = NAN;
-          }
-          continue;
-        }
-
-        for (int b = 0; b < nbits; ++b) {
-          const float n_bins = nb[b];
-          const GroupParams p1 = group_params<DT1>(mn1, mx1, n_bins);
-          BitsStats& st = lo.s[b];
-          const vf v_nb = simd::splat(n_bins);
-          const vf s1 = simd::splat(p1.scale), b1 = simd::splat(p1.bias);
-          const vf s1t = simd::splat(p1.scale_t), b1t = simd::splat(p1.bias_t);
-          alignas(64) float l_sse[kLanes], l_max[kLanes];
-          if constexpr (MODE == kNoDelta) {
-            for (int q = 0; q < kRegs; ++q) {
-              vf v_sse = vf{}, v_max = vf{};
-              for (int j = q * kW; j < G; j += kLanes) {
-                const vf x = simd::load(a + j);
-                const vf q1 = simd::quant_code(x, s1, b1, v_nb);
-                const vf e1 = simd::dequant<DT1>(q1, s1t, b1t) - x;
-                v_sse += e1 * e1;
-                v_max = simd::max_f(v_max, simd::fabs_f(e1));
-              }
-              simd::store(l_sse + q * kW, v_sse);
-              simd::store(l_max + q * kW, v_max);
-            }
-          } else {
-            const GroupParams p0 = group_params<DTB>(mn0, mx0, n_bins);
-            const vf s0 = simd::splat(p0.scale), b0 = simd::splat(p0.bias);
-            const vf s0t = simd::splat(p0.scale_t), b0t = simd::splat(p0.bias_t);
-            alignas(64) float l_dot[kLanes], l_dq2[kLanes], l_err2[kLanes], l_chg[kLanes], l_agree[kLanes];
-            // With few codes (<= 5 bits) and a register permute to look them up, a
-            // per-group table of dequantized values, built with the same dequant(),
-            // replaces two float16 roundings per element.
-            auto run = [&](auto use_lut) {
-              constexpr bool kLut = decltype(use_lut)::value;
-              Lut lut1, lut0;
-              if constexpr (kLut) {
-                lut1.template build<DT1>(s1t, b1t);
-                lut0.template build<DTB>(s0t, b0t);
-              }
-              for (int q = 0; q < kRegs; ++q) {
-                vf v_sse = vf{}, v_max = vf{}, v_dot = vf{}, v_dq2 = vf{}, v_err2 = vf{};
-                vf v_chg = vf{}, v_agree = vf{};
-                for (int j = q * kW; j < G; j += kLanes) {
-                  const vf x1 = simd::load(a + j), dj = simd::load(d + j);
-                  const vf q1 = simd::quant_code(x1, s1, b1, v_nb);
-                  const vf q0 = simd::quant_code(simd::load(w0 + j), s0, b0, v_nb);
-                  vf y1, y0;
-                  if constexpr (kLut) {
-                    y1 = lut1.lookup(q1);
-                    y0 = lut0.lookup(q0);
-                  } else {
-                    y1 = simd::dequant<DT1>(q1, s1t, b1t);
-                    y0 = simd::dequant<DTB>(q0, s0t, b0t);
-                  }
-                  const vf e1 = y1 - x1;
-                  const vf dq = y1 - y0;
-                  const vf de = dq - dj;
-                  v_sse += e1 * e1;
-                  v_max = simd::max_f(v_max, simd::fabs_f(e1));
-                  v_dot += dq * dj;
-                  v_dq2 += dq * dq;
-                  v_err2 += de * de;
-                  v_chg += simd::ones_where(q1 != q0);
-                  v_agree += simd::ones_where(dq * dj > 0.0f);
-                  if constexpr (SUB) simd::store(ed + b * G + j, de);
-                }
-                simd::store(l_sse + q * kW, v_sse);
-                simd::store(l_max + q * kW, v_max);
-                simd::store(l_dot + q * kW, v_dot);
-                simd::store(l_dq2 + q * kW, v_dq2);
-                simd::store(l_err2 + q * kW, v_err2);
-                simd::store(l_chg + q * kW, v_chg);
-                simd::store(l_agree + q * kW, v_agree);
-              }
-            };
-            if (kHaveLut && DT1 != F32 && n_bins < static_cast<float>(kLutSize)) {
-              run(std::integral_constant<bool, kHaveLut>{});
-            } else {
-              run(std::false_type{});
-            }
-            double* acc = lo.bits_l.data() + static_cast<size_t>(b) * kBitSums * kLanes;
-            for (int l = 0; l < kLanes; ++l) {
-              acc[kDot * kLanes + l] += l_dot[l];
-              acc[kDq2 * kLanes + l] += l_dq2[l];
-              acc[kErr2 * kLanes + l] += l_err2[l];
-              acc[kChanged * kLanes + l] += l_chg[l];
-              acc[kAgree * kLanes + l] += l_agree[l];
-            }
-          }
-          // the group's own sum (it is kept per group), in lane order as before
-          float sse = 0.0f;
-          for (int l = 0; l < kLanes; ++l) sse += l_sse[l];
-          st.sse += sse;
-          float* mabs = lo.maxabs_l.data() + static_cast<size_t>(b) * kLanes;
-          for (int l = 0; l < kLanes; ++l) mabs[l] = max_f(mabs[l], l_max[l]);
-          sh.out->steps[static_cast<size_t>(b) * ngroups_total + gidx] = std::fabs(p1.scale_t);
-          sh.out->group_sse[static_cast<size_t>(b) * ngroups_total + gidx] = sse;
-        }
-        if constexpr (SUB) {
-          project_rows(ed, nbits, G, in.v + (e * cols + g * G) * r, r, lo.c_err.data());
-        }
-      }
-      if constexpr (SUB) {
-        // Fold this row's input-side projection into U^T X V.
-        const float* urow = in.u + i * r;
-        for (int p = 0; p < r; ++p) {
-          const double up = urow[p];
-          for (int b = 0; b < nbits; ++b) {
-            const double* c = lo.c_err.data() + static_cast<size_t>(b) * r;
-            double* m = lo.m_err.data() + (static_cast<size_t>(b) * r + p) * r;
-            for (int k = 0; k < r; ++k) m[k] += up * c[k];
-          }
-          double* md = lo.m_d.data() + static_cast<size_t>(p) * r;
-          for (int k = 0; k < r; ++k) md[k] += up * lo.c_d[k];
-        }
-        std::fill(lo.c_err.begin(), lo.c_err.end(), 0.0);
-        std::fill(lo.c_d.begin(), lo.c_d.end(), 0.0);
-      }
-    }
-  }
-  if (SUB) flush_expert(sh, lo, nbits, r);
-
-  // fold the lanes
+// Step 8: fold the thread's lanes into its totals, once at the end.
+void fold_lanes(Local& lo, int nbits) {
   for (int b = 0; b < nbits; ++b) {
     BitsStats& st = lo.s[b];
     const double* acc = lo.bits_l.data() + static_cast<size_t>(b) * kBitSums * kLanes;
@@ -409,7 +404,10 @@ void worker(Shared& sh) {
     nz += lo.nz_l[l];
   }
   lo.nonzero_d = static_cast<int64_t>(nz);
+}
 
+// Step 9: the thread's totals into the output.
+void merge_into_output(Shared& sh, const Local& lo, int nbits) {
   std::lock_guard<std::mutex> lock(sh.mu);
   AnalyzeOutput& out = *sh.out;
   for (int b = 0; b < nbits; ++b) {
@@ -427,6 +425,92 @@ void worker(Shared& sh) {
   out.d2 += lo.d2;
   out.nonzero_d += lo.nonzero_d;
   out.nonfinite += lo.nonfinite;
+}
+
+// One worker thread: takes rows in chunks until none are left; per group, steps
+// 1-5 for every bit-width; per row, step 6; at the end steps 7-9.
+template <int DT1, int MODE, int DT0, bool SUB>
+void worker(Shared& sh) {
+  const AnalyzeInput& in = *sh.in;
+  const int G = in.group_size;
+  const int nbits = static_cast<int>(in.bits.size());
+  const int r = in.rank;
+  const int64_t cols = in.cols;
+  const int64_t ngroups_total = in.rows * sh.groups_per_row;
+  // The base's dtype: its own when given, the fused dtype when rebuilt from the adapter.
+  constexpr int DTB = MODE == kBase ? DT0 : DT1;
+
+  Local lo(nbits, r, SUB);
+  float nb[kMaxBits];
+  for (int b = 0; b < nbits; ++b) nb[b] = static_cast<float>((1 << in.bits[b]) - 1);
+  GroupBuffers buf;
+
+  for (;;) {
+    int64_t r0 = sh.next_row.fetch_add(sh.chunk);
+    if (r0 >= in.rows) break;
+    int64_t r1 = std::min(in.rows, r0 + sh.chunk);
+    for (int64_t i = r0; i < r1; ++i) {
+      const int64_t e = i / sh.rows_per_expert;
+      if (SUB && e != lo.cur_expert) {
+        flush_expert(sh, lo, nbits, r);
+        lo.cur_expert = e;
+      }
+      for (int64_t g = 0; g < sh.groups_per_row; ++g) {
+        const int64_t base = i * cols + g * G;
+        const int64_t gidx = i * sh.groups_per_row + g;
+        const GroupRange rg1 = load_fused_group<DT1>(in.w1, base, G, buf.w1, lo.w2_l);
+        float nonfinite = rg1.nonfinite;
+        GroupRange rg0;
+        if constexpr (MODE != kNoDelta) {
+          if constexpr (MODE == kBase) {
+            load_base_group<DT0>(in.w0, base, G, buf.w0);
+          } else {
+            rebuild_base_group<DT1>(buf.w1, in.bt + i * r, sh.at + e * r * sh.at_stride + g * G,
+                                    sh.at_stride, r, G, buf.w0);
+          }
+          rg0 = delta_group(buf.w1, buf.w0, G, buf.d, lo.d2_l, lo.nz_l);
+          nonfinite += rg0.nonfinite;  // small integers: exact
+          if constexpr (SUB) project_rows(buf.d, 1, G, in.v + (e * cols + g * G) * r, r, lo.c_d.data());
+        }
+        if (nonfinite != 0.0f) {
+          lo.nonfinite += static_cast<int64_t>(nonfinite);
+          for (int b = 0; b < nbits; ++b) {
+            sh.out->steps[static_cast<size_t>(b) * ngroups_total + gidx] = NAN;
+            sh.out->group_sse[static_cast<size_t>(b) * ngroups_total + gidx] = NAN;
+          }
+          continue;
+        }
+
+        for (int b = 0; b < nbits; ++b) {
+          const float n_bins = nb[b];
+          const vf v_nb = simd::splat(n_bins);
+          const GroupParams p1 = group_params<DT1>(rg1.mn, rg1.mx, n_bins);
+          ErrorLanes el;
+          if constexpr (MODE == kNoDelta) {
+            error_lanes<DT1>(buf.w1, G, v_nb, VecParams(p1), el);
+          } else {
+            const GroupParams p0 = group_params<DTB>(rg0.mn, rg0.mx, n_bins);
+            DeltaLanes dl;
+            float* ed = buf.ed + b * G;
+            if (kHaveLut && DT1 != F32 && n_bins < static_cast<float>(kLutSize)) {
+              delta_error_lanes<DT1, DTB, kHaveLut, SUB>(buf, G, v_nb, VecParams(p1), VecParams(p0), ed, el, dl);
+            } else {
+              delta_error_lanes<DT1, DTB, false, SUB>(buf, G, v_nb, VecParams(p1), VecParams(p0), ed, el, dl);
+            }
+            accumulate_delta_lanes(lo.bits_l.data() + static_cast<size_t>(b) * kBitSums * kLanes, dl);
+          }
+          const float sse = accumulate_error_lanes(el, lo.s[b], lo.maxabs_l.data() + static_cast<size_t>(b) * kLanes);
+          sh.out->steps[static_cast<size_t>(b) * ngroups_total + gidx] = std::fabs(p1.scale_t);
+          sh.out->group_sse[static_cast<size_t>(b) * ngroups_total + gidx] = sse;
+        }
+        if constexpr (SUB) project_rows(buf.ed, nbits, G, in.v + (e * cols + g * G) * r, r, lo.c_err.data());
+      }
+      if constexpr (SUB) fold_row_projection(lo, in.u + i * r, nbits, r);
+    }
+  }
+  if (SUB) flush_expert(sh, lo, nbits, r);
+  fold_lanes(lo, nbits);
+  merge_into_output(sh, lo, nbits);
 }
 
 using WorkerFn = void (*)(Shared&);

@@ -8,10 +8,11 @@
 #include <string>
 #include <vector>
 
+#include "rank.h"
+
 namespace qtools {
 
-constexpr int kMaxBits = 6;    // bit-widths per call (2 3 4 5 6 8)
-constexpr int kMaxRank = 128;  // adapter rank for the low-rank paths
+constexpr int kMaxBits = 6;  // bit-widths per call (2 3 4 5 6 8)
 
 struct AnalyzeInput {
   const void* w1 = nullptr;  // fused (or only) weights, rows x cols, dtype w1_dtype

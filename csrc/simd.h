@@ -18,9 +18,7 @@
 namespace qtools {
 namespace simd {
 
-#if defined(QTOOLS_SIMD_BYTES)  // for experiments: 16, 32 or 64
-constexpr int kBytes = QTOOLS_SIMD_BYTES;
-#elif defined(__AVX2__)
+#if defined(__AVX2__)
 // AVX-512 machines too: 256-bit vectors measured 6% faster than 512-bit ones
 // on a Sapphire Rapids core (GCC 12), as GCC's own -mprefer-vector-width=256.
 constexpr int kBytes = 32;

@@ -7,4 +7,7 @@ VENV=${VENV:-.venv}
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # Build requirements are installed into the venv so rebuilds need no isolation.
 "$VENV/bin/python" -m pip install -q "scikit-build-core>=0.10" "nanobind>=2.4" "cmake>=3.18" ninja
-"$VENV/bin/python" -m pip install -q --no-build-isolation -e ".[test]"
+# This machine only: tune the kernel for its CPU (the CMake default, used by
+# `pip wheel .`, is a portable build).
+"$VENV/bin/python" -m pip install -q --no-build-isolation \
+  --config-settings=cmake.define.QTOOLS_NATIVE=ON -e ".[test]"
