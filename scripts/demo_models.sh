@@ -3,6 +3,6 @@
 # and suites/demo.jsonl. Reuses complete outputs; FORCE=1 rebuilds.
 set -euo pipefail
 QTOOLS="${QTOOLS:-.venv/bin/qtools}"
-args=(demo-models --out-dir "${MODELS:-models}")
+args=(demo-models --output "${MODELS:-models}")
 if [[ "${FORCE:-0}" == "1" ]]; then args+=(--force); fi
 exec "$QTOOLS" "${args[@]}"

@@ -5,5 +5,5 @@ set -euo pipefail
 QTOOLS=${QTOOLS:-.venv/bin/qtools}
 : "${BASE:?BASE=path/to/base model is required}" "${ADAPTER:?ADAPTER=path/to/adapters is required}"
 force=(); [ "${FORCE:-0}" = 1 ] && force=(--force)
-"$QTOOLS" fuse --base "$BASE" --adapter "$ADAPTER" --out "${OUT:-models/fused_f16}" \
+"$QTOOLS" fuse "$BASE" --adapter "$ADAPTER" --output "${OUT:-models/fused_f16}" \
   --dtype "${DTYPE:-float16}" ${force[@]+"${force[@]}"}

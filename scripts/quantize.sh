@@ -11,6 +11,6 @@ fi
 RECIPE=${RECIPE:-uniform}
 force=(); [ "${FORCE:-0}" = 1 ] && force=(--force)
 # Without OUT, qtools names the output itself.
-out=(); [ -n "${OUT:-}" ] && out=(--out "$OUT")
-"$QTOOLS" quantize --model "${FROM:-models/fused_f16}" --bits "$BITS" --group-size "${GROUP:-64}" \
+out=(); [ -n "${OUT:-}" ] && out=(--output "$OUT")
+"$QTOOLS" quantize "${FROM:-models/fused_f16}" --bits "$BITS" --group-size "${GROUP:-64}" \
   --recipe "$RECIPE" ${out[@]+"${out[@]}"} ${force[@]+"${force[@]}"}

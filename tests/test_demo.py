@@ -140,7 +140,7 @@ def test_demo_models_cmd_builds_and_reuses(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train, "train_base", fake_base)
     monkeypatch.setattr(train, "train_adapter", fake_adapter)
-    args = ["--out-dir", str(tmp_path / "models"), "--suite", str(tmp_path / "demo.jsonl")]
+    args = ["--output", str(tmp_path / "models"), "--suite", str(tmp_path / "demo.jsonl")]
     res = CliRunner().invoke(demo_models_cmd, args)
     assert res.exit_code == 0, res.output
     assert calls == ["base", "adapter"]

@@ -42,7 +42,7 @@ def test_codes_are_named():
 @pytest.mark.parametrize("answer, code", [("hi", 0), ("no", 3)])
 def test_validate_verdict(model, suite, tmp_path, monkeypatch, answer, code):
     monkeypatch.setattr(V, "generate_one", lambda m, t, p, n: (answer, 1, 0.01))
-    r = run("validate", model, "--suite", suite, "--out", tmp_path / "l.json", "--min-accuracy", 0.5)
+    r = run("validate", model, "--suite", suite, "--output", tmp_path / "l.json", "--min-accuracy", 0.5)
     assert r.exit_code == code, r.output
     assert json.loads((tmp_path / "l.json").read_text())["verdict"] == ("pass" if code == 0 else "fail")
     assert "Error" not in r.output
@@ -71,13 +71,13 @@ def test_every_command_reports_bad_input_as_exit_1(tmp_path):
     calls = {
         "delta-survival": ["delta-survival", missing],
         "quant-error": ["quant-error", missing],
-        "fuse": ["fuse", "--base", missing, "--adapter", missing, "--out", tmp_path / "o"],
-        "quantize": ["quantize", "--model", missing, "--out", tmp_path / "o"],
+        "fuse": ["fuse", missing, "--adapter", missing, "--output", tmp_path / "o"],
+        "quantize": ["quantize", missing, "--output", tmp_path / "o"],
         "validate": ["validate", missing],
         "compare": ["compare", missing / "x.json"],
         "retention": ["retention", missing, "--reference", missing, "--base", missing, "--cache", tmp_path / "c.npz",
                       "--logs-dir", tmp_path],
-        "demo-models": ["demo-models", "--out-dir", tmp_path / "a_file" / "models", "--suite", ""],
+        "demo-models": ["demo-models", "--output", tmp_path / "a_file" / "models", "--suite", ""],
         "calibrate": ["calibrate", "--base", missing, "--work-dir", tmp_path / "w", "--docs-dir", tmp_path / "d"],
     }
     assert set(calls) == set(COMMANDS)

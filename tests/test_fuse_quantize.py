@@ -27,7 +27,7 @@ def adapter(base, tmp_path_factory):
 @pytest.fixture(scope="module")
 def fused(base, adapter, tmp_path_factory):
     out = tmp_path_factory.mktemp("fused") / "fused_f16"
-    r = CliRunner().invoke(cli, ["fuse", "--base", str(base), "--adapter", str(adapter), "--out", str(out)])
+    r = CliRunner().invoke(cli, ["fuse", str(base), "--adapter", str(adapter), "--output", str(out)])
     assert r.exit_code == 0, r.output
     return out
 
@@ -68,9 +68,9 @@ def test_fuse_provenance(base, adapter, fused):
 
 def test_fuse_dequantizes_quantized_base(base, adapter, tmp_path):
     q4 = tmp_path / "base_4bit"
-    assert run("quantize", "--model", base, "--bits", 4, "--out", q4).exit_code == 0
+    assert run("quantize", base, "--bits", 4, "--output", q4).exit_code == 0
     out = tmp_path / "fused"
-    r = run("fuse", "--base", q4, "--adapter", adapter, "--out", out)
+    r = run("fuse", q4, "--adapter", adapter, "--output", out)
     assert r.exit_code == 0, r.output
     assert "base dequantized" in r.output
     assert "quantization" not in json.loads((out / "config.json").read_text())
@@ -83,7 +83,7 @@ def test_fuse_dequantizes_quantized_base(base, adapter, tmp_path):
 def test_fuse_dora(base, tmp_path):
     ad = make_tiny_adapter(base, tmp_path / "dora", dora=True, scale=2.0)
     out = tmp_path / "fused"
-    r = run("fuse", "--base", base, "--adapter", ad, "--out", out, "--json")
+    r = run("fuse", base, "--adapter", ad, "--output", out, "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["fine_tune_type"] == "dora"
     a = weights(ad)
@@ -95,7 +95,7 @@ def test_fuse_dora(base, tmp_path):
 
 def test_fuse_adapter_for_another_model(adapter, tmp_path):
     other = make_tiny_model(tmp_path / "other", hidden_size=32)
-    r = run("fuse", "--base", other, "--adapter", adapter, "--out", tmp_path / "x")
+    r = run("fuse", other, "--adapter", adapter, "--output", tmp_path / "x")
     assert r.exit_code == 1
     assert r.output.startswith(f"Error: adapter {adapter} does not match base model {other}: ")
     assert "does not match model parameter shape" in r.output
@@ -108,26 +108,26 @@ def test_fuse_bad_inputs(base, adapter, tmp_path):
     noweights.mkdir()
     (noweights / "config.json").write_text("{}")
     cases = [
-        (["--base", tmp_path / "nope", "--adapter", adapter], f"Error: base model {tmp_path / 'nope'} does not exist"),
-        (["--base", tmp_path / "noconf", "--adapter", adapter],
+        ([tmp_path / "nope", "--adapter", adapter], f"Error: base model {tmp_path / 'nope'} does not exist"),
+        ([tmp_path / "noconf", "--adapter", adapter],
          f"Error: base model {tmp_path / 'noconf'} has no config.json (not an mlx-lm model directory)"),
-        (["--base", noweights, "--adapter", adapter], f"Error: base model {noweights} has no weights (*.safetensors)"),
-        (["--base", base, "--adapter", tmp_path / "noconf"], f"Error: adapter {tmp_path / 'noconf'} has no adapter_config.json"),
+        ([noweights, "--adapter", adapter], f"Error: base model {noweights} has no weights (*.safetensors)"),
+        ([base, "--adapter", tmp_path / "noconf"], f"Error: adapter {tmp_path / 'noconf'} has no adapter_config.json"),
     ]
     for args, message in cases:
-        r = run("fuse", *args, "--out", tmp_path / "o")
+        r = run("fuse", *args, "--output", tmp_path / "o")
         assert (r.exit_code, r.output.strip()) == (1, message)
 
 
 def test_fuse_refuses_existing_output(base, adapter, fused):
-    r = run("fuse", "--base", base, "--adapter", adapter, "--out", fused)
+    r = run("fuse", base, "--adapter", adapter, "--output", fused)
     assert r.exit_code == 1
     assert r.output.strip() == f"Error: {fused} already exists; pass --force (make: FORCE=1) to overwrite it"
 
 
 def test_quantize_reports_and_loads(fused, tmp_path):
     out = tmp_path / "fused_4bit"
-    r = run("quantize", "--model", fused, "--bits", 4, "--group-size", 64, "--out", out, "--json")
+    r = run("quantize", fused, "--bits", 4, "--group-size", 64, "--output", out, "--json")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     assert rep["bits"] == 4 and rep["group_size"] == 64
@@ -141,7 +141,7 @@ def test_quantize_reports_and_loads(fused, tmp_path):
     wq, wf = weights(out), weights(fused)[f"{Q}.weight"]
     ref = mx.quantize(wf, group_size=64, bits=4)
     assert mx.array_equal(wq[f"{Q}.weight"], ref[0]).item()
-    r = run("quantize", "--model", out, "--bits", 4, "--out", tmp_path / "again")
+    r = run("quantize", out, "--bits", 4, "--output", tmp_path / "again")
     assert r.exit_code == 1
     assert "is already quantized (4-bit); quantize the float16 fused model instead" in r.output
 
@@ -152,27 +152,27 @@ def test_quantize_layer_bits_and_recipe(fused, tmp_path):
     lb = tmp_path / "layers.json"
     lb.write_text(json.dumps({"model.layers.0.mlp.down_proj": 8, "model.layers.1.mlp.down_proj": 0}))
     out = tmp_path / "mixed"
-    r = run("quantize", "--model", fused, "--bits", 3, "--layer-bits", lb, "--out", out)
+    r = run("quantize", fused, "--bits", 3, "--layer-bits", lb, "--output", out)
     assert r.exit_code == 0, r.output
     model, _ = load(str(out))
     assert model.model.layers[0].mlp.down_proj.bits == 8
     assert not hasattr(model.model.layers[1].mlp.down_proj, "bits")
     assert model.model.layers[0].mlp.up_proj.bits == 3
     lb.write_text(json.dumps({"model.layers.0.mlp.down_proj": 7}))
-    r = run("quantize", "--model", fused, "--bits", 3, "--layer-bits", lb, "--out", tmp_path / "bad")
+    r = run("quantize", fused, "--bits", 3, "--layer-bits", lb, "--output", tmp_path / "bad")
     assert (r.exit_code, r.output.strip()) == (
         1, "Error: layer model.layers.0.mlp.down_proj: bits=7 is not supported (use one of 2 3 4 5 6 8 or 0 to keep float)")
     assert not (tmp_path / "bad").exists()
     lb.write_text(json.dumps({"model.layers.9.mlp.down_proj": 8}))
-    r = run("quantize", "--model", fused, "--bits", 3, "--layer-bits", lb, "--out", tmp_path / "bad")
+    r = run("quantize", fused, "--bits", 3, "--layer-bits", lb, "--output", tmp_path / "bad")
     assert r.exit_code == 1 and "layers the model does not have: model.layers.9.mlp.down_proj" in r.output
-    r = run("quantize", "--model", fused, "--recipe", "mixed_4_6", "--out", tmp_path / "m46", "--json")
+    r = run("quantize", fused, "--recipe", "mixed_4_6", "--output", tmp_path / "m46", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["bits"] == 4
 
 
 def test_quantize_bad_bits_is_usage_error(fused, tmp_path):
-    r = run("quantize", "--model", fused, "--bits", 7, "--out", tmp_path / "q")
+    r = run("quantize", fused, "--bits", 7, "--output", tmp_path / "q")
     assert r.exit_code == 2 and "'7' is not one of '2', '3', '4', '5', '6', '8'" in r.output
 
 
@@ -193,7 +193,7 @@ def test_interrupted_or_full_disk_quantize_leaves_nothing(fused, tmp_path, monke
 
     monkeypatch.setattr(mlx_lm.utils, "save", _partial_save(exc))
     out = tmp_path / "models" / "fused_4bit"
-    r = run("quantize", "--model", fused, "--bits", 4, "--out", out)
+    r = run("quantize", fused, "--bits", 4, "--output", out)
     assert r.exit_code == 1
     assert r.output.strip().splitlines()[-1] == message.format(out=out)
     assert not out.exists()

@@ -82,7 +82,7 @@ def test_validate_logs_memory_and_warns_before_loading(model, tmp_path, monkeypa
     monkeypatch.setattr(M, "device_limit", lambda: (1000, "test limit"))
     out = tmp_path / "log.json"
     # --min-accuracy 0 and no critical case: the verdict passes whatever the tiny model answers
-    r = CliRunner().invoke(cli, ["validate", str(model), "--suite", str(suite), "--out", str(out),
+    r = CliRunner().invoke(cli, ["validate", str(model), "--suite", str(suite), "--output", str(out),
                                  "--min-accuracy", "0"])
     assert r.exit_code == 0, r.output
     log = json.loads(out.read_text())

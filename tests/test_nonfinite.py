@@ -54,7 +54,7 @@ def test_quantize_refuses_nonfinite_weights(tmp_path, dtype, value, what):
     model = make_tiny_model(tmp_path / "m", dtype=dtype)
     bad = poisoned_copy(model, tmp_path / "bad", DOWN, value)
     out = tmp_path / "out" / "q4"
-    r = run("quantize", "--model", bad, "--bits", 4, "--out", out)
+    r = run("quantize", bad, "--bits", 4, "--output", out)
     assert (r.exit_code, r.output.strip()) == (1, (
         f"Error: model {bad}: tensor '{DOWN}' (model.safetensors) has 1 NaN or Inf value(s) of 16384: "
         "quantizing would spread it over its whole group; fix the model that wrote it"))
@@ -63,10 +63,10 @@ def test_quantize_refuses_nonfinite_weights(tmp_path, dtype, value, what):
 
 def test_quantize_survival_recipe_refuses_nonfinite_weights_too(base, adapter, tmp_path):
     fused = tmp_path / "fused"
-    assert run("fuse", "--base", base, "--adapter", adapter, "--out", fused).exit_code == 0
+    assert run("fuse", base, "--adapter", adapter, "--output", fused).exit_code == 0
     bad = poisoned_copy(fused, tmp_path / "bad", DOWN, np.nan)
     out = tmp_path / "q"
-    r = run("quantize", "--model", bad, "--bits", 4, "--recipe", "survival", "--out", out)
+    r = run("quantize", bad, "--bits", 4, "--recipe", "survival", "--output", out)
     assert r.exit_code == 1 and r.output.startswith(f"Error: model {bad}: tensor '{DOWN}' (model.safetensors) has 1 NaN")
     assert not out.exists()
 
@@ -74,7 +74,7 @@ def test_quantize_survival_recipe_refuses_nonfinite_weights_too(base, adapter, t
 def test_fuse_base_with_nan_names_the_input_tensor_not_an_overflow(base, adapter, tmp_path):
     bad = poisoned_copy(base, tmp_path / "bad", f"{Q}.weight", np.nan)
     out = tmp_path / "out" / "fused"
-    r = run("fuse", "--base", bad, "--adapter", adapter, "--out", out)
+    r = run("fuse", bad, "--adapter", adapter, "--output", out)
     assert (r.exit_code, r.output.strip()) == (1, (
         f"Error: base model {bad}: tensor '{Q}.weight' (model.safetensors) has 1 NaN or Inf value(s) of 4096: "
         "the input is already broken, not an overflow of the fused weights; fix the model that wrote it"))
@@ -85,7 +85,7 @@ def test_fuse_adapter_with_inf_names_the_adapter_tensor(base, adapter, tmp_path)
     bad = poisoned_copy(adapter, tmp_path / "bad_ad", f"{Q}.lora_b", np.inf, index=(0, 1),
                         file="adapters.safetensors")
     out = tmp_path / "fused"
-    r = run("fuse", "--base", base, "--adapter", bad, "--out", out)
+    r = run("fuse", base, "--adapter", bad, "--output", out)
     assert r.exit_code == 1
     assert r.output.strip() == (
         f"Error: adapter {bad}: tensor '{Q}.lora_b' (adapters.safetensors) has 1 NaN or Inf value(s) of 256: "
@@ -98,11 +98,11 @@ def test_fuse_real_float16_overflow_still_advises_another_dtype(tmp_path):
     base = make_tiny_model(tmp_path / "bf16", dtype="bfloat16")
     big = poisoned_copy(base, tmp_path / "big", f"{Q}.weight", 70000.0)
     ad = make_tiny_adapter(big, tmp_path / "ad")
-    r = run("fuse", "--base", big, "--adapter", ad, "--out", tmp_path / "fused")
+    r = run("fuse", big, "--adapter", ad, "--output", tmp_path / "fused")
     assert r.exit_code == 1
     assert r.output.strip() == (f"Error: fused weights overflow float16 in {Q}.weight (and 0 more); "
                                 "use --dtype float32 or bfloat16")
-    r = run("fuse", "--base", big, "--adapter", ad, "--out", tmp_path / "fused32", "--dtype", "float32")
+    r = run("fuse", big, "--adapter", ad, "--output", tmp_path / "fused32", "--dtype", "float32")
     assert r.exit_code == 0, r.output
 
 

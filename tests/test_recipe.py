@@ -166,7 +166,7 @@ def fused(tmp_path_factory):
     base = make_tiny_model(d / "base")
     adapter = make_tiny_adapter(base, d / "ad", scale=2.0, b_std=0.002)
     out = d / "fused_f16"
-    r = CliRunner().invoke(cli, ["fuse", "--base", str(base), "--adapter", str(adapter), "--out", str(out)])
+    r = CliRunner().invoke(cli, ["fuse", str(base), "--adapter", str(adapter), "--output", str(out)])
     assert r.exit_code == 0, r.output
     return out
 
@@ -193,7 +193,7 @@ def test_survival_recipe_matches_delta_survival_and_loads(fused, tmp_path):
         assert p["value_before"] == pytest.approx(Rule.from_dict(rep["threshold"]).value(rep["summary"], rep["layers"], 2),
                                                   rel=1e-9)
     out = tmp_path / "surv2"
-    r = quantize("--model", fused, "--bits", 2, "--recipe", "survival", "--out", out, "--json")
+    r = quantize(fused, "--bits", 2, "--recipe", "survival", "--output", out, "--json")
     assert r.exit_code == 0, r.output
     got = json.loads(r.stdout)
     assert {x["layer"]: x["bits"] for x in got["raised_layers"]} == want
@@ -218,7 +218,7 @@ def test_survival_recipe_with_synthetic_plan_loads(fused, tmp_path, monkeypatch)
         [tensor(layer, b4=0.1, b5=0.2, b6=2.0, b8=3.0), tensor("model.layers.1.self_attn.q_proj", b4=1.5, b5=1.5, b6=1.5, b8=1.6)],
         bits=(4, 5, 6, 8)))
     out = tmp_path / "surv4"
-    r = quantize("--model", fused, "--bits", 4, "--recipe", "survival", "--out", out)
+    r = quantize(fused, "--bits", 4, "--recipe", "survival", "--output", out)
     assert r.exit_code == 0, r.output
     assert "1 of 2 tensors raised above 4 bits" in r.output and f"{layer}: 4 -> 6 bits" in r.output
     # the rule recommends uniform 6 bits; raising down_proj alone matches its value
@@ -231,8 +231,8 @@ def test_survival_recipe_with_synthetic_plan_loads(fused, tmp_path, monkeypatch)
 
 def test_survival_recipe_bad_input(tmp_path):
     base = make_tiny_model(tmp_path / "base")
-    r = quantize("--model", base, "--bits", 4, "--recipe", "survival", "--out", tmp_path / "o")
+    r = quantize(base, "--bits", 4, "--recipe", "survival", "--output", tmp_path / "o")
     assert r.exit_code == 1 and "no delta source" in r.output
     assert not (tmp_path / "o").exists()
-    r = quantize("--model", tmp_path / "nope", "--bits", 4, "--recipe", "survival", "--out", tmp_path / "o")
+    r = quantize(tmp_path / "nope", "--bits", 4, "--recipe", "survival", "--output", tmp_path / "o")
     assert r.exit_code == 1 and "does not exist" in r.output

@@ -30,9 +30,9 @@ def fam(tmp_path_factory):
     base = make_tiny_model(d / "base")
     adapter = make_tiny_adapter(base, d / "ad", scale=2.0, b_std=0.05)
     fused = d / "fused"
-    assert CliRunner().invoke(cli, ["fuse", "--base", base, "--adapter", adapter, "--out", fused]).exit_code == 0
+    assert CliRunner().invoke(cli, ["fuse", str(base), "--adapter", str(adapter), "--output", str(fused)]).exit_code == 0
     for b in (3, 8):
-        r = CliRunner().invoke(cli, ["quantize", "--model", fused, "--bits", b, "--out", d / f"q{b}"])
+        r = CliRunner().invoke(cli, ["quantize", str(fused), "--bits", str(b), "--output", str(d / f"q{b}")])
         assert r.exit_code == 0, r.output
     suite = d / "mini.jsonl"
     suite.write_text("".join(json.dumps(c) + "\n" for c in CASES))

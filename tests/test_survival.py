@@ -23,7 +23,7 @@ def trio(tmp_path_factory):
     base, adapter, fused = root / "base", root / "adapter", root / "fused"
     make_tiny_model(base, hidden_size=128, num_layers=2, seed=0)
     make_tiny_adapter(base, adapter, rank=4, scale=1.0, seed=1)
-    res = CliRunner().invoke(cli, ["fuse", "--base", str(base), "--adapter", str(adapter), "--out", str(fused)])
+    res = CliRunner().invoke(cli, ["fuse", str(base), "--adapter", str(adapter), "--output", str(fused)])
     assert res.exit_code == 0, res.output
     return base, adapter, fused
 
@@ -156,7 +156,7 @@ def test_dora_adapter_uses_the_base(tmp_path):
     make_tiny_model(base, hidden_size=64, num_layers=1)
     make_tiny_adapter(base, adapter, rank=2, scale=1.0, dora=True)
     fused = tmp_path / "fused"
-    assert run("fuse", "--base", base, "--adapter", adapter, "--out", fused).exit_code == 0
+    assert run("fuse", base, "--adapter", adapter, "--output", fused).exit_code == 0
     rep = survival_json(fused, "--adapter", adapter, "--base", base, "--bits", 4, 8)
     assert rep["summary"]["8"]["cosine"] > 0.9
 
@@ -397,9 +397,9 @@ def test_quantized_base_is_dequantized_like_mlx_lm_fuse(tmp_path):
     """QLoRA: the base is 4-bit; delta = fused - dequantize(base), as mlx-lm fuses."""
     base, qbase, adapter, fused = (tmp_path / n for n in ("base", "qbase", "ad", "fused"))
     make_tiny_model(base, hidden_size=128, num_layers=1)
-    assert run("quantize", "--model", base, "--bits", 4, "--out", qbase).exit_code == 0
+    assert run("quantize", base, "--bits", 4, "--output", qbase).exit_code == 0
     make_tiny_adapter(base, adapter, rank=4, scale=1.0)  # same logical shapes as the 4-bit base
-    res = run("fuse", "--base", qbase, "--adapter", adapter, "--out", fused)
+    res = run("fuse", qbase, "--adapter", adapter, "--output", fused)
     assert res.exit_code == 0, res.output
     via_base = survival_json(fused, "--base", qbase, "--bits", 4, 8)
     via_adapter = survival_json(fused, "--adapter", adapter, "--bits", 4, 8)

@@ -132,7 +132,7 @@ METRICS = {"accuracy", "per_category", "critical_errors", "format_compliance", "
 def test_validate_real_model_writes_log(model, tmp_path):
     suite = write_suite(tmp_path)
     out = tmp_path / "logs" / "x.json"
-    r = run("validate", model, "--suite", suite, "--out", out, "--min-accuracy", 0)
+    r = run("validate", model, "--suite", suite, "--output", out, "--min-accuracy", 0)
     log = json.loads(out.read_text())
     assert METRICS <= set(log)
     assert (log["model"], log["suite"], log["bits"], log["bits_per_weight"]) == ("tiny_f16", "mini", 16, 16.0)
@@ -153,7 +153,7 @@ def test_validate_default_log_name_and_json(model, tmp_path):
 
 def test_batch_matches_sequential(model, tmp_path):
     suite = write_suite(tmp_path)
-    logs = [json.loads(run("validate", model, "--suite", suite, "--out", tmp_path / f"{b}.json", "--json", *b).stdout)
+    logs = [json.loads(run("validate", model, "--suite", suite, "--output", tmp_path / f"{b}.json", "--json", *b).stdout)
             for b in ([], ["--batch"])]
     assert [c["output"] for c in logs[0]["cases"]] == [c["output"] for c in logs[1]["cases"]]
 
@@ -163,7 +163,7 @@ def test_critical_error_fails_verdict_with_high_accuracy(model, tmp_path, monkey
     suite = load_suite(write_suite(tmp_path))
     it = iter(c.id for c in suite.cases)
     monkeypatch.setattr(V, "generate_one", lambda m, t, p, n: (canned[next(it)], 3, 0.01))
-    r = run("validate", model, "--suite", tmp_path / "mini.jsonl", "--out", tmp_path / "l.json", "--min-accuracy", 0.5)
+    r = run("validate", model, "--suite", tmp_path / "mini.jsonl", "--output", tmp_path / "l.json", "--min-accuracy", 0.5)
     assert r.exit_code == 3  # a failed verdict, not an error (1)
     assert r.output.strip().splitlines()[-2] == "verdict: FAIL: 1 critical error(s): s1"
     log = json.loads((tmp_path / "l.json").read_text())

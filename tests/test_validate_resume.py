@@ -90,7 +90,7 @@ def records_in(partial):
 def reference(model, suite, tmp_path, monkeypatch, *extra):
     FakeGeneration(monkeypatch)
     out = tmp_path / "ref" / "log.json"
-    r = run("validate", model, "--suite", suite, "--out", out, *extra)
+    r = run("validate", model, "--suite", suite, "--output", out, *extra)
     assert r.exit_code == 3, r.output  # s1 is a critical error: the verdict fails
     return json.loads(out.read_text())
 
@@ -100,7 +100,7 @@ def test_interrupted_run_resumes_where_it_stopped(model, suite, tmp_path, monkey
     ref = reference(model, suite, tmp_path, monkeypatch)
     out = tmp_path / "logs" / "log.json"
     gen = FakeGeneration(monkeypatch, stop=k)
-    r = run("validate", model, "--suite", suite, "--out", out)
+    r = run("validate", model, "--suite", suite, "--output", out)
     assert r.exit_code == 1
     assert not out.exists()
     if k:
@@ -114,7 +114,7 @@ def test_interrupted_run_resumes_where_it_stopped(model, suite, tmp_path, monkey
         assert not partial_of(out).exists()
 
     gen = FakeGeneration(monkeypatch)
-    r = run("validate", model, "--suite", suite, "--out", out)
+    r = run("validate", model, "--suite", suite, "--output", out)
     assert r.exit_code == 3, r.output
     assert gen.calls == IDS[k:]  # only the remaining cases are generated
     log = json.loads(out.read_text())
@@ -137,7 +137,7 @@ def test_results_are_written_case_by_case(model, suite, tmp_path, monkeypatch):
             seen.append(len(recs))
 
     FakeGeneration(monkeypatch, check=check)
-    assert run("validate", model, "--suite", suite, "--out", out).exit_code == 3
+    assert run("validate", model, "--suite", suite, "--output", out).exit_code == 3
     assert seen == [1, 2, 3, 4, 5]
 
 
@@ -154,7 +154,7 @@ def test_default_log_path_partial_and_resume(model, suite, tmp_path, monkeypatch
 
 def _interrupt(model, suite, out, monkeypatch, k=2, *extra):
     FakeGeneration(monkeypatch, stop=k)
-    assert run("validate", model, "--suite", suite, "--out", out, *extra).exit_code == 1
+    assert run("validate", model, "--suite", suite, "--output", out, *extra).exit_code == 1
 
 
 def test_partial_for_another_model_starts_over_unless_forced(model, suite, tmp_path, monkeypatch):
@@ -165,14 +165,14 @@ def test_partial_for_another_model_starts_over_unless_forced(model, suite, tmp_p
     cfg = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**cfg, "note": "edited"}))
     gen = FakeGeneration(monkeypatch)
-    r = run("validate", other, "--suite", suite, "--out", out)
+    r = run("validate", other, "--suite", suite, "--output", out)
     assert r.exit_code == 3 and gen.calls == IDS
     assert f"{partial_of(out)} was written for another model; starting over (--resume reuses it)" in r.output
     assert json.loads(out.read_text())["resumed_cases"] == 0
 
     _interrupt(model, suite, out, monkeypatch)
     gen = FakeGeneration(monkeypatch)
-    r = run("validate", other, "--suite", suite, "--out", out, "--resume")
+    r = run("validate", other, "--suite", suite, "--output", out, "--resume")
     assert r.exit_code == 3 and gen.calls == IDS[2:]
     assert f"resuming 2 of 6 cases from {partial_of(out)}, although it was written for another model" in r.output
     assert json.loads(out.read_text())["resumed_cases"] == 2
@@ -182,7 +182,7 @@ def test_no_resume_starts_over(model, suite, tmp_path, monkeypatch):
     out = tmp_path / "log.json"
     _interrupt(model, suite, out, monkeypatch)
     gen = FakeGeneration(monkeypatch)
-    assert run("validate", model, "--suite", suite, "--out", out, "--no-resume").exit_code == 3
+    assert run("validate", model, "--suite", suite, "--output", out, "--no-resume").exit_code == 3
     assert gen.calls == IDS and json.loads(out.read_text())["resumed_cases"] == 0
 
 
@@ -190,14 +190,14 @@ def test_changed_suite_or_settings_start_over(model, suite, tmp_path, monkeypatc
     out = tmp_path / "log.json"
     _interrupt(model, suite, out, monkeypatch)
     gen = FakeGeneration(monkeypatch)
-    r = run("validate", model, "--suite", suite, "--out", out, "--max-tokens", 2)
+    r = run("validate", model, "--suite", suite, "--output", out, "--max-tokens", 2)
     assert r.exit_code == 3 and gen.calls == IDS
     assert "was written for other settings (max_tokens)" in r.output
 
     _interrupt(model, suite, out, monkeypatch)
     write_suite(suite, CASES[:-1] + [dict(CASES[-1], prompt="say hello")])
     gen = FakeGeneration(monkeypatch)
-    r = run("validate", model, "--suite", suite, "--out", out)
+    r = run("validate", model, "--suite", suite, "--output", out)
     assert r.exit_code == 3 and gen.calls == IDS
     assert "was written for another suite" in r.output
 
@@ -206,7 +206,7 @@ def test_min_accuracy_does_not_invalidate_the_partial(model, suite, tmp_path, mo
     out = tmp_path / "log.json"
     _interrupt(model, suite, out, monkeypatch)
     gen = FakeGeneration(monkeypatch)
-    r = run("validate", model, "--suite", suite, "--out", out, "--min-accuracy", 0.1)
+    r = run("validate", model, "--suite", suite, "--output", out, "--min-accuracy", 0.1)
     assert r.exit_code == 3 and gen.calls == IDS[2:]  # scoring settings are not generation settings
     assert json.loads(out.read_text())["min_accuracy"] == 0.1
 
@@ -217,17 +217,17 @@ def test_a_torn_last_line_is_generated_again(model, suite, tmp_path, monkeypatch
     p = partial_of(out)
     p.write_text(p.read_text()[:-25])  # killed in the middle of writing the third case
     gen = FakeGeneration(monkeypatch)
-    assert run("validate", model, "--suite", suite, "--out", out).exit_code == 3
+    assert run("validate", model, "--suite", suite, "--output", out).exit_code == 3
     assert gen.calls == IDS[2:]
 
 
 def test_a_corrupt_partial_is_an_error_only_when_forced(model, suite, tmp_path, monkeypatch):
     out = tmp_path / "log.json"
     partial_of(out).write_text("not json\n")
-    r = run("validate", model, "--suite", suite, "--out", out, "--resume")
+    r = run("validate", model, "--suite", suite, "--output", out, "--resume")
     assert (r.exit_code, r.output.strip()) == (1, f"Error: cannot resume from {partial_of(out)}: not a qtools partial log")
     gen = FakeGeneration(monkeypatch)
-    r = run("validate", model, "--suite", suite, "--out", out)
+    r = run("validate", model, "--suite", suite, "--output", out)
     assert r.exit_code == 3 and gen.calls == IDS
     assert f"{partial_of(out)} is not a qtools partial log; starting over" in r.output
 
@@ -236,11 +236,11 @@ def test_batch_mode_resumes(model, suite, tmp_path, monkeypatch):
     ref = reference(model, suite, tmp_path, monkeypatch, "--batch")
     out = tmp_path / "log.json"
     FakeGeneration(monkeypatch, stop=1)  # the first case alone, then Ctrl-C in the batch
-    assert run("validate", model, "--suite", suite, "--out", out, "--batch").exit_code == 1
+    assert run("validate", model, "--suite", suite, "--output", out, "--batch").exit_code == 1
     _, recs = records_in(partial_of(out))
     assert [x["record"]["id"] for x in recs] == ["t1"]
     gen = FakeGeneration(monkeypatch)
-    assert run("validate", model, "--suite", suite, "--out", out, "--batch").exit_code == 3
+    assert run("validate", model, "--suite", suite, "--output", out, "--batch").exit_code == 3
     assert gen.calls == [] and gen.batched == IDS[1:]
     log = json.loads(out.read_text())
     assert {key: log[key] for key in SUMMARY if key not in ("mean_gen_s", "tokens_per_s")} == \
@@ -250,7 +250,7 @@ def test_batch_mode_resumes(model, suite, tmp_path, monkeypatch):
 
 def test_real_generation_interrupted_and_resumed_matches_an_uninterrupted_run(model, suite, tmp_path, monkeypatch):
     out_ref, out = tmp_path / "ref.json", tmp_path / "log.json"
-    run("validate", model, "--suite", suite, "--out", out_ref)
+    run("validate", model, "--suite", suite, "--output", out_ref)
     ref = json.loads(out_ref.read_text())
     real, calls = V.generate_one, []
 
@@ -261,10 +261,10 @@ def test_real_generation_interrupted_and_resumed_matches_an_uninterrupted_run(mo
         return real(net, tok, prompt, max_tokens)
 
     monkeypatch.setattr(V, "generate_one", interrupting)
-    assert run("validate", model, "--suite", suite, "--out", out).exit_code == 1
+    assert run("validate", model, "--suite", suite, "--output", out).exit_code == 1
     _, saved = records_in(partial_of(out))
     monkeypatch.setattr(V, "generate_one", real)
-    r = run("validate", model, "--suite", suite, "--out", out)
+    r = run("validate", model, "--suite", suite, "--output", out)
     log = json.loads(out.read_text())
     assert r.exit_code == (0 if ref["verdict"] == "pass" else 3)
     assert [(c["id"], c["output"], c["correct"]) for c in log["cases"]] == \

@@ -133,7 +133,7 @@ def _leftovers(d):
 @pytest.mark.parametrize("sub", ["q4", "models/q4"])
 def test_quantize_into_a_readonly_dir_is_refused_before_loading(base, readonly, no_load, sub):
     out = readonly / sub
-    r = run("quantize", "--model", base, "--bits", 4, "--out", out)
+    r = run("quantize", base, "--bits", 4, "--output", out)
     assert r.exit_code == 1, r.output
     assert r.output.startswith(f"Error: cannot write {out}: {readonly} is not writable (")
     assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
@@ -170,7 +170,7 @@ def test_quantize_write_failure_is_one_line_and_leaves_nothing(base, tmp_path, m
     if isinstance(exc, RuntimeError):
         exc = RuntimeError(str(exc).format(out=out))
     monkeypatch.setattr(mlx_lm.utils, "save", _failing_save(exc, free, monkeypatch))
-    r = run("quantize", "--model", base, "--bits", 4, "--out", out)
+    r = run("quantize", base, "--bits", 4, "--output", out)
     # mlx-lm's "[INFO] Quantized model ..." progress line goes to stderr first
     assert (r.exit_code, r.output.strip().splitlines()[-1]) == (1, message.format(out=out))
     assert "Traceback" not in r.output
@@ -180,7 +180,7 @@ def test_quantize_write_failure_is_one_line_and_leaves_nothing(base, tmp_path, m
 def test_quantize_checks_free_space_first(base, tmp_path, monkeypatch, no_load):
     monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10**9, 10**9 - 5000, 5000))
     out = tmp_path / "q4"
-    r = run("quantize", "--model", base, "--bits", 4, "--out", out)
+    r = run("quantize", base, "--bits", 4, "--output", out)
     assert r.exit_code == 1
     assert r.output.startswith(f"Error: not enough free space for {out}: it needs about ")
     assert r.output.strip().endswith(f"{tmp_path} has 5.00 KB free")
@@ -191,12 +191,12 @@ def test_quantize_malformed_config_is_one_line(base, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(base, bad)
     (bad / "config.json").write_text('{"model_type": "qwen3",')
-    r = run("quantize", "--model", bad, "--bits", 4, "--out", tmp_path / "q4")
+    r = run("quantize", bad, "--bits", 4, "--output", tmp_path / "q4")
     assert r.exit_code == 1
     assert r.output.strip() == (f"Error: {bad / 'config.json'} is not valid JSON "
                                 "(Expecting property name enclosed in double quotes: line 1 column 24 (char 23))")
     (bad / "config.json").write_text("[1, 2]")
-    r = run("quantize", "--model", bad, "--bits", 4, "--out", tmp_path / "q4")
+    r = run("quantize", bad, "--bits", 4, "--output", tmp_path / "q4")
     assert (r.exit_code, r.output.strip()) == (1, f"Error: {bad / 'config.json'} is not a JSON object")
 
 
@@ -223,7 +223,7 @@ def test_make_quantize_malformed_config_is_one_line(base, tmp_path):
 @pytest.mark.parametrize("sub", ["fused", "models/fused"])
 def test_fuse_into_a_readonly_dir_is_refused_before_loading(base, adapter, readonly, no_load, sub):
     out = readonly / sub
-    r = run("fuse", "--base", base, "--adapter", adapter, "--out", out)
+    r = run("fuse", base, "--adapter", adapter, "--output", out)
     assert r.exit_code == 1, r.output
     assert r.output.startswith(f"Error: cannot write {out}: {readonly} is not writable (")
     assert len(r.output.strip().splitlines()) == 1
@@ -235,7 +235,7 @@ def test_fuse_disk_full_is_one_line_and_leaves_nothing(base, adapter, tmp_path, 
     out = tmp_path / "models" / "fused"
     monkeypatch.setattr(mlx_lm.utils, "save", _failing_save(
         RuntimeError("[write] Unable to write 65536 bytes to file."), 0, monkeypatch))
-    r = run("fuse", "--base", base, "--adapter", adapter, "--out", out)
+    r = run("fuse", base, "--adapter", adapter, "--output", out)
     assert (r.exit_code, r.output.strip()) == (
         1, f"Error: no space left on device while writing {out}; the partial output was removed")
     assert not out.exists() and _leftovers(out.parent) == []
@@ -244,7 +244,7 @@ def test_fuse_disk_full_is_one_line_and_leaves_nothing(base, adapter, tmp_path, 
 def test_fuse_checks_free_space_first(base, adapter, tmp_path, monkeypatch, no_load):
     monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10**9, 10**9 - 100, 100))
     out = tmp_path / "fused"
-    r = run("fuse", "--base", base, "--adapter", adapter, "--out", out)
+    r = run("fuse", base, "--adapter", adapter, "--output", out)
     assert r.exit_code == 1 and r.output.startswith(f"Error: not enough free space for {out}: it needs about ")
     assert not out.exists()
 
@@ -254,7 +254,7 @@ def test_fuse_free_space_estimate_counts_a_dequantized_base(base, tmp_path):
     from qtools.pipeline.fuse import output_bytes_estimate
 
     q4 = tmp_path / "q4"
-    assert run("quantize", "--model", base, "--bits", 4, "--out", q4).exit_code == 0
+    assert run("quantize", base, "--bits", 4, "--output", q4).exit_code == 0
     weights = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     other = sum(p.stat().st_size for p in base.iterdir()) - weights  # tokenizer files, config
     assert abs(output_bytes_estimate(base, "float16") - (weights + other)) < 0.01 * weights
@@ -297,7 +297,7 @@ def test_survival_output_full_disk_is_one_line(base, adapter, tmp_path, monkeypa
 @pytest.mark.parametrize("where", ["logs-dir", "logs-subdir", "out"])
 def test_validate_readonly_log_dir_is_refused_before_loading(base, suite, readonly, no_load, where):
     args = {"logs-dir": ["--logs-dir", readonly], "logs-subdir": ["--logs-dir", readonly / "logs"],
-            "out": ["--out", readonly / "x.json"]}[where]
+            "out": ["--output", readonly / "x.json"]}[where]
     r = run("validate", base, "--suite", suite, *args)
     assert r.exit_code == 1, r.output
     log = readonly / "x.json" if where == "out" else Path(args[1]) / "base-s.json"
@@ -313,5 +313,5 @@ def test_validate_env_LOGS_readonly(base, suite, readonly, no_load, monkeypatch)
 
 def test_validate_log_that_is_a_directory_is_refused_before_loading(base, suite, tmp_path, no_load):
     (tmp_path / "log.json").mkdir()
-    r = run("validate", base, "--suite", suite, "--out", tmp_path / "log.json")
+    r = run("validate", base, "--suite", suite, "--output", tmp_path / "log.json")
     assert (r.exit_code, r.output.strip()) == (1, f"Error: cannot write {tmp_path / 'log.json'}: it is a directory")

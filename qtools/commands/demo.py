@@ -70,7 +70,7 @@ def demo_models(out_dir="models", suite="suites/demo.jsonl", force=False):
 
 
 @click.command("demo-models")
-@click.option("--out-dir", default="models", show_default=True, type=click.Path(file_okay=False),
+@click.option("--output", "-o", "out_dir", default="models", show_default=True, type=click.Path(file_okay=False),
               help="Directory that receives demo_base/ and demo_adapter/.")
 @click.option("--suite", default="suites/demo.jsonl", show_default=True, type=click.Path(dir_okay=False),
               help="Where to (re)write the demo suite; '' to skip.")

@@ -1,4 +1,4 @@
-"""`qtools fuse --base B --adapter A --out O`: fuse a LoRA/DoRA adapter in float32."""
+"""`qtools fuse BASE --adapter A --output O`: fuse a LoRA/DoRA adapter in float32."""
 
 import json
 
@@ -9,15 +9,16 @@ from ..format import human_bytes
 
 
 @click.command("fuse")
-@click.option("--base", required=True, type=click.Path(), help="Base model directory (mlx-lm format).")
+@click.argument("base", type=click.Path())
 @click.option("--adapter", required=True, type=click.Path(), help="Adapter directory (adapter_config.json + adapters.safetensors).")
-@click.option("--out", default="models/fused_f16", show_default=True, type=click.Path(), help="Output model directory.")
+@click.option("--output", "-o", "out", default="models/fused_f16", show_default=True, type=click.Path(),
+              help="Output model directory.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float16", show_default=True,
               help="Saved dtype (the fuse itself is always float32).")
 @click.option("--force", is_flag=True, envvar="QTOOLS_FORCE", help="Overwrite an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def fuse_cmd(base, adapter, out, dtype, force, as_json):
-    """Fuse ADAPTER into BASE (float32 math, float16 output) with provenance for delta-survival."""
+    """Fuse --adapter into BASE (an mlx-lm model directory) (float32 math, float16 output) with provenance for delta-survival."""
     report = fuse(base, adapter, out, dtype=dtype, force=force)
     if as_json:
         click.echo(json.dumps(report, indent=2))

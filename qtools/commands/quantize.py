@@ -1,4 +1,4 @@
-"""`qtools quantize --model M --bits B --out O`: MLX affine quantization through mlx-lm."""
+"""`qtools quantize MODEL --bits B --output O`: MLX affine quantization through mlx-lm."""
 
 import json
 
@@ -10,8 +10,7 @@ from ..format import human_bytes
 
 
 @click.command("quantize")
-@click.option("--model", default="models/fused_f16", show_default=True, type=click.Path(),
-              help="Float model directory to quantize (usually the fused float16 model).")
+@click.argument("model", type=click.Path())
 @click.option("--bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default="5", show_default=True,
               help="Bits per weight (MLX affine).")
 @click.option("--group-size", type=click.Choice([str(g) for g in SUPPORTED_GROUP_SIZES]), default="64",
@@ -22,7 +21,8 @@ from ..format import human_bytes
                    "rates the model as safe as the uniform bit-width it recommends.")
 @click.option("--layer-bits", "layer_bits_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="JSON file {layer path: bits (0 = keep float)} overriding single layers.")
-@click.option("--out", default=None, type=click.Path(), help="Output directory [default: models/fused_<bits>bit].")
+@click.option("--output", "-o", "out", default=None, type=click.Path(),
+              help="Output directory [default: models/fused_<bits>bit].")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def quantize_cmd(model, bits, group_size, recipe, layer_bits_file, out, force, as_json):

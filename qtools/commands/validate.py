@@ -13,10 +13,10 @@ from ..pipeline.validate import DEFAULT_MIN_ACCURACY, format_report, log_path, v
 @click.argument("model", type=click.Path())
 @click.option("--suite", "suite", default="suites/demo.jsonl", show_default=True, type=click.Path(),
               help="Suite JSONL file.")
-@click.option("--out", "out", type=click.Path(), default=None,
+@click.option("--output", "-o", "out", type=click.Path(), default=None,
               help="Log file to write [default: LOGS/<model>-<suite>.json].")
 @click.option("--logs-dir", default="logs", show_default=True, envvar="LOGS", type=click.Path(),
-              help="Where the log goes when --out is not given.")
+              help="Where the log goes when --output is not given.")
 @click.option("--max-tokens", type=int, default=None, help="Override the suite's max tokens per answer.")
 @click.option("--min-accuracy", type=click.FloatRange(0, 1), default=DEFAULT_MIN_ACCURACY, show_default=True,
               help="Verdict fails below this overall accuracy.")
