@@ -40,7 +40,10 @@ def check_bits(bits: int, group_size: int) -> None:
 def make_predicate(
     model, bits: int, group_size: int, recipe: str = "uniform", layer_bits: dict | None = None
 ) -> Callable | None:
-    """The quant_predicate for mlx_lm.utils.quantize_model (None = uniform)."""
+    """The quant_predicate for mlx_lm.utils.quantize_model (None = uniform), composed with the
+    model's own predicate: what mlx-lm keeps (qwen3_moe's router at 8 bits) is never lowered."""
+    from ..survival.predicate import compose, own_predicate
+
     base = None
     if recipe != "uniform":
         from mlx_lm.convert import mixed_quant_predicate_builder
@@ -49,8 +52,9 @@ def make_predicate(
             base = mixed_quant_predicate_builder(recipe, model, group_size)
         except ValueError as exc:
             raise QtoolsError(f"recipe {recipe} does not apply to this model: {exc}") from None
+    own = own_predicate(model)
     if not layer_bits:
-        return base
+        return compose(own, base, bits, group_size)
     for path, b in layer_bits.items():
         if b and b not in SUPPORTED_BITS:
             raise QtoolsError(f"layer {path}: bits={b} is not supported (use one of {SUPPORTED_BITS} or 0 to keep float)")
@@ -67,7 +71,7 @@ def make_predicate(
             return {"group_size": group_size, "bits": int(b), "mode": "affine"}
         return base(path, module) if base is not None else True
 
-    return predicate
+    return compose(own, predicate, bits, group_size)
 
 
 def quantize(

@@ -347,6 +347,9 @@ def validate(
     from .memory import check_memory
 
     memory = check_memory(path)  # warns on stderr before a model near the device limit loads
+    from . import backend
+
+    backend.cpu_backend_note(path)
     net, tokenizer, config, load_s = load_model(path)
     tool_format = tool_format_of(tokenizer)
 
