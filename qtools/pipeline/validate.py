@@ -347,10 +347,10 @@ def validate(
     from .memory import check_memory
 
     memory = check_memory(path)  # warns on stderr before a model near the device limit loads
+    net, tokenizer, config, load_s = load_model(path)
     from . import backend
 
-    backend.cpu_backend_note(path)
-    net, tokenizer, config, load_s = load_model(path)
+    backend.prepare_for_cpu(net, path)  # Linux: one line on what the CPU backend costs; float MoE experts in float32
     tool_format = tool_format_of(tokenizer)
 
     records, total_tokens, total_time = run_cases(net, tokenizer, suite_obj, max_tokens, batch,
