@@ -299,3 +299,20 @@ def test_validate_runs_a_float16_moe_on_the_cpu_and_says_what_it_costs(moe, tmp_
     assert len(notes) == 1 and "CPU" in notes[0]
     log = json.loads((tmp_path / "log.json").read_text())
     assert log["bits_per_weight"] == pytest.approx(16.0, abs=0.1)  # the weights stay float16
+
+
+@pytest.mark.parametrize("src,dst", [("bfloat16", "float16"), ("float32", "bfloat16"), ("float32", "float16"),
+                                     ("float16", "bfloat16")])
+def test_unchanged_means_only_the_dtype_rounding_differs(src, dst):
+    """The criterion's rounding is MLX's astype, subnormals included; one changed element counts."""
+    from qtools.survival.analyze import unchanged_by_fine_tune
+
+    rng = np.random.default_rng(0)
+    x = mx.array((rng.standard_normal(4096) * np.repeat([0.02, 1e-5, 1e-7, 3e-8], 1024)).astype(np.float32))
+    w0 = x.astype(getattr(mx, src))
+    w1 = w0.astype(getattr(mx, dst))
+    raw = lambda a: np.array(a.view(mx.uint16) if a.dtype != mx.float32 else a)  # noqa: E731
+    assert unchanged_by_fine_tune(raw(w1), dst, raw(w0), src, chunk=1000)
+    bumped = np.array(raw(w1))
+    bumped[4000] ^= 1
+    assert not unchanged_by_fine_tune(bumped, dst, raw(w0), src, chunk=1000)
