@@ -12,6 +12,7 @@ import json
 import math
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,7 +89,7 @@ def quantizable(info) -> str | None:
 class DeltaSource:
     base: SafetensorsModel | None = None
     adapter: Adapter | None = None
-    deltas: dict[str, LowRankDelta] = field(default_factory=dict)
+    deltas: Mapping[str, LowRankDelta] = field(default_factory=dict)
     base_quant: dict | None = None
     recorded: bool = False  # found in the fused model's provenance record, not given
 
@@ -138,11 +139,11 @@ def resolve_delta_source(model: SafetensorsModel, adapter=None, base=None) -> De
     src = DeltaSource(recorded=recorded)
     if adapter is not None:
         src.adapter = Adapter(adapter)
-        src.deltas = src.adapter.deltas(model)
+        src.deltas = src.adapter.deltas(model, lazy=True)  # one module's factors in memory at a time
         if src.adapter.is_dora and base is None:
-            recorded = src.adapter.base_model
-            if recorded and Path(recorded).is_dir():
-                base = recorded
+            recorded_base = src.adapter.base_model
+            if recorded_base and Path(recorded_base).is_dir():
+                base = recorded_base
             else:
                 raise QtoolsError(
                     f"{src.adapter.path}: a DoRA adapter rescales whole rows, so its delta needs the base model: give --base"
