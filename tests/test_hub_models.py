@@ -252,6 +252,10 @@ def test_explicit_layer_bits_cannot_lower_the_router(moe):
     mods = dict(net.named_modules())
     assert pred("model.layers.0.mlp.gate", mods["model.layers.0.mlp.gate"])["bits"] == 8
     assert pred("model.layers.0.self_attn.q_proj", mods["model.layers.0.self_attn.q_proj"])["bits"] == 4
+    assert pred("model.layers.1.mlp.gate", mods["model.layers.1.mlp.gate"])["bits"] == 8  # the model's own
+    assert pred("model.layers.1.self_attn.q_proj", mods["model.layers.1.self_attn.q_proj"]) is True
+    keep_float = make_predicate(net, 2, 64, "uniform", {"model.layers.0.mlp.gate": 0})
+    assert keep_float("model.layers.0.mlp.gate", mods["model.layers.0.mlp.gate"]) is False  # more precision: allowed
 
 
 # 7. Silent gaps are said.

@@ -54,7 +54,7 @@ def make_predicate(
             raise QtoolsError(f"recipe {recipe} does not apply to this model: {exc}") from None
     own = own_predicate(model)
     if not layer_bits:
-        return compose(own, base, bits, group_size)
+        return compose(own, base, bits)
     for path, b in layer_bits.items():
         if b and b not in SUPPORTED_BITS:
             raise QtoolsError(f"layer {path}: bits={b} is not supported (use one of {SUPPORTED_BITS} or 0 to keep float)")
@@ -71,7 +71,7 @@ def make_predicate(
             return {"group_size": group_size, "bits": int(b), "mode": "affine"}
         return base(path, module) if base is not None else True
 
-    return compose(own, predicate, bits, group_size)
+    return compose(own, predicate, bits)
 
 
 def quantize(

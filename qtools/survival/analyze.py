@@ -397,17 +397,18 @@ def unchanged_by_fine_tune(w1, dtype1: str, w0, dtype0: str, chunk: int = 1 << 2
 
 def _own_bits(own: dict, name: str, bits: list[int], group_size: int):
     """For a tensor the model's own quant_predicate sets (qwen3_moe's router: 8 bits), the
-    (bits, group size) it really gets at each requested bit-width, or why it is not analysed;
-    (None, None) for the rest. Mirrors survival.predicate.combine: the model's choice is a floor."""
+    (bits, group size) it really gets when the model is quantized at each requested bit-width,
+    or why it is not analysed; (None, None) for the rest (survival.predicate.combine)."""
     choice = own.get(name[: -len(".weight")]) if name.endswith(".weight") else None
     if choice is None:
         return None, None
     if choice is False:
         return None, "kept in float by the model's own quant_predicate (mlx-lm)"
-    b_own, g_own, mode = int(choice.get("bits", 0)), int(choice.get("group_size", group_size)), choice.get("mode", "affine")
+    b_own, g_own = int(choice.get("bits", 0)), int(choice.get("group_size", group_size))
+    mode = choice.get("mode", "affine")
     if mode != "affine" or b_own not in SUPPORTED_BITS or g_own not in SUPPORTED_GROUP_SIZES:
         return None, f"the model's own quant_predicate gives it {mode} {b_own}-bit, group {g_own}: not analysed"
-    return {b: (b_own, g_own) if b_own >= b else (b, group_size) for b in bits}, None
+    return {b: (b_own, g_own) for b in bits}, None
 
 
 def analyze(

@@ -2,15 +2,13 @@
 
 mlx-lm's quantize_model uses a model's own predicate only when none is passed, so any recipe
 predicate silently replaced it (qwen3_moe keeps its router `mlp.gate` at 8 bits). Here the
-model's choices are floors: a layer it keeps in float stays float, a layer it gives b bits gets
-at least b; ours decide everywhere else, and may only raise.
+model's choices stand: a layer it keeps in float stays float, a layer it gives b bits gets b,
+or more where a recipe asks for more (never less); ours decide everywhere else.
 """
 
 from __future__ import annotations
 
 from typing import Callable
-
-FLOAT = None  # a layer kept unquantized
 
 
 def own_predicate(model) -> Callable | None:
@@ -21,26 +19,18 @@ def own_predicate(model) -> Callable | None:
         return None
 
 
-def _bits_of(choice, default_bits: int):
-    """bits a predicate answer means: None for float, an int otherwise."""
-    if choice is False:
-        return FLOAT
-    if isinstance(choice, dict):
-        return int(choice.get("bits", default_bits))
-    return default_bits
-
-
-def combine(own, ours, bits: int, group_size: int):
-    """One layer's answer from the model's own predicate answer and ours (True, False or params)."""
+def combine(own, ours, bits: int):
+    """One layer's answer from the model's own predicate's and ours (True, False or params).
+    Where ours has no opinion (True) the model's answer stands as mlx-lm would use it; an
+    explicit choice of ours wins only where it keeps more precision."""
     if own is False or ours is False:  # float is above every bit-width
         return False
-    b_own, b_ours = _bits_of(own, bits), _bits_of(ours, bits)
-    if isinstance(own, dict) and b_own >= b_ours:
-        return {"group_size": group_size, "mode": "affine", **own}
-    return ours
+    if ours is True or own is True:
+        return own if ours is True else ours
+    return own if int(own.get("bits", bits)) >= int(ours.get("bits", bits)) else ours
 
 
-def compose(own: Callable | None, ours: Callable | None, bits: int, group_size: int) -> Callable | None:
+def compose(own: Callable | None, ours: Callable | None, bits: int) -> Callable | None:
     """A predicate that never lowers what the model's own predicate keeps."""
     if own is None:
         return ours
@@ -48,7 +38,7 @@ def compose(own: Callable | None, ours: Callable | None, bits: int, group_size: 
         return own
 
     def predicate(path, module):
-        return combine(own(path, module), ours(path, module), bits, group_size)
+        return combine(own(path, module), ours(path, module), bits)
 
     return predicate
 
@@ -75,5 +65,5 @@ def own_choices(config: dict, group_size: int) -> dict:
             continue
         choice = pred(path, module)
         if choice is not True:
-            out[path] = False if choice is False else {"group_size": group_size, "mode": "affine", **choice}
+            out[path] = choice
     return out
