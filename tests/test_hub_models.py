@@ -320,3 +320,13 @@ def test_unchanged_means_only_the_dtype_rounding_differs(src, dst):
     bumped = np.array(raw(w1))
     bumped[4000] ^= 1
     assert not unchanged_by_fine_tune(bumped, dst, raw(w0), src, chunk=1000)
+
+
+def test_hub_layout_on_both_sides_still_matches(moe, tmp_path):
+    """A fused model in Hub layout (experts un-stacked, e.g. a full fine-tune saved by transformers)
+    against a Hub base: expert by expert, as before."""
+    base, _, _ = moe
+    cfg = json.loads((base / "config.json").read_text())
+    other = save_hub(tmp_path / "tuned", cfg, seed=7)
+    rep = survival(other, "--base", base, "--bits", 4, 8)
+    assert "model.layers.0.mlp.experts.3.down_proj.weight" in {t["name"] for t in rep["tensors"]}

@@ -149,7 +149,9 @@ def resolve_delta_source(model: SafetensorsModel, adapter=None, base=None) -> De
                     f"{src.adapter.path}: a DoRA adapter rescales whole rows, so its delta needs the base model: give --base"
                 )
     if base is not None:
-        src.base = SafetensorsModel(base, stack_experts=True)
+        # a Hub base's per-expert tensors are read as mlx-lm's stacked ones when the fused model has those
+        stacked = any(".switch_mlp." in n for n in model.names())
+        src.base = SafetensorsModel(base, stack_experts=stacked)
         src.base_quant = src.base.quantization
         _check_same_tensors(model, src.base)
     return src
