@@ -348,6 +348,7 @@ def test_closing_a_delta_source_unmaps_the_base_and_adapter(trio):
     m = SafetensorsModel(fused)
     src = resolve_delta_source(m, adapter=adapter, base=base)
     src.base.raw(src.base.names()[0])  # maps the base file
+    src.adapter._st.raw(src.adapter._st.names()[0])  # and the adapter file (its deltas are read lazily)
     mapped = Path("/proc/self/maps").read_text()
     assert str(base) in mapped and str(adapter) in mapped
     src.close()

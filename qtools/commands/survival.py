@@ -117,8 +117,15 @@ def delta_survival_cmd(model, adapter, base, bits, group_size, as_json, output, 
         return
     src = report["delta_source"]
     rule = report["threshold"]
-    click.echo(f"Model: {report['model']}   group size {report['group_size']}   "
-               f"delta from: {src['adapter'] or src['base']}")
+    how = "recorded in the model's provenance" if src.get("recorded") else "given"
+    if src["delta_from"] == "adapter":
+        where = f"adapter {src['adapter']} ({how})"
+    else:
+        where = f"base {src['base']} (fused - base; {how}{'; ' + src['why'] if src.get('why') else ''})"
+    click.echo(f"Model: {report['model']}   group size {report['group_size']}   delta from: {where}")
+    unchanged = report.get("unchanged", {}).get("tensors", [])
+    if unchanged:
+        click.echo(f"{len(unchanged)} tensor(s) unchanged by the fine-tune, left out of the delta statistics")
     click.echo(_summary_table(report, True))
     if report["weakest_layers"]:
         stat = rule["statistic"]
@@ -126,6 +133,8 @@ def delta_survival_cmd(model, adapter, base, bits, group_size, as_json, output, 
         click.echo(f"\nWeakest layers by {stat}:")
         click.echo(tabulate(rows, headers=["layer"] + [f"{b}-bit" for b in report["bits"]], tablefmt="simple"))
     _print_skipped(report)
+    for note in report.get("notes", []):
+        click.echo(f"Note: {note}")
     pm = report["predicted_min_bits"]
     tag = " (PROVISIONAL: confirm with make validate)" if rule.get("provisional") else ""
     agg = rule.get("aggregate", "weighted").replace("_", " ")

@@ -12,6 +12,7 @@ any row of the delta without materialising it:
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,23 @@ class LowRankDelta:
             u[e * rows : (e + 1) * rows] = orthonormal_columns(self.bt[e * rows : (e + 1) * rows])
             v[e * cols : (e + 1) * cols] = orthonormal_columns(self.at[e * r : (e + 1) * r].T)
         return u, v
+
+
+class LazyDeltas(Mapping):
+    """Weight name -> LowRankDelta, read from the adapter file on access (Adapter.deltas)."""
+
+    def __init__(self, adapter: "Adapter", plan: dict):
+        self._adapter, self._plan = adapter, plan
+
+    def __getitem__(self, name: str) -> LowRankDelta:
+        module, leaves, shape = self._plan[name]
+        return self._adapter._read(module, name, leaves, shape)
+
+    def __iter__(self):
+        return iter(self._plan)
+
+    def __len__(self):
+        return len(self._plan)
 
 
 def orthonormal_columns(x: np.ndarray) -> np.ndarray:
@@ -123,17 +141,29 @@ class Adapter:
             return hits[0]
         raise QtoolsError(f"adapter module {module!r} is not in the model (no tensor {name!r})")
 
-    def deltas(self, model: SafetensorsModel) -> dict[str, LowRankDelta]:
-        """Map model weight name -> low-rank delta, checking every shape against the model."""
-        out = {}
+    def deltas(self, model: SafetensorsModel, lazy: bool = False):
+        """Map model weight name -> low-rank delta, checking every shape against the model first.
+        lazy: each delta's factors are read when it is asked for, their pages dropped after, so an
+        adapter of any size costs one module's factors in memory (a rank-16 adapter on a 30 GB
+        model is 350 MB of float32)."""
+        plan = {}
         names = model.names()
         for module, leaves in self.modules.items():
             wname = self.weight_name(module, names)
-            info = model.info(wname)
-            a = self._st.to_float32(leaves["lora_a"])
-            b = self._st.to_float32(leaves["lora_b"])
-            out[wname] = self._factor(module, wname, info.shape, a, b)
-        return out
+            shape = model.info(wname).shape
+            # zero-stride stand-ins: the shapes are checked without reading the factors
+            a, b = (np.broadcast_to(np.float32(0), self._st.info(leaves[k]).shape) for k in ("lora_a", "lora_b"))
+            self._factor(module, wname, shape, a, b)
+            plan[wname] = (module, leaves, shape)
+        out = LazyDeltas(self, plan)
+        return out if lazy else dict(out.items())
+
+    def _read(self, module, wname, leaves, shape) -> LowRankDelta:
+        a = self._st.to_float32(leaves["lora_a"])
+        b = self._st.to_float32(leaves["lora_b"])
+        for k in ("lora_a", "lora_b"):
+            self._st.release(leaves[k])
+        return self._factor(module, wname, shape, a, b)
 
     def _factor(self, module, wname, shape, a, b) -> LowRankDelta:
         s = self.scale

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,31 @@ FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 _EXPONENT = {"F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80), "F32": (np.uint32, 0x7F800000),
              "F64": (np.uint64, 0x7FF0000000000000)}
 _MAX_HEADER = 100 * 1024 * 1024
+# Hugging Face MoE checkpoints store one tensor per expert; mlx-lm's sanitize() stacks them into
+# switch_mlp (qwen2/3_moe, olmoe, deepseek: same leaf names; mixtral: w1/w2/w3).
+_HUB_EXPERT = re.compile(r"^(?P<pre>.+)\.experts\.(?P<e>\d+)\.(?P<leaf>[A-Za-z0-9_]+)\.(?P<part>weight|scales|biases)$")
+_HUB_EXPERT_LEAF = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+
+
+def expert_stacks(infos: dict) -> dict[str, list]:
+    """{stacked mlx-lm name: [TensorInfo of expert 0, 1, ...]} for the un-stacked experts of a
+    Hub checkpoint: expert E of the Hub file is slice E of mlx-lm's switch_mlp tensor."""
+    groups: dict = {}
+    for name, info in infos.items():
+        m = _HUB_EXPERT.match(name)
+        if m:
+            leaf = _HUB_EXPERT_LEAF.get(m["leaf"], m["leaf"])
+            groups.setdefault(f"{m['pre']}.switch_mlp.{leaf}.{m['part']}", {})[int(m["e"])] = info
+    out = {}
+    for stacked, by_e in groups.items():
+        missing = sorted(set(range(max(by_e) + 1)) - set(by_e))
+        if missing:
+            raise QtoolsError(f"{by_e[min(by_e)].file.parent}: expert {missing[0]} of {stacked!r} is missing")
+        parts = [by_e[e] for e in range(len(by_e))]
+        if len({(p.dtype, p.shape) for p in parts}) != 1:
+            raise QtoolsError(f"{parts[0].file.parent}: the experts of {stacked!r} differ in dtype or shape")
+        out[stacked] = parts
+    return out
 
 
 @dataclass
@@ -126,7 +152,9 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
 class SafetensorsModel:
     """All tensors of a model directory (single file or sharded with an index)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, stack_experts: bool = False):
+        """stack_experts: present a Hub checkpoint's per-expert tensors under mlx-lm's stacked
+        switch_mlp names, assembled from their memory maps one stacked tensor at a time."""
         self.path = Path(path)
         if not self.path.exists():
             raise QtoolsError(f"{self.path}: no such directory")
@@ -138,6 +166,15 @@ class SafetensorsModel:
             for name, info in _read_header(f).items():
                 self.tensors[name] = info
         self._maps: dict[Path, mmap.mmap] = {}
+        self._stacks: dict[str, list[TensorInfo]] = {}
+        if stack_experts:
+            self._stacks = expert_stacks(self.tensors)
+            for stacked, parts in self._stacks.items():
+                for p in parts:
+                    del self.tensors[p.name]
+                p0 = parts[0]
+                self.tensors[stacked] = TensorInfo(stacked, p0.dtype, (len(parts), *p0.shape), p0.file, -1,
+                                                   p0.nbytes * len(parts))
         config = self.path / "config.json"
         self.config = {}
         if config.exists():
@@ -155,6 +192,7 @@ class SafetensorsModel:
             raise QtoolsError(f"{path}: no such file")
         self.tensors = _read_header(Path(path))
         self._maps = {}
+        self._stacks = {}
         self.config = {}
         return self
 
@@ -192,8 +230,18 @@ class SafetensorsModel:
             raise QtoolsError(f"{self.path}: no tensor named {name!r}") from None
 
     def raw(self, name: str) -> np.ndarray:
-        """Read-only view of the tensor's stored bytes (16-bit floats as uint16)."""
-        info = self.info(name)
+        """Read-only view of the tensor's stored bytes (16-bit floats as uint16); a stacked
+        expert tensor is a copy assembled slice by slice (the slices' pages dropped as it goes)."""
+        if name in self._stacks:
+            parts = self._stacks[name]
+            out = np.empty(self.info(name).shape, dtype=_STORAGE[parts[0].dtype][0])
+            for e, p in enumerate(parts):
+                out[e] = self._view(p)
+                self._drop(p)
+            return out
+        return self._view(self.info(name))
+
+    def _view(self, info: TensorInfo) -> np.ndarray:
         mm = self._maps.get(info.file)
         if mm is None:
             with open(info.file, "rb") as f:
@@ -205,7 +253,10 @@ class SafetensorsModel:
 
     def release(self, name: str) -> None:
         """Tell the kernel the tensor's pages may be dropped (keeps RSS near one tensor)."""
-        info = self.info(name)
+        for info in self._stacks.get(name) or [self.info(name)]:
+            self._drop(info)
+
+    def _drop(self, info: TensorInfo) -> None:
         mm = self._maps.get(info.file)
         if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
             return

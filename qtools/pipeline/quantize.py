@@ -35,7 +35,10 @@ def default_output(bits: int, recipe: str = "uniform", prefix: str = "models/fus
 def make_predicate(
     model, bits: int, group_size: int, recipe: str = "uniform", layer_bits: dict | None = None
 ) -> Callable | None:
-    """The quant_predicate for mlx_lm.utils.quantize_model (None = uniform)."""
+    """The quant_predicate for mlx_lm.utils.quantize_model (None = uniform), composed with the
+    model's own predicate: what mlx-lm keeps (qwen3_moe's router at 8 bits) is never lowered."""
+    from ..survival.predicate import compose, own_predicate
+
     base = None
     if recipe != "uniform":
         from mlx_lm.convert import mixed_quant_predicate_builder
@@ -44,8 +47,9 @@ def make_predicate(
             base = mixed_quant_predicate_builder(recipe, model, group_size)
         except ValueError as exc:
             raise QtoolsError(f"recipe {recipe} does not apply to this model: {exc}") from None
+    own = own_predicate(model)
     if not layer_bits:
-        return base
+        return compose(own, base, bits)
     known = {name for name, _ in model.named_modules()}
     missing = sorted(set(layer_bits) - known)
     if missing:
@@ -59,7 +63,7 @@ def make_predicate(
             return {"group_size": group_size, "bits": int(b), "mode": "affine"}
         return base(path, module) if base is not None else True
 
-    return predicate
+    return compose(own, predicate, bits)
 
 
 def output_bytes_estimate(st: SafetensorsModel, src: Path, bits: int, group_size: int, recipe: str,

@@ -15,7 +15,8 @@ the target only says when to stop. (Allocating by the rule's own statistic
 instead chases a bounded or weakest-layer value; on the demo that left two
 VETO->APPROVE errors at the same bits per weight.) A model that cannot clear
 the rule even at 8 bits gets every delta tensor at 8 and is flagged (survives
-False). Tensors the fine-tune does not touch stay at BITS. The result is a
+False). Tensors the fine-tune does not touch stay at BITS, and tensors the model's own
+quant_predicate holds higher (qwen3_moe's router at 8 bits) are never planned below it. The result is a
 `layer_bits` map for qtools.quantize, written through mlx-lm's per-layer
 quantization config so `mlx_lm.load` loads the model as usual.
 """
@@ -101,7 +102,8 @@ def plan_from_report(report: dict, bits: int, objective: str = OBJECTIVE, target
         n = _n_elements(t)
         tensors.append({"name": t["name"], "layer": t.get("layer"), "n": n,
                         "w": (delta_rms ** 2) * n or 1e-30, "stat": vals,
-                        "obj": obj if all(v is not None for v in obj.values()) else None})
+                        "obj": obj if all(v is not None for v in obj.values()) else None,
+                        "eff": {b: int((t.get("effective_bits") or {}).get(str(b), b)) for b in widths}})
     assigned = {t["name"]: bits for t in tensors}
     raised_ok = True
     value_before = value = _rule_value(tensors, assigned, rule) if tensors else None
@@ -120,6 +122,8 @@ def plan_from_report(report: dict, bits: int, objective: str = OBJECTIVE, target
             nxt = next((b for b in widths if b > cur), None)
             if nxt is None:
                 continue
+            if t["eff"][nxt] == t["eff"][cur]:
+                continue  # the model's own predicate already holds it higher (a router at 8): nothing to buy
             if t["obj"] is not None:
                 gain = _delta_error(t, cur) - _delta_error(t, nxt)
             else:  # no objective statistic: what the rule gains
@@ -136,7 +140,7 @@ def plan_from_report(report: dict, bits: int, objective: str = OBJECTIVE, target
     layer_bits, raised = {}, []
     for t in tensors:
         b = assigned[t["name"]]
-        if b == bits:
+        if b == bits or t["eff"][b] == t["eff"][bits]:
             continue
         path = _module_path(t["name"])
         layer_bits[path] = b

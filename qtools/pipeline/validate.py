@@ -500,6 +500,9 @@ def validate(
     try:
         memory = check_memory(path)  # warns on stderr before a model near the device limit loads
         net, tokenizer, config, load_s = load_model(path)
+        from . import backend
+
+        backend.prepare_for_cpu(net, path)  # Linux: one line on what the CPU backend costs; float MoE experts in float32
         tool_format = tool_format_of(tokenizer)
 
         def on_record(record):

@@ -12,12 +12,13 @@ import json
 import math
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .. import SUPPORTED_BITS, QtoolsError
+from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QtoolsError
 from ..format import progress as progress_bar
 from ..io.adapters import Adapter, LowRankDelta
 from .rule import Rule
@@ -31,6 +32,9 @@ KIND_PATTERNS = [
     ("embed", "embed_tokens"), ("lm_head", "lm_head"),
 ]
 _LAYER_RE = re.compile(r"layers\.(\d+)\.")
+# An MoE router (qwen/deepseek `mlp.gate`, mixtral `block_sparse_moe.gate`, gpt-oss `mlp.router`):
+# its own kind, never lumped with the experts' or the dense MLP's gate_proj.
+_ROUTER_RE = re.compile(r"\.(gate|router)\.weight$")
 # Statistics that exist only where a delta does, weighted by |D|^2 over tensors.
 DELTA_STATS = ("delta_rms", "delta_to_step", "delta_retention", "cosine", "sign_agreement",
                "codes_changed", "delta_snr", "subspace_snr")
@@ -42,6 +46,8 @@ def bits_per_weight(bits: int, group_size: int) -> float:
 
 
 def module_kind(name: str) -> str:
+    if _ROUTER_RE.search(name):
+        return "router"
     for kind, pat in KIND_PATTERNS:
         if pat in name:
             return kind
@@ -67,13 +73,25 @@ def quantizable(info) -> str | None:
 class DeltaSource:
     base: SafetensorsModel | None = None
     adapter: Adapter | None = None
-    deltas: dict[str, LowRankDelta] = field(default_factory=dict)
+    deltas: Mapping[str, LowRankDelta] = field(default_factory=dict)
     base_quant: dict | None = None
+    recorded: bool = False  # found in the fused model's provenance record, not given
+
+    @property
+    def delta_from(self) -> str:
+        """Where D comes from: the base (D = fused - base) whenever one is used, else the adapter."""
+        return "base" if self.base is not None else "adapter"
 
     def describe(self) -> dict:
+        why = None
+        if self.base is not None and self.adapter is not None and self.adapter.is_dora:
+            why = "DoRA rescales whole rows: the delta needs the base"
         return {
             "base": str(self.base.path) if self.base else None,
             "adapter": str(self.adapter.path) if self.adapter else None,
+            "delta_from": self.delta_from,
+            "recorded": self.recorded,
+            "why": why,
         }
 
     def close(self) -> None:
@@ -84,7 +102,10 @@ class DeltaSource:
 
 
 def resolve_delta_source(model: SafetensorsModel, adapter=None, base=None) -> DeltaSource:
-    """Adapter and/or base given, else the fused directory's provenance record."""
+    """Adapter and/or base given, else the fused directory's provenance record, where the recorded
+    adapter is preferred: its delta is exact, while fused - base also carries the rounding of the
+    base to the fused dtype (and needs the base's layout to match)."""
+    recorded = False
     if adapter is None and base is None:
         prov_path = model.path / PROVENANCE
         if not prov_path.exists():
@@ -102,20 +123,25 @@ def resolve_delta_source(model: SafetensorsModel, adapter=None, base=None) -> De
             raise QtoolsError(
                 f"{prov_path}: the recorded base and adapter no longer exist; give --adapter or --base"
             )
-    src = DeltaSource()
+        recorded = True
+        if adapter is not None and not Adapter(adapter).is_dora:
+            base = None  # the adapter alone gives the exact delta
+    src = DeltaSource(recorded=recorded)
     if adapter is not None:
         src.adapter = Adapter(adapter)
-        src.deltas = src.adapter.deltas(model)
+        src.deltas = src.adapter.deltas(model, lazy=True)  # one module's factors in memory at a time
         if src.adapter.is_dora and base is None:
-            recorded = src.adapter.base_model
-            if recorded and Path(recorded).is_dir():
-                base = recorded
+            recorded_base = src.adapter.base_model
+            if recorded_base and Path(recorded_base).is_dir():
+                base = recorded_base
             else:
                 raise QtoolsError(
                     f"{src.adapter.path}: a DoRA adapter rescales whole rows, so its delta needs the base model: give --base"
                 )
     if base is not None:
-        src.base = SafetensorsModel(base)
+        # a Hub base's per-expert tensors are read as mlx-lm's stacked ones when the fused model has those
+        stacked = any(".switch_mlp." in n for n in model.names())
+        src.base = SafetensorsModel(base, stack_experts=stacked)
         src.base_quant = src.base.quantization
         _check_same_tensors(model, src.base)
     return src
@@ -295,6 +321,54 @@ def reaggregate(tensors: list[dict], bits: list[int]) -> tuple[dict, list[dict]]
     return _aggregate(rebuilt, bits), layers
 
 
+def _as_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "float16":
+        return raw.view(np.float16).astype(np.float32)
+    if dtype == "bfloat16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(raw, dtype=np.float32)
+
+
+def _round_to(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values rounded to dtype (round to nearest even, as MLX's astype), back in float32."""
+    if dtype == "float16":
+        return x.astype(np.float16).astype(np.float32)
+    if dtype == "bfloat16":
+        u = x.view(np.uint32)
+        u = (u + (np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1)))) & np.uint32(0xFFFF0000)
+        return u.view(np.float32)
+    return x
+
+
+def unchanged_by_fine_tune(w1, dtype1: str, w0, dtype0: str, chunk: int = 1 << 20) -> bool:
+    """True when the fused weight is the base weight rounded to the fused dtype, element for
+    element: the tensor's only delta is the dtype conversion of saving (a bf16 base saved as
+    float16 rounds its subnormals), which is no fine-tune delta. Read in chunks; a tensor the
+    fine-tune changed usually differs in its first chunk."""
+    a, b = w1.reshape(-1), w0.reshape(-1)
+    for i in range(0, a.size, chunk):
+        if not np.array_equal(_as_float32(a[i : i + chunk], dtype1),
+                              _round_to(_as_float32(b[i : i + chunk], dtype0), dtype1)):
+            return False
+    return True
+
+
+def _own_bits(own: dict, name: str, bits: list[int], group_size: int):
+    """For a tensor the model's own quant_predicate sets (qwen3_moe's router: 8 bits), the
+    (bits, group size) it really gets when the model is quantized at each requested bit-width,
+    or why it is not analysed; (None, None) for the rest (survival.predicate.combine)."""
+    choice = own.get(name[: -len(".weight")]) if name.endswith(".weight") else None
+    if choice is None:
+        return None, None
+    if choice is False:
+        return None, "kept in float by the model's own quant_predicate (mlx-lm)"
+    b_own, g_own = int(choice.get("bits", 0)), int(choice.get("group_size", group_size))
+    mode = choice.get("mode", "affine")
+    if mode != "affine" or b_own not in SUPPORTED_BITS or g_own not in SUPPORTED_GROUP_SIZES:
+        return None, f"the model's own quant_predicate gives it {mode} {b_own}-bit, group {g_own}: not analysed"
+    return {b: (b_own, g_own) for b in bits}, None
+
+
 def analyze(
     model: str | Path,
     bits=SUPPORTED_BITS,
@@ -307,6 +381,7 @@ def analyze(
 ) -> dict:
     """Analyse every quantizable tensor of a model directory; returns the JSON-able report."""
     from .. import _ext
+    from .predicate import own_choices
 
     bits = sorted(set(int(b) for b in bits))  # the CLI checked them; the kernel checks them again
     t0 = time.perf_counter()
@@ -314,6 +389,7 @@ def analyze(
     if m.quantization:
         raise QtoolsError(f"{m.path}: the model is already quantized; analyse the float (fused float16) model")
     src = resolve_delta_source(m, adapter, base) if with_delta else None
+    own = own_choices(m.config, group_size) if m.config else {}
 
     todo, skipped = [], []
     for name, info in m.tensors.items():
@@ -322,53 +398,73 @@ def analyze(
             continue
         if why is None and info.shape[-1] % group_size:
             why = f"last dimension {info.shape[-1]} not divisible by group size {group_size} (mlx-lm leaves it unquantized)"
+        fixed = None
+        if why is None:
+            fixed, why = _own_bits(own, name, bits, group_size)
         if why:
             skipped.append({"name": name, "shape": list(info.shape), "reason": why})
         else:
-            todo.append(info)
+            todo.append((info, fixed))
     if not todo:
         raise QtoolsError(f"{m.path}: no tensor can be quantized with group size {group_size}")
 
     tensors = []
     bar = progress_bar(todo, "tensors", enabled=progress and len(todo) >= 8, unit="tensor")
-    for info in bar:
+    for info, fixed in bar:
         name = info.name
         cols = info.shape[-1]
         experts = info.shape[0] if len(info.shape) == 3 else 1
         w1 = m.raw(name).reshape(-1, cols)
+        dtype = FLOAT_DTYPES[info.dtype]
         kwargs = {}
         delta = src.deltas.get(name) if src else None
+        unchanged = src is not None and src.base is None and delta is None
         if src and src.base is not None:
             w0, w0_dtype = _base_tensor(src, name)
-            kwargs.update(w0=w0.reshape(-1, cols), w0_dtype=w0_dtype)
+            if unchanged_by_fine_tune(w1, dtype, w0, w0_dtype):
+                unchanged = True
+            else:
+                kwargs.update(w0=w0.reshape(-1, cols), w0_dtype=w0_dtype)
         elif delta is not None:
             kwargs.update(bt=delta.bt, at=delta.at)
-        if delta is not None:
+        if delta is not None and not unchanged:
             if delta.experts != experts:
                 raise QtoolsError(f"adapter for {name!r} has {delta.experts} experts, the weight has {experts}")
             u, v = delta.subspace()
             kwargs.update(u=u, v=v)
-        try:
-            r = _ext.analyze(w1, FLOAT_DTYPES[info.dtype], bits, group_size, experts=experts, threads=threads, **kwargs)
-        except ValueError as exc:
-            raise QtoolsError(f"tensor {name!r}: {exc}") from None
+        has_delta = src is not None and not unchanged
+        # one kernel pass per group size, at the bits each requested width really gives the tensor
+        plan = fixed or {b: (b, group_size) for b in bits}
+        by_bits, r = {}, None
+        for gs in sorted({g for _, g in plan.values()}):
+            widths = sorted({eb for eb, g in plan.values() if g == gs})
+            try:
+                r = _ext.analyze(w1, dtype, widths, gs, experts=experts, threads=threads, **kwargs)
+            except ValueError as exc:
+                raise QtoolsError(f"tensor {name!r}: {exc}") from None
+            if r["nonfinite"]:
+                raise QtoolsError(f"tensor {name!r} in {info.file}: {r['nonfinite']} NaN or Inf values")
+            stats = _tensor_stats(r, widths, has_delta, "u" in kwargs)
+            by_bits.update({str(b): stats[str(eb)] for b, (eb, g) in plan.items() if g == gs})
         m.release(name)
         if src and src.base is not None and name in src.base:
             src.base.release(name)
-        if r["nonfinite"]:
-            raise QtoolsError(f"tensor {name!r} in {info.file}: {r['nonfinite']} NaN or Inf values")
-        has_delta = src is not None and (delta is not None or src.base is not None)
+        d2 = float(r["d2"]) if has_delta else 0.0
         entry = {
             "name": name,
             "shape": list(info.shape),
-            "dtype": FLOAT_DTYPES[info.dtype],
+            "dtype": dtype,
             "kind": module_kind(name),
             "layer": layer_index(name),
-            "by_bits": _tensor_stats(r, bits, has_delta, delta is not None),
+            "by_bits": {str(b): by_bits[str(b)] for b in bits},
             "_n": int(r["n"]),
             "_w2": float(r["w2"]),
-            "_d2": float(r["d2"]) if has_delta else 0.0,
+            "_d2": d2,
         }
+        if fixed:
+            entry["effective_bits"] = {str(b): eb for b, (eb, _) in plan.items()}
+        if src is not None and (unchanged or d2 == 0):
+            entry["unchanged"] = True
         tensors.append(entry)
     m.close()
     if src is not None:
@@ -388,13 +484,31 @@ def analyze(
         "by_kind": by_kind,
         "layers": layers,
         "skipped": skipped,
+        "notes": [],
     }
+    fixed_names = [t["name"] for t in tensors if "effective_bits" in t]
+    if fixed_names:
+        report["notes"].append(
+            f"{len(fixed_names)} tensor(s) judged at the bits the model's own quant_predicate gives them "
+            f"(kept by mlx-lm whatever BITS is; effective_bits in the JSON), e.g. {fixed_names[0]}")
     if src is not None:
         if "delta_retention" not in summary[str(bits[0])]:
             raise QtoolsError("the delta is zero in every quantizable tensor: nothing to predict (is this the fused model?)")
         rule = Rule.load(available=summary[str(max(bits))])
         predicted, verdict = rule.predict(summary, layers, bits)
         report["delta_source"] = src.describe()
+        report["unchanged"] = {
+            "criterion": (
+                "fused weight == base weight rounded to the fused dtype, element for element (only the dtype "
+                "conversion of saving differs): no fine-tune delta, excluded from the delta statistics"
+                if src.base is not None else
+                "no adapter module for the tensor (or an all-zero lora_b): excluded from the delta statistics"),
+            "tensors": [t["name"] for t in tensors if t.get("unchanged")],
+        }
+        if src.adapter is None:
+            report["notes"].append(
+                "subspace_snr not computed: the subspace SNR needs the adapter's factors (lora_a, lora_b), "
+                "and the delta comes from --base alone; give --adapter too")
         report["threshold"] = rule.to_dict()
         report["verdict"] = verdict
         report["predicted_min_bits"] = predicted
