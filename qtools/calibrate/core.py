@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .. import QtoolsError
 from ..io.atomic import write_json_atomic
+from ..pipeline.fakequant import fake_quantize  # noqa: F401  (shared with probe)
 
 BITS = [2, 3, 4, 5, 6, 8]
 STATISTICS = ["subspace_snr", "delta_snr", "cosine", "retention", "sign_agreement", "delta_to_step"]
@@ -84,30 +85,6 @@ def expand_run(run_dir: Path, run: dict) -> list[tuple[str, dict, Path]]:
             conf.update(keys=run["keys"], iters=it, scale=cfg["lora_parameters"]["scale"] * mult)
             out.append((f"{run_dir.name}-it{it}-x{mult:g}", conf, ad))
     return out
-
-
-def fake_quantize(model, bits: int, group_size: int = 64, exact_delta_from: dict | None = None) -> None:
-    """Replace every weight mlx-lm would quantize by its quantize->dequantize image, in place.
-
-    exact_delta_from: {parameter name: base weight}. Each weight W then becomes
-    Q(W0) + (W - W0): the base quantized, the fine-tuning delta kept exactly. What the
-    model still loses that way is the base's quantization noise, not the delta's rounding.
-    """
-    import mlx.core as mx
-
-    for name, module in model.named_modules():
-        if not hasattr(module, "to_quantized") or "weight" not in module:
-            continue
-        w = module.weight
-        if w.shape[-1] % group_size:
-            continue
-        src = w if exact_delta_from is None else exact_delta_from[f"{name}.weight"]
-        q, s, b = mx.quantize(src, group_size=group_size, bits=bits)
-        wq = mx.dequantize(q, s, b, group_size=group_size, bits=bits)
-        if exact_delta_from is not None:
-            wq = wq.astype(mx.float32) + (w.astype(mx.float32) - src.astype(mx.float32))
-        module.weight = wq.astype(w.dtype)
-    mx.eval(model.parameters())
 
 
 def model_weights(model_dir) -> dict:

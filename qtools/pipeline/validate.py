@@ -159,6 +159,18 @@ def suite_labels(suite: Suite, case: Case) -> list:
     return labels
 
 
+def is_critical(case: Case, suite: Suite, got: str | None) -> bool:
+    """Whether answering `got` for this case is a critical confusion (the case's own or the suite's)."""
+    if got is None:
+        return False
+    expected = case.expected
+    forbidden = set((case.critical or {}).get("forbidden", []))
+    for a, b in suite.critical_confusions:
+        if a.lower() == expected.lower():
+            forbidden.add(b)
+    return any(got.lower() == f.lower() for f in forbidden) and got.lower() != expected.lower()
+
+
 def score_case(case: Case, suite: Suite, text: str, tool_format: dict | None = None) -> dict:
     """Score one output. Returns the per-case record (without timings)."""
     tool_format = tool_format or {}
@@ -193,13 +205,7 @@ def score_case(case: Case, suite: Suite, text: str, tool_format: dict | None = N
         format_ok = bool(text.strip())
 
     expected = case.expected
-    critical = False
-    if got is not None:
-        forbidden = set((case.critical or {}).get("forbidden", []))
-        for a, b in suite.critical_confusions:
-            if a.lower() == expected.lower():
-                forbidden.add(b)
-        critical = any(got.lower() == f.lower() for f in forbidden) and got.lower() != expected.lower()
+    critical = is_critical(case, suite, got)
     record = {
         "id": case.id,
         "category": case.category,
