@@ -70,7 +70,7 @@ def _read(case, suite, spec, rows, answer, fit):
     return P.read_decision(case, suite, spec, rows, rows.argmax(-1), answer, fit)
 
 
-def test_tool_decision_reads_the_marker_and_checks_the_name_not_free_arguments(fam, tok):
+def test_tool_decision_reads_the_marker_and_keeps_the_whole_call(fam, tok):
     _d, model, suite_path = fam
     suite = load_suite(suite_path)
     case = suite.cases[0]
@@ -82,22 +82,22 @@ def test_tool_decision_reads_the_marker_and_checks_the_name_not_free_arguments(f
     rows = _rows(answer, vocab)
     spec = P.decision_spec(case, suite, tok, answer, rows, fit, model)
     assert spec["pos"] == 0 and answer[0] == fit["tool"] and spec["float_call"] == "search_code"
-    last = spec["span"][-1]
-    assert 0 < last < len(answer) - 3  # the span ends with the name, before the arguments
+    assert spec["span"] == list(range(len(answer) - 1))  # marker to end marker, not the EOS after it
     rec = _read(case, suite, spec, rows, answer, fit)
     assert rec["correct"] and rec["got"] == "search_code" and rec["margin"] > 0
 
-    # Another argument token on top after the name: still a correct call.
-    other = (answer[last + 2] + 1) % vocab
-    rec = _read(case, suite, spec, _rows(answer, vocab, {(last + 2, other): 0.0}), answer, fit)
+    # A different top token inside the arguments: the call may no longer parse, so it is not counted.
+    i = len(answer) - 5
+    rec = _read(case, suite, spec, _rows(answer, vocab, {(i, (answer[i] + 1) % vocab): 0.0}), answer, fit)
+    assert not rec["correct"] and not rec["format_ok"] and rec["got"] == "search_code"
+    assert rec["decided"]  # the decision itself held: a broken format is no decision flip
+    # After the call ends, another top token changes nothing.
+    rec = _read(case, suite, spec, _rows(answer, vocab, {(len(answer) - 1, 7): 0.0}), answer, fit)
     assert rec["correct"]
-    # A different token inside the name: the call no longer names the tool.
-    rec = _read(case, suite, spec, _rows(answer, vocab, {(last, (answer[last] + 1) % vocab): 0.0}), answer, fit)
-    assert not rec["correct"] and not rec["format_ok"]
     # A direct token above the marker: the decision flipped.
     flipped = _rows(answer, vocab, {(0, 5): 0.0})
     rec = _read(case, suite, spec, flipped, answer, fit)
-    assert rec["got"] == "direct" and not rec["correct"] and rec["margin"] < 0
+    assert rec["got"] == "direct" and not rec["correct"] and rec["margin"] < 0 and not rec["decided"]
 
 
 def test_direct_decision_is_where_a_call_came_nearest(fam, tok):

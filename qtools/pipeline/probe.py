@@ -21,10 +21,10 @@ regex and boxed cases have no decision token: they are skipped and counted.
 margin = log p(expected decision's token) - log p(best competing decision's token).
 A case is predicted correct when the expected decision's token is the top token at
 the decision token and the format is intact (a direct answer does not start with
-end-of-sequence; a tool call keeps the float's tokens through the tool's name, or
-through the whole call when the expectation checks arguments). A predicted
-critical error is a critical confusion whose forbidden decision is top. Verdicts
-use validate's own summary (accuracy >= min accuracy, no critical error).
+end-of-sequence; a tool call keeps the float's tokens, marker to end marker, as the
+top tokens all along). A predicted critical error is a critical confusion whose
+forbidden decision is top. Verdicts use validate's own summary (accuracy >= min
+accuracy, no critical error).
 """
 
 from __future__ import annotations
@@ -167,13 +167,13 @@ def decision_spec(case, suite_obj: Suite, tokenizer, answer: list, rows: np.ndar
             call_matches(case.expect, c) for c in calls)
         if tool in answer and calls:
             spec["float_call"] = calls[0]["name"]
-            # The tokens the expectation reads: the tool's name, or the whole call when arguments count.
-            checks_args = bool(case.expect.get("arguments") or case.expect.get("field"))
-            needle = fit["tool_end"] if checks_args else calls[0]["name"]
+            # The whole call, marker to end marker: only a call reproduced token for token is known to
+            # parse (a changed argument token can derail the JSON after it), so none counts as intact
+            # on less: the probe may be pessimistic here, never optimistic.
             off = _offsets(tokenizer, answer)
             end = len(answer) - 1
             for i in range(pos, len(answer)):
-                if needle in text[off[pos]:off[i + 1]]:
+                if fit["tool_end"] in text[off[pos]:off[i + 1]]:
                     end = i
                     break
             spec["span"] = list(range(pos, end + 1))
@@ -222,16 +222,17 @@ def read_decision(case, suite_obj: Suite, spec: dict, rows: np.ndarray, top: np.
             got = "direct" if decision == "direct" else None
             correct = not want_tool and decision == "direct" and intact
         format_ok = decision is not None and intact
+        decided = decision == ("tool" if want_tool else "direct")
     else:
         ids, expected = spec["ids"], case.expect["label"]
         others = [float(row[i]) for lab, i in ids.items() if lab != expected]
         margin = float(row[ids[expected]]) - max(others) if others else float("inf")
         got = next((lab for lab, i in ids.items() if i == argmax), None)
-        correct = got is not None and got.lower() == expected.lower()
+        correct = decided = got is not None and got.lower() == expected.lower()
         format_ok = got is not None
     return {"id": case.id, "category": case.category, "type": case.expect["type"], "expected": case.expected,
             "got": got, "correct": bool(correct), "format_ok": bool(format_ok),
-            "critical": is_critical(case, suite_obj, got), "margin": margin}
+            "critical": is_critical(case, suite_obj, got), "margin": margin, "decided": bool(decided)}
 
 
 # ---------------------------------------------------------------- scoring pass
@@ -260,7 +261,7 @@ def _precision_summary(records: list, probe_suite: Suite, min_accuracy: float, f
                      "median": float(np.median(margins))}
     if float_records is not None:
         flips = [r["id"] for r, f in zip(records, float_records)
-                 if np.sign(r["margin"]) != np.sign(f["margin"]) or (f["correct"] and not r["correct"])]
+                 if np.sign(r["margin"]) != np.sign(f["margin"]) or (f["decided"] and not r["decided"])]
         out["flips"], out["flipped_cases"] = len(flips), flips
     if kl is not None:
         out["kl"] = kl_stats(kl, same)
