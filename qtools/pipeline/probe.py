@@ -43,7 +43,7 @@ from ..io.modeldir import check_model_dir, load_model, quantization_info, read_c
 from ..io.suite import Suite, load_suite
 from ..survival.analyze import smallest_surviving
 from .fakequant import fake_quantize, quantizable_modules
-from .retention import DEFAULT_TOP_K, _log_softmax, _tail, build_sequences, kl_same_top, kl_stats, topk_rows
+from .retention import DEFAULT_TOP_K, _tail, build_sequences, kl_same_top, kl_stats, topk_rows
 from .validate import (DEFAULT_MIN_ACCURACY, DEFAULT_TOOL_END, DEFAULT_TOOL_START, extract_tool_calls,
                        call_matches, is_critical, suite_labels, summarize, tool_format_of)
 
@@ -237,19 +237,51 @@ def read_decision(case, suite_obj: Suite, spec: dict, rows: np.ndarray, top: np.
 
 # ---------------------------------------------------------------- scoring pass
 
-def _score_pass(net, seqs, progress: bool, desc: str):
-    """Per case: (answer rows' log-probs as numpy, their top token); the mlx rows for KL."""
+# Tokens per batched forward pass: bounds the (batch, length, vocab) float32 log-probs held at once.
+BATCH_TOKENS = 4096
+
+
+def _batches(seqs, vocab_hint: int):
+    """Consecutive runs of sequences whose padded size stays within the token budget."""
+    budget = max(1, BATCH_TOKENS * 32768 // max(vocab_hint, 32768))
+    batch, longest = [], 0
+    for seq in seqs:
+        n = len(seq[0])
+        if batch and max(longest, n) * (len(batch) + 1) > budget:
+            yield batch
+            batch, longest = [], 0
+        batch.append(seq)
+        longest = max(longest, n)
+    if batch:
+        yield batch
+
+
+def _score_pass(net, seqs, progress: bool, desc: str, vocab_hint: int = 32768):
+    """Per case: (answer rows' log-probs as an mlx array, as numpy, their top token).
+
+    Sequences go through the model in right-padded batches: attention is causal, so the
+    padding after a sequence cannot change its logits, and one call serves many cases.
+    """
     import mlx.core as mx
 
-    it = seqs
+    bar = None
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(seqs, desc=desc, file=sys.stderr, leave=False)
-    for tokens, start in it:
-        logp = _log_softmax(net, tokens)[start:len(tokens) - 1]
+        bar = tqdm(total=len(seqs), desc=desc, file=sys.stderr, leave=False)
+    for batch in _batches(seqs, vocab_hint):
+        width = max(len(t) for t, _ in batch)
+        ids = mx.array([t + [0] * (width - len(t)) for t, _ in batch])
+        logits = net(ids).astype(mx.float32)
+        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         mx.eval(logp)
-        yield logp, np.array(logp), np.array(mx.argmax(logp, axis=-1))
+        for b, (tokens, start) in enumerate(batch):
+            rows = logp[b, start:len(tokens) - 1]
+            yield rows, np.array(rows), np.array(mx.argmax(rows, axis=-1))
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
 
 
 def _precision_summary(records: list, probe_suite: Suite, min_accuracy: float, float_records, kl, same):
@@ -277,7 +309,9 @@ def probe(model, suite, bits=(), group_size: int | None = None, min_accuracy: fl
 
     tic = time.perf_counter()
     path = check_model_dir(model)
-    quant = quantization_info(read_config(path))
+    config = read_config(path)
+    quant = quantization_info(config)
+    vocab = int((config.get("text_config") or config).get("vocab_size") or 32768)
     bits_list, group_size = check_bits(list(bits or ()), group_size, quant, path)
     if max_tokens is not None and max_tokens < 1:
         raise QtoolsError("--max-tokens must be at least 1")
@@ -295,7 +329,7 @@ def probe(model, suite, bits=(), group_size: int | None = None, min_accuracy: fl
     # The reference pass: decision tokens, the float records, the top-k for KL.
     t_pass = time.perf_counter()
     specs, ref_records, idx, lp = [], [], [], []
-    for case, answer, (logp, rows, top) in zip(cases, answers, _score_pass(net, seqs, progress, "reference")):
+    for case, answer, (logp, rows, top) in zip(cases, answers, _score_pass(net, seqs, progress, "reference", vocab)):
         spec = decision_spec(case, suite_obj, tokenizer, answer, rows, fit, path)
         specs.append(spec)
         ref_records.append(read_decision(case, suite_obj, spec, rows, top, answer, fit))
@@ -321,7 +355,7 @@ def probe(model, suite, bits=(), group_size: int | None = None, min_accuracy: fl
             fake_quantize(net, b, group_size)
             recs, kls, same, pos = [], [], [], 0
             for case, spec, answer, (logp, rows, top) in zip(cases, specs, answers,
-                                                             _score_pass(net, seqs, progress, f"{b}-bit")):
+                                                             _score_pass(net, seqs, progress, f"{b}-bit", vocab)):
                 recs.append(read_decision(case, suite_obj, spec, rows, top, answer, fit))
                 kl, st = kl_same_top(logp, ref, pos)
                 kls.append(kl)
