@@ -227,3 +227,16 @@ def test_unwritable_output_is_refused_before_work(fam, tmp_path):
     blocker.write_text("x")
     r = run(model, "--suite", suite, "--bits", 4, "--output", blocker / "p.json")
     assert r.exit_code == 1 and r.output.startswith("Error: ") and "not a writable directory" in r.output
+
+
+def test_batched_scoring_gives_each_case_its_own_logits(fam, monkeypatch):
+    """Right padding inside a batch must not reach a sequence's rows (attention is causal)."""
+    _d, model, _suite = fam
+    net, tok, _c, _s = load_model(model)
+    seqs = [(P._encode(tok, text), 0) for text in ("find the parser now", "a b", "review: reset the old logs x")]
+    batched = [(r, t) for _l, r, t in P._score_pass(net, seqs, False, "b")]
+    monkeypatch.setattr(P, "BATCH_TOKENS", 1)  # one sequence per call
+    single = [(r, t) for _l, r, t in P._score_pass(net, seqs, False, "s")]
+    assert [len(r) for r, _t in batched] == [len(t) - 1 for t, _s in seqs]
+    for (rb, tb), (rs, ts) in zip(batched, single):
+        assert np.allclose(rb, rs, atol=2e-2) and (tb == ts).all()
