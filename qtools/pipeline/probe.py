@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import re
 import sys
 import time
 from pathlib import Path
@@ -44,8 +43,8 @@ from ..io.suite import Suite, load_suite
 from ..survival.analyze import smallest_surviving
 from .fakequant import fake_quantize, quantizable_modules
 from .retention import DEFAULT_TOP_K, _tail, build_sequences, kl_same_top, kl_stats, topk_rows
-from .validate import (DEFAULT_MIN_ACCURACY, DEFAULT_TOOL_END, DEFAULT_TOOL_START, extract_tool_calls,
-                       call_matches, is_critical, suite_labels, summarize, tool_format_of)
+from .validate import (DEFAULT_MIN_ACCURACY, DEFAULT_TOOL_END, DEFAULT_TOOL_START, call_matches,
+                       extract_tool_calls, find_label, is_critical, suite_labels, summarize, tool_format_of)
 
 DECISION_TYPES = ("tool_call", "direct", "label")
 DEFAULT_GROUP_SIZE = 64
@@ -179,11 +178,7 @@ def decision_spec(case, suite_obj: Suite, tokenizer, answer: list, rows: np.ndar
             spec["span"] = list(range(pos, end + 1))
         return spec
     labels = suite_labels(suite_obj, case)
-    found = None
-    for lab in labels:
-        m = re.search(r"(?<![A-Za-z0-9_])" + re.escape(lab) + r"(?![A-Za-z0-9_])", text, re.IGNORECASE)
-        if m and (found is None or m.start() < found[1]):
-            found = (lab, m.start())
+    found = find_label(text, labels)  # where validate would read the label
     pos, lead = 0, ""
     if found is not None:
         off = _offsets(tokenizer, answer)

@@ -95,14 +95,20 @@ def extract_boxed(text: str) -> str | None:
     return found
 
 
-def extract_label(text: str, labels: list) -> str | None:
-    """The label that appears first in the text (whole word, any case), or None."""
+def find_label(text: str, labels: list) -> tuple[str, int] | None:
+    """(label, character offset) of the label that appears first in the text (whole word, any case)."""
     best, best_pos = None, None
     for label in labels:
         m = re.search(r"(?<![A-Za-z0-9_])" + re.escape(label) + r"(?![A-Za-z0-9_])", text, re.IGNORECASE)
         if m and (best_pos is None or m.start() < best_pos or (m.start() == best_pos and len(label) > len(best))):
             best, best_pos = label, m.start()
-    return best
+    return None if best is None else (best, best_pos)
+
+
+def extract_label(text: str, labels: list) -> str | None:
+    """The label that appears first in the text (whole word, any case), or None."""
+    found = find_label(text, labels)
+    return found[0] if found else None
 
 
 def _norm_answer(s: str) -> str:
