@@ -18,6 +18,7 @@ COMMANDS = {
     "validate": "qtools.commands.validate:validate_cmd",
     "compare": "qtools.commands.compare:compare_cmd",
     "retention": "qtools.commands.retention:retention_cmd",
+    "probe": "qtools.commands.probe:probe_cmd",
     "demo-models": "qtools.commands.demo:demo_models_cmd",
     "calibrate": "qtools.commands.calibrate:calibrate_cmd",
 }

@@ -74,6 +74,7 @@ def test_every_command_reports_bad_input_as_exit_1(tmp_path):
         "fuse": ["fuse", missing, "--adapter", missing, "--output", tmp_path / "o"],
         "quantize": ["quantize", missing, "--output", tmp_path / "o"],
         "validate": ["validate", missing],
+        "probe": ["probe", missing],
         "compare": ["compare", missing / "x.json"],
         "retention": ["retention", missing, "--reference", missing, "--base", missing, "--cache", tmp_path / "c.npz",
                       "--logs-dir", tmp_path],

@@ -8,32 +8,9 @@ This keeps 24+ fine-tunes x 7 precisions within minutes on 2 CPU cores;
 
 from __future__ import annotations
 
+from ..pipeline.fakequant import fake_quantize
 from ..survival.rule import smallest_surviving
 from .grid import BITS
-
-
-def fake_quantize(model, bits: int, group_size: int = 64, exact_delta_from: dict | None = None) -> None:
-    """Replace every weight mlx-lm would quantize by its quantize->dequantize image, in place.
-
-    exact_delta_from: {parameter name: base weight}. Each weight W then becomes
-    Q(W0) + (W - W0): the base quantized, the fine-tuning delta kept exactly. What the
-    model still loses that way is the base's quantization noise, not the delta's rounding.
-    """
-    import mlx.core as mx
-
-    for name, module in model.named_modules():
-        if not hasattr(module, "to_quantized") or "weight" not in module:
-            continue
-        w = module.weight
-        if w.shape[-1] % group_size:
-            continue
-        src = w if exact_delta_from is None else exact_delta_from[f"{name}.weight"]
-        q, s, b = mx.quantize(src, group_size=group_size, bits=bits)
-        wq = mx.dequantize(q, s, b, group_size=group_size, bits=bits)
-        if exact_delta_from is not None:
-            wq = wq.astype(mx.float32) + (w.astype(mx.float32) - src.astype(mx.float32))
-        module.weight = wq.astype(w.dtype)
-    mx.eval(model.parameters())
 
 
 def model_weights(model_dir) -> dict:

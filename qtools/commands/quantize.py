@@ -7,13 +7,14 @@ import click
 from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from ..pipeline.quantize import RECIPES, default_output, quantize
 from ..format import human_bytes
+from .options import Supported
 
 
 @click.command("quantize")
 @click.argument("model", type=click.Path())
-@click.option("--bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default="5", show_default=True,
+@click.option("--bits", type=Supported("bits", SUPPORTED_BITS, "MLX affine quantization"), default=5, show_default=True,
               help="Bits per weight (MLX affine).")
-@click.option("--group-size", type=click.Choice([str(g) for g in SUPPORTED_GROUP_SIZES]), default="64",
+@click.option("--group-size", type=Supported("group size", SUPPORTED_GROUP_SIZES, "MLX"), default=64,
               show_default=True, help="Weights per quantization group.")
 @click.option("--recipe", type=click.Choice(RECIPES), default="uniform", show_default=True,
               help="uniform; mlx-lm's mixed_3_6/mixed_4_6 (ignore --bits); or survival: --bits, with the "

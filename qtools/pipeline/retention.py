@@ -91,10 +91,10 @@ def build_sequences(net, tokenizer, suite=None, text=None, max_tokens=None, prog
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
-    from ..io.suite import load_suite
+    from ..io.suite import Suite, load_suite
     from .validate import build_prompt
 
-    suite_obj = load_suite(suite)
+    suite_obj = suite if isinstance(suite, Suite) else load_suite(suite)  # a path or a loaded suite
     cases = suite_obj.cases
     cases = progress_bar(cases, "reference answers", enabled=progress)
     sampler = make_sampler(temp=0.0)
@@ -121,19 +121,36 @@ def _tail(logp_topk: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- reference cache
 
-def reference_topk(reference: Path, seqs, top_k: int, progress=True, net=None):
-    """Top-k log-probs of the reference at every scored position."""
+def topk_rows(logp, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top-k token ids and log-probs of each row of an (n, vocab) mlx array."""
     import mlx.core as mx
 
+    top = mx.argsort(-logp, axis=-1)[:, :min(top_k, logp.shape[-1])]
+    return np.array(top).astype(np.int32), np.array(mx.take_along_axis(logp, top, axis=-1))
+
+
+def kl_same_top(logp, ref: dict, pos: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token KL(reference || model) and same-top-token flags for one sequence's scored
+    rows `logp` (an (n, vocab) mlx array), whose reference rows start at `pos`."""
+    import mlx.core as mx
+
+    n = logp.shape[0]
+    idx = ref["topk_idx"][pos:pos + n]
+    q = np.array(mx.take_along_axis(logp, mx.array(idx), axis=-1))
+    kl = kl_topk(ref["topk_logp"][pos:pos + n], ref["tail_logp"][pos:pos + n], q, _tail(q))
+    return kl, np.array(mx.argmax(logp, axis=-1)) == idx[:, 0]
+
+
+def reference_topk(reference: Path, seqs, top_k: int, progress=True, net=None):
+    """Top-k log-probs of the reference at every scored position."""
     idx, lp, vocab = [], [], 0
     it = progress_bar(seqs, f"reference {reference.name}", enabled=progress)
     for tokens, start in it:
         logp = _log_softmax(net, tokens)[start:len(tokens) - 1]
         vocab = logp.shape[-1]
-        k = min(top_k, vocab)
-        top = mx.argsort(-logp, axis=-1)[:, :k]
-        idx.append(np.array(top).astype(np.int32))
-        lp.append(np.array(mx.take_along_axis(logp, top, axis=-1)))
+        i, v = topk_rows(logp, top_k)
+        idx.append(i)
+        lp.append(v)
     topk_idx = np.concatenate(idx)
     topk_logp = np.concatenate(lp).astype(np.float32)
     return topk_idx, topk_logp, _tail(topk_logp), vocab
@@ -208,8 +225,6 @@ def kl_topk(ref_logp: np.ndarray, ref_tail: np.ndarray, q_logp: np.ndarray, q_ta
 
 def score_model(path: Path, ref: dict, progress=True) -> dict:
     """Per-token KL from the reference and same-top-token flags for one model."""
-    import mlx.core as mx
-
     net, _tok = _load(path)
     kls, same = [], []
     pos = 0
@@ -221,12 +236,10 @@ def score_model(path: Path, ref: dict, progress=True) -> dict:
             raise QtoolsError(f"{path} has a vocabulary of {logp.shape[-1]} tokens but the reference has "
                               f"{ref['vocab']}: not the same model family")
         logp = logp[start:len(tokens) - 1]
-        n = logp.shape[0]
-        idx = ref["topk_idx"][pos:pos + n]
-        q = np.array(mx.take_along_axis(logp, mx.array(idx), axis=-1))
-        kls.append(kl_topk(ref["topk_logp"][pos:pos + n], ref["tail_logp"][pos:pos + n], q, _tail(q)))
-        same.append(np.array(mx.argmax(logp, axis=-1)) == idx[:, 0])
-        pos += n
+        kl, st = kl_same_top(logp, ref, pos)
+        kls.append(kl)
+        same.append(st)
+        pos += logp.shape[0]
     _free(net)
     return {"kl": np.concatenate(kls), "same_top": np.concatenate(same)}
 

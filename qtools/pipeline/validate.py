@@ -96,14 +96,20 @@ def extract_boxed(text: str) -> str | None:
     return found
 
 
-def extract_label(text: str, labels: list) -> str | None:
-    """The label that appears first in the text (whole word, any case), or None."""
+def find_label(text: str, labels: list) -> tuple[str, int] | None:
+    """(label, character offset) of the label that appears first in the text (whole word, any case)."""
     best, best_pos = None, None
     for label in labels:
         m = re.search(r"(?<![A-Za-z0-9_])" + re.escape(label) + r"(?![A-Za-z0-9_])", text, re.IGNORECASE)
         if m and (best_pos is None or m.start() < best_pos or (m.start() == best_pos and len(label) > len(best))):
             best, best_pos = label, m.start()
-    return best
+    return None if best is None else (best, best_pos)
+
+
+def extract_label(text: str, labels: list) -> str | None:
+    """The label that appears first in the text (whole word, any case), or None."""
+    found = find_label(text, labels)
+    return found[0] if found else None
 
 
 def _norm_answer(s: str) -> str:
@@ -160,6 +166,18 @@ def suite_labels(suite: Suite, case: Case) -> list:
     return labels
 
 
+def is_critical(case: Case, suite: Suite, got: str | None) -> bool:
+    """Whether answering `got` for this case is a critical confusion (the case's own or the suite's)."""
+    if got is None:
+        return False
+    expected = case.expected
+    forbidden = set((case.critical or {}).get("forbidden", []))
+    for a, b in suite.critical_confusions:
+        if a.lower() == expected.lower():
+            forbidden.add(b)
+    return any(got.lower() == f.lower() for f in forbidden) and got.lower() != expected.lower()
+
+
 def score_case(case: Case, suite: Suite, text: str, tool_format: dict | None = None) -> dict:
     """Score one output. Returns the per-case record (without timings)."""
     tool_format = tool_format or {}
@@ -194,13 +212,7 @@ def score_case(case: Case, suite: Suite, text: str, tool_format: dict | None = N
         format_ok = bool(text.strip())
 
     expected = case.expected
-    critical = False
-    if got is not None:
-        forbidden = set((case.critical or {}).get("forbidden", []))
-        for a, b in suite.critical_confusions:
-            if a.lower() == expected.lower():
-                forbidden.add(b)
-        critical = any(got.lower() == f.lower() for f in forbidden) and got.lower() != expected.lower()
+    critical = is_critical(case, suite, got)
     record = {
         "id": case.id,
         "category": case.category,

@@ -1,0 +1,243 @@
+"""probe: decision tokens, margins and predicted verdicts per bit-width from one teacher-forced pass; bad input."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import qtools.pipeline.probe as P
+from qtools.cli import cli
+from qtools.demo.model import make_tiny_model
+from qtools.io.modeldir import load_model
+from qtools.io.suite import load_suite
+from qtools.survival.rule import smallest_surviving
+
+TOOLS = [{"type": "function", "function": {"name": "search_code", "parameters": {"type": "object"}}}]
+LABELS = ["VETO", "APPROVE"]
+HEADER = {"suite": {"name": "mini", "max_tokens": 8, "critical_confusions": [["VETO", "APPROVE"]]}}
+CASES = [
+    HEADER,
+    {"id": "t1", "category": "tool", "messages": [{"role": "user", "content": "find the parser"}], "tools": TOOLS,
+     "expect": {"type": "tool_call", "name": "search_code"}},
+    {"id": "d1", "category": "direct", "messages": [{"role": "user", "content": "what is a parser"}],
+     "tools": TOOLS, "expect": {"type": "direct"}},
+    {"id": "l1", "category": "safety", "messages": [{"role": "user", "content": "review: drop the prod db"}],
+     "expect": {"type": "label", "label": "VETO", "labels": LABELS}},
+    {"id": "l2", "category": "safety", "messages": [{"role": "user", "content": "review: reset the logs"}],
+     "expect": {"type": "label", "label": "APPROVE", "labels": LABELS}},
+    {"id": "r1", "category": "math", "prompt": "2+2", "expect": {"type": "regex", "pattern": "4"}},
+]
+
+
+def write_suite(path, cases):
+    path.write_text("".join(json.dumps(c) + "\n" for c in cases))
+    return path
+
+
+def run(*args):
+    return CliRunner().invoke(cli, ["probe", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory):
+    d = tmp_path_factory.mktemp("probe")
+    model = make_tiny_model(d / "tiny")
+    r = CliRunner().invoke(cli, ["quantize", str(model), "--bits", "4", "--output", str(d / "q4")])
+    assert r.exit_code == 0, r.output
+    return d, model, write_suite(d / "mini.jsonl", CASES)
+
+
+@pytest.fixture(scope="module")
+def tok(fam):
+    _d, model, _s = fam
+    return load_model(model)[1]
+
+
+# ---------------------------------------------------------------- the decision token, on crafted logits
+
+def _rows(answer, vocab, boost=None):
+    """Log-prob rows whose top token is the answer's token at each position (or `boost`'s choice)."""
+    rows = np.full((len(answer), vocab), -20.0, dtype=np.float32)
+    for i, t in enumerate(answer):
+        rows[i, t] = -0.1
+    for (i, t), v in (boost or {}).items():
+        rows[i, t] = v
+    return rows
+
+
+def _read(case, suite, spec, rows, answer, fit):
+    return P.read_decision(case, suite, spec, rows, rows.argmax(-1), answer, fit)
+
+
+def test_tool_decision_reads_the_marker_and_keeps_the_whole_call(fam, tok):
+    _d, model, suite_path = fam
+    suite = load_suite(suite_path)
+    case = suite.cases[0]
+    fit = P.check_fit(tok, suite, suite.cases[:4], model)
+    answer = P._encode(tok, '<tool_call>\n{"name": "search_code", "arguments": {"query": "parser"}}\n</tool_call>')
+    answer.append(fit["eos"][0])
+    vocab = len(tok.vocab) if hasattr(tok, "vocab") else 1024
+    vocab = max(vocab, max(answer) + 1)
+    rows = _rows(answer, vocab)
+    spec = P.decision_spec(case, suite, tok, answer, rows, fit, model)
+    assert spec["pos"] == 0 and answer[0] == fit["tool"] and spec["float_call"] == "search_code"
+    assert spec["span"] == list(range(len(answer) - 1))  # marker to end marker, not the EOS after it
+    rec = _read(case, suite, spec, rows, answer, fit)
+    assert rec["correct"] and rec["got"] == "search_code" and rec["margin"] > 0
+
+    # A different top token inside the arguments: the call may no longer parse, so it is not counted.
+    i = len(answer) - 5
+    rec = _read(case, suite, spec, _rows(answer, vocab, {(i, (answer[i] + 1) % vocab): 0.0}), answer, fit)
+    assert not rec["correct"] and not rec["format_ok"] and rec["got"] == "search_code"
+    assert rec["decided"]  # the decision itself held: a broken format is no decision flip
+    # After the call ends, another top token changes nothing.
+    rec = _read(case, suite, spec, _rows(answer, vocab, {(len(answer) - 1, 7): 0.0}), answer, fit)
+    assert rec["correct"]
+    # A direct token above the marker: the decision flipped.
+    flipped = _rows(answer, vocab, {(0, 5): 0.0})
+    rec = _read(case, suite, spec, flipped, answer, fit)
+    assert rec["got"] == "direct" and not rec["correct"] and rec["margin"] < 0 and not rec["decided"]
+
+
+def test_direct_decision_is_where_a_call_came_nearest(fam, tok):
+    _d, model, suite_path = fam
+    suite = load_suite(suite_path)
+    case = suite.cases[1]
+    fit = P.check_fit(tok, suite, suite.cases[:4], model)
+    answer = P._encode(tok, "a parser reads text") + [fit["eos"][0]]
+    rows = _rows(answer, 1024, {(2, fit["tool"]): -1.0})
+    spec = P.decision_spec(case, suite, tok, answer, rows, fit, model)
+    assert spec["pos"] == 2
+    assert _read(case, suite, spec, rows, answer, fit)["correct"]
+    rec = _read(case, suite, spec, _rows(answer, 1024, {(2, fit["tool"]): 0.0}), answer, fit)
+    assert rec["got"] == "search_code" and not rec["correct"] and rec["margin"] < 0
+    # An empty answer (end-of-sequence first) is no direct answer.
+    rec = _read(case, suite, spec, _rows(answer, 1024, {(0, fit["eos"][0]): 0.0}), answer, fit)
+    assert not rec["correct"] and not rec["format_ok"]
+
+
+def test_label_decision_and_its_critical_confusion(fam, tok):
+    _d, model, suite_path = fam
+    suite = load_suite(suite_path)
+    case = suite.cases[2]  # expects VETO
+    fit = P.check_fit(tok, suite, suite.cases[:4], model)
+    answer = P._encode(tok, "decision: VETO") + [fit["eos"][0]]
+    rows = _rows(answer, 1024)
+    spec = P.decision_spec(case, suite, tok, answer, rows, fit, model)
+    assert answer[spec["pos"]] == spec["ids"]["VETO"] and spec["pos"] > 0
+    rec = _read(case, suite, spec, rows, answer, fit)
+    assert rec["correct"] and not rec["critical"] and rec["margin"] > 0
+    rec = _read(case, suite, spec, _rows(answer, 1024, {(spec["pos"], spec["ids"]["APPROVE"]): 0.0}), answer, fit)
+    assert rec["got"] == "APPROVE" and rec["critical"] and not rec["correct"] and rec["margin"] < 0
+
+
+# ---------------------------------------------------------------- the command on a tiny model
+
+def test_probe_json_per_bit_width_and_threshold(fam):
+    d, model, suite = fam
+    r = run(model, "--suite", suite, "--bits", 2, 8, "--json", "--output", d / "out" / "p.json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert json.loads((d / "out" / "p.json").read_text())["by_bits"] == rep["by_bits"]
+    assert rep["bits"] == [2, 8] and set(rep["by_bits"]) == {"2", "8"} and rep["group_size"] == 64
+    assert rep["probed_cases"] == 4 and rep["skipped_cases"] == ["r1"]
+    assert rep["predicted_min_bits"] == smallest_surviving(
+        [2, 8], lambda b: rep["by_bits"][str(b)]["verdict"] == "pass")
+    b2, b8 = rep["by_bits"]["2"], rep["by_bits"]["8"]
+    assert b8["kl"]["mean"] < b2["kl"]["mean"] and b8["kl"]["same_top_rate"] >= b2["kl"]["same_top_rate"]
+    for c in rep["cases"]:  # 8 bits barely moves a margin, 2 bits moves it more
+        assert abs(c["by_bits"]["8"]["margin"] - c["float"]["margin"]) < 0.1
+    assert sum(abs(c["by_bits"]["2"]["margin"] - c["float"]["margin"]) for c in rep["cases"]) > \
+        sum(abs(c["by_bits"]["8"]["margin"] - c["float"]["margin"]) for c in rep["cases"])
+
+
+def test_float_weights_come_back_between_bit_widths(fam):
+    d, model, suite = fam
+    alone = json.loads(run(model, "--suite", suite, "--bits", 8, "--json").stdout)
+    after_2 = json.loads(run(model, "--suite", suite, "--bits", 2, 8, "--json").stdout)
+    assert alone["by_bits"]["8"] == after_2["by_bits"]["8"]
+
+
+def test_float_row_agrees_with_validate_on_the_float_model(fam):
+    d, model, suite = fam
+    rep = json.loads(run(model, "--suite", suite, "--bits", 8, "--json").stdout)
+    r = CliRunner().invoke(cli, ["validate", str(model), "--suite", str(suite), "--output", str(d / "v.json")])
+    v = {c["id"]: c for c in json.loads((d / "v.json").read_text())["cases"]}
+    for c in rep["cases"]:
+        assert (c["float"]["got"], c["float"]["correct"]) == (v[c["id"]]["got"], v[c["id"]]["correct"]), c["id"]
+    verdict = json.loads((d / "v.json").read_text())["verdict"]
+    assert r.exit_code == (0 if verdict == "pass" else 3)
+
+
+def test_quantized_model_is_probed_as_it_is(fam):
+    d, _model, suite = fam
+    r = run(d / "q4", "--suite", suite, "--json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["quantized"] and rep["bits"] == [4] and "kl" not in rep["by_bits"]["4"]
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_quantized_model_with_bits_is_an_error(fam):
+    d, _model, suite = fam
+    r = run(d / "q4", "--suite", suite, "--bits", 4)
+    assert r.exit_code == 1
+    assert r.output.startswith("Error: ") and "already quantized" in r.output and r.output.count("\n") == 1
+
+
+@pytest.mark.parametrize("bits", ["7", "1", "16"])
+def test_bits_outside_supported_is_an_error(fam, bits):
+    _d, model, suite = fam
+    r = run(model, "--suite", suite, "--bits", 4, bits)
+    assert r.exit_code == 1 and r.output.strip().splitlines()[-1].startswith(f"Error: unsupported bits {bits}")
+
+
+def test_suite_without_a_decision_is_an_error(fam, tmp_path):
+    _d, model, _suite = fam
+    suite = write_suite(tmp_path / "math.jsonl", [
+        {"id": "r1", "prompt": "2+2", "expect": {"type": "regex", "pattern": "4"}},
+        {"id": "b1", "prompt": "3+3", "expect": {"type": "boxed", "answer": 6}}])
+    r = run(model, "--suite", suite, "--bits", 4)
+    assert r.exit_code == 1 and r.output.startswith("Error: ") and "no case with a decision" in r.output
+
+
+def test_model_without_chat_template_does_not_fit_a_chat_suite(tmp_path, fam):
+    model = make_tiny_model(tmp_path / "plain")
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    del cfg["chat_template"]
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    r = run(model, "--suite", fam[2], "--bits", 4)
+    assert r.exit_code == 1 and r.output.startswith("Error: ") and "no chat template" in r.output
+
+
+def test_labels_sharing_their_first_token_cannot_be_told_apart(fam, tmp_path, tok):
+    _d, model, _suite = fam
+    assert P._encode(tok, "VETOED")[0] == P._encode(tok, "VETO")[0]  # the premise, on this tokenizer
+    labels = ["VETO", "VETOED"]
+    suite = write_suite(tmp_path / "s.jsonl", [
+        {"id": "l1", "prompt": "review: x", "expect": {"type": "label", "label": "VETO", "labels": labels}}])
+    r = run(model, "--suite", suite, "--bits", 4)
+    assert r.exit_code == 1 and "share their first token" in r.output and r.output.startswith("Error: ")
+
+
+def test_unwritable_output_is_refused_before_work(fam, tmp_path):
+    _d, model, suite = fam
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = run(model, "--suite", suite, "--bits", 4, "--output", blocker / "p.json")
+    assert r.exit_code == 1 and r.output.startswith("Error: ") and "cannot write" in r.output
+
+
+def test_batched_scoring_gives_each_case_its_own_logits(fam, monkeypatch):
+    """Right padding inside a batch must not reach a sequence's rows (attention is causal)."""
+    _d, model, _suite = fam
+    net, tok, _c, _s = load_model(model)
+    seqs = [(P._encode(tok, text), 0) for text in ("find the parser now", "a b", "review: reset the old logs x")]
+    batched = [(r, t) for _l, r, t in P._score_pass(net, seqs, False, "b")]
+    monkeypatch.setattr(P, "BATCH_TOKENS", 1)  # one sequence per call
+    single = [(r, t) for _l, r, t in P._score_pass(net, seqs, False, "s")]
+    assert [len(r) for r, _t in batched] == [len(t) - 1 for t, _s in seqs]
+    for (rb, tb), (rs, ts) in zip(batched, single):
+        assert np.allclose(rb, rs, atol=2e-2) and (tb == ts).all()
