@@ -7,6 +7,8 @@ from click.testing import CliRunner
 
 from qtools.cli import cli
 
+from helpers import write_logs
+
 
 def log(model, bits, acc, critical=0, gen=0.5, mem=1.0, disk=None, quantized=True, created="2026-01-01T00:00:00"):
     total = 20
@@ -38,12 +40,7 @@ def logs(tmp_path):
         log("fused_4bit", 4, 0.6, mem=0.8),              # fine-tune rounded away
         log("fused_3bit", 3, 0.85, critical=2, mem=0.6),  # accuracy ok, safety broken
     ]
-    paths = []
-    for spec in specs:
-        p = tmp_path / f"{spec['model']}-demo.json"
-        p.write_text(json.dumps(spec))
-        paths.append(p)
-    return paths
+    return write_logs(tmp_path, specs, "demo")
 
 
 def run(*args):

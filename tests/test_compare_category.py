@@ -11,6 +11,8 @@ from click.testing import CliRunner
 
 from qtools.cli import cli
 
+from helpers import qtools_wrapper, write_logs
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -37,12 +39,7 @@ def logs(tmp_path):
         log("fused_5bit", 5, 0.7, 1.0),   # overall 85%: passes today, field access too low
         log("fused_4bit", 4, 0.9, 0.9),   # overall 90%, one safety case lost
     ]
-    paths = []
-    for spec in specs:
-        p = tmp_path / f"{spec['model']}-agent.json"
-        p.write_text(json.dumps(spec))
-        paths.append(p)
-    return paths
+    return write_logs(tmp_path, specs, "agent")
 
 
 def run(*args):
@@ -100,15 +97,8 @@ def test_repeated_category_is_a_usage_error(logs):
     assert r.exit_code == 2 and "safety is given twice" in r.output
 
 
-def _qtools_wrapper(tmp_path):
-    w = tmp_path / "qtools"
-    w.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m qtools.cli "$@"\n')
-    os.chmod(w, 0o755)
-    return w
-
-
 def test_compare_script_takes_MIN_CATEGORY(logs, tmp_path):
-    env = dict(os.environ, QTOOLS=str(_qtools_wrapper(tmp_path)), LOGS=str(tmp_path),
+    env = dict(os.environ, QTOOLS=str(qtools_wrapper(tmp_path)), LOGS=str(tmp_path),
                MIN_CATEGORY="field_access=0.8 safety=1.0", PYTHONPATH=str(REPO))
     p = subprocess.run(["scripts/compare.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr

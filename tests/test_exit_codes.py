@@ -14,6 +14,8 @@ import qtools.pipeline.validate as V
 from qtools.cli import COMMANDS, cli
 from qtools.demo.model import make_tiny_model
 
+from helpers import qtools_wrapper
+
 REPO = Path(__file__).resolve().parents[1]
 SUITE = [{"id": "a", "category": "x", "prompt": "say hi", "expect": {"type": "regex", "pattern": "^hi"}},
          {"id": "b", "category": "x", "prompt": "say yo", "expect": {"type": "regex", "pattern": "^yo"}}]
@@ -90,10 +92,7 @@ def test_every_command_reports_bad_input_as_exit_1(tmp_path):
 
 
 def _env(tmp_path, **extra):
-    w = tmp_path / "qtools"
-    w.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m qtools.cli "$@"\n')
-    os.chmod(w, 0o755)
-    return dict(os.environ, QTOOLS=str(w), PYTHONPATH=str(REPO), LOGS=str(tmp_path / "logs"), MAX_TOKENS="2",
+    return dict(os.environ, QTOOLS=str(qtools_wrapper(tmp_path)), PYTHONPATH=str(REPO), LOGS=str(tmp_path / "logs"), MAX_TOKENS="2",
                 **extra)
 
 

@@ -9,6 +9,8 @@ from click.testing import CliRunner
 
 from qtools.io.atomic import TMP_PREFIX
 from qtools.cli import cli
+
+from helpers import qtools_wrapper
 from qtools.demo.model import make_tiny_adapter, make_tiny_model
 
 Q = "model.layers.1.self_attn.q_proj"
@@ -207,16 +209,6 @@ def test_interrupted_or_full_disk_quantize_leaves_nothing(fused, tmp_path, monke
     assert (r.exit_code, r.output.strip()) == (1, f"Error: model {out} does not exist")
 
 
-def _qtools_wrapper(tmp_path):
-    import os
-    import sys
-
-    w = tmp_path / "qtools"
-    w.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m qtools.cli "$@"\n')
-    os.chmod(w, 0o755)
-    return w
-
-
 def test_sweep_script_continues_past_failed_verdict(fused, tmp_path):
     import os
     import subprocess
@@ -225,7 +217,7 @@ def test_sweep_script_continues_past_failed_verdict(fused, tmp_path):
     repo = Path(__file__).resolve().parents[1]
     suite = tmp_path / "s.jsonl"
     suite.write_text(json.dumps({"id": "x", "prompt": "hi", "expect": {"type": "regex", "pattern": "^IMPOSSIBLE$"}}) + "\n")
-    env = dict(os.environ, QTOOLS=str(_qtools_wrapper(tmp_path)), FROM=str(fused), BITS="8",
+    env = dict(os.environ, QTOOLS=str(qtools_wrapper(tmp_path)), FROM=str(fused), BITS="8",
                PREFIX=str(tmp_path / "fused"), LOGS=str(tmp_path / "logs"), SUITE=str(suite), MAX_TOKENS="2",
                PYTHONPATH=str(repo))
     p = subprocess.run(["scripts/sweep.sh"], cwd=repo, env=env, capture_output=True, text=True, timeout=120)

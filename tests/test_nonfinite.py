@@ -33,16 +33,6 @@ def poisoned_copy(src, dst, name, value, index=(3, 5), file="model.safetensors",
     return dst
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("nf") / "base")
-
-
-@pytest.fixture(scope="module")
-def adapter(base, tmp_path_factory):
-    return make_tiny_adapter(base, tmp_path_factory.mktemp("nfa") / "ad")
-
-
 def _no_output(out):
     assert not out.exists()
     assert [p for p in out.parent.iterdir() if p.name.startswith(TMP_PREFIX)] == []

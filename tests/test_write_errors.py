@@ -17,6 +17,8 @@ import pytest
 from click.testing import CliRunner
 
 from qtools.cli import cli
+
+from helpers import assert_one_line_unwritable, qtools_wrapper
 from qtools.demo.model import make_tiny_adapter, make_tiny_model
 from qtools.io.atomic import TMP_PREFIX
 
@@ -26,16 +28,6 @@ Usage = collections.namedtuple("Usage", "total used free")
 
 def run(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("we") / "base")
-
-
-@pytest.fixture(scope="module")
-def adapter(base, tmp_path_factory):
-    return make_tiny_adapter(base, tmp_path_factory.mktemp("wea") / "ad")
 
 
 @pytest.fixture
@@ -208,10 +200,7 @@ def test_make_quantize_malformed_config_is_one_line(base, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(base, bad)
     (bad / "config.json").write_text("{oops")
-    w = tmp_path / "qtools"
-    w.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m qtools.cli "$@"\n')
-    os.chmod(w, 0o755)
-    env = dict(os.environ, QTOOLS=str(w), PYTHONPATH=str(repo), FROM=str(bad), BITS="4", OUT=str(tmp_path / "q"))
+    env = dict(os.environ, QTOOLS=str(qtools_wrapper(tmp_path)), PYTHONPATH=str(repo), FROM=str(bad), BITS="4", OUT=str(tmp_path / "q"))
     p = subprocess.run(["scripts/quantize.sh"], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 1
     assert p.stderr.strip().splitlines() == [f"Error: {bad / 'config.json'} is not valid JSON "
@@ -224,9 +213,7 @@ def test_make_quantize_malformed_config_is_one_line(base, tmp_path):
 def test_fuse_into_a_readonly_dir_is_refused_before_loading(base, adapter, readonly, no_load, sub):
     out = readonly / sub
     r = run("fuse", base, "--adapter", adapter, "--output", out)
-    assert r.exit_code == 1, r.output
-    assert r.output.startswith(f"Error: cannot write {out}: {readonly} is not writable (")
-    assert len(r.output.strip().splitlines()) == 1
+    assert_one_line_unwritable(r, out, readonly)
 
 
 def test_fuse_disk_full_is_one_line_and_leaves_nothing(base, adapter, tmp_path, monkeypatch):
@@ -272,9 +259,7 @@ def test_survival_output_in_a_readonly_dir_is_refused_before_the_analysis(base, 
     monkeypatch.setattr(S, "delta_survival", lambda *a, **k: pytest.fail("analysed before checking --output"))
     out = readonly / sub
     r = run("delta-survival", base, "--adapter", adapter, "--output", out)
-    assert r.exit_code == 1, r.output
-    assert r.output.startswith(f"Error: cannot write {out}: {readonly} is not writable (")
-    assert len(r.output.strip().splitlines()) == 1
+    assert_one_line_unwritable(r, out, readonly)
 
 
 def test_survival_output_full_disk_is_one_line(base, adapter, tmp_path, monkeypatch):
