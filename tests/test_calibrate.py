@@ -471,3 +471,12 @@ def test_a_gain_variant_of_a_shared_pretraining_is_the_base_train_base_makes(tmp
     assert fingerprint(tmp_path / "variant") == fingerprint(tmp_path / "direct")
     train.with_outlier_gain(tmp_path / "pre", tmp_path / "g4", 4.0, recipe["seed"])
     assert fingerprint(tmp_path / "g4") != fingerprint(tmp_path / "direct")
+
+
+def test_a_fine_tune_whose_float16_fails_has_no_threshold_and_is_not_measured_further():
+    """behaviour(min_accuracy=...) stops after float16 when it fails; such a cached entry has
+    no bit-width entries, and its threshold is None, never a KeyError."""
+    failed = {"16": {"accuracy": 0.5, "critical_errors": 0}}
+    assert run._threshold(failed, BITS, 0.8) is None
+    passed = beh(0.9, b8=(0.9, 0), b6=(0.9, 0), b5=(0.9, 0), b4=(0.7, 0), b3=(0.5, 0), b2=(0.3, 0))
+    assert run._threshold(passed, BITS, 0.8) == 5

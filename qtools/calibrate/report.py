@@ -71,6 +71,7 @@ def write_report(results, s: dict, out_md, out_png, min_accuracy, excluded, fami
         "",
         f"All families: {_spread(s['thresholds'])}. The ceiling is the exact rate a predictor that knew "
         "each fine-tune's threshold distribution would expect against a re-drawn suite (below).",
+        *_scope(families),
         "",
         "## Leave-one-family-out",
         "",
@@ -143,6 +144,25 @@ def write_report(results, s: dict, out_md, out_png, min_accuracy, excluded, fami
             f"{s['predictions'][r['id']] or 'none'} | {predict(r, rule) or 'none'} |{vals}"
         )
     Path(out_md).write_text("\n".join(lines) + "\n")
+
+
+def _scope(families) -> list[str]:
+    """What the population does not vary, said where the numbers are read."""
+    bases = [f.get("base", {}) for f in families]
+    fixed = [label for key, label in (("hidden_size", "hidden size"), ("num_layers", "depth"),
+                                      ("intermediate_size", "MLP width"))
+             if len({b.get(key) for b in bases}) == 1]
+    tasks = {f.get("task") for f in families}
+    archs = {b.get("architecture", "qwen3 (dense)") for b in bases}
+    out = []
+    if fixed:
+        out.append(f"{', '.join(fixed)} the same in every family")
+    if len(tasks) == 1:
+        out.append(f"one task ({next(iter(tasks))})")
+    if len(archs) == 1:
+        out.append(f"one architecture ({next(iter(archs))})")
+    return ["", f"Not varied by this population: {'; '.join(out)}. Held-out families differ from the "
+            "training ones only in what does vary; a model that differs otherwise is further out."] if out else []
 
 
 def _fmt_num(v) -> str:

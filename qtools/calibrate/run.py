@@ -22,12 +22,15 @@ CACHE_FORMAT = 3
 
 
 def run_grid(suite_path, work_dir, families=None, grid=None, bits_list=BITS, group_size=64, min_accuracy=0.8,
-             jobs=1, log=sys.stderr) -> list[dict]:
+             jobs=1, exact_delta=False, from_cache=False, log=sys.stderr) -> list[dict]:
     """Build each family's base, then train, fuse, predict and measure every fine-tune of the
     grid on it.
 
     Runs are independent: `jobs` processes share them. Resumable: the shared pretraining, each
-    family's base and each fine-tune's result are cached in work_dir.
+    family's base and each fine-tune's result are cached in work_dir. exact_delta: also measure
+    each fine-tune with the base quantized and the delta kept exactly (what sets the threshold;
+    doubles the measuring time). from_cache: train and measure nothing; use what is cached (a
+    refit, or a calibration cut short).
     """
     from ..io.suite import load_suite
 
@@ -38,6 +41,8 @@ def run_grid(suite_path, work_dir, families=None, grid=None, bits_list=BITS, gro
     grid = grid or default_grid()
     bases = {}
     for fam in families:
+        if from_cache and not _complete_model(work / "bases" / fam["name"]):
+            continue
         base_dir = build_base(work, fam, log)
         fam_dir = work / fam["name"]
         fam_dir.mkdir(exist_ok=True)
@@ -48,7 +53,8 @@ def run_grid(suite_path, work_dir, families=None, grid=None, bits_list=BITS, gro
         bases[fam["name"]] = (fam_dir, base_dir)
     # run by run across families: a run cut short leaves every family with its first runs
     args = [(str(fam_dir / run_name(run)), name, run, str(base_dir), str(suite_path), list(bits_list),
-             group_size, min_accuracy) for run in grid for name, (fam_dir, base_dir) in bases.items()]
+             group_size, min_accuracy, exact_delta, from_cache) for run in grid
+            for name, (fam_dir, base_dir) in bases.items()]
     if jobs > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
@@ -128,12 +134,14 @@ def _run_one(args) -> list[dict]:
     from ..pipeline.fuse import fuse
     from ..survival.analyze import delta_survival, reaggregate
 
-    run_dir, family, run, base_dir, suite_path, bits_list, group_size, min_accuracy = args
+    run_dir, family, run, base_dir, suite_path, bits_list, group_size, min_accuracy, exact_delta, from_cache = args
     log = sys.stderr
     run_dir = Path(run_dir)
     suite_obj = load_suite(suite_path)
     base_beh = json.loads((run_dir.parent / "base_behaviour.json").read_text())
     cfg_path = run_dir / "adapter_config.json"
+    if from_cache and (not cfg_path.exists() or trained_on_other_data(run_dir, run["seed"])):
+        return []
     if trained_on_other_data(run_dir, run["seed"]):
         # its validation cases may have been trained on: neither the run nor its results are kept
         print(f"[calibrate] {family}/{run_dir.name} was trained on other data than {finetune_data(run['seed'])}; "
@@ -156,17 +164,19 @@ def _run_one(args) -> list[dict]:
         if res is not None:
             # statistics are re-pooled with the current code; the verdict follows the current min_accuracy
             res["summary"], res["layers"] = reaggregate(res["tensors"], bits_list)
-            res["true_min_bits"] = true_threshold(res["behaviour"], bits_list, min_accuracy)
+            res["true_min_bits"] = _threshold(res["behaviour"], bits_list, min_accuracy)
             res["float16_passes"] = passes(res["behaviour"]["16"], min_accuracy)
             results.append(res)
+            continue
+        if from_cache:
             continue
         tic = time.perf_counter()
         fused = adapter / "fused_f16"
         fuse(base_dir, adapter, fused, force=True)
         rep = delta_survival(fused, bits_list, group_size, adapter=adapter, progress=False)
-        beh = behaviour(fused, suite_obj, bits_list, group_size)
+        beh = behaviour(fused, suite_obj, bits_list, group_size, min_accuracy=min_accuracy)
         beh_exact = None  # left out of the study anyway when float16 fails
-        if passes(beh["16"], min_accuracy):
+        if exact_delta and passes(beh["16"], min_accuracy):
             # what the threshold would be if only the base's noise counted (the delta kept exactly)
             base_weights = base_weights or model_weights(base_dir)
             beh_exact = behaviour(fused, suite_obj, bits_list, group_size, exact_delta_from=base_weights)
@@ -179,7 +189,7 @@ def _run_one(args) -> list[dict]:
             "base_accuracy": base_beh["accuracy"],
             "behaviour": beh,
             "behaviour_exact_delta": beh_exact,
-            "true_min_bits": true_threshold(beh, bits_list, min_accuracy),
+            "true_min_bits": _threshold(beh, bits_list, min_accuracy),
             "float16_passes": passes(beh["16"], min_accuracy),
             "summary": rep["summary"],
             "layers": rep["layers"],
@@ -191,6 +201,13 @@ def _run_one(args) -> list[dict]:
         print(f"[calibrate] {ft_id}: float16 acc {beh['16']['accuracy']:.2f} (base {base_beh['accuracy']:.2f}), "
               f"true min bits {res['true_min_bits']} ({res['seconds']:.0f} s)", file=log, flush=True)
     return results
+
+
+def _threshold(beh: dict, bits_list, min_accuracy):
+    """The true threshold; None for a fine-tune whose float16 model fails (not measured further)."""
+    if not passes(beh["16"], min_accuracy) or any(str(b) not in beh for b in bits_list):
+        return None
+    return true_threshold(beh, bits_list, min_accuracy)
 
 
 def trained_on_other_data(run_dir: Path, seed: int) -> bool:
@@ -223,12 +240,13 @@ def select_families(names=None) -> list[dict]:
 
 
 def calibrate(suite_path, rule_file, work_dir="models/calibration", docs_dir="docs", min_accuracy=0.8, jobs=1,
-              families=None, log=sys.stderr) -> dict:
+              families=None, exact_delta=False, from_cache=False, log=sys.stderr) -> dict:
     """Run the grid on every family, judge the rule leave-one-family-out, fit it on all families;
     write the report to docs_dir and the rule to rule_file (delta-survival's is
     qtools/survival/calibration.json)."""
     fams = select_families(families)
-    results = run_grid(suite_path, work_dir, fams, min_accuracy=min_accuracy, jobs=jobs, log=log)
+    results = run_grid(suite_path, work_dir, fams, min_accuracy=min_accuracy, jobs=jobs, exact_delta=exact_delta,
+                       from_cache=from_cache, log=log)
     usable = [r for r in results if r["float16_passes"]]
     excluded = [r for r in results if not r["float16_passes"]]
     if len({r["family"] for r in usable}) < 2 or len(usable) < 4:

@@ -18,13 +18,19 @@ from ..survival.rule import RULE_FILE
 @click.option("--jobs", type=int, default=2, show_default=True, help="Training runs in parallel (processes).")
 @click.option("--family", "families", multiple=True,
               help="Calibrate only this family (repeatable; default: all of them, g4 g12 g24 g36).")
+@click.option("--exact-delta/--no-exact-delta", default=False, show_default=True,
+              help="Also measure each fine-tune with the delta kept exactly (what sets the threshold: "
+                   "the base's noise or the delta's rounding); doubles the measuring time.")
+@click.option("--from-cache", is_flag=True,
+              help="Train and measure nothing: refit and report from the cached fine-tunes (under a minute).")
 @click.option("--json", "as_json", is_flag=True)
-def calibrate_cmd(suite, work_dir, docs_dir, min_accuracy, jobs, families, as_json):
+def calibrate_cmd(suite, work_dir, docs_dir, min_accuracy, jobs, families, exact_delta, from_cache, as_json):
     """Build the families' bases, train a grid of fine-tunes on each, measure their behavioural
     threshold, judge the rule leave-one-family-out and fit it on all families."""
     if jobs < 1:
         raise click.BadParameter("must be at least 1", param_hint="--jobs")
-    res = calibrate(suite, RULE_FILE, work_dir, docs_dir, min_accuracy, jobs=jobs, families=list(families))
+    res = calibrate(suite, RULE_FILE, work_dir, docs_dir, min_accuracy, jobs=jobs, families=list(families),
+                    exact_delta=exact_delta, from_cache=from_cache)
     if as_json:
         click.echo(json.dumps(res))
         return
