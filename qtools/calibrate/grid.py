@@ -31,22 +31,29 @@ def pretraining_key(base: dict) -> str:
     return "h{hidden_size}_l{num_layers}_i{intermediate_size}_s{seed}_it{iters}_b{batch_size}_lr{lr:g}".format(**base)
 
 
+# Every checkpoint is also measured at these multiples of its LoRA scale: the delta's strength
+# varied without training (a stronger or weaker version of the same direction).
+SCALE_MULTIPLIERS = [0.5, 0.75, 1.5, 2.0]
+
+
 def default_grid() -> list[dict]:
     """Training runs per family; each yields several fine-tunes (checkpoints x LoRA scale multipliers).
 
     They span what moves the fine-tune's margin: learning rate over 32x (5e-5 to 1.6e-3),
-    iterations (checkpoints), LoRA scale (multipliers), rank, adapted modules and seed.
-    4 runs, 10 fine-tunes, 330 training steps per family; the same recipes on every family, so
-    families differ only in the base. Cheapest first: a calibration cut short keeps them.
+    iterations (checkpoints), LoRA scale (0.5x to 2x), rank, adapted modules and seed.
+    4 runs, 5 checkpoints, 25 fine-tunes, 330 training steps per family; the same recipes on
+    every family, so families differ only in the base. Cheapest first: a calibration cut short
+    keeps them.
     """
     runs = [
-        dict(rank=8, keys=ALL_LINEAR, lr=2e-4, seed=1, checkpoints=[50, 100], scale_multipliers={"100": [1.5]}),
-        dict(rank=16, keys=MLP, lr=1.6e-3, seed=3, checkpoints=[20], scale_multipliers={"20": [0.5]}),
-        dict(rank=4, keys=ATTENTION, lr=6e-4, seed=2, checkpoints=[50], scale_multipliers={"50": [0.5]}),
-        dict(rank=8, keys=ALL_LINEAR, lr=5e-5, seed=0, checkpoints=[160], scale_multipliers={"160": [2.0, 4.0]}),
+        dict(rank=8, keys=ALL_LINEAR, lr=2e-4, seed=1, checkpoints=[50, 100]),
+        dict(rank=16, keys=MLP, lr=1.6e-3, seed=3, checkpoints=[20]),
+        dict(rank=4, keys=ATTENTION, lr=6e-4, seed=2, checkpoints=[50]),
+        dict(rank=8, keys=ALL_LINEAR, lr=5e-5, seed=0, checkpoints=[160]),
     ]
     for r in runs:
         r["keys"] = list(r["keys"])
+        r["scale_multipliers"] = {str(c): list(SCALE_MULTIPLIERS) for c in r["checkpoints"]}
     return runs
 
 
