@@ -480,3 +480,19 @@ def test_a_fine_tune_whose_float16_fails_has_no_threshold_and_is_not_measured_fu
     assert run._threshold(failed, BITS, 0.8) is None
     passed = beh(0.9, b8=(0.9, 0), b6=(0.9, 0), b5=(0.9, 0), b4=(0.7, 0), b3=(0.5, 0), b2=(0.3, 0))
     assert run._threshold(passed, BITS, 0.8) == 5
+
+
+def test_from_cache_trains_and_measures_nothing(tmp_path):
+    """--from-cache on a work dir with nothing cached builds no base and trains nothing: it
+    refuses with one error instead of starting a two-hour calibration."""
+    from pathlib import Path
+
+    from qtools import QtoolsError
+
+    suite = Path(__file__).resolve().parents[1] / "suites" / "demo.jsonl"
+    work = tmp_path / "work"
+    assert run.run_grid(suite, work, from_cache=True) == []
+    assert not (work / "pretrained").exists() and not (work / "bases").exists()
+    with pytest.raises(QtoolsError, match="leave-one-family-out needs at least 2 families"):
+        run.calibrate(suite, tmp_path / "rule.json", work, tmp_path / "docs", from_cache=True)
+    assert not (tmp_path / "rule.json").exists() and not (tmp_path / "docs").exists()

@@ -57,8 +57,8 @@ def write_report(results, s: dict, out_md, out_png, min_accuracy, excluded, fami
         "## The families: does the threshold move?",
         "",
         "| family | outlier gain | hidden | layers | task | fine-tunes (usable / trained) | true thresholds | "
-        "ceiling |",
-        "|---|---|---|---|---|---|---|---|",
+        "ceiling | weight_snr @4 (median) | delta_to_noise @4 (median) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in s["families"]:
         pf = s["per_family"][name]
@@ -66,11 +66,14 @@ def write_report(results, s: dict, out_md, out_png, min_accuracy, excluded, fami
         lines.append(f"| {name} | {_fmt_num(b.get('outlier_gain'))} | {b.get('hidden_size', '-')} | "
                      f"{b.get('num_layers', '-')} | {fam_recipe.get(name, {}).get('task', '-')} | "
                      f"{pf['n']} / {pf['n'] + excl.get(name, 0)} | {_spread(pf['thresholds'])} | "
-                     f"{pf['ceiling']:.0%} |")
+                     f"{pf['ceiling']:.0%} | {_median_stat(results, name, 'weight_snr')} | "
+                     f"{_median_stat(results, name, 'delta_to_noise')} |")
     lines += [
         "",
         f"All families: {_spread(s['thresholds'])}. The ceiling is the exact rate a predictor that knew "
-        "each fine-tune's threshold distribution would expect against a re-drawn suite (below).",
+        "each fine-tune's threshold distribution would expect against a re-drawn suite (below). "
+        "weight_snr: the fused weights' |W|^2 / |Q(W) - W|^2 where the delta acts (the base's noise); "
+        "delta_to_noise: |D|^2 against that noise; both |D|^2-weighted over the model, at 4 bits.",
         *_scope(families),
         "",
         "## Leave-one-family-out",
@@ -163,6 +166,14 @@ def _scope(families) -> list[str]:
         out.append(f"one architecture ({next(iter(archs))})")
     return ["", f"Not varied by this population: {'; '.join(out)}. Held-out families differ from the "
             "training ones only in what does vary; a model that differs otherwise is further out."] if out else []
+
+
+def _median_stat(results, family, stat, bits=4) -> str:
+    import statistics
+
+    vals = [_value(r, bits, stat, "weighted") for r in results if r.get("family") == family]
+    vals = [v for v in vals if v is not None]
+    return _fmt(statistics.median(vals)) if vals else "-"
 
 
 def _fmt_num(v) -> str:
