@@ -19,11 +19,17 @@ BITS = SUPPORTED_BITS
 # that differ only in gain share one pretraining (the gain does not change the function).
 TASK = "demo"  # the tool-vs-direct + VETO/APPROVE task of suites/demo.jsonl
 GAINS = (4.0, 12.0, 24.0, 36.0)
+# and one family twice as deep (its own pretraining), at the demo's gain
+DEPTHS = (8,)
 
 
 def default_families() -> list[dict]:
-    """The families of the calibration: the demo base recipe at four outlier gains."""
-    return [{"name": f"g{g:g}", "base": {**BASE, "outlier_gain": g}, "task": TASK} for g in GAINS]
+    """The families of the calibration: the demo base recipe at four outlier gains, and at the
+    demo's gain with twice the layers."""
+    fams = [{"name": f"g{g:g}", "base": {**BASE, "outlier_gain": g}, "task": TASK} for g in GAINS]
+    fams += [{"name": f"l{n}g{BASE['outlier_gain']:g}", "base": {**BASE, "num_layers": n}, "task": TASK}
+             for n in DEPTHS]
+    return fams
 
 
 def pretraining_key(base: dict) -> str:

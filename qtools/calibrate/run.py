@@ -130,6 +130,7 @@ def _run_one(args) -> list[dict]:
     import shutil
 
     from ..demo.train import ADAPTER, finetune_data, train_adapter
+    from ..io.modeldir import read_config
     from ..io.suite import load_suite
     from ..pipeline.fuse import fuse
     from ..survival.analyze import delta_survival, reaggregate
@@ -149,6 +150,8 @@ def _run_one(args) -> list[dict]:
         shutil.rmtree(run_dir)
     if not cfg_path.exists():
         params = {**ADAPTER, **{k: v for k, v in run.items() if k in ADAPTER}}
+        # every layer of the family's base is adapted, whatever its depth
+        params["num_layers"] = read_config(base_dir)["num_hidden_layers"]
         print(f"[calibrate] training {family}/{run_dir.name}: {run}", file=log, flush=True)
         tic = time.perf_counter()
         train_adapter(base_dir, run_dir, rank=params["rank"], scale=params["scale"], keys=params["keys"],

@@ -17,7 +17,7 @@ from ..survival.rule import RULE_FILE
               help="Validation passes at this accuracy with no critical error (as qtools validate judges).")
 @click.option("--jobs", type=int, default=2, show_default=True, help="Training runs in parallel (processes).")
 @click.option("--family", "families", multiple=True,
-              help="Calibrate only this family (repeatable; default: all of them, g4 g12 g24 g36).")
+              help="Calibrate only this family (repeatable; default: all of them, g4 g12 g24 g36 l8g24).")
 @click.option("--exact-delta/--no-exact-delta", default=False, show_default=True,
               help="Also measure each fine-tune with the delta kept exactly (what sets the threshold: "
                    "the base's noise or the delta's rounding); doubles the measuring time.")
