@@ -47,7 +47,7 @@ bench: $(STAMP) ## Benchmark the kernel against numpy and MLX-CPU on a 1 GB synt
 demo: $(STAMP) ## The built-in demo: tiny model + LoRA, fuse, predict, sweep 8..2 bits, validate, compare
 	scripts/demo.sh
 
-calibrate: $(STAMP) ## Fit delta-survival's threshold on 40 demo fine-tunes (about 17 min) -> docs/calibration.md
+calibrate: $(STAMP) ## Fit delta-survival's threshold on 5 families x 25 fine-tunes, judged leave-one-family-out (about 80 min) -> docs/calibration.md
 	scripts/calibrate.sh
 
 # A variable's value if given on the command line or in the environment, else $(2):

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Calibrate delta-survival against behaviour: train a grid of demo fine-tunes,
-# measure each one's behavioural threshold, fit the rule, write docs/calibration.md
-# and qtools/survival/calibration.json. Resumable (cached per fine-tune in models/calibration).
+# Calibrate delta-survival against behaviour: build the families' bases (one shared pretraining
+# per recipe), train a grid of fine-tunes on each, measure each one's behavioural threshold,
+# judge the rule leave-one-family-out, write docs/calibration.md and qtools/survival/calibration.json.
+# Resumable (cached per fine-tune in models/calibration).
 set -euo pipefail
 QTOOLS=${QTOOLS:-.venv/bin/qtools}
-scripts/demo_models.sh
-"$QTOOLS" calibrate --base "${MODELS:-models}/demo_base" --suite "${SUITE:-suites/demo.jsonl}"
+"$QTOOLS" calibrate --suite "${SUITE:-suites/demo.jsonl}" --jobs "${JOBS:-2}"

@@ -158,15 +158,18 @@ def test_fake_quantized_model_computes_what_the_quantized_model_computes(tmp_pat
     assert float(mx.abs(real(x) - fake(x)).max()) < 0.05
 
 
-def test_calibrate_refuses_a_missing_base_before_any_work(tmp_path):
+def test_calibrate_refuses_a_missing_suite_or_an_unknown_family_before_any_work(tmp_path):
     from click.testing import CliRunner
 
     from qtools.cli import cli
 
-    res = CliRunner().invoke(cli, ["calibrate", "--base", str(tmp_path / "nope"),
+    res = CliRunner().invoke(cli, ["calibrate", "--suite", str(tmp_path / "nope.jsonl"),
                                    "--work-dir", str(tmp_path / "work")])
-    assert res.exit_code == 1
-    assert "Error: base model" in res.output and "does not exist" in res.output
+    assert res.exit_code == 1 and res.output.startswith("Error:") and "nope.jsonl" in res.output
+    assert not (tmp_path / "work").exists()
+    res = CliRunner().invoke(cli, ["calibrate", "--family", "g4", "--family", "g99",
+                                   "--work-dir", str(tmp_path / "work")])
+    assert res.exit_code == 1 and "Error: unknown family g99" in res.output
     assert not (tmp_path / "work").exists()
 
 
@@ -342,3 +345,154 @@ def test_reliability_is_plain_json_for_calibrate_json():
     coin["true_min_bits"] = 6
     rel = fit.reliability([coin, with_cases(1, 4, 20.0)], [coin], Rule("subspace_snr", "weighted", 10.0), 5, 0.8)
     assert json.loads(json.dumps(rel))["reproduce_under_half"] == rel["reproduce_under_half"]
+
+
+def family_result(i, fam, true_bits, snr_at, n=64):
+    """with_cases() in family `fam`, with the config and accuracies the report prints; its
+    delta_to_noise crosses 10 at its true threshold, its subspace_snr does not see the family."""
+    r = with_cases(i, true_bits, snr_at, n=n)
+    r["id"], r["family"] = f"{fam}/ft{i:02d}", fam
+    r["config"] = {"rank": 8, "scale": 4.0, "keys": ["self_attn.q_proj"], "lr": 1e-4, "iters": 60, "seed": i,
+                   "family": fam}
+    for b in BITS:
+        for d in (r["summary"][str(b)], r["layers"][0]["by_bits"][str(b)]):
+            d["delta_to_noise"] = d["subspace_snr"]
+            d["subspace_snr"] = 10.0 * 4.0 ** (b - 5)  # the same on every family: threshold 5 everywhere
+            d["delta_to_step"] = 0.1
+    for b, v in r["behaviour"].items():
+        v["accuracy"] = v["cases"]["correct"].count("1") / n
+        v["critical_errors"] = v["cases"]["critical"].count("1")
+    r["behaviour_exact_delta"] = None
+    return r
+
+
+def moving_families():
+    """Three families whose thresholds are 4, 5 and 6: the threshold moves with the family."""
+    out = []
+    for k, (fam, t) in enumerate([("ga", 4), ("gb", 5), ("gc", 6)]):
+        out += [family_result(3 * k + j, fam, t, 12.0 + 5 * j) for j in range(3)]
+    return out
+
+
+def test_folds_leave_out_one_whole_family_each():
+    results = moving_families()
+    fs = fit.folds(results)
+    assert [f for f, _, _ in fs] == ["ga", "gb", "gc"]
+    for name, train, test in fs:
+        assert {r["family"] for r in test} == {name} and name not in {r["family"] for r in train}
+        assert len(train) + len(test) == len(results)
+    # results without a family are each their own fold: leave-one-out
+    assert len(fit.folds([synthetic(i, 5, 20.0) for i in range(4)])) == 4
+
+
+def test_leave_one_family_out_predicts_a_moving_threshold_the_constant_guess_cannot():
+    """Each held-out family's threshold is one the other families never had: the constant guess
+    (their most common threshold) misses every one; a statistic that follows the family does not."""
+    results = moving_families()
+    lofo = fit.leave_one_family_out(results, 0.8)
+    for f in lofo["folds"]:
+        assert f["rule"].statistic == "delta_to_noise"
+        assert f["held_out"]["exact"] == 3 and f["constant"]["exact"] == 0
+        assert f["guess"] != {"ga": 4, "gb": 5, "gc": 6}[f["family"]]
+    assert lofo["held_out"] == {"n": 9, "exact": 9, "optimistic": 0, "pessimistic": 0, "exact_rate": 1.0,
+                                "worst_optimistic_steps": 0}
+    assert lofo["constant"]["exact"] == 0
+    assert fit.goal_met(lofo["held_out"], lofo["constant"])
+
+
+def test_each_fold_is_fitted_without_its_family():
+    """The rule judged on a family is exactly the rule fitted on the others: nothing of the
+    held-out family leaks into the fit (its threshold, statistic or aggregate)."""
+    results = moving_families()
+    results[4]["true_min_bits"] = 6  # gb's middle fine-tune: its own fit would differ
+    for f, (name, train, test) in zip(fit.leave_one_family_out(results, 0.8)["folds"], fit.folds(results)):
+        rule, _ = fit.fit(train)
+        assert f["rule"] == rule and f["held_out"] == fit.score(test, rule)
+        assert f["guess"] == fit.constant_guess(train)
+
+
+def test_statistic_and_aggregate_are_chosen_across_families_not_within():
+    """subspace_snr separates every fine-tune of gb (threshold 5 there) and none of the others;
+    fit on ga + gb + gc must pick the statistic that holds across families, and say so in cv."""
+    rule, s = fit.fit(moving_families())
+    assert rule.statistic == "delta_to_noise" and s["cv_folds"] == 3 and s["cv_exact"] == 9
+
+
+def test_goal_needs_25_points_above_the_constant_guess():
+    held = {"exact_rate": 0.95, "worst_optimistic_steps": 1}
+    assert fit.goal_met(held, {"exact_rate": 0.70})
+    assert not fit.goal_met(held, {"exact_rate": 0.71})
+    assert not fit.goal_met({"exact_rate": 0.89, "worst_optimistic_steps": 0}, {"exact_rate": 0.0})
+    assert not fit.goal_met({"exact_rate": 1.0, "worst_optimistic_steps": 2}, {"exact_rate": 0.0})
+
+
+def test_fast_threshold_fit_scores_as_the_rule_does():
+    """_fit_threshold scores every candidate at once; its chosen rule's score must be score()'s."""
+    rng = np.random.default_rng(3)
+    results = [synthetic(i, int(rng.choice([3, 4, 5, 6])), float(rng.uniform(2, 40))) for i in range(20)]
+    results[3]["summary"]["5"]["subspace_snr"] = None  # a missing value fails that bit-width
+    key, rule, sc = fit._fit_threshold(results, "subspace_snr", "weighted")
+    assert sc == fit.score(results, rule) and key[:3] == (sc["exact"], -sc["optimistic"],
+                                                         -sc["worst_optimistic_steps"])
+    best = max(fit.score(results, Rule("subspace_snr", "weighted", t))["exact"]
+               for t in np.geomspace(0.01, 1e4, 400))
+    assert sc["exact"] >= best
+
+
+def test_report_is_reproducible_byte_for_byte(tmp_path):
+    from qtools.calibrate.grid import TASK
+    from qtools.calibrate.report import write_report
+    from qtools.demo.train import BASE
+
+    fams = [{"name": f, "base": {**BASE, "outlier_gain": g}, "task": TASK} for f, g in (("ga", 4), ("gb", 12), ("gc", 24))]
+    outs = []
+    for k in range(2):
+        results = moving_families()
+        s = fit.study(results, 0.8)
+        md, png = tmp_path / f"c{k}.md", tmp_path / f"c{k}.png"
+        write_report(results, s, md, png, 0.8, [], fams)
+        outs.append((md.read_bytes(), png.read_bytes()))
+    assert outs[0] == outs[1]
+    text = outs[0][0].decode()
+    assert "| ga | 4 | 128 | 4 | demo | 3 / 3 | 3 at 4 |" in text and "Leave-one-family-out" in text and "9/9 (100%)" in text
+    assert "| constant guess | 0/9 (0%)" in text
+
+
+def test_a_gain_variant_of_a_shared_pretraining_is_the_base_train_base_makes(tmp_path):
+    """Families that differ only in outlier gain share one pretraining: the variant must be
+    bit-identical to training that base directly."""
+    from qtools.demo import train
+    from qtools.io.weights import fingerprint
+
+    recipe = dict(hidden_size=64, num_layers=1, intermediate_size=128, seed=0, iters=2, batch_size=4, lr=1e-3)
+    train.train_base(tmp_path / "direct", **recipe, outlier_gain=12.0)
+    train.pretrain_base(tmp_path / "pre", **recipe)
+    train.with_outlier_gain(tmp_path / "pre", tmp_path / "variant", 12.0, recipe["seed"])
+    assert fingerprint(tmp_path / "variant") == fingerprint(tmp_path / "direct")
+    train.with_outlier_gain(tmp_path / "pre", tmp_path / "g4", 4.0, recipe["seed"])
+    assert fingerprint(tmp_path / "g4") != fingerprint(tmp_path / "direct")
+
+
+def test_a_fine_tune_whose_float16_fails_has_no_threshold_and_is_not_measured_further():
+    """behaviour(min_accuracy=...) stops after float16 when it fails; such a cached entry has
+    no bit-width entries, and its threshold is None, never a KeyError."""
+    failed = {"16": {"accuracy": 0.5, "critical_errors": 0}}
+    assert run._threshold(failed, BITS, 0.8) is None
+    passed = beh(0.9, b8=(0.9, 0), b6=(0.9, 0), b5=(0.9, 0), b4=(0.7, 0), b3=(0.5, 0), b2=(0.3, 0))
+    assert run._threshold(passed, BITS, 0.8) == 5
+
+
+def test_from_cache_trains_and_measures_nothing(tmp_path):
+    """--from-cache on a work dir with nothing cached builds no base and trains nothing: it
+    refuses with one error instead of starting a two-hour calibration."""
+    from pathlib import Path
+
+    from qtools import QtoolsError
+
+    suite = Path(__file__).resolve().parents[1] / "suites" / "demo.jsonl"
+    work = tmp_path / "work"
+    assert run.run_grid(suite, work, from_cache=True) == []
+    assert not (work / "pretrained").exists() and not (work / "bases").exists()
+    with pytest.raises(QtoolsError, match="leave-one-family-out needs at least 2 families"):
+        run.calibrate(suite, tmp_path / "rule.json", work, tmp_path / "docs", from_cache=True)
+    assert not (tmp_path / "rule.json").exists() and not (tmp_path / "docs").exists()

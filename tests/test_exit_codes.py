@@ -81,7 +81,7 @@ def test_every_command_reports_bad_input_as_exit_1(tmp_path):
         "retention": ["retention", missing, "--reference", missing, "--base", missing, "--cache", tmp_path / "c.npz",
                       "--logs-dir", tmp_path],
         "demo-models": ["demo-models", "--output", tmp_path / "a_file" / "models", "--suite", ""],
-        "calibrate": ["calibrate", "--base", missing, "--work-dir", tmp_path / "w", "--docs-dir", tmp_path / "d"],
+        "calibrate": ["calibrate", "--suite", missing, "--work-dir", tmp_path / "w", "--docs-dir", tmp_path / "d"],
     }
     assert set(calls) == set(COMMANDS)
     for name, args in calls.items():

@@ -112,6 +112,32 @@ def test_reaggregate_rebuilds_the_summary_from_the_json_tensors(trio):
     assert layers[1]["by_bits"]["4"]["subspace_snr"] == pytest.approx(rep["layers"][1]["by_bits"]["4"]["subspace_snr"])
 
 
+def test_noise_statistics_see_the_fused_weights_quantization_noise(trio):
+    """delta_to_noise = |D|^2 / |Q(W) - W|^2 and weight_snr = |W|^2 / |Q(W) - W|^2 per tensor,
+    pooled as total over total; reaggregate derives them for cached tensors that lack them."""
+    from qtools.survival.analyze import reaggregate
+
+    _, adapter, fused = trio
+    rep = survival_json(fused, "--adapter", adapter, "--bits", 2, 4, 8)
+    for t in rep["tensors"]:
+        s = t["by_bits"].get("4", {})
+        if "delta_rms" not in s:
+            continue
+        assert s["delta_to_noise"] == pytest.approx((s["delta_rms"] / s["rmse"]) ** 2, rel=1e-9)
+        assert s["weight_snr"] == pytest.approx(1 / s["rel_rmse"] ** 2, rel=1e-9)
+        assert t["by_bits"]["2"]["weight_snr"] < s["weight_snr"] < t["by_bits"]["8"]["weight_snr"]
+    stripped = [{**t, "by_bits": {b: {k: v for k, v in x.items() if k not in ("delta_to_noise", "weight_snr")}
+                                  for b, x in t["by_bits"].items()}} for t in rep["tensors"]]
+    summary, _ = reaggregate(stripped, rep["bits"])
+    for b in ("2", "4", "8"):
+        for key in ("delta_to_noise", "weight_snr"):
+            assert summary[b][key] == pytest.approx(rep["summary"][b][key], rel=1e-6)
+    with_d = [t for t in rep["tensors"] if "delta_rms" in t["by_bits"]["4"]]
+    d2 = sum(t["by_bits"]["4"]["delta_rms"] ** 2 * np.prod(t["shape"]) for t in with_d)
+    sse = sum(t["by_bits"]["4"]["rmse"] ** 2 * np.prod(t["shape"]) for t in with_d)
+    assert rep["summary"]["4"]["delta_to_noise"] == pytest.approx(d2 / sse, rel=1e-6)
+
+
 def test_adapter_and_base_sources_agree(trio):
     """The delta rebuilt from the adapter's factors matches fused - base."""
     base, adapter, fused = trio

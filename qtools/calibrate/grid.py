@@ -1,4 +1,5 @@
-"""The calibration grid: which fine-tunes of the demo family are trained and measured."""
+"""The calibration grid: which families (base recipe x task) and which fine-tunes of each are
+trained and measured."""
 
 from __future__ import annotations
 
@@ -7,37 +8,74 @@ import shutil
 from pathlib import Path
 
 from .. import SUPPORTED_BITS, QtoolsError
-from ..demo.train import ALL_LINEAR, ATTENTION, MLP
+from ..demo.train import ALL_LINEAR, ATTENTION, BASE, MLP
 
 # Every fine-tune is measured at every bit-width MLX affine quantization supports.
 BITS = SUPPORTED_BITS
 
 
-def default_grid() -> list[dict]:
-    """Training runs; each yields several fine-tunes (checkpoints x LoRA scale multipliers).
+# A family: one base recipe (pretraining + outlier gain) and one task. The gain sets the
+# quantization step of every group, hence the base's noise where the fine-tune acts; families
+# that differ only in gain share one pretraining (the gain does not change the function).
+TASK = "demo"  # the tool-vs-direct + VETO/APPROVE task of suites/demo.jsonl
+GAINS = (4.0, 12.0, 24.0, 36.0)
+# and one family twice as deep (its own pretraining), at the demo's gain
+DEPTHS = (8,)
 
-    They differ in what moves the threshold: delta size (learning rate, iterations,
-    LoRA scale), rank, which modules are adapted, and seed. 8 runs x 3 checkpoints
-    plus a 1.5x LoRA-scale variant of the last two: 40 fine-tunes.
+
+def default_families() -> list[dict]:
+    """The families of the calibration: the demo base recipe at four outlier gains, and at the
+    demo's gain with twice the layers."""
+    fams = [{"name": f"g{g:g}", "base": {**BASE, "outlier_gain": g}, "task": TASK} for g in GAINS]
+    fams += [{"name": f"l{n}g{BASE['outlier_gain']:g}", "base": {**BASE, "num_layers": n}, "task": TASK}
+             for n in DEPTHS]
+    return fams
+
+
+def pretraining_key(base: dict) -> str:
+    """Name of the pretraining a base recipe needs: everything but the outlier gain."""
+    return "h{hidden_size}_l{num_layers}_i{intermediate_size}_s{seed}_it{iters}_b{batch_size}_lr{lr:g}".format(**base)
+
+
+# Every checkpoint is also measured at these multiples of its LoRA scale: the delta's strength
+# varied without training (a stronger or weaker version of the same direction).
+SCALE_MULTIPLIERS = [0.5, 0.75, 1.5, 2.0]
+
+
+def default_grid() -> list[dict]:
+    """Training runs per family; each yields several fine-tunes (checkpoints x LoRA scale multipliers).
+
+    They span what moves the fine-tune's margin: learning rate over 32x (5e-5 to 1.6e-3),
+    iterations (checkpoints), LoRA scale (0.5x to 2x), rank, adapted modules and seed.
+    4 runs, 5 checkpoints, 25 fine-tunes, 330 training steps per family; the same recipes on
+    every family, so families differ only in the base. Cheapest first: a calibration cut short
+    keeps them.
     """
     runs = [
-        dict(rank=8, keys=ALL_LINEAR, lr=2e-4, seed=0),
-        dict(rank=8, keys=ALL_LINEAR, lr=2e-4, seed=1),
-        dict(rank=8, keys=ALL_LINEAR, lr=1e-4, seed=2),
-        dict(rank=8, keys=ALL_LINEAR, lr=4e-4, seed=3),
-        dict(rank=4, keys=ALL_LINEAR, lr=2e-4, seed=4),
-        dict(rank=16, keys=ALL_LINEAR, lr=2e-4, seed=5),
-        dict(rank=8, keys=ATTENTION, lr=3e-4, seed=6),
-        dict(rank=8, keys=MLP, lr=3e-4, seed=7),
+        dict(rank=8, keys=ALL_LINEAR, lr=2e-4, seed=1, checkpoints=[50, 100]),
+        dict(rank=16, keys=MLP, lr=1.6e-3, seed=3, checkpoints=[20]),
+        dict(rank=4, keys=ATTENTION, lr=6e-4, seed=2, checkpoints=[50]),
+        dict(rank=8, keys=ALL_LINEAR, lr=5e-5, seed=0, checkpoints=[160]),
     ]
     for r in runs:
         r["keys"] = list(r["keys"])
-        r.update(checkpoints=[60, 120, 180], scale_multipliers={"120": [1.5], "180": [1.5]})
+        r["scale_multipliers"] = {str(c): list(SCALE_MULTIPLIERS) for c in r["checkpoints"]}
     return runs
 
 
-def expand_run(run_dir: Path, run: dict) -> list[tuple[str, dict, Path]]:
-    """(fine-tune id, config, adapter dir) for every checkpoint and scale multiplier of a run."""
+def run_name(run: dict) -> str:
+    """A training run's directory name, from its recipe: a cached run is found again when the
+    grid is reordered or cut."""
+    mods = "all" if list(run["keys"]) == list(ALL_LINEAR) else (
+        "attn" if list(run["keys"]) == list(ATTENTION) else "mlp" if list(run["keys"]) == list(MLP)
+        else "+".join(k.split(".")[-1] for k in run["keys"]))
+    its = "-".join(str(c) for c in run["checkpoints"])
+    return f"r{run['rank']}_{mods}_lr{run['lr']:g}_s{run['seed']}_it{its}"
+
+
+def expand_run(run_dir: Path, run: dict, family: str | None = None) -> list[tuple[str, dict, Path]]:
+    """(fine-tune id, config, adapter dir) for every checkpoint and scale multiplier of a run;
+    the id and config name the family when one is given."""
     cfg = json.loads((run_dir / "adapter_config.json").read_text())
     out = []
     for it in run["checkpoints"]:
@@ -55,5 +93,8 @@ def expand_run(run_dir: Path, run: dict) -> list[tuple[str, dict, Path]]:
                 (ad / "adapter_config.json").write_text(json.dumps(c, indent=2))
             conf = {k: run[k] for k in ("rank", "lr", "seed")}
             conf.update(keys=run["keys"], iters=it, scale=cfg["lora_parameters"]["scale"] * mult)
-            out.append((f"{run_dir.name}-it{it}-x{mult:g}", conf, ad))
+            if family is not None:
+                conf["family"] = family
+            prefix = f"{family}/" if family is not None else ""
+            out.append((f"{prefix}{run_dir.name}-it{it}-x{mult:g}", conf, ad))
     return out

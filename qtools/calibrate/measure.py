@@ -23,12 +23,14 @@ def model_weights(model_dir) -> dict:
     return dict(tree_flatten(net.parameters()))
 
 
-def behaviour(model_dir, suite_obj, bits_list, group_size=64, max_tokens=None, exact_delta_from=None) -> dict:
+def behaviour(model_dir, suite_obj, bits_list, group_size=64, max_tokens=None, exact_delta_from=None,
+              min_accuracy=None) -> dict:
     """Accuracy, critical errors and format compliance at float16 and each bit-width.
 
     exact_delta_from: the base's weights (model_weights); each bit-width is then measured
     with the base quantized and the delta kept exactly (see fake_quantize), and float16
-    is skipped.
+    is skipped. min_accuracy: when given, a float16 model that fails validation is not
+    measured at any bit-width (it has no threshold; the calibration leaves it out).
     """
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -50,6 +52,8 @@ def behaviour(model_dir, suite_obj, bits_list, group_size=64, max_tokens=None, e
                           # per case, in suite order: what a re-drawn suite is resampled from
                           "cases": {"correct": "".join("1" if r["correct"] else "0" for r in records),
                                     "critical": "".join("1" if r["critical"] else "0" for r in records)}}
+        if bits == 16 and min_accuracy is not None and not passes(out["16"], min_accuracy):
+            break
     del model
     return out
 

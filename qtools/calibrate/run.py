@@ -12,36 +12,49 @@ from pathlib import Path
 from .. import QtoolsError
 from ..io.atomic import write_json_atomic
 from .fit import study
-from .grid import BITS, default_grid, expand_run
+from .grid import BITS, default_families, default_grid, expand_run, pretraining_key, run_name
 from .measure import behaviour, model_weights, passes, true_threshold
 from .report import write_report
 
-# What a cached result.json holds (2: the weight statistic is named delta_retention); an entry
-# of another format is measured again, not migrated.
-CACHE_FORMAT = 2
+# What a cached result.json holds (2: the weight statistic is named delta_retention; 3: it
+# records its family); an entry of another format is measured again, not migrated.
+CACHE_FORMAT = 3
 
 
-def run_grid(base_dir, suite_path, work_dir, grid=None, bits_list=BITS, group_size=64, min_accuracy=0.8,
-             jobs=1, log=sys.stderr) -> list[dict]:
-    """Train, fuse, predict and measure every fine-tune of the grid.
+def run_grid(suite_path, work_dir, families=None, grid=None, bits_list=BITS, group_size=64, min_accuracy=0.8,
+             jobs=1, exact_delta=False, from_cache=False, log=sys.stderr) -> list[dict]:
+    """Build each family's base, then train, fuse, predict and measure every fine-tune of the
+    grid on it.
 
-    Runs are independent: `jobs` processes share them. Resumable: each
-    fine-tune's result is cached beside its adapter.
+    Runs are independent: `jobs` processes share them. Resumable: the shared pretraining, each
+    family's base and each fine-tune's result are cached in work_dir. exact_delta: also measure
+    each fine-tune with the base quantized and the delta kept exactly (what sets the threshold;
+    doubles the measuring time). from_cache: train and measure nothing; use what is cached (a
+    refit, or a calibration cut short).
     """
-    from ..io.modeldir import check_model_dir
     from ..io.suite import load_suite
 
-    check_model_dir(base_dir, "base model")  # fail early on a bad base or suite
-    suite_obj = load_suite(suite_path)
+    suite_obj = load_suite(suite_path)  # fail early on a bad suite
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    _check_same_base(work, base_dir)
+    families = families or default_families()
     grid = grid or default_grid()
-    base_beh_path = work / "base_behaviour.json"
-    if not base_beh_path.exists():
-        base_beh_path.write_text(json.dumps(behaviour(base_dir, suite_obj, [], group_size)["16"]))
-    args = [(i, run, str(base_dir), str(suite_path), str(work), list(bits_list), group_size, min_accuracy)
-            for i, run in enumerate(grid)]
+    bases = {}
+    for fam in families:
+        if from_cache and not _complete_model(work / "bases" / fam["name"]):
+            continue
+        base_dir = build_base(work, fam, log)
+        fam_dir = work / fam["name"]
+        fam_dir.mkdir(exist_ok=True)
+        _check_same_base(fam_dir, base_dir)
+        base_beh_path = fam_dir / "base_behaviour.json"
+        if not base_beh_path.exists():
+            base_beh_path.write_text(json.dumps(behaviour(base_dir, suite_obj, [], group_size)["16"]))
+        bases[fam["name"]] = (fam_dir, base_dir)
+    # run by run across families: a run cut short leaves every family with its first runs
+    args = [(str(fam_dir / run_name(run)), name, run, str(base_dir), str(suite_path), list(bits_list),
+             group_size, min_accuracy, exact_delta, from_cache) for run in grid
+            for name, (fam_dir, base_dir) in bases.items()]
     if jobs > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
@@ -51,6 +64,35 @@ def run_grid(base_dir, suite_path, work_dir, grid=None, bits_list=BITS, group_si
     else:
         chunks = [_run_one(a) for a in args]
     return [r for chunk in chunks for r in chunk]
+
+
+def _complete_model(path: Path) -> bool:
+    return (path / "config.json").exists() and (path / "model.safetensors").exists()
+
+
+def build_base(work: Path, family: dict, log=sys.stderr) -> Path:
+    """A family's base model (work/bases/NAME), from the pretraining it shares with the other
+    families of the same recipe but another outlier gain (work/pretrained/KEY); both cached."""
+    from ..demo.train import pretrain_base, with_outlier_gain
+    from ..io.atomic import atomic_output_dir
+
+    base = family["base"]
+    pre = work / "pretrained" / pretraining_key(base)
+    if not _complete_model(pre):
+        print(f"[calibrate] pretraining {pre.name} (shared by every gain of this recipe)", file=log, flush=True)
+        tic = time.perf_counter()
+        with atomic_output_dir(pre, force=True) as tmp:
+            pretrain_base(tmp, **base)
+        print(f"[calibrate] pretraining {pre.name} done in {time.perf_counter() - tic:.0f} s", file=log, flush=True)
+    out = work / "bases" / family["name"]
+    recipe = work / "bases" / f"{family['name']}.json"
+    if _complete_model(out) and recipe.exists() and json.loads(recipe.read_text()) == family:
+        return out
+    # a family renamed to another recipe gets a new base; its cached fine-tunes are then refused
+    with atomic_output_dir(out, force=True) as tmp:
+        with_outlier_gain(pre, tmp, base["outlier_gain"], base["seed"])
+    write_json_atomic(recipe, family)
+    return out
 
 
 def _check_same_base(work: Path, base_dir) -> None:
@@ -88,48 +130,56 @@ def _run_one(args) -> list[dict]:
     import shutil
 
     from ..demo.train import ADAPTER, finetune_data, train_adapter
+    from ..io.modeldir import read_config
     from ..io.suite import load_suite
     from ..pipeline.fuse import fuse
     from ..survival.analyze import delta_survival, reaggregate
 
-    i, run, base_dir, suite_path, work, bits_list, group_size, min_accuracy = args
+    run_dir, family, run, base_dir, suite_path, bits_list, group_size, min_accuracy, exact_delta, from_cache = args
     log = sys.stderr
-    work = Path(work)
+    run_dir = Path(run_dir)
     suite_obj = load_suite(suite_path)
-    base_beh = json.loads((work / "base_behaviour.json").read_text())
-    run_dir = work / f"run{i:02d}"
+    base_beh = json.loads((run_dir.parent / "base_behaviour.json").read_text())
     cfg_path = run_dir / "adapter_config.json"
+    if from_cache and (not cfg_path.exists() or trained_on_other_data(run_dir, run["seed"])):
+        return []
     if trained_on_other_data(run_dir, run["seed"]):
         # its validation cases may have been trained on: neither the run nor its results are kept
-        print(f"[calibrate] run{i:02d} was trained on other data than {finetune_data(run['seed'])}; "
+        print(f"[calibrate] {family}/{run_dir.name} was trained on other data than {finetune_data(run['seed'])}; "
               "retraining", file=log, flush=True)
         shutil.rmtree(run_dir)
     if not cfg_path.exists():
         params = {**ADAPTER, **{k: v for k, v in run.items() if k in ADAPTER}}
-        print(f"[calibrate] training run{i:02d}: {run}", file=log, flush=True)
+        # every layer of the family's base is adapted, whatever its depth
+        params["num_layers"] = read_config(base_dir)["num_hidden_layers"]
+        print(f"[calibrate] training {family}/{run_dir.name}: {run}", file=log, flush=True)
+        tic = time.perf_counter()
         train_adapter(base_dir, run_dir, rank=params["rank"], scale=params["scale"], keys=params["keys"],
                       num_layers=params["num_layers"], iters=max(run["checkpoints"]),
                       batch_size=params["batch_size"], lr=params["lr"], seed=params["seed"],
                       save_every=math.gcd(*run["checkpoints"]))
+        print(f"[calibrate] trained {family}/{run_dir.name} in {time.perf_counter() - tic:.0f} s", file=log, flush=True)
     results = []
     base_weights = None  # loaded once per run, when a fine-tune first needs them
-    for ft_id, cfg, adapter in expand_run(run_dir, run):
+    for ft_id, cfg, adapter in expand_run(run_dir, run, family):
         cached = adapter / "result.json"
         res = _cached(cached, ft_id, log)
         if res is not None:
             # statistics are re-pooled with the current code; the verdict follows the current min_accuracy
             res["summary"], res["layers"] = reaggregate(res["tensors"], bits_list)
-            res["true_min_bits"] = true_threshold(res["behaviour"], bits_list, min_accuracy)
+            res["true_min_bits"] = _threshold(res["behaviour"], bits_list, min_accuracy)
             res["float16_passes"] = passes(res["behaviour"]["16"], min_accuracy)
             results.append(res)
+            continue
+        if from_cache:
             continue
         tic = time.perf_counter()
         fused = adapter / "fused_f16"
         fuse(base_dir, adapter, fused, force=True)
         rep = delta_survival(fused, bits_list, group_size, adapter=adapter, progress=False)
-        beh = behaviour(fused, suite_obj, bits_list, group_size)
+        beh = behaviour(fused, suite_obj, bits_list, group_size, min_accuracy=min_accuracy)
         beh_exact = None  # left out of the study anyway when float16 fails
-        if passes(beh["16"], min_accuracy):
+        if exact_delta and passes(beh["16"], min_accuracy):
             # what the threshold would be if only the base's noise counted (the delta kept exactly)
             base_weights = base_weights or model_weights(base_dir)
             beh_exact = behaviour(fused, suite_obj, bits_list, group_size, exact_delta_from=base_weights)
@@ -137,11 +187,12 @@ def _run_one(args) -> list[dict]:
         res = {
             "format": CACHE_FORMAT,
             "id": ft_id,
+            "family": family,
             "config": cfg,
             "base_accuracy": base_beh["accuracy"],
             "behaviour": beh,
             "behaviour_exact_delta": beh_exact,
-            "true_min_bits": true_threshold(beh, bits_list, min_accuracy),
+            "true_min_bits": _threshold(beh, bits_list, min_accuracy),
             "float16_passes": passes(beh["16"], min_accuracy),
             "summary": rep["summary"],
             "layers": rep["layers"],
@@ -155,6 +206,13 @@ def _run_one(args) -> list[dict]:
     return results
 
 
+def _threshold(beh: dict, bits_list, min_accuracy):
+    """The true threshold; None for a fine-tune whose float16 model fails (not measured further)."""
+    if not passes(beh["16"], min_accuracy) or any(str(b) not in beh for b in bits_list):
+        return None
+    return true_threshold(beh, bits_list, min_accuracy)
+
+
 def trained_on_other_data(run_dir: Path, seed: int) -> bool:
     """Whether a cached training run's adapter_config records other data than the grid trains on."""
     from ..demo.train import finetune_data
@@ -166,23 +224,42 @@ def trained_on_other_data(run_dir: Path, seed: int) -> bool:
 def write_rule_file(path, s: dict) -> None:
     """The fitted rule, with its evidence, where delta-survival reads it."""
     # delta-survival reads this file: never leave it half-written
-    write_json_atomic(path, {**s["rule"].to_dict(), "train": s["train"], "held_out": s["held_out"],
+    write_json_atomic(path, {**s["rule"].to_dict(), "families": s["families"], "train": s["train"],
+                             "held_out": s["held_out"], "held_out_constant": s["baseline"],
                              "held_out_ceiling": round(s["ceiling"], 4)})
 
 
-def calibrate(base_dir, suite_path, rule_file, work_dir="models/calibration", docs_dir="docs",
-              min_accuracy=0.8, jobs=1, log=sys.stderr) -> dict:
-    """Run the grid, fit the rule on half, judge it on the other half; write the report to
-    docs_dir and the rule to rule_file (delta-survival's is qtools/survival/calibration.json)."""
-    results = run_grid(base_dir, suite_path, work_dir, min_accuracy=min_accuracy, jobs=jobs, log=log)
+def select_families(names=None) -> list[dict]:
+    """The default families, or those named (a quick or partial run); an unknown name is an error."""
+    fams = default_families()
+    if not names:
+        return fams
+    by_name = {f["name"]: f for f in fams}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise QtoolsError(f"unknown famil{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
+                          f"the calibration's families are {', '.join(by_name)}")
+    return [by_name[n] for n in names]
+
+
+def calibrate(suite_path, rule_file, work_dir="models/calibration", docs_dir="docs", min_accuracy=0.8, jobs=1,
+              families=None, exact_delta=False, from_cache=False, log=sys.stderr) -> dict:
+    """Run the grid on every family, judge the rule leave-one-family-out, fit it on all families;
+    write the report to docs_dir and the rule to rule_file (delta-survival's is
+    qtools/survival/calibration.json)."""
+    fams = select_families(families)
+    results = run_grid(suite_path, work_dir, fams, min_accuracy=min_accuracy, jobs=jobs, exact_delta=exact_delta,
+                       from_cache=from_cache, log=log)
     usable = [r for r in results if r["float16_passes"]]
     excluded = [r for r in results if not r["float16_passes"]]
-    if len(usable) < 4:
-        raise QtoolsError(f"only {len(usable)} fine-tunes learned the task; calibration needs more")
+    if len({r["family"] for r in usable}) < 2 or len(usable) < 4:
+        raise QtoolsError(f"only {len(usable)} fine-tunes of {len({r['family'] for r in usable})} famil(ies) learned "
+                          "the task; leave-one-family-out needs at least 2 families and 4 fine-tunes")
     s = study(usable, min_accuracy)
     docs = Path(docs_dir)
     docs.mkdir(parents=True, exist_ok=True)
-    write_report(usable, s, docs / "calibration.md", docs / "calibration.png", min_accuracy, excluded)
+    write_report(usable, s, docs / "calibration.md", docs / "calibration.png", min_accuracy, excluded, fams)
     write_rule_file(rule_file, s)
     return {"rule": s["rule"].to_dict(), "train": s["train"], "held_out": s["held_out"], "fine_tunes": len(results),
+            "families": [f["name"] for f in fams], "constant": s["baseline"],
             "reliability": s["reliability"], "rule_file": str(rule_file)}

@@ -139,9 +139,9 @@ def add_outlier_channels(model, config, gain, seed, group_size=64):
     return model
 
 
-def train_base(out_dir, hidden_size, num_layers, intermediate_size, seed, iters, batch_size, lr,
-               outlier_gain=1.0):
-    """Pretrain the base on the soft-label data, add the outlier channels, save float16."""
+def _pretrain(hidden_size, num_layers, intermediate_size, seed, iters, batch_size, lr):
+    """(model, config, raw tokenizer): the base pretrained on the soft-label data, rounded to
+    float16 (held in float32), before any outlier gain."""
     tok_raw = build_tokenizer()
     with tempfile.TemporaryDirectory() as tmp:
         # Write the tokenizer once so the HF wrapper (chat template) can load it.
@@ -160,8 +160,35 @@ def train_base(out_dir, hidden_size, num_layers, intermediate_size, seed, iters,
     # the model will hold.
     model.set_dtype(mx.float16)
     model.set_dtype(mx.float32)
+    return model, config, tok_raw
+
+
+def train_base(out_dir, hidden_size, num_layers, intermediate_size, seed, iters, batch_size, lr,
+               outlier_gain=1.0):
+    """Pretrain the base on the soft-label data, add the outlier channels, save float16."""
+    model, config, tok_raw = _pretrain(hidden_size, num_layers, intermediate_size, seed, iters, batch_size, lr)
     add_outlier_channels(model, config, outlier_gain, seed)
     save_model_dir(model, config, tok_raw, out_dir, dtype="float16")
+    return out_dir
+
+
+def pretrain_base(out_dir, hidden_size, num_layers, intermediate_size, seed, iters, batch_size, lr, **_):
+    """train_base without the outlier gain: the expensive part, shared by bases that differ
+    only in gain (with_outlier_gain makes each; the gain does not change the function)."""
+    model, config, tok_raw = _pretrain(hidden_size, num_layers, intermediate_size, seed, iters, batch_size, lr)
+    save_model_dir(model, config, tok_raw, out_dir, dtype="float16")
+    return out_dir
+
+
+def with_outlier_gain(pretrained_dir, out_dir, outlier_gain, seed):
+    """The base train_base(..., outlier_gain) saves, from pretrain_base's output (same seed):
+    bit-identical, since pretrain_base stores exactly the float16 values the gain multiplies."""
+    config = json.loads((Path(pretrained_dir) / "config.json").read_text())
+    model = build_model(config)
+    model.load_weights(str(Path(pretrained_dir) / "model.safetensors"))
+    model.set_dtype(mx.float32)
+    add_outlier_channels(model, config, outlier_gain, seed)
+    save_model_dir(model, config, build_tokenizer(), out_dir, dtype="float16")
     return out_dir
 
 

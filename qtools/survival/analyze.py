@@ -37,7 +37,21 @@ _LAYER_RE = re.compile(r"layers\.(\d+)\.")
 _ROUTER_RE = re.compile(r"\.(gate|router)\.weight$")
 # Statistics that exist only where a delta does, weighted by |D|^2 over tensors.
 DELTA_STATS = ("delta_rms", "delta_to_step", "delta_retention", "cosine", "sign_agreement",
-               "codes_changed", "delta_snr", "subspace_snr")
+               "codes_changed", "delta_snr", "subspace_snr", "delta_to_noise", "weight_snr")
+
+
+def noise_stats(s: dict) -> dict:
+    """What the base's quantization noise is where the delta acts, from a tensor's statistics at
+    one bit-width: delta_to_noise = |D|^2 / |Q(W) - W|^2 (the delta's energy against all the
+    noise the fused weights get, base included) and weight_snr = |W|^2 / |Q(W) - W|^2.
+    Derived from rmse, rel_rmse and delta_rms alone, so cached reports get them too."""
+    rmse, rel, d = s.get("rmse"), s.get("rel_rmse"), s.get("delta_rms")
+    if rmse is None or d is None:
+        return {}
+    if rmse <= 0:
+        return {"delta_to_noise": SNR_CAP, "weight_snr": SNR_CAP}
+    return {"delta_to_noise": min((d / rmse) ** 2, SNR_CAP),
+            "weight_snr": min(1.0 / rel ** 2, SNR_CAP) if rel else SNR_CAP}
 
 
 def bits_per_weight(bits: int, group_size: int) -> float:
@@ -255,6 +269,7 @@ def _tensor_stats(r: dict, bits: list[int], has_delta: bool, has_sub: bool) -> d
                 "codes_changed": int(r["changed"][i]) / n,
                 "delta_snr": min(d2 / err2, SNR_CAP) if err2 > 0 else SNR_CAP,
             })
+            s.update(noise_stats(s))
             if has_sub:
                 noise = float(r["sub_noise"][i])
                 s["subspace_snr"] = min(float(r["sub_d2"]) / noise, SNR_CAP) if noise > 0 else SNR_CAP
@@ -264,7 +279,7 @@ def _tensor_stats(r: dict, bits: list[int], has_delta: bool, has_sub: bool) -> d
 
 # Ratios of delta energy to noise pool as total energy over total noise (the |D|^2-weighted
 # harmonic mean): one very clean tensor must not hide another's noise.
-POOLED_RATIOS = ("delta_snr", "subspace_snr")
+POOLED_RATIOS = ("delta_snr", "subspace_snr", "delta_to_noise", "weight_snr")
 
 
 def pool(stat: str, pairs) -> float:
@@ -314,7 +329,8 @@ def reaggregate(tensors: list[dict], bits: list[int]) -> tuple[dict, list[dict]]
         top = t["by_bits"][str(bits[0])]
         w_rms = top["rmse"] / top["rel_rmse"] if top.get("rel_rmse") else 0.0
         d_rms = top.get("delta_rms", 0.0)
-        rebuilt.append({**t, "_n": n, "_w2": w_rms ** 2 * n, "_d2": d_rms ** 2 * n})
+        by_bits = {b: {**v, **noise_stats(v)} if "delta_rms" in v else v for b, v in t["by_bits"].items()}
+        rebuilt.append({**t, "by_bits": by_bits, "_n": n, "_w2": w_rms ** 2 * n, "_d2": d_rms ** 2 * n})
     layer_ids = sorted({t["layer"] for t in rebuilt if t.get("layer") is not None})
     layers = [{"layer": i, "by_bits": _aggregate([t for t in rebuilt if t.get("layer") == i], bits)}
               for i in layer_ids]
