@@ -14,22 +14,40 @@ from ..format import human_bytes
               help="Float model directory to quantize (usually the fused float16 model).")
 @click.option("--bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default="5", show_default=True,
               help="Bits per weight (MLX affine).")
-@click.option("--group-size", type=click.Choice([str(g) for g in SUPPORTED_GROUP_SIZES]), default="64",
-              show_default=True, help="Weights per quantization group.")
+@click.option("--group-size", type=click.Choice([str(g) for g in (16, *SUPPORTED_GROUP_SIZES)]), default=None,
+              help="Weights per quantization group [default: 64; mxfp4/mxfp8 32, nvfp4 16, the only ones they take].")
 @click.option("--recipe", type=click.Choice(RECIPES), default="uniform", show_default=True,
-              help="uniform; mlx-lm's mixed_3_6/mixed_4_6 (ignore --bits); or survival: --bits, with the "
+              help="uniform; mlx-lm's mixed_3_6/mixed_4_6 (ignore --bits); survival: --bits, with the "
                    "tensors where the fine-tuning delta loses most raised until delta-survival's rule "
-                   "rates the model as safe as the uniform bit-width it recommends.")
+                   "rates the model as safe as the uniform bit-width it recommends; MLX's mxfp4/nvfp4/mxfp8 "
+                   "(fixed bits, ignore --bits); mlx-lm's awq/gptq/dwq/dynamic (calibrated on --data); "
+                   "adapter (base at --bits + the fine-tune's float16 adapter, unfused); compensated "
+                   "(--bits + a float16 low-rank correction of the quantization error as an adapter).")
+@click.option("--data", type=click.Path(), default=None,
+              help="Calibration data for awq/gptq/dwq/dynamic: JSONL ({text} / {messages} / {prompt, completion}) "
+                   "or .txt [default: the fine-tune's training data when its adapter_config.json names it].")
+@click.option("--base", type=click.Path(), default=None,
+              help="adapter recipe: the float base model [default: from the fused model's provenance].")
+@click.option("--adapter", type=click.Path(), default=None,
+              help="adapter/compensated recipes: the fine-tune's adapter [default: from the provenance].")
+@click.option("--rank", type=int, default=None,
+              help="compensated: rank of the correction [default: the largest within --target-bpw].")
+@click.option("--correction", type=click.Choice(["svd", "subspace"]), default=None,
+              help="compensated: svd (best rank-r approximation of the error) or subspace (the error inside "
+                   "the adapter's subspace) [default: svd].")
+@click.option("--target-bpw", type=float, default=None,
+              help="dynamic/compensated: bits per weight to fill [default: BITS + 0.8, 4.8 at 4 bits].")
 @click.option("--layer-bits", "layer_bits_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="JSON file {layer path: bits (0 = keep float)} overriding single layers.")
 @click.option("--out", default=None, type=click.Path(), help="Output directory [default: models/fused_<bits>bit].")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def quantize_cmd(model, bits, group_size, recipe, layer_bits_file, out, force, as_json):
+def quantize_cmd(model, bits, group_size, recipe, data, base, adapter, rank, correction, target_bpw,
+                 layer_bits_file, out, force, as_json):
     """Quantize MODEL to --bits; report bits per weight and disk size."""
     from .. import QtoolsError
 
-    bits, group_size = int(bits), int(group_size)
+    bits, group_size = int(bits), (int(group_size) if group_size else None)
     layer_bits = None
     if layer_bits_file:
         try:
@@ -40,9 +58,12 @@ def quantize_cmd(model, bits, group_size, recipe, layer_bits_file, out, force, a
         if not isinstance(layer_bits, dict):
             raise QtoolsError(f"--layer-bits {layer_bits_file} must hold a JSON object")
     suffix = {"uniform": f"{bits}bit", "survival": f"survival_{bits}bit"}.get(recipe, recipe)
+    if recipe in ("awq", "gptq", "dwq", "dynamic", "adapter", "compensated"):
+        suffix = f"{recipe}_{bits}bit"
     out = out or f"models/fused_{suffix}"
     report = quantize(model, out, bits=bits, group_size=group_size, recipe=recipe,
-                      layer_bits=layer_bits, force=force)
+                      layer_bits=layer_bits, force=force, data=data, base=base, adapter=adapter,
+                      rank=rank, correction=correction, target_bpw=target_bpw)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -65,10 +86,22 @@ def quantize_cmd(model, bits, group_size, recipe, layer_bits_file, out, force, a
         for r in raised:
             value = "-" if r["value_at_bits"] is None else f"{r['value_at_bits']:.3g}"
             click.echo(f"  {r['layer']}: {bits} -> {r['bits']} bits ({rule['statistic']} {value} at {bits})")
+    label = {"uniform": f"{bits}-bit", "survival": f"survival {bits}-bit"}.get(recipe, recipe)
+    if recipe in ("awq", "gptq", "dwq", "dynamic", "adapter", "compensated"):
+        label = f"{recipe} {bits}-bit"
+    if "compensation" in report:
+        c = report["compensation"]
+        click.echo(f"compensated: rank-{c['rank']} {c['correction']} correction on {c['tensors']} tensors "
+                   f"({', '.join(c['keys'])}), shipped in {report['out']}/adapters; it removes "
+                   f"{c['error_removed_mean']:.1%} of the quantization error"
+                   + (f", {c['subspace_error_removed_mean']:.1%} of it inside the fine-tune's subspace"
+                      if c.get("subspace_error_removed_mean") is not None else ""))
+    if report.get("data"):
+        click.echo(f"calibrated on {report['data']}")
     ratio = report["disk_bytes"] / report["source_disk_bytes"] if report["source_disk_bytes"] else 0
     click.echo(
         f"quantized {report['source']} -> {report['out']} "
-        f"({ {'uniform': f'{bits}-bit', 'survival': f'survival {bits}-bit'}.get(recipe, recipe)}, group {group_size}): "
+        f"({label}, group {report['group_size']}): "
         f"{report['bits_per_weight']:.3f} bits/weight, {human_bytes(report['disk_bytes'])} "
         f"({ratio:.0%} of {human_bytes(report['source_disk_bytes'])}) in {report['seconds']:.1f} s"
     )
