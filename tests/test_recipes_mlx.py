@@ -268,3 +268,17 @@ def test_validate_takes_a_model_that_ships_an_adapter(trio, tmp_path):
     assert r.exit_code == 0, r.output
     prov = json.loads((out / "qtools_provenance.json").read_text())
     assert log["bits_per_weight"] == pytest.approx(prov["bits_per_weight"], rel=1e-9)
+
+
+def test_fingerprint_sees_a_shipped_adapter(trio, tmp_path):
+    from qtools.io.weights import fingerprint
+
+    _, _, fused = trio
+    out = tmp_path / "c"
+    assert run("quantize", "--model", fused, "--recipe", "compensated", "--bits", 4, "--rank", 1,
+               "--out", out).exit_code == 0
+    before = fingerprint(out)
+    ad = out / "adapters" / "adapters.safetensors"
+    w = mx.load(str(ad))
+    mx.save_safetensors(str(ad), {k: v * 2 for k, v in w.items()})
+    assert fingerprint(out) != before
