@@ -203,6 +203,20 @@ def _quantize_dynamic(net, config, bits, group_size, blocks, target_bpw):
             return {"bits": high, "group_size": group_size, "mode": "affine"}
         return True
 
+    def planned_bpw():
+        import mlx.nn as nn
+        from mlx_lm.utils import compute_bits_per_weight
+
+        trial = copy.deepcopy(net)
+        nn.quantize(trial, group_size=group_size, bits=bits,
+                    class_predicate=lambda p, m: hasattr(m, "to_quantized") and predicate(p, m))
+        return float(compute_bits_per_weight(trial))
+
+    # mlx-lm's bisection returns the midpoint of its last interval, which can raise one layer
+    # too many: drop the least sensitive raised layer until the plan fits the target.
+    while planned_bpw() > target_bpw and any(v > threshold for v in sens.values()):
+        threshold = min(v for v in sens.values() if v > threshold)
+
     net, qconfig = quantize_model(net, config, group_size, bits, quant_predicate=predicate)
     raised = sorted(p for p, s in sens.items() if s > threshold)
     return net, qconfig, {"high_bits": high, "target_bpw": target_bpw, "raised": raised}
