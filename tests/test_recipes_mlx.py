@@ -252,6 +252,9 @@ def test_data_bad_input(trio, tmp_path):
         assert r.exit_code == 1, r.output
         assert r.output.startswith(message) and len(r.output.strip().splitlines()) == 1, r.output
         assert not (tmp_path / "o").exists()
+    r = run("quantize", "--model", fused, "--recipe", "gptq", "--bits", 4, "--data", empty, "--num-samples", 0,
+            "--out", tmp_path / "o")
+    assert r.exit_code == 1 and r.output.startswith("Error: --sequence-length must be at least 8")
     r = run("quantize", "--model", fused, "--recipe", "gptq", "--bits", 3, "--data", empty, "--out", tmp_path / "o")
     assert r.exit_code == 1 and r.output.startswith("Error: gptq (mlx_lm.quant.gptq) packs 2, 4, 8 bits only")
     r = run("quantize", "--model", fused, "--recipe", "mxfp4", "--data", empty, "--out", tmp_path / "o")

@@ -26,6 +26,9 @@ from ..format import human_bytes
 @click.option("--data", type=click.Path(), default=None,
               help="Calibration data for awq/gptq/dwq/dynamic: JSONL ({text} / {messages} / {prompt, completion}) "
                    "or .txt [default: the fine-tune's training data when its adapter_config.json names it].")
+@click.option("--num-samples", type=int, default=None,
+              help="awq/gptq/dynamic: calibration blocks of --sequence-length tokens, -1 for all [default: 8].")
+@click.option("--sequence-length", type=int, default=None, help="awq/gptq/dynamic: tokens per block [default: 512].")
 @click.option("--base", type=click.Path(), default=None,
               help="adapter recipe: the float base model [default: from the fused model's provenance].")
 @click.option("--adapter", type=click.Path(), default=None,
@@ -42,7 +45,7 @@ from ..format import human_bytes
 @click.option("--out", default=None, type=click.Path(), help="Output directory [default: models/fused_<bits>bit].")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def quantize_cmd(model, bits, group_size, recipe, data, base, adapter, rank, correction, target_bpw,
+def quantize_cmd(model, bits, group_size, recipe, data, num_samples, sequence_length, base, adapter, rank, correction, target_bpw,
                  layer_bits_file, out, force, as_json):
     """Quantize MODEL to --bits; report bits per weight and disk size."""
     from .. import QtoolsError
@@ -63,7 +66,8 @@ def quantize_cmd(model, bits, group_size, recipe, data, base, adapter, rank, cor
     out = out or f"models/fused_{suffix}"
     report = quantize(model, out, bits=bits, group_size=group_size, recipe=recipe,
                       layer_bits=layer_bits, force=force, data=data, base=base, adapter=adapter,
-                      rank=rank, correction=correction, target_bpw=target_bpw)
+                      rank=rank, correction=correction, target_bpw=target_bpw, num_samples=num_samples,
+                      sequence_length=sequence_length)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

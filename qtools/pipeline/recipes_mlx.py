@@ -36,7 +36,10 @@ ADAPTER_RECIPES = ("adapter", "compensated")
 RECIPES = (*FIXED_MODES, *DATA_RECIPES, *ADAPTER_RECIPES)
 GPTQ_BITS = (2, 4, 8)  # mlx_lm.quant.gptq packs only these
 DEFAULT_EXTRA_BPW = 0.8  # dynamic / compensated target: BITS + 0.8 (4.8 at 4 bits: group overhead 0.5 + 0.3)
+# Calibration blocks for awq/gptq/dynamic: 8 x 512 tokens (mlx-lm's awq takes 128 x 512, sized for a GPU;
+# on the CPU backend awq on all 12k tokens of the demo's data ran over 8 min per layer on a shared core).
 DEFAULT_SEQUENCE_LENGTH = 512
+DEFAULT_NUM_SAMPLES = 8
 
 
 def _log(msg: str) -> None:
@@ -347,7 +350,8 @@ def _compensation(src, net, bits, group_size, rank, correction, target_bpw, adap
 def quantize_recipe(model, out, bits: int = 4, group_size: int | None = None, recipe: str = "mxfp4",
                     force: bool = False, data=None, base=None, adapter=None, rank: int | None = None,
                     correction: str = "svd", target_bpw: float | None = None, seed: int = 0,
-                    learning_rate: float = 1e-5, sequence_length: int = DEFAULT_SEQUENCE_LENGTH) -> dict:
+                    learning_rate: float = 1e-5, sequence_length: int = DEFAULT_SEQUENCE_LENGTH,
+                    num_samples: int = DEFAULT_NUM_SAMPLES) -> dict:
     """Quantize MODEL (a float fused model dir) with one of RECIPES into OUT atomically."""
     import mlx.core as mx
     from mlx_lm.utils import compute_bits_per_weight, load, save
@@ -363,6 +367,8 @@ def quantize_recipe(model, out, bits: int = 4, group_size: int | None = None, re
                           "quantize the float16 fused model instead")
     if target_bpw is None:
         target_bpw = bits + DEFAULT_EXTRA_BPW
+    if sequence_length < 8 or num_samples == 0 or num_samples < -1:
+        raise QtoolsError("--sequence-length must be at least 8 and --num-samples at least 1 (or -1: all)")
     from .compensate import CORRECTIONS
 
     if correction not in CORRECTIONS:
@@ -413,7 +419,7 @@ def quantize_recipe(model, out, bits: int = 4, group_size: int | None = None, re
                 net, qconfig, info = _quantize_dwq(net, config, bits, group_size, seqs, seed, learning_rate)
                 extra.update(info)
             else:
-                blocks = token_blocks(seqs, sequence_length, seed=seed)
+                blocks = token_blocks(seqs, sequence_length, num_samples=num_samples, seed=seed)
                 extra["calibration"].update({"blocks": int(blocks.shape[0]), "block_tokens": int(blocks.shape[1])})
                 if recipe == "awq":
                     net, qconfig = _quantize_awq(net, config, bits, group_size, blocks)
