@@ -287,3 +287,21 @@ def test_fingerprint_sees_a_shipped_adapter(trio, tmp_path):
     w = mx.load(str(ad))
     mx.save_safetensors(str(ad), {k: v * 2 for k, v in w.items()})
     assert fingerprint(out) != before
+
+
+def test_gptq_hessians_do_not_overflow_in_float16(data, tmp_path):
+    from qtools.pipeline.quantize import quantize
+
+    # Large MLP activations: X^T X of down_proj's inputs exceeds float16's range.
+    model = make_tiny_model(tmp_path / "loud")
+    w = mx.load(str(model / "model.safetensors"))
+    for k in list(w):
+        if k.endswith(("mlp.up_proj.weight", "mlp.gate_proj.weight")):
+            w[k] = (w[k].astype(mx.float32) * 40).astype(mx.float16)
+    mx.save_safetensors(str(model / "model.safetensors"), w, metadata={"format": "mlx"})
+    out = tmp_path / "g"
+    quantize(model, out, bits=4, recipe="gptq", data=data)
+    q = mx.load(str(out / "model.safetensors"))
+    scales = [v for k, v in q.items() if k.endswith(".scales")]
+    assert all(v.dtype == mx.float16 for v in scales)
+    assert all(mx.isfinite(v).all().item() for v in scales)

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from mlx.utils import tree_flatten
+
 from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QtoolsError, versions
 from ..io.atomic import atomic_output_dir, check_output_free
 from ..io.modeldir import PROVENANCE, SHIPPED_ADAPTER, check_model_dir, dir_size, read_provenance
@@ -184,9 +186,15 @@ def _quantize_awq(net, config, bits, group_size, blocks):
 
 
 def _quantize_gptq(net, config, bits, group_size, blocks):
+    import mlx.core as mx
     from mlx_lm.quant.gptq import gptq_quantize
 
+    # mlx-lm accumulates each Hessian X^T X in the activations' dtype: in float16 it overflows
+    # to inf (NaN scales on the demo's down_proj). Calibrate in float32, store in the model's dtype.
+    dtype = next(v.dtype for _, v in tree_flatten(net.parameters()) if mx.issubdtype(v.dtype, mx.floating))
+    net.set_dtype(mx.float32)
     net, qconf = gptq_quantize(net, blocks, bits, group_size, fallback_bits=bits, fallback_group_size=group_size)
+    net.set_dtype(dtype)
     config = copy.deepcopy(config)
     config["quantization"] = qconf
     config["quantization_config"] = qconf
