@@ -79,5 +79,5 @@ compare: $(STAMP) ## Compare every log in $(LOGS)/: winner per metric, verdicts,
 	scripts/compare.sh
 
 .PHONY: recipes
-recipes: $(STAMP) ## Uniform 5/4, mixed_4_6/3_6, survival 4/3 on the demo model: validate, retention, compare
+recipes: $(STAMP) ## Every recipe (SPECS="recipe:bits ...") on the demo model: time, validate, retention, compare
 	FROM="$(call given_or,FROM,models/demo_fused_f16)" BASE="$(BASE)" SUITE="$(SUITE)" scripts/recipes.sh
