@@ -16,6 +16,7 @@ ADAPTER ?= models/demo_adapter
 OUT     ?= models/fused_f16
 SUITE   ?= suites/demo.jsonl
 RECIPE  ?= uniform
+DATA    ?=
 FORCE   ?= 0
 LOGS    ?= logs
 VALID_BITS := 2 3 4 5 6 8
@@ -57,8 +58,8 @@ given_or = $(if $(filter command line environment,$(origin $(1))),$($(1)),$(2))
 fuse: $(STAMP) ## Fuse ADAPTER into BASE (float32 math, float16 out) -> OUT [FORCE=1]
 	BASE="$(BASE)" ADAPTER="$(ADAPTER)" OUT="$(OUT)" scripts/fuse.sh
 
-quantize: $(STAMP) ## Quantize FROM to BITS (GROUP, RECIPE=uniform|mixed_3_6|mixed_4_6|survival) -> models/fused_<BITS>bit
-	FROM="$(FROM)" BITS="$(BITS)" RECIPE="$(RECIPE)" OUT="$(call given_or,OUT,)" scripts/quantize.sh
+quantize: $(STAMP) ## Quantize FROM to BITS (GROUP, RECIPE=uniform|mixed_3_6|mixed_4_6|survival|mxfp4|nvfp4|mxfp8|awq|gptq|dwq|dynamic|adapter|compensated, DATA=calibration jsonl/txt) -> models/fused_<BITS>bit
+	FROM="$(FROM)" BITS="$(BITS)" RECIPE="$(RECIPE)" DATA="$(DATA)" GROUP="$(call given_or,GROUP,)" OUT="$(call given_or,OUT,)" scripts/quantize.sh
 
 # MODEL is checked before anything is built.
 ifneq ($(filter validate,$(MAKECMDGOALS)),)
@@ -78,5 +79,5 @@ compare: $(STAMP) ## Compare every log in $(LOGS)/: winner per metric, verdicts,
 	scripts/compare.sh
 
 .PHONY: recipes
-recipes: $(STAMP) ## Uniform 5/4, mixed_4_6/3_6, survival 4/3 on the demo model: validate, retention, compare
+recipes: $(STAMP) ## Every recipe (SPECS="recipe:bits ...") on the demo model: time, validate, retention, compare
 	FROM="$(call given_or,FROM,models/demo_fused_f16)" BASE="$(BASE)" SUITE="$(SUITE)" scripts/recipes.sh

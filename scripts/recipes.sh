@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Quantization recipes side by side on the fused demo model, in one run: uniform 5 and
-# 4 bits, mlx-lm's mixed_3_6 and mixed_4_6, and qtools' survival recipe at 3 and 4 bits.
-# Each is quantized (a uniform or mixed one newer than FROM is reused unless FORCE=1), validated
-# on SUITE, scored with `qtools retention` against FROM and BASE, and one compare table
-# (accuracy, critical errors, logit_retention, bits/weight) is printed. Logs: $LOGS/recipes/.
+# Quantization recipes side by side on the fused demo model, in one run (SPECS, recipe:bits): uniform
+# 5 and 4 bits, mlx-lm's mixed_3_6 and mixed_4_6, qtools' survival recipe, MLX's mxfp4/nvfp4/mxfp8,
+# mlx_lm.quant's awq/gptq/dwq/dynamic (calibrated on DATA, default the fine-tune's training data),
+# the unfused adapter on a quantized base and the compensated recipe, at 4 and 3 bits (gptq packs 4
+# only). Each is quantized (reused when newer than FROM unless FORCE=1; survival and compensated
+# follow qtools' code and are always redone), timed, validated on SUITE, scored with `qtools
+# retention` against FROM and BASE; then `qtools compare` and one table per recipe (bits/weight,
+# accuracy, critical errors, retention, verdict, seconds). Logs: $LOGS/recipes/.
 set -euo pipefail
 QTOOLS=${QTOOLS:-.venv/bin/qtools}
 PY=${PY:-.venv/bin/python}
@@ -18,18 +21,26 @@ done
 mkdir -p "$LOGS"
 # Only this run's models in the comparison: logs of models an older recipe list made would mix in.
 rm -f "$LOGS"/*-"$(basename "$SUITE" .jsonl)".json "$LOGS"/retention-*.json
+SPECS=${SPECS:-uniform:5 uniform:4 mixed_4_6:4 mixed_3_6:3 survival:4 survival:3 mxfp4:4 nvfp4:4 mxfp8:8
+  awq:4 awq:3 gptq:4 dwq:4 dwq:3 dynamic:4 dynamic:3 adapter:4 adapter:3 compensated:4 compensated:3}
 models=()
-for spec in uniform:5 uniform:4 mixed_4_6:4 mixed_3_6:3 survival:4 survival:3; do
+times="$LOGS/quantize-seconds.tsv"
+[ -f "$times" ] || : > "$times"
+for spec in $SPECS; do
   recipe=${spec%%:*} b=${spec##*:}
   # the name qtools quantize gives, with PREFIX for models/fused
   out=$("$PY" -c 'import sys; from qtools.pipeline.quantize import default_output as d; print(d(*sys.argv[1:]))' "$b" "$recipe" "$PREFIX")
-  # The survival plan follows qtools' code and its calibrated rule, not only FROM: always re-plan it
-  # (seconds). Uniform and mixed-recipe models depend on FROM alone.
-  if [ "$recipe" != survival ] && [ -d "$out" ] && [ "${FORCE:-0}" != 1 ] && [ "$out/config.json" -nt "$FROM/config.json" ]; then
+  # The survival plan and the compensated correction follow qtools' code, not only FROM: always redo
+  # them. The others depend on FROM (and mlx-lm) alone.
+  if [ "$recipe" != survival ] && [ "$recipe" != compensated ] && [ -d "$out" ] && [ "${FORCE:-0}" != 1 ] \
+     && [ "$out/config.json" -nt "$FROM/config.json" ]; then
     echo "== reusing $out (FORCE=1 re-quantizes)"
   else
     echo "== quantize $recipe $b-bit -> $out"
-    FROM="$FROM" BITS="$b" RECIPE="$recipe" OUT="$out" FORCE=1 scripts/quantize.sh
+    t0=$(date +%s.%N)
+    # GROUP empty: each recipe's own group size (the fixed formats take only theirs).
+    FROM="$FROM" BITS="$b" RECIPE="$recipe" OUT="$out" GROUP="" FORCE=1 scripts/quantize.sh
+    printf '%s\t%.1f\n' "$(basename "$out")" "$(echo "$(date +%s.%N) - $t0" | bc)" >> "$times"
   fi
   models+=("$out")
 done
@@ -43,4 +54,8 @@ done
 echo "== retention (KL from $FROM, relative to $BASE)"
 "$QTOOLS" retention --reference "$FROM" --base "$BASE" --suite "$SUITE" --logs-dir "$LOGS" "$FROM" "${models[@]}"
 echo "== compare (failed verdicts: ${failed[*]:-none})"
-"$QTOOLS" compare "$LOGS"/*.json
+rc=0
+"$QTOOLS" compare "$LOGS"/*.json || rc=$?
+echo "== per recipe"
+"${PYTHON:-.venv/bin/python}" scripts/recipes_table.py "$LOGS" "$FROM" "${models[@]}"
+exit $rc

@@ -179,7 +179,7 @@ def test_quantize_bad_bits_is_one_error_line(fused, tmp_path):
     assert (r.exit_code, r.output) == (1, "Error: unsupported bits 7: MLX affine quantization supports 2, 3, 4, 5, 6, 8\n")
     assert not (tmp_path / "q").exists()
     r = run("quantize", fused, "--group-size", 48, "--output", tmp_path / "q")
-    assert (r.exit_code, r.output) == (1, "Error: unsupported group size 48: MLX supports 32, 64, 128\n")
+    assert (r.exit_code, r.output) == (1, "Error: unsupported group size 48: MLX supports 16, 32, 64, 128\n")
 
 
 def _partial_save(exc):

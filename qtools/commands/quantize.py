@@ -6,6 +6,7 @@ import click
 
 from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from ..pipeline.quantize import RECIPES, default_output, quantize
+from ..pipeline.recipes_mlx import DATA_RECIPES
 from ..format import human_bytes
 from .options import Supported
 
@@ -14,23 +15,44 @@ from .options import Supported
 @click.argument("model", type=click.Path())
 @click.option("--bits", type=Supported("bits", SUPPORTED_BITS, "MLX affine quantization"), default=5, show_default=True,
               help="Bits per weight (MLX affine).")
-@click.option("--group-size", type=Supported("group size", SUPPORTED_GROUP_SIZES, "MLX"), default=64,
-              show_default=True, help="Weights per quantization group.")
+@click.option("--group-size", type=Supported("group size", (16, *SUPPORTED_GROUP_SIZES), "MLX"), default=None,
+              help="Weights per quantization group [default: 64; mxfp4/mxfp8 32, nvfp4 16, the only ones they take].")
 @click.option("--recipe", type=click.Choice(RECIPES), default="uniform", show_default=True,
-              help="uniform; mlx-lm's mixed_3_6/mixed_4_6 (ignore --bits); or survival: --bits, with the "
+              help="uniform; mlx-lm's mixed_3_6/mixed_4_6 (ignore --bits); survival: --bits, with the "
                    "tensors where the fine-tuning delta loses most raised until delta-survival's rule "
-                   "rates the model as safe as the uniform bit-width it recommends.")
+                   "rates the model as safe as the uniform bit-width it recommends; MLX's mxfp4/nvfp4/mxfp8 "
+                   "(fixed bits, ignore --bits); mlx-lm's awq/gptq/dwq/dynamic (calibrated on --data); "
+                   "adapter (base at --bits + the fine-tune's float16 adapter, unfused); compensated "
+                   "(--bits + a float16 low-rank correction of the quantization error as an adapter).")
+@click.option("--data", type=click.Path(), default=None,
+              help="Calibration data for awq/gptq/dwq/dynamic: JSONL ({text} / {messages} / {prompt, completion}) "
+                   "or .txt [default: the fine-tune's training data when its adapter_config.json names it].")
+@click.option("--num-samples", type=int, default=None,
+              help="awq/gptq/dynamic: calibration blocks of --sequence-length tokens, -1 for all [default: 8].")
+@click.option("--sequence-length", type=int, default=None, help="awq/gptq/dynamic: tokens per block [default: 512].")
+@click.option("--base", type=click.Path(), default=None,
+              help="adapter recipe: the float base model [default: from the fused model's provenance].")
+@click.option("--adapter", type=click.Path(), default=None,
+              help="adapter/compensated recipes: the fine-tune's adapter [default: from the provenance].")
+@click.option("--rank", type=int, default=None,
+              help="compensated: rank of the correction [default: the largest within --target-bpw].")
+@click.option("--correction", type=click.Choice(["svd", "subspace"]), default=None,
+              help="compensated: svd (best rank-r approximation of the error) or subspace (the error inside "
+                   "the adapter's subspace) [default: svd].")
+@click.option("--target-bpw", type=float, default=None,
+              help="dynamic/compensated: bits per weight to fill [default: BITS + 0.8, 4.8 at 4 bits].")
 @click.option("--layer-bits", "layer_bits_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="JSON file {layer path: bits (0 = keep float)} overriding single layers.")
 @click.option("--output", "-o", "out", default=None, type=click.Path(),
               help="Output directory [default: models/fused_<bits>bit].")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def quantize_cmd(model, bits, group_size, recipe, layer_bits_file, out, force, as_json):
+def quantize_cmd(model, bits, group_size, recipe, data, num_samples, sequence_length, base, adapter, rank, correction, target_bpw,
+                 layer_bits_file, out, force, as_json):
     """Quantize MODEL to --bits; report bits per weight and disk size."""
     from .. import QtoolsError
 
-    bits, group_size = int(bits), int(group_size)
+    bits, group_size = int(bits), (int(group_size) if group_size else None)
     layer_bits = None
     if layer_bits_file:
         try:
@@ -44,9 +66,18 @@ def quantize_cmd(model, bits, group_size, recipe, layer_bits_file, out, force, a
             if b and b not in SUPPORTED_BITS:
                 raise QtoolsError(f"layer {path}: bits={b} is not supported (use one of "
                                   f"{' '.join(map(str, SUPPORTED_BITS))} or 0 to keep float)")
+    if group_size == 16 and recipe != "nvfp4":  # 16 is nvfp4's group, not an affine one
+        raise QtoolsError(f"group size 16 is not supported by {recipe}: MLX affine quantization supports "
+                          + ", ".join(map(str, SUPPORTED_GROUP_SIZES)))
+    if data is None and recipe in DATA_RECIPES:
+        from ..demo.data import training_data_of
+
+        data = training_data_of(model)  # the demo fine-tune's own training data, never the suite's cases
     out = out or default_output(bits, recipe)
     report = quantize(model, out, bits=bits, group_size=group_size, recipe=recipe,
-                      layer_bits=layer_bits, force=force)
+                      layer_bits=layer_bits, force=force, data=data, base=base, adapter=adapter,
+                      rank=rank, correction=correction, target_bpw=target_bpw, num_samples=num_samples,
+                      sequence_length=sequence_length)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -69,10 +100,22 @@ def quantize_cmd(model, bits, group_size, recipe, layer_bits_file, out, force, a
         for r in raised:
             value = "-" if r["value_at_bits"] is None else f"{r['value_at_bits']:.3g}"
             click.echo(f"  {r['layer']}: {bits} -> {r['bits']} bits ({rule['statistic']} {value} at {bits})")
+    label = {"uniform": f"{bits}-bit", "survival": f"survival {bits}-bit"}.get(recipe, recipe)
+    if recipe in ("awq", "gptq", "dwq", "dynamic", "adapter", "compensated"):
+        label = f"{recipe} {bits}-bit"
+    if "compensation" in report:
+        c = report["compensation"]
+        click.echo(f"compensated: rank-{c['rank']} {c['correction']} correction on {c['tensors']} tensors "
+                   f"({', '.join(c['keys'])}), shipped in {report['out']}/adapters; it removes "
+                   f"{c['error_removed_mean']:.1%} of the quantization error"
+                   + (f", {c['subspace_error_removed_mean']:.1%} of it inside the fine-tune's subspace"
+                      if c.get("subspace_error_removed_mean") is not None else ""))
+    if report.get("data"):
+        click.echo(f"calibrated on {report['data']}")
     ratio = report["disk_bytes"] / report["source_disk_bytes"] if report["source_disk_bytes"] else 0
     click.echo(
         f"quantized {report['source']} -> {report['out']} "
-        f"({ {'uniform': f'{bits}-bit', 'survival': f'survival {bits}-bit'}.get(recipe, recipe)}, group {group_size}): "
+        f"({label}, group {report['group_size']}): "
         f"{report['bits_per_weight']:.3f} bits/weight, {human_bytes(report['disk_bytes'])} "
         f"({ratio:.0%} of {human_bytes(report['source_disk_bytes'])}) in {report['seconds']:.1f} s"
     )

@@ -11,6 +11,15 @@ from .atomic import TMP_PREFIX
 
 # Written by `qtools fuse` and carried on by `qtools quantize`: where the model came from.
 PROVENANCE = "qtools_provenance.json"
+# An mlx-lm adapter shipped inside a model directory (qtools quantize --recipe adapter/compensated):
+# loaded with the model, counted in its size and bits per weight.
+SHIPPED_ADAPTER = "adapters"
+
+
+def shipped_adapter(model: str | Path) -> Path | None:
+    """MODEL/adapters if the model directory ships an mlx-lm adapter, else None."""
+    path = Path(model) / SHIPPED_ADAPTER
+    return path if (path / "adapter_config.json").is_file() else None
 
 
 def dir_size(path: str | Path) -> int:
@@ -18,8 +27,11 @@ def dir_size(path: str | Path) -> int:
 
 
 def weights_bytes(model: str | Path) -> int:
-    """Bytes of the weight files alone (what loading the model maps into memory)."""
-    return sum(p.stat().st_size for p in Path(model).glob("*.safetensors") if p.is_file())
+    """Bytes of the weight files alone (what loading the model maps into memory), a shipped adapter's included."""
+    files = list(Path(model).glob("*.safetensors"))
+    if (adapter := shipped_adapter(model)) is not None:
+        files += list(adapter.glob("*.safetensors"))
+    return sum(p.stat().st_size for p in files if p.is_file())
 
 
 def quantization_info(config: dict) -> dict:
@@ -84,8 +96,10 @@ def load_model(path: Path):
 
     mx.reset_peak_memory()
     tic = time.perf_counter()
+    adapter = shipped_adapter(path)
     try:
-        model, tokenizer, config = load(str(path), return_config=True)
+        model, tokenizer, config = load(str(path), return_config=True,
+                                        adapter_path=str(adapter) if adapter else None)
     except Exception as exc:  # mlx-lm raises many kinds for a broken directory
         raise QtoolsError(f"cannot load model {path}: {exc}") from None
     return model, tokenizer, config, time.perf_counter() - tic

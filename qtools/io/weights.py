@@ -94,11 +94,15 @@ def fingerprint(model_dir) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for f in sorted(Path(model_dir).iterdir()):
+    files = sorted(Path(model_dir).iterdir())
+    if (Path(model_dir) / "adapters").is_dir():  # an adapter shipped with the model is part of it
+        files += sorted((Path(model_dir) / "adapters").iterdir())
+    for f in files:
         if not (f.is_file() and f.suffix in (".safetensors", ".json")):
             continue
         size = f.stat().st_size
-        h.update(f"{f.name}:{size};".encode())
+        name = f.name if f.parent == Path(model_dir) else f"adapters/{f.name}"
+        h.update(f"{name}:{size};".encode())
         with open(f, "rb") as fh:
             h.update(fh.read(1 << 20))
             if size > 1 << 20:

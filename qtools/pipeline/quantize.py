@@ -22,13 +22,22 @@ from ..io.atomic import atomic_output_dir, check_output_free, check_writable
 from ..io.modeldir import PROVENANCE, check_model_dir, dir_size, read_config, weights_bytes
 from ..io.weights import SafetensorsModel, check_finite
 
-RECIPES = ("uniform", "mixed_3_6", "mixed_4_6", "survival")
+from .recipes_mlx import RECIPES as MLX_RECIPES
+
+RECIPES = ("uniform", "mixed_3_6", "mixed_4_6", "survival", *MLX_RECIPES)
+
+
+# Recipes that take BITS besides uniform and survival (the fixed formats and mixed_* set their own).
+BITS_RECIPES = ("awq", "gptq", "dwq", "dynamic", "adapter", "compensated")
 
 
 def default_output(bits: int, recipe: str = "uniform", prefix: str = "models/fused") -> str:
     """Where a quantized model goes unless told: <prefix>_<bits>bit, <prefix>_survival_<bits>bit
-    or <prefix>_<recipe> (the scripts' PREFIX replaces models/fused)."""
+    <prefix>_<recipe>_<bits>bit for the other recipes that take bits, or <prefix>_<recipe> (the scripts'
+    PREFIX replaces models/fused)."""
     suffix = {"uniform": f"{bits}bit", "survival": f"survival_{bits}bit"}.get(recipe, recipe)
+    if recipe in BITS_RECIPES:
+        suffix = f"{recipe}_{bits}bit"
     return f"{prefix}_{suffix}"
 
 
@@ -86,17 +95,33 @@ def quantize(
     model: str | Path,
     out: str | Path,
     bits: int = 5,
-    group_size: int = 64,
+    group_size: int | None = 64,
     recipe: str = "uniform",
     layer_bits: dict | None = None,
     force: bool = False,
     quant_predicate: Callable | None = None,
+    **recipe_options,
 ) -> dict:
-    """Quantize MODEL (a float model dir) into OUT atomically; return a report dict."""
+    """Quantize MODEL (a float model dir) into OUT atomically; return a report dict.
+
+    The recipes of recipes_mlx (fixed formats, mlx_lm.quant, adapter, compensated) take
+    `recipe_options` (data, base, adapter, rank, correction, target_bpw, ...); group_size
+    None is each recipe's default (64, or the fixed format's own)."""
     from mlx_lm.utils import compute_bits_per_weight, load, quantize_model, save
 
     if recipe not in RECIPES:
         raise QtoolsError(f"recipe {recipe!r} is not known: use one of {', '.join(RECIPES)}")
+    recipe_options = {k: v for k, v in recipe_options.items() if v is not None}
+    if recipe in MLX_RECIPES:
+        if layer_bits or quant_predicate:
+            raise QtoolsError(f"recipe {recipe} takes no per-layer bit-widths")
+        from .recipes_mlx import quantize_recipe
+
+        return quantize_recipe(model, out, bits=bits, group_size=group_size, recipe=recipe, force=force,
+                               **recipe_options)
+    if recipe_options:
+        raise QtoolsError(f"recipe {recipe} takes no {', '.join(sorted(recipe_options))}")
+    group_size = 64 if group_size is None else group_size
     if recipe.startswith("mixed_"):
         bits = int(recipe.split("_")[1])  # mixed_L_H: most layers at L bits
     src = check_model_dir(model)
@@ -141,6 +166,8 @@ def quantize(
         "bits": bits,
         "group_size": group_size,
         "recipe": recipe,
+        "mode": "affine",
+        "data": None,
         "layer_bits": layer_bits or {},
         "bits_per_weight": bpw,
         "quantized": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
