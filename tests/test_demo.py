@@ -207,3 +207,25 @@ def test_outlier_channels_preserve_the_function_and_widen_the_step(tmp_path):
     rng_before = np.ptp(w_before["down_proj"].reshape(-1, 64), axis=1)
     rng_after = np.ptp(down.reshape(-1, 64), axis=1)
     assert np.median(rng_after / rng_before) > 3
+
+
+def test_training_data_of_a_demo_fused_model_is_its_finetune_data_not_the_suite(tmp_path):
+    import json
+
+    from qtools.demo.data import finetune_examples, suite_records, training_data_of
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"data": "qtools.demo.data.finetune_examples(seed=3, split_seed=0)"}))
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    (fused / "qtools_provenance.json").write_text(json.dumps({"adapter": str(adapter)}))
+    records, desc = training_data_of(fused)
+    assert records == finetune_examples(seed=3, split_seed=0) and "seed=3" in desc
+    trained = {r["messages"][0]["content"] for r in records}
+    suite = {c["messages"][0]["content"] for c in suite_records()[1:]}
+    assert trained and suite and not trained & suite  # calibration data never holds a suite case
+    (adapter / "adapter_config.json").write_text(json.dumps({"data": "somewhere/else.jsonl"}))
+    assert training_data_of(fused) is None
+    assert training_data_of(tmp_path / "no_provenance") is None
