@@ -330,3 +330,25 @@ def test_hub_layout_on_both_sides_still_matches(moe, tmp_path):
     other = save_hub(tmp_path / "tuned", cfg, seed=7)
     rep = survival(other, "--base", base, "--bits", 4, 8)
     assert "model.layers.0.mlp.experts.3.down_proj.weight" in {t["name"] for t in rep["tensors"]}
+
+
+def test_adapter_recipe_on_a_hub_moe_base(moe, tmp_path):
+    """The unfused-adapter recipe matches the adapter's stacked switch_mlp names to a Hub base."""
+    base, adapter, fused = moe
+    out = tmp_path / "q"
+    res = run("quantize", fused, "--bits", 4, "--recipe", "adapter", "--output", out)
+    assert res.exit_code == 0, res.output
+    assert (out / "adapters" / "adapter_config.json").is_file()
+
+
+def test_dynamic_recipe_on_a_float_moe_on_the_cpu(moe, tmp_path):
+    """mlx-lm's sensitivity pass runs the float MoE: on the CPU its experts must run in float32."""
+    base, adapter, fused = moe
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": f"review: delete the build cache number {i}"}) + "\n"
+                            for i in range(16)))
+    out = tmp_path / "q"
+    res = run("quantize", fused, "--bits", 4, "--recipe", "dynamic", "--data", data,
+              "--num-samples", 2, "--sequence-length", 16, "--output", out)
+    assert res.exit_code == 0, res.output
+    assert (out / "config.json").is_file()

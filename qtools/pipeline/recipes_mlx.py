@@ -121,7 +121,8 @@ def check_adapter_matches(adapter: Path, model: Path):
     ad = Adapter(adapter)
     if ad.fine_tune_type not in ("lora", "dora"):
         raise QtoolsError(f"adapter {adapter}: fine_tune_type {ad.fine_tune_type!r} cannot ship unfused")
-    with SafetensorsModel(model) as st:
+    # mlx-lm stacks a Hub checkpoint's experts on load; the adapter names the stacked switch_mlp
+    with SafetensorsModel(model, stack_experts=True) as st:
         try:
             deltas = ad.deltas(st)
         except QtoolsError as exc:
@@ -396,6 +397,9 @@ def quantize_recipe(model, out, bits: int = 4, group_size: int | None = None, re
         if recipe in FIXED_MODES:
             net, qconfig = _quantize_fixed(net, config, recipe)
         elif recipe in DATA_RECIPES:
+            from .backend import cpu_float32_experts
+
+            cpu_float32_experts(net)  # MLX's CPU GatherMM runs float32 only (a float MoE's experts)
             from ..io.calib_data import token_blocks, tokenize
 
             seqs = tokenize(records, tokenizer)
