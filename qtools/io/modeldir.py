@@ -89,6 +89,23 @@ def read_provenance(model: str | Path) -> dict | None:
     return prov
 
 
+def quantized_provenance(src: str | Path, **fields) -> dict:
+    """A quantized model's provenance: the source's record (where it was fused from), unreadable
+    treated as none, updated with how it was quantized and by which versions."""
+    import datetime as _dt
+
+    from .. import versions
+
+    try:
+        prov = dict(read_provenance(src) or {})
+    except QtoolsError:
+        prov = {}
+    prov.update({"kind": "quantized", "quantized_from": str(Path(src).resolve()), **fields,
+                 "quantized": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                 "quantize_versions": versions()})
+    return prov
+
+
 def load_model(path: Path):
     """mlx_lm.load with clean errors; returns (model, tokenizer, config, seconds)."""
     import mlx.core as mx

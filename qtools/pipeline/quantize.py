@@ -10,16 +10,15 @@ everywhere except the tensors whose fine-tuning delta dies at BITS.
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
-from .. import QtoolsError, versions
+from .. import QtoolsError
 from ..io.atomic import atomic_output_dir, check_output_free, check_writable
-from ..io.modeldir import PROVENANCE, check_model_dir, dir_size, read_config, weights_bytes
+from ..io.modeldir import PROVENANCE, check_model_dir, dir_size, quantized_provenance, read_config, weights_bytes
 from ..io.weights import SafetensorsModel, check_finite
 
 from .recipes_mlx import RECIPES as MLX_RECIPES
@@ -156,23 +155,8 @@ def quantize(
         net, qconfig = quantize_model(net, config, group_size, bits, quant_predicate=predicate)
     bpw = float(compute_bits_per_weight(net))
 
-    provenance = {}
-    if (src / PROVENANCE).is_file():
-        with contextlib.suppress(ValueError, OSError):
-            provenance = json.loads((src / PROVENANCE).read_text())
-    provenance.update({
-        "kind": "quantized",
-        "quantized_from": str(src.resolve()),
-        "bits": bits,
-        "group_size": group_size,
-        "recipe": recipe,
-        "mode": "affine",
-        "data": None,
-        "layer_bits": layer_bits or {},
-        "bits_per_weight": bpw,
-        "quantized": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "quantize_versions": versions(),
-    })
+    provenance = quantized_provenance(src, bits=bits, group_size=group_size, recipe=recipe, mode="affine",
+                                      data=None, layer_bits=layer_bits or {}, bits_per_weight=bpw)
     if plan is not None:
         provenance["survival_recipe"] = {k: plan[k] for k in ("rule", "raised", "predicted_min_bits", "value_before",
                                                               "value", "survives", "target")}

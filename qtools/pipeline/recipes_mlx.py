@@ -27,9 +27,10 @@ from pathlib import Path
 
 from mlx.utils import tree_flatten
 
-from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QtoolsError, versions
+from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QtoolsError
 from ..io.atomic import atomic_output_dir, check_output_free
-from ..io.modeldir import PROVENANCE, SHIPPED_ADAPTER, check_model_dir, dir_size, read_provenance
+from ..io.modeldir import (PROVENANCE, SHIPPED_ADAPTER, check_model_dir, dir_size, quantized_provenance,
+                           read_config, read_provenance)
 
 # mode -> (group size, bits), as mx.quantize requires them.
 FIXED_MODES = {"mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}
@@ -351,7 +352,7 @@ def quantize_recipe(model, out, bits: int = 4, group_size: int | None = None, re
     bits, group_size = check_recipe_args(recipe, bits, group_size)
     src = check_model_dir(model)
     check_output_free(out, force)
-    config_src = json.loads((src / "config.json").read_text())
+    config_src = read_config(src)
     if config_src.get("quantization"):
         raise QtoolsError(f"{src} is already quantized ({config_src['quantization'].get('bits')}-bit); "
                           "quantize the float16 fused model instead")
@@ -373,7 +374,7 @@ def quantize_recipe(model, out, bits: int = 4, group_size: int | None = None, re
     if recipe == "adapter":
         base_dir, adapter_dir = resolve_base_adapter(src, base, adapter)
         weights_src = base_dir
-        base_cfg = json.loads((base_dir / "config.json").read_text())
+        base_cfg = read_config(base_dir)
         if base_cfg.get("quantization"):
             raise QtoolsError(f"base {base_dir} is already quantized: give the float base")
         check_adapter_matches(adapter_dir, base_dir)
@@ -438,20 +439,10 @@ def quantize_recipe(model, out, bits: int = 4, group_size: int | None = None, re
             _log(f"compensated: rank-{summary['rank']} {correction} correction on {summary['tensors']} tensors "
                  f"removes {summary['error_removed_mean']:.1%} of the quantization error on average")
 
-    provenance = dict(read_provenance(src) or {})
-    provenance.update({
-        "kind": "quantized",
-        "quantized_from": str(src.resolve()),
-        "bits": bits,
-        "group_size": group_size,
-        "recipe": recipe,
-        "mode": recipe if recipe in FIXED_MODES else "affine",
-        "data": data_desc,
-        "layer_bits": {},
-        "quantized": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "quantize_versions": versions(),
-        **({"recipe_details": {k: v for k, v in extra.items() if k != "compensation"}} if extra else {}),
-    })
+    provenance = quantized_provenance(
+        src, bits=bits, group_size=group_size, recipe=recipe, mode=recipe if recipe in FIXED_MODES else "affine",
+        data=data_desc, layer_bits={},
+        **({"recipe_details": {k: v for k, v in extra.items() if k != "compensation"}} if extra else {}))
     if "compensation" in extra:
         provenance["compensation"] = {k: v for k, v in extra["compensation"].items() if k != "per_tensor"}
     if shipped is not None:
