@@ -43,10 +43,35 @@ def compose(own: Callable | None, ours: Callable | None, bits: int) -> Callable 
     return predicate
 
 
+# mlx-lm's model helpers: a model file that imports only these defines its whole class itself.
+_HELPERS = {"activations", "base", "cache", "pipeline", "rope_utils", "switch_layers"}
+
+
+def _surely_no_predicate(model_type) -> bool:
+    """True when mlx-lm's model file for `model_type` neither defines a quant_predicate nor
+    imports another model it could inherit one from, read as text: importing mlx-lm (and
+    transformers with it) costs ~1.7 s, more than delta-survival takes on a 1 GB model."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("mlx_lm")  # finds the package without running it
+    if spec is None or not spec.submodule_search_locations or not isinstance(model_type, str):
+        return False
+    path = Path(list(spec.submodule_search_locations)[0]) / "models" / f"{model_type}.py"
+    if not path.is_file():
+        return False  # a remapped or unknown type: let mlx-lm decide
+    text = path.read_text()
+    imported = set(re.findall(r"^from \.(\w+) import", text, flags=re.M))
+    return "quant_predicate" not in text and imported <= _HELPERS
+
+
 def own_choices(config: dict, group_size: int) -> dict:
     """{module path: False | params} where the model's own predicate departs from the default
     (True), for the model a config.json describes. Built lazily from the config, no weights
     read; {} when mlx-lm does not know the model type or it has no predicate."""
+    if _surely_no_predicate(config.get("model_type")):
+        return {}
     try:
         from mlx_lm.utils import _get_classes
 
