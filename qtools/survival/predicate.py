@@ -58,9 +58,12 @@ def _surely_no_predicate(model_type) -> bool:
     spec = importlib.util.find_spec("mlx_lm")  # finds the package without running it
     if spec is None or not spec.submodule_search_locations or not isinstance(model_type, str):
         return False
-    path = Path(list(spec.submodule_search_locations)[0]) / "models" / f"{model_type}.py"
+    root = Path(list(spec.submodule_search_locations)[0])
+    path = root / "models" / f"{model_type}.py"
     if not path.is_file():
-        return False  # a remapped or unknown type: let mlx-lm decide
+        # a type mlx-lm remaps (mistral -> llama) goes to mlx-lm; one it does not know has no predicate
+        utils = root / "utils.py"
+        return utils.is_file() and f'"{model_type}"' not in utils.read_text()
     text = path.read_text()
     imported = set(re.findall(r"^from \.(\w+) import", text, flags=re.M))
     return "quant_predicate" not in text and imported <= _HELPERS
