@@ -79,5 +79,5 @@ compare: $(STAMP) ## Compare every log in $(LOGS)/: winner per metric, verdicts,
 	scripts/compare.sh
 
 .PHONY: recipes
-recipes: $(STAMP) ## Every recipe (SPECS="recipe:bits ...") on the demo model: time, validate, retention, compare
-	FROM="$(call given_or,FROM,models/demo_fused_f16)" BASE="$(BASE)" SUITE="$(SUITE)" scripts/recipes.sh
+recipes: $(STAMP) ## Every recipe (SPECS="recipe:bits ...") on the demo model, or on FAMILY=g12 [SEED=1]'s fine-tune: time, validate, retention, compare
+	FROM="$(call given_or,FROM,models/demo_fused_f16)" BASE="$(BASE)" SUITE="$(SUITE)" FAMILY="$(FAMILY)" SEED="$(SEED)" scripts/recipes.sh

@@ -7,14 +7,28 @@
 # follow qtools' code and are always redone), timed, validated on SUITE, scored with `qtools
 # retention` against FROM and BASE; then `qtools compare` and one table per recipe (bits/weight,
 # accuracy, critical errors, retention, verdict, seconds). Logs: $LOGS/recipes/.
+#
+# FAMILY=g12 (a calibration family, SEED the adapter's seed) runs it on another fine-tune than the
+# demo's: models/FAMILY_base, the demo's adapter recipe trained on it and fused (built when missing),
+# logs in $LOGS/recipes-FAMILY; FAMILY takes the place of FROM, BASE and PREFIX.
 set -euo pipefail
 QTOOLS=${QTOOLS:-.venv/bin/qtools}
 PY=${PY:-.venv/bin/python}
-FROM=${FROM:-models/demo_fused_f16}
-BASE=${BASE:-models/demo_base}
 SUITE=${SUITE:-suites/demo.jsonl}
-PREFIX=${PREFIX:-models/demo_fused}
-export LOGS="${LOGS:-logs}/recipes"
+if [ -n "${FAMILY:-}" ]; then
+  "$QTOOLS" demo-models --family "$FAMILY" ${SEED:+--seed "$SEED"} --suite "" --output models >/dev/null
+  FROM=models/${FAMILY}_fused_f16 BASE=models/${FAMILY}_base PREFIX=models/${FAMILY}_fused
+  # fused again when the adapter is newer than the fused model
+  if [ ! -f "$FROM/config.json" ] || [ "models/${FAMILY}_adapter/adapters.safetensors" -nt "$FROM/config.json" ]; then
+    "$QTOOLS" fuse "$BASE" --adapter "models/${FAMILY}_adapter" --output "$FROM" --force
+  fi
+  export LOGS="${LOGS:-logs}/recipes-$FAMILY"
+else
+  FROM=${FROM:-models/demo_fused_f16}
+  BASE=${BASE:-models/demo_base}
+  PREFIX=${PREFIX:-models/demo_fused}
+  export LOGS="${LOGS:-logs}/recipes"
+fi
 for need in "$FROM" "$BASE"; do
   [ -f "$need/config.json" ] || { echo "$need does not exist: run 'make demo' first (or give FROM=/BASE=)" >&2; exit 1; }
 done

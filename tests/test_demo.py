@@ -157,6 +157,54 @@ def test_demo_models_cmd_builds_and_reuses(tmp_path, monkeypatch):
     assert calls[-2:] == ["base", "adapter"]
 
 
+def test_demo_models_family_builds_that_familys_base_and_the_demo_adapter_recipe(tmp_path, monkeypatch):
+    """--family NAME: the calibration family's base recipe (its gain, its depth) and the demo's
+    adapter recipe on every layer of it, with --seed; a changed seed retrains the adapter only, a
+    changed family recipe the base too; an unknown family is one Error line."""
+    from click.testing import CliRunner
+
+    from qtools.calibrate.grid import default_families
+    from qtools.commands.demo import demo_models_cmd
+    from qtools.demo import train
+
+    calls = []
+
+    def fake_base(out, **kw):
+        calls.append(("base", kw))
+        make_tiny_model(out)
+
+    def fake_adapter(base, out, **kw):
+        calls.append(("adapter", kw))
+        make_tiny_adapter(base, out, seed=kw["seed"])
+
+    monkeypatch.setattr(train, "train_base", fake_base)
+    monkeypatch.setattr(train, "train_adapter", fake_adapter)
+    models = tmp_path / "models"
+    args = ["--output", str(models), "--suite", "", "--family", "l8g24", "--seed", "1"]
+    res = CliRunner().invoke(demo_models_cmd, args)
+    assert res.exit_code == 0, res.output
+    fam = {f["name"]: f for f in default_families()}["l8g24"]
+    assert calls[0] == ("base", fam["base"]) and fam["base"]["num_layers"] == 8
+    assert calls[1] == ("adapter", {**train.ADAPTER, "num_layers": 8, "seed": 1})
+    assert (models / "l8g24_base" / "config.json").exists() and (models / "l8g24_adapter").is_dir()
+    assert not (models / "demo_base").exists()
+    assert CliRunner().invoke(demo_models_cmd, args).exit_code == 0
+    assert len(calls) == 2  # reused
+    assert CliRunner().invoke(demo_models_cmd, args[:-1] + ["2"]).exit_code == 0
+    assert [c[0] for c in calls[2:]] == ["adapter"] and calls[2][1]["seed"] == 2
+    # a base built from another recipe (the family's gain changed since) is rebuilt
+    recipe = models / "l8g24_base" / "qtools_base_recipe.json"
+    recipe.write_text(json.dumps({**fam["base"], "outlier_gain": 1.0}))
+    assert CliRunner().invoke(demo_models_cmd, args).exit_code == 0
+    assert [c[0] for c in calls[3:]] == ["base", "adapter"]
+    from qtools.cli import cli
+
+    res = CliRunner().invoke(cli, ["demo-models", "--output", str(models), "--suite", "", "--family", "g7"])
+    assert res.exit_code == 1
+    assert res.output.strip() == ("Error: unknown family g7; the calibration's families are "
+                                  "g4, g12, g24, g36, l8g24")
+
+
 def test_base_examples_exact_class_proportions():
     """Every request gets the class's label proportion exactly: no per-combination noise."""
     from collections import Counter, defaultdict
