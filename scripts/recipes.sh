@@ -6,7 +6,9 @@
 # only). Each is quantized (reused when newer than FROM unless FORCE=1; survival and compensated
 # follow qtools' code and are always redone), timed, validated on SUITE, scored with `qtools
 # retention` against FROM and BASE; then `qtools compare` and one table per recipe (bits/weight,
-# accuracy, critical errors, retention, verdict, seconds). Logs: $LOGS/recipes/.
+# accuracy, critical errors, retention, verdict, seconds). Logs: $LOGS/recipes/. A validation or
+# retention log newer than its model and SUITE is kept, so a run cut short, or one with recipes
+# added to SPECS, measures only what is missing (FORCE=1 redoes everything).
 #
 # FAMILY=g12 (a calibration family, SEED the adapter's seed) runs it on another fine-tune than the
 # demo's: models/FAMILY_base, the demo's adapter recipe trained on it and fused (built when missing),
@@ -33,8 +35,7 @@ for need in "$FROM" "$BASE"; do
   [ -f "$need/config.json" ] || { echo "$need does not exist: run 'make demo' first (or give FROM=/BASE=)" >&2; exit 1; }
 done
 mkdir -p "$LOGS"
-# Only this run's models in the comparison: logs of models an older recipe list made would mix in.
-rm -f "$LOGS"/*-"$(basename "$SUITE" .jsonl)".json "$LOGS"/retention-*.json
+stem=$(basename "$SUITE" .jsonl)
 SPECS=${SPECS:-uniform:5 uniform:4 mixed_4_6:4 mixed_3_6:3 survival:4 survival:3 mxfp4:4 nvfp4:4 mxfp8:8
   awq:4 awq:3 gptq:4 dwq:4 dwq:3 dynamic:4 dynamic:3 adapter:4 adapter:3 compensated:4 compensated:3}
 models=()
@@ -58,15 +59,37 @@ for spec in $SPECS; do
   fi
   models+=("$out")
 done
+# Only this run's models in the comparison: logs of models an older recipe list made would mix in.
+keep=" $(for m in "$FROM" "${models[@]}"; do printf '%s ' "$(basename "$m")"; done)"
+for log in "$LOGS"/*-"$stem".json "$LOGS"/retention-*.json; do
+  [ -e "$log" ] || continue
+  name=$(basename "$log" .json); name=${name%-"$stem"}; name=${name#retention-}
+  case "$keep" in *" $name "*) ;; *) rm -f "$log" ;; esac
+done
+# A log newer than its model and the suite is this model's result: a run cut short (or one that
+# adds recipes) takes up where it stopped. FORCE=1 measures everything again.
+fresh() { [ "${FORCE:-0}" != 1 ] && [ "$1" -nt "$2/config.json" ] && [ "$1" -nt "$SUITE" ]; }
 failed=()
 for m in "$FROM" "${models[@]}"; do
-  echo "== validate $m"
-  rc=0; MODEL="$m" SUITE="$SUITE" BATCH=${BATCH:-1} scripts/validate.sh >/dev/null || rc=$?
+  log="$LOGS/$(basename "$m")-$stem.json"
+  if fresh "$log" "$m"; then
+    echo "== validated $m already ($log)"
+    rc=0; "$PY" -c 'import json, sys; sys.exit(json.load(open(sys.argv[1]))["verdict"] != "pass")' "$log" || rc=3
+  else
+    echo "== validate $m"
+    rc=0; MODEL="$m" SUITE="$SUITE" BATCH=${BATCH:-1} scripts/validate.sh >/dev/null || rc=$?
+  fi
   # a failed verdict (3) is a result to compare; an error (1) stops the run
   if [ "$rc" -eq 3 ]; then failed+=("$m"); elif [ "$rc" -ne 0 ]; then exit "$rc"; fi
 done
-echo "== retention (KL from $FROM, relative to $BASE)"
-"$QTOOLS" retention --reference "$FROM" --base "$BASE" --suite "$SUITE" --logs-dir "$LOGS" "$FROM" "${models[@]}"
+stale=()
+for m in "$FROM" "${models[@]}"; do
+  fresh "$LOGS/retention-$(basename "$m").json" "$m" || stale+=("$m")
+done
+if [ ${#stale[@]} -gt 0 ]; then
+  echo "== retention of ${#stale[@]} model(s) (KL from $FROM, relative to $BASE)"
+  "$QTOOLS" retention --reference "$FROM" --base "$BASE" --suite "$SUITE" --logs-dir "$LOGS" "${stale[@]}"
+fi
 echo "== compare (failed verdicts: ${failed[*]:-none})"
 rc=0
 "$QTOOLS" compare "$LOGS"/*.json || rc=$?

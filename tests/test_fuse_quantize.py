@@ -237,3 +237,43 @@ def test_make_checks_model_and_bits():
     assert p.returncode == 2 and "MODEL is required: make validate MODEL=models/fused_5bit" in p.stderr
     p = subprocess.run(["make", "quantize", "BITS=7"], cwd=repo, capture_output=True, text=True)
     assert p.returncode == 2 and "BITS=7 is not supported: use one of 2 3 4 5 6 8" in p.stderr
+
+
+def test_recipes_script_resumes_from_its_logs(fused, base, tmp_path):
+    """make recipes keeps a validation or retention log newer than its model and the suite: a run
+    cut short, or one that adds a recipe, measures only what is missing; a recipe dropped from
+    SPECS leaves the comparison; FORCE=1 measures everything again."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    suite = tmp_path / "s.jsonl"
+    suite.write_text(json.dumps({"id": "x", "prompt": "hi", "expect": {"type": "regex", "pattern": "^IMPOSSIBLE$"}}) + "\n")
+    logs = tmp_path / "logs" / "recipes"
+    env = dict(os.environ, QTOOLS=str(qtools_wrapper(tmp_path)), PY=sys.executable, PYTHON=sys.executable,
+               FROM=str(fused), BASE=str(base), PREFIX=str(tmp_path / "fused"), LOGS=str(tmp_path / "logs"),
+               SUITE=str(suite), MAX_TOKENS="2", PYTHONPATH=str(repo), SPECS="uniform:8")
+
+    def recipes(**extra):
+        p = subprocess.run(["scripts/recipes.sh"], cwd=repo, env={**env, **extra}, capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode in (0, 3), p.stdout + p.stderr  # compare fails: nothing passes this suite
+        return p.stdout
+
+    out = recipes()
+    assert out.count("== validate ") == 2 and "== retention of 2 model(s)" in out
+    logs_before = {p.name: p.stat().st_mtime_ns for p in logs.glob("*.json")}
+    assert set(logs_before) == {"fused_f16-s.json", "fused_8bit-s.json", "retention-fused_f16.json",
+                                "retention-fused_8bit.json"}
+    out = recipes()
+    assert "== validate " not in out and out.count("== validated ") == 2 and "== retention" not in out
+    assert {p.name: p.stat().st_mtime_ns for p in logs.glob("*.json")} == logs_before
+    out = recipes(SPECS="uniform:8 uniform:4")
+    assert out.count("== validate ") == 1 and f"== validate {tmp_path / 'fused_4bit'}" in out
+    assert "== retention of 1 model(s)" in out
+    recipes(SPECS="uniform:4")
+    assert not (logs / "fused_8bit-s.json").exists() and not (logs / "retention-fused_8bit.json").exists()
+    out = recipes(SPECS="uniform:4", FORCE="1")
+    assert out.count("== validate ") == 2 and "== retention of 2 model(s)" in out
