@@ -20,7 +20,7 @@ def main(logs, models):
         name = Path(m).resolve().name
         val = next((json.loads(p.read_text()) for p in logs.glob(f"{name}-*.json")), None)
         ret = logs / f"retention-{name}.json"
-        ret = json.loads(ret.read_text()).get("retention") if ret.is_file() else None
+        ret = json.loads(ret.read_text()).get("logit_retention") if ret.is_file() else None
         prov = Path(m) / "qtools_provenance.json"
         prov = json.loads(prov.read_text()) if prov.is_file() else {}
         recipe = prov.get("recipe", "float") + (f" {prov['bits']}" if prov.get("bits") else "")

@@ -277,3 +277,7 @@ def test_recipes_script_resumes_from_its_logs(fused, base, tmp_path):
     assert not (logs / "fused_8bit-s.json").exists() and not (logs / "retention-fused_8bit.json").exists()
     out = recipes(SPECS="uniform:4", FORCE="1")
     assert out.count("== validate ") == 2 and "== retention of 2 model(s)" in out
+    # the per-recipe table shows each model's logit retention
+    ret = json.loads((logs / "retention-fused_4bit.json").read_text())["logit_retention"]
+    row = next(line for line in out.splitlines() if line.startswith("fused_4bit "))
+    assert f" {ret:.3f} " in row, row
