@@ -192,6 +192,11 @@ def test_demo_models_family_builds_that_familys_base_and_the_demo_adapter_recipe
     assert len(calls) == 2  # reused
     assert CliRunner().invoke(demo_models_cmd, args[:-1] + ["2"]).exit_code == 0
     assert [c[0] for c in calls[2:]] == ["adapter"] and calls[2][1]["seed"] == 2
+    # a corrupt adapter config is retrained, not a traceback
+    (models / "l8g24_adapter" / "adapter_config.json").write_text("{not json")
+    assert CliRunner().invoke(demo_models_cmd, args[:-1] + ["2"]).exit_code == 0
+    assert [c[0] for c in calls[3:]] == ["adapter"]
+    calls[3:] = []
     # a base built from another recipe (the family's gain changed since) is rebuilt
     recipe = models / "l8g24_base" / "qtools_base_recipe.json"
     recipe.write_text(json.dumps({**fam["base"], "outlier_gain": 1.0}))

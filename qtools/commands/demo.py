@@ -43,6 +43,14 @@ def _same_recipe(path, recipe) -> bool:
     return (path / RECIPE_FILE).is_file() and json.loads((path / RECIPE_FILE).read_text()) == recipe
 
 
+def _trained_seed(adapter):
+    """The seed an adapter records; None when its config is unreadable (it is then retrained)."""
+    try:
+        return json.loads((adapter / "adapter_config.json").read_text()).get("seed")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def demo_models(out_dir="models", suite="suites/demo.jsonl", force=False, family=None, seed=None):
     """Build out_dir/demo_base, out_dir/demo_adapter and the suite; reuse complete ones.
 
@@ -83,8 +91,7 @@ def demo_models(out_dir="models", suite="suites/demo.jsonl", force=False, family
         _log(f"{base} is complete; reusing it (--force rebuilds)")
     built["base"] = str(base)
 
-    if (force or not _complete(adapter, ADAPTER_FILES)
-            or json.loads((adapter / "adapter_config.json").read_text()).get("seed") != adapter_recipe["seed"]):
+    if force or not _complete(adapter, ADAPTER_FILES) or _trained_seed(adapter) != adapter_recipe["seed"]:
         _log(f"LoRA fine-tuning -> {adapter}")
         t = time.time()
         with atomic_output_dir(adapter, force=True) as tmp:
