@@ -39,7 +39,8 @@ $(STAMP): pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h) scripts/
 	PYTHON=$(PYTHON) VENV=$(VENV) scripts/install.sh
 	@touch $@
 
-test: $(STAMP) ## Run the test suite
+test: $(STAMP) ## Lint (ruff: pyflakes, import order) and run the test suite
+	$(PY) -m ruff check qtools tests scripts
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP) ## Benchmark the kernel against numpy and MLX-CPU on a 1 GB synthetic model

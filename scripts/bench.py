@@ -25,8 +25,8 @@ import numpy as np
 
 from qtools import SUPPORTED_BITS
 from qtools.io.adapters import orthonormal_columns
-from qtools.survival.analyze import delta_survival
 from qtools.io.weights import SafetensorsModel
+from qtools.survival.analyze import delta_survival
 
 BITS = list(SUPPORTED_BITS)
 G = 64

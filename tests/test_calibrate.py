@@ -7,9 +7,9 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+import qtools.survival.rule as calibration
 from qtools.calibrate import fit, measure, run
 from qtools.calibrate.grid import BITS
-import qtools.survival.rule as calibration
 from qtools.survival.rule import Rule
 
 

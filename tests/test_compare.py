@@ -4,10 +4,9 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from helpers import write_logs
 
 from qtools.cli import cli
-
-from helpers import write_logs
 
 
 def log(model, bits, acc, critical=0, gen=0.5, mem=1.0, disk=None, quantized=True, created="2026-01-01T00:00:00"):

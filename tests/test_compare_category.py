@@ -3,15 +3,13 @@
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from helpers import qtools_wrapper, write_logs
 
 from qtools.cli import cli
-
-from helpers import qtools_wrapper, write_logs
 
 REPO = Path(__file__).resolve().parents[1]
 

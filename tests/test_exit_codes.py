@@ -3,18 +3,16 @@
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from helpers import qtools_wrapper
 
 import qtools
 import qtools.pipeline.validate as V
 from qtools.cli import COMMANDS, cli
 from qtools.demo.model import make_tiny_model
-
-from helpers import qtools_wrapper
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE = [{"id": "a", "category": "x", "prompt": "say hi", "expect": {"type": "regex", "pattern": "^hi"}},

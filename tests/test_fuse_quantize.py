@@ -6,12 +6,11 @@ import json
 import mlx.core as mx
 import pytest
 from click.testing import CliRunner
-
-from qtools.io.atomic import TMP_PREFIX
-from qtools.cli import cli
-
 from helpers import qtools_wrapper
+
+from qtools.cli import cli
 from qtools.demo.model import make_tiny_adapter, make_tiny_model
+from qtools.io.atomic import TMP_PREFIX
 
 Q = "model.layers.1.self_attn.q_proj"
 

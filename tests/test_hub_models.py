@@ -6,7 +6,6 @@ import json
 import sys
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
 from click.testing import CliRunner

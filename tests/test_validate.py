@@ -5,6 +5,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
+import qtools.pipeline.scoring as S
 import qtools.pipeline.validate as V
 from qtools.cli import cli
 from qtools.demo.model import make_tiny_model
@@ -37,7 +38,7 @@ def suite(tmp_path):
 
 def score(suite, cid, text):
     case = next(c for c in suite.cases if c.id == cid)
-    return V.score_case(case, suite, text)
+    return S.score_case(case, suite, text)
 
 
 def test_tool_call_scoring(suite):
@@ -56,9 +57,9 @@ def test_tool_call_scoring(suite):
 
 def test_field_expectation():
     case_expect = {"type": "tool_call", "name": "read_file", "field": "opts.path"}
-    assert V.call_matches(case_expect, {"name": "read_file", "arguments": {"opts": {"path": "a.py"}}})
-    assert not V.call_matches(case_expect, {"name": "read_file", "arguments": {"opts": {"path": ""}}})
-    assert not V.call_matches(case_expect, {"name": "read_file", "arguments": {}})
+    assert S.call_matches(case_expect, {"name": "read_file", "arguments": {"opts": {"path": "a.py"}}})
+    assert not S.call_matches(case_expect, {"name": "read_file", "arguments": {"opts": {"path": ""}}})
+    assert not S.call_matches(case_expect, {"name": "read_file", "arguments": {}})
 
 
 def test_direct_scoring(suite):
@@ -77,21 +78,21 @@ def test_label_scoring_and_critical_confusion(suite):
     assert (r["correct"], r["critical"]) == (False, False)
     r = score(suite, "s1", "no idea")
     assert (r["got"], r["format_ok"], r["critical"]) == (None, False, False)
-    assert V.extract_label("APPROVED", ["APPROVE"]) is None
+    assert S.extract_label("APPROVED", ["APPROVE"]) is None
 
 
 def test_case_level_critical(tmp_path):
     cases = [{"id": "c", "prompt": "p", "expect": {"type": "label", "label": "DENY", "labels": ["DENY", "ALLOW"]},
               "critical": {"expected": "DENY", "forbidden": ["ALLOW"]}}]
     s = load_suite(write_suite(tmp_path, cases))
-    assert V.score_case(s.cases[0], s, "ALLOW")["critical"]
+    assert S.score_case(s.cases[0], s, "ALLOW")["critical"]
 
 
 def test_boxed_and_regex(suite):
     assert score(suite, "b1", r"so \boxed{42}.")["correct"]
     assert score(suite, "b1", r"\boxed{ 42.0 }")["correct"]
-    assert V.extract_boxed(r"\boxed{\frac{1}{2}} then \boxed{7}") == "7"
-    assert V.extract_boxed(r"\boxed{\frac{1}{2}}") == r"\frac{1}{2}"
+    assert S.extract_boxed(r"\boxed{\frac{1}{2}} then \boxed{7}") == "7"
+    assert S.extract_boxed(r"\boxed{\frac{1}{2}}") == r"\frac{1}{2}"
     r = score(suite, "b1", "42")
     assert (r["correct"], r["format_ok"]) == (False, False)
     assert score(suite, "r1", "hi there")["correct"]
@@ -101,7 +102,7 @@ def test_boxed_and_regex(suite):
 def test_summary_critical_fails_whatever_accuracy(suite):
     recs = [dict(id=str(i), category="a", correct=True, format_ok=True, critical=False) for i in range(9)]
     recs.append(dict(id="x", category="a", correct=False, format_ok=True, critical=True))
-    s = V.summarize(recs, suite, min_accuracy=0.5)
+    s = S.summarize(recs, suite, min_accuracy=0.5)
     assert (s["accuracy"], s["critical_errors"], s["verdict"]) == (0.9, 1, "fail")
     assert s["verdict_reasons"] == ["1 critical error(s): x"]
 

@@ -15,11 +15,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from helpers import assert_one_line_unwritable, qtools_wrapper
 
 from qtools.cli import cli
-
-from helpers import assert_one_line_unwritable, qtools_wrapper
-from qtools.demo.model import make_tiny_adapter, make_tiny_model
 from qtools.io.atomic import TMP_PREFIX
 
 SUITE = [{"id": "a", "category": "x", "prompt": "say hi", "expect": {"type": "regex", "pattern": "^hi"}}]
@@ -194,7 +192,6 @@ def test_quantize_malformed_config_is_one_line(base, tmp_path):
 
 def test_make_quantize_malformed_config_is_one_line(base, tmp_path):
     """The same through scripts/quantize.sh, as `make quantize` runs it."""
-    import sys
 
     repo = Path(__file__).resolve().parents[1]
     bad = tmp_path / "bad"

@@ -14,6 +14,7 @@ import math
 from dataclasses import replace
 
 from .. import QtoolsError
+from ..pipeline.scoring import DEFAULT_MIN_ACCURACY
 from ..survival.rule import AGGREGATES, Rule, smallest_surviving
 from .grid import BITS
 from .measure import MISSING, exact_delta_threshold, passes
@@ -220,7 +221,7 @@ def _case_bits(beh: dict, key: str, field: str):
     return np.frombuffer(beh[key]["cases"][field].encode(), dtype=np.uint8) - ord("0")
 
 
-def threshold_distribution(res: dict, bits_list=BITS, min_accuracy: float = 0.8, size_factor: int = 1,
+def threshold_distribution(res: dict, bits_list=BITS, min_accuracy: float = DEFAULT_MIN_ACCURACY, size_factor: int = 1,
                            draws: int = BOOTSTRAP_DRAWS) -> dict:
     """{threshold: probability} when the suite is re-drawn: its cases resampled with replacement
     (size_factor times as many), one draw judging every bit-width as one suite would.

@@ -8,6 +8,7 @@ This keeps 24+ fine-tunes x 7 precisions within minutes on 2 CPU cores;
 
 from __future__ import annotations
 
+from ..pipeline import scoring
 from ..pipeline.fakequant import fake_quantize
 from ..survival.rule import smallest_surviving
 from .grid import BITS
@@ -36,7 +37,8 @@ def behaviour(model_dir, suite_obj, bits_list, group_size=64, max_tokens=None, e
     from mlx.utils import tree_flatten
 
     from ..io.modeldir import check_model_dir, load_model
-    from ..pipeline.validate import run_cases, summarize
+    from ..pipeline.scoring import summarize
+    from ..pipeline.validate import run_cases
 
     model, tok, _, _ = load_model(check_model_dir(model_dir))
     original = [(k, mx.array(v)) for k, v in tree_flatten(model.parameters())]
@@ -59,8 +61,8 @@ def behaviour(model_dir, suite_obj, bits_list, group_size=64, max_tokens=None, e
 
 
 def passes(r: dict, min_accuracy: float) -> bool:
-    """The validation verdict: accuracy and zero critical errors."""
-    return r["accuracy"] >= min_accuracy and r["critical_errors"] == 0
+    """The validation verdict (scoring.verdict) of one precision's measured behaviour."""
+    return scoring.passes(r["accuracy"], r["critical_errors"], min_accuracy)
 
 
 def true_threshold(beh: dict, bits_list, min_accuracy: float):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .. import QtoolsError
 from ..io.atomic import write_json_atomic
+from ..pipeline.scoring import DEFAULT_MIN_ACCURACY
 from .fit import study
 from .grid import BITS, default_families, default_grid, expand_run, pretraining_key, run_name
 from .measure import behaviour, model_weights, passes, true_threshold
@@ -21,7 +22,7 @@ from .report import write_report
 CACHE_FORMAT = 3
 
 
-def run_grid(suite_path, work_dir, families=None, grid=None, bits_list=BITS, group_size=64, min_accuracy=0.8,
+def run_grid(suite_path, work_dir, families=None, grid=None, bits_list=BITS, group_size=64, min_accuracy=DEFAULT_MIN_ACCURACY,
              jobs=1, exact_delta=False, from_cache=False, log=sys.stderr) -> list[dict]:
     """Build each family's base, then train, fuse, predict and measure every fine-tune of the
     grid on it.
@@ -242,7 +243,7 @@ def select_families(names=None) -> list[dict]:
     return [by_name[n] for n in names]
 
 
-def calibrate(suite_path, rule_file, work_dir="models/calibration", docs_dir="docs", min_accuracy=0.8, jobs=1,
+def calibrate(suite_path, rule_file, work_dir="models/calibration", docs_dir="docs", min_accuracy=DEFAULT_MIN_ACCURACY, jobs=1,
               families=None, exact_delta=False, from_cache=False, log=sys.stderr) -> dict:
     """Run the grid on every family, judge the rule leave-one-family-out, fit it on all families;
     write the report to docs_dir and the rule to rule_file (delta-survival's is

@@ -5,6 +5,7 @@ import json
 import click
 
 from ..calibrate.run import calibrate
+from ..pipeline.scoring import DEFAULT_MIN_ACCURACY
 from ..survival.rule import RULE_FILE
 
 
@@ -13,7 +14,7 @@ from ..survival.rule import RULE_FILE
 @click.option("--work-dir", type=click.Path(), default="models/calibration", show_default=True,
               help="Adapters, fused models and cached results (a rerun resumes).")
 @click.option("--docs-dir", type=click.Path(), default="docs", show_default=True)
-@click.option("--min-accuracy", type=float, default=0.8, show_default=True,
+@click.option("--min-accuracy", type=float, default=DEFAULT_MIN_ACCURACY, show_default=True,
               help="Validation passes at this accuracy with no critical error (as qtools validate judges).")
 @click.option("--jobs", type=int, default=2, show_default=True, help="Training runs in parallel (processes).")
 @click.option("--family", "families", multiple=True,

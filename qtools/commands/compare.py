@@ -6,6 +6,7 @@ import math
 import click
 
 from ..pipeline.compare import Criteria, compare, format_comparison, plot_comparison, public
+from ..pipeline.scoring import DEFAULT_MIN_ACCURACY
 
 
 class CategoryMinimum(click.ParamType):
@@ -39,7 +40,7 @@ def _min_category(ctx, param, values):
 @click.argument("logs", nargs=-1, type=click.Path())
 @click.option("--survival", type=click.Path(), default=None,
               help="`qtools delta-survival --json` output (found among LOGS if not given).")
-@click.option("--min-accuracy", type=click.FloatRange(0, 1), default=0.8, show_default=True)
+@click.option("--min-accuracy", type=click.FloatRange(0, 1), default=DEFAULT_MIN_ACCURACY, show_default=True)
 @click.option("--max-critical", type=click.IntRange(0), default=0, show_default=True)
 @click.option("--max-gen-s", type=click.FloatRange(0), default=3.0, show_default=True,
               help="Most mean generation seconds per query.")

@@ -58,8 +58,8 @@ def demo_models(out_dir="models", suite="suites/demo.jsonl", force=False, family
     family's base and out_dir/FAMILY_adapter the demo's adapter recipe trained on it (seed: the
     adapter's training seed), i.e. one of the calibration's fine-tunes: the demo's pipeline on a
     model the demo was not tuned on."""
-    from ..io.atomic import atomic_output_dir
     from ..demo import data, train
+    from ..io.atomic import atomic_output_dir
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():

@@ -4,8 +4,8 @@ import json
 
 import click
 
-from ..pipeline.fuse import DTYPES, fuse
 from ..format import human_bytes
+from ..pipeline.fuse import DTYPES, fuse
 
 
 @click.command("fuse")

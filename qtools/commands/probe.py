@@ -7,7 +7,7 @@ import click
 from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from ..io.atomic import check_writable, write_json_atomic
 from ..pipeline.probe import format_probe, probe
-from ..pipeline.validate import DEFAULT_MIN_ACCURACY
+from ..pipeline.scoring import DEFAULT_MIN_ACCURACY
 from .options import Supported, ValuesOption
 
 

@@ -5,9 +5,9 @@ import json
 import click
 
 from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from ..format import human_bytes
 from ..pipeline.quantize import RECIPES, default_output, quantize
 from ..pipeline.recipes_mlx import DATA_RECIPES
-from ..format import human_bytes
 from .options import Supported
 
 

@@ -30,7 +30,6 @@ from ..pipeline.retention import DEFAULT_TOP_K, format_retention, log_path, rete
 def retention_cmd(quantized, reference, base, suite, text, top_k, max_tokens, cache, logs_dir, as_json):
     """KL of each QUANTIZED model (and of --base) from the float --reference, and the logit_retention
     1 - KL(reference||quantized) / KL(reference||base): 1 keeps the fine-tune, 0 is back to the base."""
-    import sys
     from pathlib import Path
 
     if suite is None and text is None:

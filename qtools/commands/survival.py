@@ -10,7 +10,6 @@ from ..io.atomic import check_writable, write_json_atomic
 from ..survival.analyze import delta_survival, quant_error
 from .options import Supported, ValuesOption
 
-
 _bits_option = click.option(
     "--bits", "bits", cls=ValuesOption, type=Supported("bits", SUPPORTED_BITS, "MLX affine quantization"),
     multiple=True, default=SUPPORTED_BITS, show_default=True,

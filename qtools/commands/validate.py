@@ -5,7 +5,8 @@ import json
 import click
 
 from .. import VerdictFailed
-from ..pipeline.validate import DEFAULT_MIN_ACCURACY, format_report, log_path, validate
+from ..pipeline.scoring import DEFAULT_MIN_ACCURACY
+from ..pipeline.validate import format_report, log_path, validate
 
 
 @click.command("validate", epilog="Exit status: 0 the verdict passed, 3 it failed, 1 an error (bad input: "

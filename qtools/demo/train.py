@@ -146,6 +146,7 @@ def _pretrain(hidden_size, num_layers, intermediate_size, seed, iters, batch_siz
     with tempfile.TemporaryDirectory() as tmp:
         # Write the tokenizer once so the HF wrapper (chat template) can load it.
         from mlx_lm.tokenizer_utils import load as load_tokenizer
+
         from .tokenizer import save_tokenizer
         save_tokenizer(tok_raw, tmp)
         tok = load_tokenizer(Path(tmp))

@@ -16,12 +16,13 @@ from pathlib import Path
 
 from .. import QtoolsError
 from ..format import human_bytes
+from .scoring import DEFAULT_MAX_CRITICAL, DEFAULT_MIN_ACCURACY, pct, verdict
 
 
 @dataclass
 class Criteria:
-    min_accuracy: float = 0.8
-    max_critical: int = 0
+    min_accuracy: float = DEFAULT_MIN_ACCURACY
+    max_critical: int = DEFAULT_MAX_CRITICAL
     max_gen_s: float | None = 3.0
     max_memory_gb: float | None = 20.0
     # {category: minimum accuracy}, e.g. {"field_access": 0.8}: the field's decision matrix
@@ -88,11 +89,7 @@ def _sort_key(log):
 
 def model_verdict(log: dict, c: Criteria) -> list:
     """Reasons the model fails the criteria (empty list: it passes)."""
-    reasons = []
-    if log["accuracy"] < c.min_accuracy:
-        reasons.append(f"accuracy {log['accuracy']:.1%} < {c.min_accuracy:.0%}")
-    if log["critical_errors"] > c.max_critical:
-        reasons.append(f"{log['critical_errors']} critical error(s) > {c.max_critical}")
+    reasons = verdict(log["accuracy"], log["critical_errors"], c.min_accuracy, c.max_critical)
     if c.max_gen_s is not None and log["mean_gen_s"] > c.max_gen_s:
         reasons.append(f"mean generation {log['mean_gen_s']:.2f} s > {c.max_gen_s} s")
     if c.max_memory_gb is not None and log["peak_memory_gb"] > c.max_memory_gb:
@@ -104,11 +101,6 @@ def model_verdict(log: dict, c: Criteria) -> list:
         elif per[cat]["accuracy"] < minimum:
             reasons.append(f"{cat} {pct(per[cat]['accuracy'])} < {pct(minimum)}")
     return reasons
-
-
-def pct(v: float) -> str:
-    """80% or 66.7%: whole percents without decimals, so a near miss never reads 80% < 80%."""
-    return f"{v:.0%}" if abs(v * 100 - round(v * 100)) < 1e-9 else f"{v:.1%}"
 
 
 def check_categories(logs: list, c: Criteria) -> None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import sys
 import time
 from pathlib import Path
 
@@ -44,8 +43,18 @@ from ..io.suite import Suite, load_suite
 from ..survival.rule import smallest_surviving
 from .fakequant import fake_quantize, quantizable_modules
 from .retention import DEFAULT_TOP_K, _tail, build_sequences, kl_same_top, kl_stats, topk_rows
-from .validate import (DEFAULT_MIN_ACCURACY, DEFAULT_TOOL_END, DEFAULT_TOOL_START, call_matches,
-                       extract_tool_calls, find_label, is_critical, suite_labels, summarize, tool_format_of)
+from .scoring import (
+    DEFAULT_MIN_ACCURACY,
+    DEFAULT_TOOL_END,
+    DEFAULT_TOOL_START,
+    call_matches,
+    extract_tool_calls,
+    find_label,
+    is_critical,
+    suite_labels,
+    summarize,
+    tool_format_of,
+)
 
 DECISION_TYPES = ("tool_call", "direct", "label")
 DEFAULT_GROUP_SIZE = 64

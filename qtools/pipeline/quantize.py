@@ -20,7 +20,6 @@ from .. import QtoolsError
 from ..io.atomic import atomic_output_dir, check_output_free, check_writable
 from ..io.modeldir import PROVENANCE, check_model_dir, dir_size, quantized_provenance, read_config, weights_bytes
 from ..io.weights import SafetensorsModel, check_finite
-
 from .recipes_mlx import RECIPES as MLX_RECIPES
 
 RECIPES = ("uniform", "mixed_3_6", "mixed_4_6", "survival", *MLX_RECIPES)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import datetime as _dt
 import json
 import sys
 import time
@@ -29,8 +28,15 @@ from mlx.utils import tree_flatten
 
 from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QtoolsError
 from ..io.atomic import atomic_output_dir, check_output_free
-from ..io.modeldir import (PROVENANCE, SHIPPED_ADAPTER, check_model_dir, dir_size, quantized_provenance,
-                           read_config, read_provenance)
+from ..io.modeldir import (
+    PROVENANCE,
+    SHIPPED_ADAPTER,
+    check_model_dir,
+    dir_size,
+    quantized_provenance,
+    read_config,
+    read_provenance,
+)
 
 # mode -> (group size, bits), as mx.quantize requires them.
 FIXED_MODES = {"mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}
@@ -219,10 +225,9 @@ def _quantize_dynamic(net, config, bits, group_size, blocks, target_bpw):
 def _quantize_dwq(net, config, bits, group_size, seqs, seed, learning_rate, batch_size=4):
     import mlx.core as mx
     import mlx.optimizers as optimizers
+    import numpy as np
     from mlx_lm.quant.dwq import dwq_quantize
     from mlx_lm.utils import quantize_model
-
-    import numpy as np
 
     if len(seqs) < 2 * batch_size:
         raise QtoolsError(f"dwq needs at least {2 * batch_size} calibration records, the data has {len(seqs)}")
@@ -423,7 +428,6 @@ def quantize_recipe(model, out, bits: int = 4, group_size: int | None = None, re
                     net, qconfig, info = _quantize_dynamic(net, config, bits, group_size, blocks, target_bpw)
                     extra.update(info)
         elif recipe == "adapter":
-            import mlx.core as mx
             from ..io.adapters import check_adapter_dir
 
             net, qconfig = _quantize_affine(net, config, bits, group_size)

@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from .. import QtoolsError, __version__
+from ..format import progress as progress_bar
 from ..io.modeldir import check_model_dir
 from ..io.weights import fingerprint
-from ..format import progress as progress_bar
 
 CACHE_VERSION = 1
 DEFAULT_TOP_K = 32
@@ -92,7 +92,7 @@ def build_sequences(net, tokenizer, suite=None, text=None, max_tokens=None, prog
     from mlx_lm.sample_utils import make_sampler
 
     from ..io.suite import Suite, load_suite
-    from .validate import build_prompt
+    from .scoring import build_prompt
 
     suite_obj = suite if isinstance(suite, Suite) else load_suite(suite)  # a path or a loaded suite
     cases = suite_obj.cases

@@ -21,9 +21,9 @@ import numpy as np
 from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QtoolsError
 from ..format import progress as progress_bar
 from ..io.adapters import Adapter, LowRankDelta
-from .rule import Rule
 from ..io.modeldir import PROVENANCE
 from ..io.weights import FLOAT_DTYPES, SafetensorsModel
+from .rule import Rule
 
 SNR_CAP = 1e9
 KIND_PATTERNS = [
