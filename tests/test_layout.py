@@ -86,6 +86,48 @@ def test_the_checker_sees_relative_absolute_and_function_level_imports(tmp_path)
                                    "qtools/io/c.py (io) imports cli"]
 
 
+# The package's own private native module, re-exported by the modules that wrap it.
+PRIVATE_ALLOWED = {"_ext"}
+# The one module allowed to reach into another library's private names (each reach tested).
+COMPAT = "qtools/compat.py"
+
+
+def private_imports(package: Path = PACKAGE) -> list:
+    """`from X import _name` where X is another module: what one module needs of another is public.
+    Private names of other libraries are imported only in qtools/compat.py."""
+    out = []
+    for path in sorted(package.rglob("*.py")):
+        rel = str(path.relative_to(package.parent))
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            ours = node.level > 0 or (node.module or "").split(".")[0] == "qtools"
+            for a in node.names:
+                private = a.name.startswith("_") and not a.name.startswith("__") and a.name not in PRIVATE_ALLOWED
+                if private and (ours or rel != COMPAT):
+                    src = "." * node.level + (node.module or "")
+                    out.append(f"{rel} imports {a.name} from {src}")
+    return sorted(out)
+
+
+def test_no_module_imports_another_modules_private_name():
+    assert private_imports() == []
+
+
+def test_the_private_import_checker_sees_relative_absolute_and_foreign_imports(tmp_path):
+    pkg = tmp_path / "qtools"
+    (pkg / "pipeline").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "compat.py").write_text("from mlx_lm.utils import _get_classes\nfrom .pipeline.a import _x\n")
+    (pkg / "pipeline" / "a.py").write_text("from .b import _tail, public\nfrom .. import _ext\n")
+    (pkg / "pipeline" / "b.py").write_text("def f():\n    from qtools.pipeline.a import _y\n"
+                                           "from click.parser import _OptionParser\nfrom x import __version__\n")
+    assert private_imports(pkg) == ["qtools/compat.py imports _x from .pipeline.a",
+                                    "qtools/pipeline/a.py imports _tail from .b",
+                                    "qtools/pipeline/b.py imports _OptionParser from click.parser",
+                                    "qtools/pipeline/b.py imports _y from qtools.pipeline.a"]
+
+
 def test_the_bit_widths_are_written_out_once():
     """SUPPORTED_BITS in qtools/__init__.py is the one list; everything else refers to it."""
     hits = [str(p.relative_to(PACKAGE.parent)) for p in sorted(PACKAGE.rglob("*.py"))

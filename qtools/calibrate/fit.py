@@ -28,12 +28,12 @@ STATISTICS = ["subspace_snr", "delta_snr", "cosine", "delta_retention", "sign_ag
 BOOTSTRAP_DRAWS = 2000
 
 
-def _rank(b):
+def bits_rank(b):
     """Order bit-widths; None (no bit-width survives) is above 8."""
     return 16 if b is None else b
 
 
-def _value(r, b, stat, agg):
+def rule_input(r, b, stat, agg):
     """What a rule on `stat` (`agg`) judges at b bits for a fine-tune; memoized, as fitting asks often."""
     memo = r.setdefault("_values", {})
     key = (b, stat, agg)
@@ -45,7 +45,7 @@ def _value(r, b, stat, agg):
 def predict(res: dict, rule: Rule, bits_list=BITS):
     """The rule's predicted minimum bit-width for a fine-tune, as Rule.predict decides it
     (on the memoized values)."""
-    return smallest_surviving(bits_list, lambda b: rule.clears(_value(res, b, rule.statistic, rule.aggregate)))
+    return smallest_surviving(bits_list, lambda b: rule.clears(rule_input(res, b, rule.statistic, rule.aggregate)))
 
 
 def score(results, rule, bits_list=BITS) -> dict:
@@ -68,7 +68,7 @@ def _suffix_min(r, stat, agg, bits_list):
     value is missing): a rule with threshold t predicts the smallest b whose entry is >= t."""
     import numpy as np
 
-    vals = [_value(r, b, stat, agg) for b in sorted(bits_list)]
+    vals = [rule_input(r, b, stat, agg) for b in sorted(bits_list)]
     v = np.array([x if x is not None and math.isfinite(x) else -np.inf for x in vals], dtype=float)
     return np.minimum.accumulate(v[::-1])[::-1]
 
@@ -84,7 +84,7 @@ def _fit_threshold(train, stat, agg, bits_list=BITS):
         return None
     bits = sorted(bits_list)
     m = np.stack([_suffix_min(r, stat, agg, bits_list) for r in train])  # fine-tunes x bits
-    raw = [_value(r, b, stat, agg) for r in train for b in bits_list]
+    raw = [rule_input(r, b, stat, agg) for r in train for b in bits_list]
     values = np.unique([v for v in raw if v is not None and math.isfinite(v)])
     if values.size == 0:
         return None
@@ -158,14 +158,14 @@ def constant_guess(train):
     counts = {}
     for r in train:
         counts[r["true_min_bits"]] = counts.get(r["true_min_bits"], 0) + 1
-    return max(counts, key=lambda b: (counts[b], _rank(b))) if counts else None
+    return max(counts, key=lambda b: (counts[b], bits_rank(b))) if counts else None
 
 
 def score_predictions(pairs, bits_list=BITS) -> dict:
     """score() for (predicted, true) pairs of bit-widths (None: no bit-width survives)."""
     exact = optimistic = pessimistic = worst_optimistic = 0
     for p, t in pairs:
-        p, t = _rank(p), _rank(t)
+        p, t = bits_rank(p), bits_rank(t)
         if p == t:
             exact += 1
         elif p < t:
@@ -183,7 +183,7 @@ def constant_baseline(train, test) -> tuple[int | None, dict]:
     fine-tune: what a rule must beat to have learnt anything from the weights."""
     guess = constant_guess(train)
     exact = sum(r["true_min_bits"] == guess for r in test)
-    optimistic = sum(_rank(guess) < _rank(r["true_min_bits"]) for r in test)
+    optimistic = sum(bits_rank(guess) < bits_rank(r["true_min_bits"]) for r in test)
     return guess, {"n": len(test), "exact": exact, "optimistic": optimistic}
 
 
@@ -194,10 +194,10 @@ def separability(results, stat, agg, bits_list=BITS) -> list[dict]:
     for b in bits_list:
         keep, lose = [], []
         for r in results:
-            v = _value(r, b, stat, agg)
+            v = rule_input(r, b, stat, agg)
             if v is None:
                 continue
-            (keep if b >= _rank(r["true_min_bits"]) else lose).append(v)
+            (keep if b >= bits_rank(r["true_min_bits"]) else lose).append(v)
         if keep and lose:
             out.append({"bits": b, "keep": (min(keep), max(keep)), "lose": (min(lose), max(lose)),
                         "overlap": min(keep) <= max(lose)})
@@ -239,7 +239,7 @@ def threshold_distribution(res: dict, bits_list=BITS, min_accuracy: float = DEFA
     rng = np.random.default_rng(zlib.crc32(f"{res['id']}/{size_factor}".encode()))
     counts = rng.multinomial(m, np.full(n, 1.0 / n), size=draws)  # draws x cases
     alive = np.ones(draws, dtype=bool)
-    thr = np.full(draws, _rank(None))
+    thr = np.full(draws, bits_rank(None))
     for b in sorted(bits_list, reverse=True):
         k = str(b)
         acc = counts @ _case_bits(beh, k, "correct") / m
@@ -275,7 +275,7 @@ def reliability(results, test, rule, guess, min_accuracy, bits_list=BITS, size_f
         ceiling_test = sum(max(dists[i].values()) for i in test_ids) / len(test_ids)
         out["size_factors"][f] = {"ceiling": float(ceiling_all), "ceiling_held_out": float(ceiling_test)}
         if f == 1:
-            reproduce = [dists[r["id"]].get(_rank(r["true_min_bits"]), 0.0) for r in results]
+            reproduce = [dists[r["id"]].get(bits_rank(r["true_min_bits"]), 0.0) for r in results]
             # plain floats and ints: `qtools calibrate --json` prints them
             reproduce = [float(p) for p in reproduce]
             out["reproduce"] = sum(reproduce) / len(reproduce)
@@ -284,7 +284,7 @@ def reliability(results, test, rule, guess, min_accuracy, bits_list=BITS, size_f
             for name, pred in (("rule", pred_rule), ("constant", pred_const)):
                 exact = opt = 0.0
                 for r in test:
-                    d, p = dists[r["id"]], _rank(pred(r))
+                    d, p = dists[r["id"]], bits_rank(pred(r))
                     exact += d.get(p, 0.0)
                     opt += sum(q for t, q in d.items() if t > p)
                 out[name] = {"exact": float(exact / len(test)), "optimistic": float(opt / len(test))}
@@ -309,8 +309,8 @@ def attribution(results, min_accuracy) -> dict:
     out = {"n": len(pairs), "exact_thresholds": {}, "same": 0, "delta_costs": 0, "lucky": 0}
     for r, e in pairs:
         out["exact_thresholds"][e] = out["exact_thresholds"].get(e, 0) + 1
-        t = _rank(r["true_min_bits"])
-        out["same" if t == _rank(e) else "delta_costs" if t > _rank(e) else "lucky"] += 1
+        t = bits_rank(r["true_min_bits"])
+        out["same" if t == bits_rank(e) else "delta_costs" if t > bits_rank(e) else "lucky"] += 1
     at4 = [(r["behaviour"]["4"], r["behaviour_exact_delta"]["4"]) for r, _ in pairs
            if "4" in r["behaviour"] and "4" in r["behaviour_exact_delta"]]
     if at4:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .fit import BOOTSTRAP_DRAWS, GOAL_ABOVE_CONSTANT, GOAL_EXACT, _rank, _value, predict
+from .fit import BOOTSTRAP_DRAWS, GOAL_ABOVE_CONSTANT, GOAL_EXACT, bits_rank, predict, rule_input
 from .grid import BITS
 from .measure import MISSING, exact_delta_threshold
 
@@ -139,7 +139,7 @@ def write_report(results, s: dict, out_md, out_png, min_accuracy, excluded, fami
     for r in results:
         c = r["config"]
         mods = "+".join(k.split(".")[-1].replace("_proj", "") for k in c["keys"])
-        vals = "".join(f" {_fmt(_value(r, b, stat, agg))} |" for b in BITS)
+        vals = "".join(f" {_fmt(rule_input(r, b, stat, agg))} |" for b in BITS)
         lines.append(
             f"| {r['id']} | {r.get('family', '-')} | {c['rank']} | {c['scale']:g} | {mods} | "
             f"{c['lr']:g} | {c['iters']} | {c['seed']} | {r['behaviour']['16']['accuracy']:.2f} | "
@@ -171,7 +171,7 @@ def _scope(families) -> list[str]:
 def _median_stat(results, family, stat, bits=4) -> str:
     import statistics
 
-    vals = [_value(r, bits, stat, "weighted") for r in results if r.get("family") == family]
+    vals = [rule_input(r, bits, stat, "weighted") for r in results if r.get("family") == family]
     vals = [v for v in vals if v is not None]
     return _fmt(statistics.median(vals)) if vals else "-"
 
@@ -182,7 +182,7 @@ def _fmt_num(v) -> str:
 
 def _spread(counts: dict) -> str:
     return ", ".join(f"{n} at {b if b is not None else 'none'}" for b, n in
-                     sorted(counts.items(), key=lambda kv: _rank(kv[0])))
+                     sorted(counts.items(), key=lambda kv: bits_rank(kv[0])))
 
 
 def _plot(results, rule, out_png) -> None:
@@ -198,10 +198,10 @@ def _plot(results, rule, out_png) -> None:
     fams = list(dict.fromkeys(r.get("family", "-") for r in results))
     markers = "osD^vP*X"
     for r in results:
-        t = _rank(r["true_min_bits"])
+        t = bits_rank(r["true_min_bits"])
         k = fams.index(r.get("family", "-"))
         for b in BITS:
-            v = _value(r, b, stat, agg)
+            v = rule_input(r, b, stat, agg)
             if v is None:
                 continue
             alive = b >= t
@@ -285,7 +285,7 @@ def _attribution_lines(a) -> list[str]:
     if not a["n"]:
         return []
     dist = ", ".join(f"{n} at {_fmt_bits(b)}" for b, n in sorted(a["exact_thresholds"].items(),
-                                                                   key=lambda kv: _rank(kv[0])))
+                                                                   key=lambda kv: bits_rank(kv[0])))
     lines = [
         "## What sets the threshold: the base's noise or the delta's rounding",
         "",

@@ -2,6 +2,8 @@
 
 import click
 
+from ..compat import click_parser_option
+
 
 class Supported(click.ParamType):
     """A value MLX supports (a bit-width, a group size); anything else is one `Error:` line."""
@@ -27,7 +29,7 @@ class ValuesOption(click.Option):
         super().add_to_parser(parser, ctx)
         # click options take a fixed number of values: after the first, take every number that follows
         for name in self.opts:
-            opt = parser._long_opt.get(name) or parser._short_opt.get(name)
+            opt = click_parser_option(parser, name)
             take = opt.process
 
             def process(value, state, take=take):

@@ -42,7 +42,7 @@ from ..io.modeldir import check_model_dir, load_model, quantization_info, read_c
 from ..io.suite import Suite, load_suite
 from ..survival.rule import smallest_surviving
 from .fakequant import fake_quantize, quantizable_modules
-from .retention import DEFAULT_TOP_K, _tail, build_sequences, kl_same_top, kl_stats, topk_rows
+from .retention import DEFAULT_TOP_K, build_sequences, kl_same_top, kl_stats, tail_logp, topk_rows
 from .scoring import (
     DEFAULT_MIN_ACCURACY,
     DEFAULT_TOOL_END,
@@ -339,7 +339,7 @@ def probe(model, suite, bits=(), group_size: int | None = None, min_accuracy: fl
         lp.append(v)
     pass_s = [time.perf_counter() - t_pass]
     topk_logp = np.concatenate(lp).astype(np.float32)
-    ref = {"topk_idx": np.concatenate(idx), "topk_logp": topk_logp, "tail_logp": _tail(topk_logp)}
+    ref = {"topk_idx": np.concatenate(idx), "topk_logp": topk_logp, "tail_logp": tail_logp(topk_logp)}
 
     by_bits, records_by_bits = {}, {}
     reference_key = "model" if quant["quantized"] else str(quant["bits"])

@@ -113,7 +113,7 @@ def _log_softmax(net, tokens):
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
-def _tail(logp_topk: np.ndarray) -> np.ndarray:
+def tail_logp(logp_topk: np.ndarray) -> np.ndarray:
     """log of the probability mass outside the top-k (one bucket)."""
     mass = 1.0 - np.exp(logp_topk.astype(np.float64)).sum(axis=-1)
     return np.log(np.maximum(mass, _TINY)).astype(np.float32)
@@ -137,7 +137,7 @@ def kl_same_top(logp, ref: dict, pos: int) -> tuple[np.ndarray, np.ndarray]:
     n = logp.shape[0]
     idx = ref["topk_idx"][pos:pos + n]
     q = np.array(mx.take_along_axis(logp, mx.array(idx), axis=-1))
-    kl = kl_topk(ref["topk_logp"][pos:pos + n], ref["tail_logp"][pos:pos + n], q, _tail(q))
+    kl = kl_topk(ref["topk_logp"][pos:pos + n], ref["tail_logp"][pos:pos + n], q, tail_logp(q))
     return kl, np.array(mx.argmax(logp, axis=-1)) == idx[:, 0]
 
 
@@ -153,7 +153,7 @@ def reference_topk(reference: Path, seqs, top_k: int, progress=True, net=None):
         lp.append(v)
     topk_idx = np.concatenate(idx)
     topk_logp = np.concatenate(lp).astype(np.float32)
-    return topk_idx, topk_logp, _tail(topk_logp), vocab
+    return topk_idx, topk_logp, tail_logp(topk_logp), vocab
 
 
 def _pack(seqs):

@@ -51,20 +51,16 @@ def _surely_no_predicate(model_type) -> bool:
     """True when mlx-lm's model file for `model_type` neither defines a quant_predicate nor
     imports another model it could inherit one from, read as text: importing mlx-lm (and
     transformers with it) costs ~1.7 s, more than delta-survival takes on a 1 GB model."""
-    import importlib.util
     import re
-    from pathlib import Path
 
-    spec = importlib.util.find_spec("mlx_lm")  # finds the package without running it
-    if spec is None or not spec.submodule_search_locations or not isinstance(model_type, str):
+    from ..compat import mlx_lm_model_source, mlx_lm_remaps, mlx_lm_root
+
+    if mlx_lm_root() is None or not isinstance(model_type, str):
         return False
-    root = Path(list(spec.submodule_search_locations)[0])
-    path = root / "models" / f"{model_type}.py"
-    if not path.is_file():
+    text = mlx_lm_model_source(model_type)
+    if text is None:
         # a type mlx-lm remaps (mistral -> llama) goes to mlx-lm; one it does not know has no predicate
-        utils = root / "utils.py"
-        return utils.is_file() and f'"{model_type}"' not in utils.read_text()
-    text = path.read_text()
+        return not mlx_lm_remaps(model_type)
     imported = set(re.findall(r"^from \.(\w+) import", text, flags=re.M))
     return "quant_predicate" not in text and imported <= _HELPERS
 
@@ -76,9 +72,9 @@ def own_choices(config: dict, group_size: int) -> dict:
     if _surely_no_predicate(config.get("model_type")):
         return {}
     try:
-        from mlx_lm.utils import _get_classes
+        from ..compat import mlx_lm_model_classes
 
-        model_cls, args_cls = _get_classes(config)
+        model_cls, args_cls = mlx_lm_model_classes(config)
         model = model_cls(args_cls.from_dict(config))
     except Exception:  # an architecture mlx-lm does not build: no predicate to honour
         return {}

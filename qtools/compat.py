@@ -1,0 +1,49 @@
+"""Where qtools reaches into another library's private parts: each reach is here, once.
+
+click has no public way to extend how an option takes its values, mlx-lm none to
+build a model class from a config without loading weights, and reading mlx-lm's
+model files as text saves importing it (1.7 s with transformers). Each function
+says what it relies on; tests/test_compat.py fails on a release that breaks one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+
+def click_parser_option(parser, name: str):
+    """The parser's option object for `--name` / `-n` (click's private _long_opt/_short_opt maps):
+    its `process(value, state)` is what ValuesOption wraps to take `--bits 4 5 6`."""
+    return parser._long_opt.get(name) or parser._short_opt.get(name)
+
+
+def mlx_lm_model_classes(config: dict):
+    """(Model class, ModelArgs class) mlx-lm builds for a config.json (mlx_lm.utils._get_classes),
+    without reading weights."""
+    from mlx_lm.utils import _get_classes
+
+    return _get_classes(config)
+
+
+def mlx_lm_root() -> Path | None:
+    """mlx-lm's package directory, found without importing it."""
+    spec = importlib.util.find_spec("mlx_lm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def mlx_lm_model_source(model_type: str) -> str | None:
+    """The text of mlx-lm's models/<model_type>.py, or None when it has no such file."""
+    root = mlx_lm_root()
+    path = root / "models" / f"{model_type}.py" if root else None
+    return path.read_text() if path is not None and path.is_file() else None
+
+
+def mlx_lm_remaps(model_type: str) -> bool:
+    """Whether mlx-lm's utils.py names `model_type` (its MODEL_REMAPPING: mistral -> llama),
+    read as text."""
+    root = mlx_lm_root()
+    utils = root / "utils.py" if root else None
+    return utils is not None and utils.is_file() and f'"{model_type}"' in utils.read_text()

@@ -1,0 +1,47 @@
+"""Each reach into another library's private parts (qtools/compat.py) still works with the
+installed releases: a release that breaks one fails here, not in a user's command."""
+
+import click
+from click.testing import CliRunner
+
+from qtools import compat
+from qtools.commands.options import ValuesOption
+
+
+def test_click_parser_option_is_the_option_whose_process_takes_values():
+    @click.command()
+    @click.option("--bits", "-b", multiple=True, type=int)
+    def cmd(bits):
+        pass
+
+    ctx = click.Context(cmd)
+    parser = cmd.make_parser(ctx)
+    for name in ("--bits", "-b"):
+        opt = compat.click_parser_option(parser, name)
+        assert callable(opt.process)
+
+
+def test_values_option_takes_the_numbers_after_it():
+    @click.command()
+    @click.option("--bits", cls=ValuesOption, multiple=True, type=int)
+    @click.argument("rest", nargs=-1)
+    def cmd(bits, rest):
+        click.echo(f"{list(bits)} {list(rest)}")
+
+    r = CliRunner().invoke(cmd, ["--bits", "4", "5", "6", "x"])
+    assert r.exit_code == 0 and r.output.strip() == "[4, 5, 6] ['x']"
+
+
+def test_mlx_lm_model_classes_builds_a_model_from_a_config():
+    model_cls, args_cls = compat.mlx_lm_model_classes({"model_type": "qwen3_moe"})
+    assert model_cls.__module__ == "mlx_lm.models.qwen3_moe"
+    assert args_cls.__name__ == "ModelArgs"
+
+
+def test_mlx_lm_sources_are_where_the_text_reads_look():
+    assert compat.mlx_lm_root() is not None
+    src = compat.mlx_lm_model_source("qwen3_moe")
+    assert src is not None and "quant_predicate" in src  # keeps the router at 8 bits
+    assert compat.mlx_lm_model_source("no_such_model") is None
+    assert compat.mlx_lm_remaps("mistral")  # MODEL_REMAPPING: mistral -> llama
+    assert not compat.mlx_lm_remaps("no_such_model")
