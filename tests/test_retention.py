@@ -50,7 +50,7 @@ def test_kl_topk_matches_exact_kl_with_full_vocab():
     # top-3 + tail bucket: a lower bound on the exact KL (log-sum inequality)
     order = np.argsort(-p, axis=-1)[:, :3]
     pk, qk = np.take_along_axis(p, order, -1), np.take_along_axis(q, order, -1)
-    approx = RT.kl_topk(pk, RT._tail(pk), qk, RT._tail(qk))
+    approx = RT.kl_topk(pk, RT.tail_logp(pk), qk, RT.tail_logp(qk))
     assert np.all(approx <= exact + 1e-9) and np.all(approx >= 0)
 
 

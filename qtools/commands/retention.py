@@ -5,7 +5,8 @@ import json
 import click
 
 from ..io.atomic import write_json_atomic
-from ..pipeline.retention import DEFAULT_TOP_K, format_retention, log_path, retention
+from ..io.logs import log_path
+from ..pipeline.retention import DEFAULT_TOP_K, format_retention, retention
 
 
 @click.command("retention")
@@ -38,7 +39,7 @@ def retention_cmd(quantized, reference, base, suite, text, top_k, max_tokens, ca
     cache = cache or str(Path(logs_dir) / f"retention-ref-{Path(reference).resolve().name}-{stem}.npz")
     result = retention(reference, base, list(quantized), suite=suite, text=text, top_k=top_k, cache=cache,
                        max_tokens=max_tokens, progress=not as_json)
-    written = [str(write_json_atomic(log_path(m["model"], logs_dir), m)) for m in result["models"]]
+    written = [str(write_json_atomic(log_path(m["model"], logs_dir=logs_dir, kind="retention"), m)) for m in result["models"]]
     if as_json:
         click.echo(json.dumps({**result, "logs": written}, indent=2))
         return

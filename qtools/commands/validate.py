@@ -5,8 +5,9 @@ import json
 import click
 
 from .. import VerdictFailed
+from ..io.logs import log_path
 from ..pipeline.scoring import DEFAULT_MIN_ACCURACY
-from ..pipeline.validate import format_report, log_path, validate
+from ..pipeline.validate import format_report, validate
 
 
 @click.command("validate", epilog="Exit status: 0 the verdict passed, 3 it failed, 1 an error (bad input: "
@@ -35,7 +36,7 @@ def validate_cmd(model, suite, out, logs_dir, max_tokens, min_accuracy, batch, r
     from ..io.modeldir import check_model_dir
     from ..io.suite import load_suite
 
-    path = out or log_path(check_model_dir(model), load_suite(suite), logs_dir)
+    path = out or log_path(check_model_dir(model), load_suite(suite).name, logs_dir)
     result = validate(model, suite, max_tokens=max_tokens, min_accuracy=min_accuracy,
                       progress=True, batch=batch, log=path, resume=resume)
     if as_json:

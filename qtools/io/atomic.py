@@ -17,7 +17,7 @@ import signal
 import threading
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Callable, Iterator
 
 from .. import QtoolsError
 
@@ -147,17 +147,40 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def _temp_beside(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path`, renamed onto it when the body succeeds, removed otherwise;
+    an OSError (a full disk) is one `Error:` line."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise QtoolsError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write a file through a temporary name and a rename: `write(f)` fills the open binary file."""
+    path = Path(path)
+    with _temp_beside(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    path = Path(path)
+    with _temp_beside(path) as tmp:
+        tmp.write_text(text)
+    return path
+
+
 def write_json_atomic(path: str | os.PathLike, obj) -> Path:
     """Write `obj` as JSON to `path` through a temporary file and a rename."""
     import json
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
-        tmp.replace(path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise QtoolsError(f"cannot write {path}: {exc.strerror or exc}") from None
-    return path
+    return write_text_atomic(path, json.dumps(obj, indent=2) + "\n")

@@ -62,8 +62,12 @@ def check_model_dir(model: str | Path, what: str = "model") -> Path:
     return path
 
 
-def read_config(model: str | Path) -> dict:
+def read_config(model: str | Path, required: bool = True) -> dict:
+    """The model's config.json; a missing one is an error unless not `required` ({}), a corrupt
+    one always is. The one reader of config.json."""
     path = Path(model) / "config.json"
+    if not required and not path.exists():
+        return {}
     try:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError) as exc:
@@ -73,6 +77,12 @@ def read_config(model: str | Path) -> dict:
     if not isinstance(config, dict):
         raise QtoolsError(f"{path} is not a JSON object")
     return config
+
+
+def text_config(config: dict) -> dict:
+    """The language model's part of a config (a multimodal config nests it in text_config)."""
+    inner = config.get("text_config")
+    return inner if isinstance(inner, dict) else config
 
 
 def read_provenance(model: str | Path) -> dict | None:

@@ -179,13 +179,9 @@ class SafetensorsModel:
                 p0 = parts[0]
                 self.tensors[stacked] = TensorInfo(stacked, p0.dtype, (len(parts), *p0.shape), p0.file, -1,
                                                    p0.nbytes * len(parts))
-        config = self.path / "config.json"
-        self.config = {}
-        if config.exists():
-            try:
-                self.config = json.loads(config.read_text())
-            except json.JSONDecodeError as exc:
-                raise QtoolsError(f"{config}: not valid JSON ({exc.msg})") from None
+        from .modeldir import read_config
+
+        self.config = read_config(self.path, required=False)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "SafetensorsModel":

@@ -9,12 +9,11 @@ weights as stored on disk, plus a float16 KV cache for `context_tokens`, plus a
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 
-from ..io.modeldir import weights_bytes
+from ..io.modeldir import read_config, text_config, weights_bytes
 
 WARN_FRACTION = 0.85
 DEFAULT_CONTEXT_TOKENS = 4096
@@ -23,7 +22,7 @@ ACTIVATION_MARGIN = 0.05
 
 def kv_cache_bytes(config: dict, context_tokens: int = DEFAULT_CONTEXT_TOKENS) -> int:
     """Keys and values, float16, every layer, `context_tokens` positions."""
-    cfg = config.get("text_config", config)
+    cfg = text_config(config)
     layers = int(cfg.get("num_hidden_layers") or 0)
     heads = int(cfg.get("num_attention_heads") or 0)
     kv_heads = int(cfg.get("num_key_value_heads") or heads or 0)
@@ -34,11 +33,8 @@ def kv_cache_bytes(config: dict, context_tokens: int = DEFAULT_CONTEXT_TOKENS) -
 def estimate_bytes(model: str | Path, context_tokens: int = DEFAULT_CONTEXT_TOKENS) -> dict:
     """Memory the model needs to run, in bytes, and its parts."""
     w = weights_bytes(model)
-    try:
-        config = json.loads((Path(model) / "config.json").read_text())
-    except (OSError, ValueError):
-        config = {}
-    kv = kv_cache_bytes(config, context_tokens) if isinstance(config, dict) else 0
+    config = read_config(model, required=False)
+    kv = kv_cache_bytes(config, context_tokens)
     margin = int(ACTIVATION_MARGIN * w)
     return {"weights": w, "kv_cache": kv, "margin": margin, "total": w + kv + margin,
             "context_tokens": context_tokens}

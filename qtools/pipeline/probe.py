@@ -38,7 +38,7 @@ import numpy as np
 
 from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QtoolsError, versions
 from ..format import progress as progress_bar
-from ..io.modeldir import check_model_dir, load_model, quantization_info, read_config
+from ..io.modeldir import check_model_dir, load_model, quantization_info, read_config, text_config
 from ..io.suite import Suite, load_suite
 from ..survival.rule import smallest_surviving
 from .fakequant import fake_quantize, quantizable_modules
@@ -312,7 +312,7 @@ def probe(model, suite, bits=(), group_size: int | None = None, min_accuracy: fl
     path = check_model_dir(model)
     config = read_config(path)
     quant = quantization_info(config)
-    vocab = int((config.get("text_config") or config).get("vocab_size") or 32768)
+    vocab = int(text_config(config).get("vocab_size") or 32768)
     bits_list, group_size = check_bits(list(bits or ()), group_size, quant, path)
     if max_tokens is not None and max_tokens < 1:
         raise QtoolsError("--max-tokens must be at least 1")

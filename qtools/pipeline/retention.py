@@ -24,17 +24,16 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from .. import QtoolsError, __version__
 from ..format import progress as progress_bar
-from ..io.modeldir import check_model_dir
+from ..io.atomic import write_atomic
+from ..io.modeldir import check_model_dir, read_config, text_config
 from ..io.weights import fingerprint
 
 CACHE_VERSION = 1
@@ -46,12 +45,7 @@ _TINY = 1e-30
 # ---------------------------------------------------------------- inputs
 
 def _vocab_size(path: Path) -> int | None:
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        raise QtoolsError(f"{path}/config.json is not valid JSON") from None
-    cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
-    v = cfg.get("vocab_size")
+    v = text_config(read_config(path)).get("vocab_size")
     return int(v) if v else None
 
 
@@ -171,18 +165,6 @@ def _unpack(flat, lengths, starts):
     return out
 
 
-def _write_npz(path: Path, **arrays):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise QtoolsError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
 def load_or_build_reference(reference: Path, source: dict, top_k: int, cache: Path | None,
                             suite=None, text=None, max_tokens=None, progress=True) -> dict:
     """The reference's sequences and top-k, from `cache` when it matches, else computed (and cached)."""
@@ -206,8 +188,9 @@ def load_or_build_reference(reference: Path, source: dict, top_k: int, cache: Pa
     _free(net)
     if cache is not None:
         flat, lengths, starts = _pack(seqs)
-        _write_npz(cache, meta=np.array(json.dumps(meta)), tokens=flat, lengths=lengths, starts=starts,
-                   topk_idx=topk_idx, topk_logp=topk_logp, tail_logp=tail, vocab=np.array(vocab))
+        arrays = dict(meta=np.array(json.dumps(meta)), tokens=flat, lengths=lengths, starts=starts,
+                      topk_idx=topk_idx, topk_logp=topk_logp, tail_logp=tail, vocab=np.array(vocab))
+        write_atomic(cache, lambda f: np.savez(f, **arrays))
     return {"seqs": seqs, "topk_idx": topk_idx, "topk_logp": topk_logp, "tail_logp": tail,
             "vocab": vocab, "cached": False}
 
@@ -337,10 +320,6 @@ def _method(kind: str, top_k: int) -> str:
               if kind == "suite" else "text paragraphs; every token scored")
     return (f"{scored}; KL(reference || model) over the reference's top-{top_k} tokens plus one tail "
             "bucket (a lower bound on the full KL); logit_retention = 1 - KL(model) / KL(base)")
-
-
-def log_path(model_name: str, logs_dir: str | Path = "logs") -> Path:
-    return Path(logs_dir) / f"retention-{model_name}.json"
 
 
 def format_retention(result: dict) -> str:

@@ -18,15 +18,10 @@ from typing import Callable
 from .. import QtoolsError, versions
 from ..format import human_bytes
 from ..format import progress as progress_bar
-from ..io.atomic import check_writable, write_json_atomic
+from ..io.atomic import check_writable, write_json_atomic, write_text_atomic
 from ..io.modeldir import check_model_dir, dir_size, load_model, quantization_info
 from ..io.suite import Suite, load_suite
 from .scoring import DEFAULT_MIN_ACCURACY, build_prompt, score_case, summarize, tool_format_of
-
-
-def log_path(model: Path, suite: Suite, logs_dir: str | Path = "logs") -> Path:
-    return Path(logs_dir) / f"{Path(model).resolve().name}-{suite.name}.json"
-
 
 # ---------------------------------------------------------------- running
 
@@ -169,14 +164,10 @@ class PartialLog:
     def __init__(self, path: Path, header: dict, entries: list):
         self.path, self.count = path, len(entries)
         # Rewritten whole first (dropping a torn line, adopting the current header), then appended to.
-        tmp = path.with_name(f".{path.name}.tmp")
+        write_text_atomic(path, "".join(json.dumps(x) + "\n" for x in [header, *entries]))
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text("".join(json.dumps(x) + "\n" for x in [header, *entries]))
-            tmp.replace(path)
             self._f = open(path, "a")
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise QtoolsError(f"cannot write {path}: {exc.strerror or exc}") from None
 
     def append(self, record: dict) -> None:

@@ -8,7 +8,6 @@ model (weighted by |D|^2), and a minimum bit-width is predicted.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -21,7 +20,7 @@ import numpy as np
 from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QtoolsError
 from ..format import progress as progress_bar
 from ..io.adapters import Adapter, LowRankDelta
-from ..io.modeldir import PROVENANCE
+from ..io.modeldir import PROVENANCE, read_provenance
 from ..io.weights import FLOAT_DTYPES, SafetensorsModel
 from .rule import Rule
 
@@ -121,21 +120,17 @@ def resolve_delta_source(model: SafetensorsModel, adapter=None, base=None) -> De
     base to the fused dtype (and needs the base's layout to match)."""
     recorded = False
     if adapter is None and base is None:
-        prov_path = model.path / PROVENANCE
-        if not prov_path.exists():
+        prov = read_provenance(model.path)
+        if prov is None:
             raise QtoolsError(
                 f"{model.path}: no delta source; give --adapter or --base "
                 f"(a model fused by `qtools fuse` records them in {PROVENANCE})"
             )
-        try:
-            prov = json.loads(prov_path.read_text())
-        except json.JSONDecodeError:
-            raise QtoolsError(f"{prov_path}: not valid JSON") from None
         adapter = prov.get("adapter") if prov.get("adapter") and Path(prov["adapter"]).exists() else None
         base = prov.get("base") if prov.get("base") and Path(prov["base"]).exists() else None
         if adapter is None and base is None:
             raise QtoolsError(
-                f"{prov_path}: the recorded base and adapter no longer exist; give --adapter or --base"
+                f"{model.path / PROVENANCE}: the recorded base and adapter no longer exist; give --adapter or --base"
             )
         recorded = True
         if adapter is not None and not Adapter(adapter).is_dora:
