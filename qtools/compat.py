@@ -8,6 +8,7 @@ says what it relies on; tests/test_compat.py fails on a release that breaks one.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from pathlib import Path
 
@@ -47,3 +48,20 @@ def mlx_lm_remaps(model_type: str) -> bool:
     root = mlx_lm_root()
     utils = root / "utils.py" if root else None
     return utils is not None and utils.is_file() and f'"{model_type}"' in utils.read_text()
+
+
+def mlx_lm_plain_console(stream) -> contextlib.AbstractContextManager:
+    """While active, mlx-lm's trainer UI (mlx_lm.cli_ui.make_console, which forces truecolor)
+    writes no ANSI colour codes when `stream` is not a terminal: a log file or a pipe stays
+    plain text. On a terminal, nothing changes."""
+    if stream.isatty():
+        return contextlib.nullcontext()
+    from unittest import mock
+
+    from mlx_lm import cli_ui
+    from rich.console import Console
+
+    def plain():
+        return Console(color_system=None, highlight=False, force_terminal=False, width=120)
+
+    return mock.patch.object(cli_ui, "make_console", plain)

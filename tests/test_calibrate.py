@@ -496,3 +496,25 @@ def test_from_cache_trains_and_measures_nothing(tmp_path):
     with pytest.raises(QtoolsError, match="leave-one-family-out needs at least 2 families"):
         run.calibrate(suite, tmp_path / "rule.json", work, tmp_path / "docs", from_cache=True)
     assert not (tmp_path / "rule.json").exists() and not (tmp_path / "docs").exists()
+
+
+def test_a_damaged_cache_entry_is_measured_again_not_a_traceback(tmp_path):
+    """The calibration's cache (result.json, adapter_config.json) is read guarded: a file cut short
+    by a killed run, or not a JSON object, is re-measured or retrained."""
+    import io
+
+    from qtools.calibrate import run as R
+
+    bad = tmp_path / "result.json"
+    for text in ('{"format": 3, "summ', "[1, 2]", "\xff"):
+        bad.write_text(text, errors="surrogateescape") if text != "\xff" else bad.write_bytes(b"\xff\xfe")
+        log = io.StringIO()
+        assert R._cached(bad, "ft", log) is None
+        assert "damaged" in log.getvalue()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert R.trained_on_other_data(run_dir, 1) is False  # nothing trained yet
+    (run_dir / "adapter_config.json").write_text('{"data": ')
+    assert R.trained_on_other_data(run_dir, 1) is True
+    (run_dir / "adapter_config.json").write_text('["data"]')
+    assert R.trained_on_other_data(run_dir, 1) is True

@@ -45,3 +45,18 @@ def test_mlx_lm_sources_are_where_the_text_reads_look():
     assert compat.mlx_lm_model_source("no_such_model") is None
     assert compat.mlx_lm_remaps("mistral")  # MODEL_REMAPPING: mistral -> llama
     assert not compat.mlx_lm_remaps("no_such_model")
+
+
+def test_mlx_lm_training_ui_writes_no_colour_codes_into_a_file(tmp_path):
+    """mlx-lm's trainer UI forces truecolor; into a file or pipe it must be plain text."""
+    import contextlib
+
+    from mlx_lm.cli_ui import TrainUI
+
+    out = tmp_path / "train.log"
+    with open(out, "w") as f, contextlib.redirect_stdout(f), compat.mlx_lm_plain_console(f):
+        with TrainUI(4) as ui:
+            for _ in range(4):
+                ui.advance()
+    text = out.read_text()
+    assert "iter" in text and "\x1b[" not in text

@@ -3,14 +3,13 @@ fine-tune), fit and judge the rule, write the report and the rule file delta-sur
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
 from pathlib import Path
 
 from .. import QtoolsError
-from ..io.atomic import write_json_atomic
+from ..io.atomic import read_json_or_none, write_json_atomic
 from ..pipeline.scoring import DEFAULT_MIN_ACCURACY
 from .fit import study
 from .grid import BITS, default_families, default_grid, expand_run, pretraining_key, run_name
@@ -49,8 +48,8 @@ def run_grid(suite_path, work_dir, families=None, grid=None, bits_list=BITS, gro
         fam_dir.mkdir(exist_ok=True)
         _check_same_base(fam_dir, base_dir)
         base_beh_path = fam_dir / "base_behaviour.json"
-        if not base_beh_path.exists():
-            base_beh_path.write_text(json.dumps(behaviour(base_dir, suite_obj, [], group_size)["16"]))
+        if not isinstance(read_json_or_none(base_beh_path), dict):  # missing or damaged: measured again
+            write_json_atomic(base_beh_path, behaviour(base_dir, suite_obj, [], group_size)["16"])
         bases[fam["name"]] = (fam_dir, base_dir)
     # run by run across families: a run cut short leaves every family with its first runs
     args = [(str(fam_dir / run_name(run)), name, run, str(base_dir), str(suite_path), list(bits_list),
@@ -87,7 +86,7 @@ def build_base(work: Path, family: dict, log=sys.stderr) -> Path:
         print(f"[calibrate] pretraining {pre.name} done in {time.perf_counter() - tic:.0f} s", file=log, flush=True)
     out = work / "bases" / family["name"]
     recipe = work / "bases" / f"{family['name']}.json"
-    if _complete_model(out) and recipe.exists() and json.loads(recipe.read_text()) == family:
+    if _complete_model(out) and read_json_or_none(recipe) == family:
         return out
     # a family renamed to another recipe gets a new base; its cached fine-tunes are then refused
     with atomic_output_dir(out, force=True) as tmp:
@@ -103,21 +102,24 @@ def _check_same_base(work: Path, base_dir) -> None:
     path = work / "base_fingerprint.json"
     fp = {"base": fingerprint(base_dir)}
     if path.exists():
-        if json.loads(path.read_text()) != fp:
+        if read_json_or_none(path) != fp:
             raise QtoolsError(f"{work} holds fine-tunes of a different base than {base_dir}; "
                               f"remove it (rm -rf {work}) or pass another --work-dir")
     elif any(work.iterdir()):
         raise QtoolsError(f"{work} holds results of an unknown base; remove it (rm -rf {work}) "
                           "or pass another --work-dir")
     else:
-        path.write_text(json.dumps(fp, indent=1))
+        write_json_atomic(path, fp)
 
 
 def _cached(path: Path, ft_id: str, log):
     """The cached result of a fine-tune, or None when there is none or it is of another format."""
     if not path.exists():
         return None
-    res = json.loads(path.read_text())
+    res = read_json_or_none(path)
+    if not isinstance(res, dict):
+        print(f"[calibrate] {ft_id}: {path} is damaged; re-measuring it", file=log, flush=True)
+        return None
     if res.get("format") != CACHE_FORMAT:
         print(f"[calibrate] {ft_id}: {path} is a cache entry of another qtools (format "
               f"{res.get('format', 'unrecorded')}, this one writes {CACHE_FORMAT}); re-measuring it",
@@ -140,7 +142,7 @@ def _run_one(args) -> list[dict]:
     log = sys.stderr
     run_dir = Path(run_dir)
     suite_obj = load_suite(suite_path)
-    base_beh = json.loads((run_dir.parent / "base_behaviour.json").read_text())
+    base_beh = read_json_or_none(run_dir.parent / "base_behaviour.json")  # written by run_grid first
     cfg_path = run_dir / "adapter_config.json"
     if from_cache and (not cfg_path.exists() or trained_on_other_data(run_dir, run["seed"])):
         return []
@@ -200,7 +202,7 @@ def _run_one(args) -> list[dict]:
             "tensors": [{k: t[k] for k in ("name", "shape", "layer", "kind", "by_bits")} for t in rep["tensors"]],
             "seconds": time.perf_counter() - tic,
         }
-        cached.write_text(json.dumps(res))
+        write_json_atomic(cached, res)
         results.append(res)
         print(f"[calibrate] {ft_id}: float16 acc {beh['16']['accuracy']:.2f} (base {base_beh['accuracy']:.2f}), "
               f"true min bits {res['true_min_bits']} ({res['seconds']:.0f} s)", file=log, flush=True)
@@ -219,7 +221,10 @@ def trained_on_other_data(run_dir: Path, seed: int) -> bool:
     from ..demo.train import finetune_data
 
     cfg_path = Path(run_dir) / "adapter_config.json"
-    return cfg_path.exists() and json.loads(cfg_path.read_text()).get("data") != finetune_data(seed)
+    if not cfg_path.exists():
+        return False
+    cfg = read_json_or_none(cfg_path)  # damaged: retrained, as for other data
+    return not isinstance(cfg, dict) or cfg.get("data") != finetune_data(seed)
 
 
 def write_rule_file(path, s: dict) -> None:

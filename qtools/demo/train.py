@@ -71,6 +71,8 @@ def iterate_batches(dataset, batch_size, max_seq_length, loop=False, seed=None, 
 def _train(model, examples_tok, iters, batch_size, lr, seed, warmup=0, save_every=None, save_dir=None):
     from mlx_lm.tuner.trainer import TrainingArgs, train
 
+    from ..compat import mlx_lm_plain_console
+
     mx.random.seed(seed)
     if warmup:
         sched = optim.join_schedules([optim.linear_schedule(lr / 10, lr, warmup),
@@ -85,7 +87,7 @@ def _train(model, examples_tok, iters, batch_size, lr, seed, warmup=0, save_ever
                             max_seq_length=256,
                             adapter_file=str(Path(save_dir or tmp) / "adapters.safetensors"))
         # mlx-lm's trainer reports on stdout; qtools keeps stdout for results.
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), mlx_lm_plain_console(sys.stderr):
             train(model, opt, examples_tok, args=args,
                   iterate_batches=lambda **kw: iterate_batches(**kw, seed=seed))
 

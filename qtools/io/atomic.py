@@ -184,3 +184,14 @@ def write_json_atomic(path: str | os.PathLike, obj) -> Path:
     import json
 
     return write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_json_or_none(path: str | os.PathLike):
+    """A JSON file written by qtools as a cache or record: None when it is missing, unreadable or
+    not JSON (the caller rebuilds it), never a traceback."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
