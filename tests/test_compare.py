@@ -52,9 +52,11 @@ def test_compare_table_verdicts_recommendation(logs, tmp_path):
     lines = r.output.splitlines()
     header = next(l for l in lines if l.startswith("| metric"))
     assert [c.strip() for c in header.strip("|").split("|")] == [
-        "metric", "fused_f16", "fused_8bit", "fused_6bit", "fused_5bit", "fused_4bit", "fused_3bit", "winner"]
-    disk = next(l for l in lines if l.startswith("| disk size"))
-    assert disk.rstrip("| ").endswith("fused_3bit")
+        "metric", "fused_f16", "fused_8bit", "fused_6bit", "fused_5bit", "fused_4bit", "fused_3bit"]
+    disk = [c.strip() for c in next(l for l in lines if l.startswith("| disk size")).strip("|").split("|")]
+    assert [c.endswith(" *") for c in disk[1:]] == [False] * 5 + [True]  # the smallest is marked best
+    assert "* best in its row (no mark: all equal)" in lines
+    assert max(len(l) for l in lines if l.startswith("|")) < 130
     verdict = next(l for l in lines if l.startswith("| verdict"))
     assert [c.strip() for c in verdict.strip("|").split("|")][1:7] == ["PASS", "PASS", "FAIL", "PASS", "FAIL", "FAIL"]
     assert "recommendation: fused_5bit (smallest model meeting all criteria)" in lines

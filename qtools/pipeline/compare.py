@@ -1,4 +1,4 @@
-"""Compare validate logs side by side: winner per metric, verdict, recommendation.
+"""Compare validate logs side by side: the best model per metric, verdict, recommendation.
 
 Also checks delta-survival's prediction against behaviour, per bit-width: the
 prediction says the fine-tune survives at b bits when b >= predicted_min_bits;
@@ -155,13 +155,22 @@ ROWS = [
 ]
 
 
-def _winner(values: dict, better: str | None):
+def _best(values: dict, better: str | None) -> list:
+    """The models with the row's best value; none when every model ties (nothing to mark)."""
     vals = {m: v for m, v in values.items() if v is not None}
     if better is None or len(vals) < 2:
-        return ""
+        return []
     best = max(vals.values()) if better == "max" else min(vals.values())
     winners = [m for m, v in vals.items() if abs(v - best) <= 1e-9 * max(1.0, abs(best))]
-    return "tie" if len(winners) == len(vals) else ", ".join(winners)
+    return [] if len(winners) == len(vals) else winners
+
+
+def _winner(values: dict, better: str | None):
+    """The JSON's winner field: the best models' names, "tie", or "" (nothing to rank)."""
+    vals = [v for v in values.values() if v is not None]
+    if better is None or len(vals) < 2:
+        return ""
+    return ", ".join(_best(values, better)) or "tie"
 
 
 def retention_for(model: str, suite: str, retention: list) -> dict | None:
@@ -189,7 +198,7 @@ def compare_suite(logs: list, surv: dict | None, c: Criteria, retention: list | 
             "metric": label, "key": key, "better": better,
             "values": values,
             "display": {log["model"]: fmt(log[key], log) if log.get(key) is not None else "-" for log in logs},
-            "winner": _winner(values, better),
+            "winner": _winner(values, better), "best": _best(values, better),
         })
     categories = []
     for log in logs:
@@ -201,7 +210,7 @@ def compare_suite(logs: list, surv: dict | None, c: Criteria, retention: list | 
         rows.insert(4 + categories.index(cat), {
             "metric": f"  {cat}", "key": f"per_category.{cat}", "better": "max", "values": values,
             "display": {m: f"{v:.0%}" if v is not None else "-" for m, v in values.items()},
-            "winner": _winner(values, "max"),
+            "winner": _winner(values, "max"), "best": _best(values, "max"),
         })
     if retention:
         found = {log["model"]: retention_for(log["model"], log["suite"], retention) for log in logs}
@@ -211,7 +220,7 @@ def compare_suite(logs: list, surv: dict | None, c: Criteria, retention: list | 
                 "metric": "logit_retention", "key": "logit_retention", "better": "max", "values": values,
                 "display": {m: (f"{v:.3f} (KL {found[m]['kl']['mean']:.2g})" if v is not None else "-")
                             for m, v in values.items()},
-                "winner": _winner(values, "max"),
+                "winner": _winner(values, "max"), "best": _best(values, "max"),
             })
     if surv:
         values = {}
@@ -221,7 +230,7 @@ def compare_suite(logs: list, surv: dict | None, c: Criteria, retention: list | 
         rows.append({
             "metric": "predicted delta_retention", "key": "survival.delta_retention", "better": "max", "values": values,
             "display": {m: f"{v:.2f}" if v is not None else "-" for m, v in values.items()},
-            "winner": _winner(values, "max"),
+            "winner": _winner(values, "max"), "best": _best(values, "max"),
         })
 
     verdicts = {log["model"]: model_verdict(log, c) for log in logs}
@@ -318,10 +327,14 @@ def format_comparison(result: dict) -> str:
         cats = comp.get("min_category", {})
         absent = [k for k in c.get("min_category") or {} if k not in cats]
         suite_crit = crit + [f"{k} >= {pct(v)}" for k, v in cats.items()]
-        table = [[row["metric"], *[row["display"][m] for m in models], row["winner"]] for row in comp["rows"]]
-        table.append(["verdict", *[comp["verdicts"][m].upper() for m in models], ""])
+        # The best cell of each row is marked, not named: a column of names repeated up to six
+        # times per row made the table ~250 characters wide.
+        table = [[row["metric"], *[row["display"][m] + (" *" if m in row.get("best", ()) else "") for m in models]]
+                 for row in comp["rows"]]
+        table.append(["verdict", *[comp["verdicts"][m].upper() for m in models]])
         out.append(f"suite: {comp['suite']}")
-        out.append(tabulate(table, headers=["metric", *models, "winner"], tablefmt="github"))
+        out.append(tabulate(table, headers=["metric", *models], tablefmt="github"))
+        out.append("* best in its row (no mark: all equal)")
         out.append("")
         out.append("criteria: " + ", ".join(suite_crit))
         if absent:
