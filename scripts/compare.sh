@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Side-by-side comparison of every validate log in $LOGS (plus $LOGS/survival.json if
-# present): winner per metric, verdict per model, recommendation, $LOGS/compare.png.
+# present): the best model per metric marked, verdict per model, recommendation, $LOGS/compare.png.
 # MIN_CATEGORY="field_access=0.8 safety=1.0": least accuracy per suite category.
 set -euo pipefail
 QTOOLS=${QTOOLS:-.venv/bin/qtools}
