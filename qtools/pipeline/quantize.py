@@ -223,7 +223,7 @@ def _calibrated(job: Job) -> Quantized:
     from mlx_lm.utils import load_tokenizer
 
     from ..io.calib_data import token_blocks, tokenize
-    from .backend import _on_cpu, cpu_float32_experts
+    from .backend import cpu_float32_experts
     from .memory import check_fits
 
     o, recipe, bits, group_size = job.opts, job.recipe, job.bits, job.group_size
@@ -243,10 +243,9 @@ def _calibrated(job: Job) -> Quantized:
         blocks = token_blocks(seqs, o["sequence_length"], num_samples=o["num_samples"], seed=o["seed"])
         calibration.update({"blocks": int(blocks.shape[0]), "block_tokens": int(blocks.shape[1])})
         cal_tokens, batch_tokens = int(blocks.size), (4 * int(blocks.shape[1]) if recipe == "dynamic" else 0)
-    moe = any(k in job.config for k in ("num_experts", "num_local_experts", "n_routed_experts"))
     with SafetensorsModel(job.src) as st:
         need = rm.calibration_memory(recipe, st, job.config, cal_tokens, batch_tokens,
-                                     float32_experts=moe and _on_cpu())
+                                     float32_experts=mx.default_device() == mx.cpu)
     check_fits(need["total"], f"recipe {recipe} holds the whole model: it",
                f"model {need['model'] / 1e9:.1f} GB + copies {need['copies'] / 1e9:.1f} GB + activations "
                f"{need['activations'] / 1e9:.1f} GB; use a streamed recipe (uniform, survival, mxfp4, compensated, ...)")
@@ -323,8 +322,11 @@ def check_not_inputs(out: Path, inputs: dict) -> None:
 
 
 def check_float_model(src: Path, config: dict, st: SafetensorsModel, what: str = "model") -> None:
+    """Refuse a quantized source: its config says so, or its weights are packed (uint32 + scales)."""
     q = config.get("quantization") or config.get("quantization_config")
-    if q or any(n.endswith(".scales") for n in st.tensors):
+    packed = any(n.endswith(".scales") and st.tensors.get(n[: -len("scales")] + "weight") is not None
+                 and st.tensors[n[: -len("scales")] + "weight"].dtype == "U32" for n in st.tensors)
+    if q or packed:
         bits = q.get("bits") if isinstance(q, dict) else None
         said = f" ({bits}-bit)" if bits else ""
         if what == "model":
@@ -449,8 +451,7 @@ def _check(model, out, bits, group_size, recipe, layer_bits, force, quant_predic
 
     # What will be written: the output directory and its free space.
     with SafetensorsModel(job.weights_src) as st:
-        need = output_bytes_estimate(st, job.weights_src, bits, group_size, recipe, layer_bits,
-                                     top=spec.top_bits(job) if recipe not in ("uniform", "survival") else None)
+        need = output_bytes_estimate(st, job.weights_src, bits, group_size, recipe, layer_bits, top=spec.top_bits(job))
         need += _shipped_estimate(job, st)
     check_writable(out, need)
 

@@ -361,7 +361,8 @@ def calibration_memory(recipe: str, st, config: dict, cal_tokens: int, batch_tok
     """Bytes awq/gptq/dwq/dynamic need at once, by their parts, conservatively (they hold the whole
     model; read from mlx_lm.quant):
 
-      model     F: the float model as stored (MoE experts at float32 where MLX's CPU GatherMM needs it)
+      model     F: the float model as stored (on MLX's CPU, + one layer's MoE experts cast to float32
+                for GatherMM, backend.cpu_float32_experts, counted as the largest expert tensor at float32)
       copies    awq: 4 x the largest tensor in float32 (the layer being searched, its trial scales);
                 gptq: F32 (set_dtype(float32) of every weight) + the largest tensor's Hessian in float32;
                 dwq: F (the student is a deep copy of the teacher before it is quantized)
@@ -386,7 +387,14 @@ def calibration_memory(recipe: str, st, config: dict, cal_tokens: int, batch_tok
     largest_f32 = max((4 * i.numel for i in floats), default=0)
     model = stored
     if float32_experts:
-        model += sum(4 * i.numel - i.nbytes for i in floats if ".experts." in i.name or ".switch_mlp." in i.name)
+        import re
+
+        stacked: dict = {}  # a Hub checkpoint's per-expert tensors summed as mlx-lm stacks them
+        for i in floats:
+            if ".experts." in i.name or ".switch_mlp." in i.name:
+                key = re.sub(r"\.experts\.\d+\.", ".experts.", i.name)
+                stacked[key] = stacked.get(key, 0) + 4 * i.numel
+        model += max(stacked.values(), default=0)
     layer_acts = 4 * cal_tokens * (2 * hidden + inter)
     backprop = 4 * batch_tokens * ((4 * hidden + 2 * inter) * layers + 3 * vocab)
     copies = {
