@@ -62,6 +62,9 @@ class Job:
     adapter: Path | None = None
     records: list | None = None
     data_desc: str | None = None
+    # Where the streamed recipes read weights_src's tensors (streamed.TensorSource); None: its memory map.
+    # A view that fuses base + adapter on the fly can stand in, so no fused model need be on disk.
+    source: object = None
 
 
 @dataclass
@@ -127,16 +130,16 @@ def _plan(job: Job, bits: int, group_size: int, mode: str = "affine",
     a model whose sanitize() the streamed path cannot reproduce, lazily loaded by mlx-lm (then
     written tensor by tensor all the same). predicate_for(model) -> the recipe's quant_predicate."""
     src = job.weights_src
-    source = MappedSource(src)
+    source = job.source if job.source is not None else MappedSource(src)
     try:
         skeleton = Skeleton(job.config, source, what=f"model {src}")
         predicate = predicate_for(skeleton.model) if predicate_for else None
         return StreamedPlan(skeleton, group_size, bits, mode, predicate)
     except NotStreamable as exc:
+        if streamed_only or job.source is not None:  # mlx-lm can load only a model directory
+            raise QtoolsError(f"{streamed_only or 'quantize'} cannot run on this model ({exc}, which the "
+                              "streamed quantization does not reproduce)") from None
         source.close()
-        if streamed_only:
-            raise QtoolsError(f"{streamed_only} cannot run on this model ({exc}, which the streamed "
-                              "quantization does not reproduce)") from None
         print(f"[quantize] {exc}: loading the model (lazily) instead of streaming it", file=sys.stderr)
     net = _load(src, lazy=True)[0]
     predicate = predicate_for(net) if predicate_for else None
@@ -248,7 +251,8 @@ def _calibrated(job: Job) -> Quantized:
                                      float32_experts=mx.default_device() == mx.cpu)
     check_fits(need["total"], f"recipe {recipe} holds the whole model: it",
                f"model {need['model'] / 1e9:.1f} GB + copies {need['copies'] / 1e9:.1f} GB + activations "
-               f"{need['activations'] / 1e9:.1f} GB; use a streamed recipe (uniform, survival, mxfp4, compensated, ...)")
+               f"{need['activations'] / 1e9:.1f} GB; use a streamed recipe (uniform, survival, mxfp4, "
+               "compensated, ...)")
     net, _, config = _load(job.src, lazy=False)
     report = {"calibration": calibration}
     with rm._stdout_to_stderr_on_success():
@@ -536,7 +540,10 @@ def quantize(
             job.src, bits=job.bits, group_size=job.group_size, recipe=recipe, mode=q.mode, data=job.data_desc,
             layer_bits=q.layer_bits, **q.provenance)
         with atomic_output_dir(job.out, force) as tmp:
-            bpw, shipped_fields = _write(job, q, tmp)
+            try:
+                bpw, shipped_fields = _write(job, q, tmp)
+            finally:
+                q.plan.close()
             provenance["bits_per_weight"] = bpw
             if "compensation" in shipped_fields:
                 provenance["compensation"] = {k: v for k, v in shipped_fields["compensation"].items()

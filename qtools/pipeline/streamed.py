@@ -73,7 +73,8 @@ class MappedSource:
 def _mx_dtype(code: str):
     import mlx.core as mx
 
-    return {"F16": mx.float16, "BF16": mx.bfloat16, "F32": mx.float32, "F64": mx.float32, "I64": mx.int64,
+    return {"F16": mx.float16, "BF16": mx.bfloat16, "F32": mx.float32, "F64": getattr(mx, "float64", mx.float32),
+            "I64": mx.int64,
             "I32": mx.int32, "U32": mx.uint32, "I16": mx.int16, "I8": mx.int8, "U8": mx.uint8,
             "BOOL": mx.bool_}[code]
 
@@ -256,6 +257,11 @@ class StreamedPlan(Plan):
             del self._cache[p]
             mx.clear_cache()
         return value
+
+    def close(self) -> None:
+        close = getattr(self.skeleton.source, "close", None)
+        if close is not None:
+            close()
 
     def _quantize_module(self, p: str) -> dict:
         import mlx.core as mx
