@@ -74,8 +74,7 @@ def _mx_dtype(code: str):
     import mlx.core as mx
 
     return {"F16": mx.float16, "BF16": mx.bfloat16, "F32": mx.float32, "F64": getattr(mx, "float64", mx.float32),
-            "I64": mx.int64,
-            "I32": mx.int32, "U32": mx.uint32, "I16": mx.int16, "I8": mx.int8, "U8": mx.uint8,
+            "I64": mx.int64, "I32": mx.int32, "U32": mx.uint32, "I16": mx.int16, "I8": mx.int8, "U8": mx.uint8,
             "BOOL": mx.bool_}[code]
 
 
