@@ -98,7 +98,21 @@ def private_imports(package: Path = PACKAGE) -> list:
     out = []
     for path in sorted(package.rglob("*.py")):
         rel = str(path.relative_to(package.parent))
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        # names bound to qtools modules (`from . import recipes_mlx as rm`, `import qtools.x as y`):
+        # `rm._name` reaches into another module as much as `from .recipes_mlx import _name`
+        modules = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("qtools")):
+                modules.update(a.asname or a.name for a in node.names)
+            elif isinstance(node, ast.Import):
+                modules.update(a.asname for a in node.names if a.asname and a.name.startswith("qtools."))
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules
+                    and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and node.attr not in PRIVATE_ALLOWED):
+                out.append(f"{rel} uses {node.value.id}.{node.attr}")
+        for node in ast.walk(tree):
             if not isinstance(node, ast.ImportFrom):
                 continue
             ours = node.level > 0 or (node.module or "").split(".")[0] == "qtools"
@@ -122,10 +136,14 @@ def test_the_private_import_checker_sees_relative_absolute_and_foreign_imports(t
     (pkg / "pipeline" / "a.py").write_text("from .b import _tail, public\nfrom .. import _ext\n")
     (pkg / "pipeline" / "b.py").write_text("def f():\n    from qtools.pipeline.a import _y\n"
                                            "from click.parser import _OptionParser\nfrom x import __version__\n")
+    (pkg / "pipeline" / "c.py").write_text("from . import a as rm\nimport qtools.pipeline.b as B\n"
+                                           "rm._log('x')\nB._z\nrm.__doc__\nself._ok\n")
     assert private_imports(pkg) == ["qtools/compat.py imports _x from .pipeline.a",
                                     "qtools/pipeline/a.py imports _tail from .b",
                                     "qtools/pipeline/b.py imports _OptionParser from click.parser",
-                                    "qtools/pipeline/b.py imports _y from qtools.pipeline.a"]
+                                    "qtools/pipeline/b.py imports _y from qtools.pipeline.a",
+                                    "qtools/pipeline/c.py uses B._z",
+                                    "qtools/pipeline/c.py uses rm._log"]
 
 
 def test_the_bit_widths_are_written_out_once():

@@ -89,3 +89,47 @@ def test_validate_logs_memory_and_warns_before_loading(model, tmp_path, monkeypa
     assert log["memory_limit_gb"] == pytest.approx(1e-6)
     assert log["memory_pressure"] > 1 and log["memory_estimate_gb"] > 0
     assert "warning:" in r.output  # CliRunner mixes stderr into output
+
+
+def test_validate_refuses_a_model_larger_than_the_machine_before_loading(model, tmp_path, monkeypatch):
+    """Above the device's total memory the model would swap for hours: an error, nothing loaded."""
+    from click.testing import CliRunner
+
+    import qtools.pipeline.validate as V
+    from qtools.cli import cli
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    suite = tmp_path / "s.jsonl"
+    suite.write_text(json.dumps({"id": "a", "category": "c", "prompt": "hi", "expect": {"type": "direct"}}) + "\n")
+    monkeypatch.setattr(V, "load_model", refuse)
+    monkeypatch.setattr(M, "device_total", lambda: (1000, "test total"))
+    out = tmp_path / "log.json"
+    r = CliRunner().invoke(cli, ["validate", str(model), "--suite", str(suite), "--output", str(out)])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.output.strip().splitlines()[-1].startswith(f"Error: model {model} (weights ")
+    assert "more than the 0.0 GB this machine has (test total): it would swap for hours" in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.jsonl"]  # no log, no partial log
+
+
+def test_check_memory_refuses_above_the_total_and_warns_near_the_working_set(model, monkeypatch, capsys):
+    need = M.estimate_bytes(model)["total"]
+    monkeypatch.setattr(M, "device_limit", lambda: (int(need / 0.9), "working set"))
+    monkeypatch.setattr(M, "device_total", lambda: (int(need / 0.7), "total"))
+    assert M.check_memory(model)["memory_warning"] and "warning:" in capsys.readouterr().err
+    monkeypatch.setattr(M, "device_total", lambda: (need - 1, "total"))
+    with pytest.raises(M.QtoolsError, match="it would swap for hours"):
+        M.check_memory(model)
+    assert not M.check_memory(model, refuse=False)["memory_pressure"] is None
+
+
+def test_device_total_is_mlx_memory_size_else_system_memory(monkeypatch):
+    import os
+
+    import mlx.core as mx
+
+    monkeypatch.setattr(mx, "device_info", lambda: {"memory_size": 32 << 30}, raising=False)
+    assert M.device_total() == (32 << 30, "MLX memory_size")
+    _no_mlx_limit(monkeypatch)
+    assert M.device_total() == (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "system memory")

@@ -154,14 +154,14 @@ def _failing_save(exc, free=None, monkeypatch=None):
      "Error: could not write {out}: Read-only file system; the partial output was removed"),
 ])
 def test_quantize_write_failure_is_one_line_and_leaves_nothing(base, tmp_path, monkeypatch, exc, free, message):
-    import mlx_lm.utils
+    import qtools.io.mlxsave
 
     out = tmp_path / "models" / "q4"
     if isinstance(exc, RuntimeError):
         exc = RuntimeError(str(exc).format(out=out))
-    monkeypatch.setattr(mlx_lm.utils, "save", _failing_save(exc, free, monkeypatch))
+    monkeypatch.setattr(qtools.io.mlxsave, "write_weights", _failing_save(exc, free, monkeypatch))  # the streamed save
     r = run("quantize", base, "--bits", 4, "--output", out)
-    # mlx-lm's "[INFO] Quantized model ..." progress line goes to stderr first
+    assert len(r.output.strip().splitlines()) == 1, r.output
     assert (r.exit_code, r.output.strip().splitlines()[-1]) == (1, message.format(out=out))
     assert "Traceback" not in r.output
     assert not out.exists() and _leftovers(out.parent) == []

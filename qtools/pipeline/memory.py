@@ -1,10 +1,12 @@
-"""Will this model fit? Estimate its memory and compare with the device's limit.
+"""Will this model fit? Estimate its memory and compare with the device's limits.
 
 On Apple Silicon MLX reports the GPU's recommended working-set size; a model
 that needs most of it runs, but slowly (the 6-bit slowdown in the findings ran
-at 92% of it). Elsewhere the limit is the system memory. The estimate is the
-weights as stored on disk, plus a float16 KV cache for `context_tokens`, plus a
-5% margin for activations and the runtime.
+at 92% of it): a warning. A model that needs more than the machine's memory
+(MLX's memory_size, else the system memory) does not run at all, it swaps for
+hours: an error before it is loaded. Elsewhere both limits are the system
+memory. The estimate is the weights as stored on disk, plus a float16 KV cache
+for `context_tokens`, plus a 5% margin for activations and the runtime.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from .. import QtoolsError
 from ..io.modeldir import read_config, text_config, weights_bytes
 
 WARN_FRACTION = 0.85
@@ -64,6 +67,10 @@ def device_limit() -> tuple[int | None, str]:
             return int(size), "MLX max_recommended_working_set_size"
     except Exception:  # an old or odd MLX build: fall back to the system memory
         pass
+    return _system_memory()
+
+
+def _system_memory() -> tuple[int | None, str]:
     try:
         size = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         if size > 0:
@@ -74,10 +81,40 @@ def device_limit() -> tuple[int | None, str]:
     return (size, "system memory (/proc/meminfo)") if size else (None, "unknown")
 
 
+def device_total() -> tuple[int | None, str]:
+    """(bytes, where it came from): all the memory the device has (MLX's memory_size on Apple
+    Silicon, else the system memory): more than this cannot run without swapping."""
+    try:
+        import mlx.core as mx
+
+        info = mx.device_info() if hasattr(mx, "device_info") else {}
+        if not info.get("memory_size") and hasattr(mx, "metal") and mx.metal.is_available():
+            info = mx.metal.device_info()
+        if info.get("memory_size"):
+            return int(info["memory_size"]), "MLX memory_size"
+    except Exception:  # an old or odd MLX build: fall back to the system memory
+        pass
+    return _system_memory()
+
+
+def check_fits(need: int, what: str, hint: str = "") -> None:
+    """Refuse work that needs more memory than the device has, before it loads anything."""
+    total, source = device_total()
+    if total and need > total:
+        raise QtoolsError(f"{what} needs about {need / 1e9:.1f} GB of memory, more than the {total / 1e9:.1f} GB "
+                          f"this machine has ({source}): it would swap for hours" + (f"; {hint}" if hint else ""))
+
+
 def check_memory(model: str | Path, context_tokens: int = DEFAULT_CONTEXT_TOKENS,
-                 warn_fraction: float = WARN_FRACTION, warn: bool = True, stream=None) -> dict:
-    """Estimate vs limit; print a warning on stderr above `warn_fraction`. Returns the log fields."""
+                 warn_fraction: float = WARN_FRACTION, warn: bool = True, stream=None, refuse: bool = True) -> dict:
+    """Estimate vs limits, before the model loads: an error above the device's total memory (with
+    `refuse`), a warning on stderr above `warn_fraction` of its recommended working set. Returns
+    the log fields."""
     est = estimate_bytes(model, context_tokens)
+    if refuse:
+        check_fits(est["total"], f"model {model} (weights {est['weights'] / 1e9:.1f} GB + KV cache for "
+                                 f"{context_tokens} tokens + margin)",
+                   "use a smaller bit-width or a machine with more memory")
     limit, source = device_limit()
     pressure = est["total"] / limit if limit else None
     result = {

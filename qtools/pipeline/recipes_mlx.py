@@ -1,15 +1,18 @@
-"""The other quantizers MLX has, and what ships a float16 adapter beside the weights.
+"""The other quantizers MLX has, and what ships a float16 adapter beside the weights; the
+pipeline that runs them all (checks, the recipe table, the one save) is quantize.py.
 
 - `mxfp4`, `nvfp4`, `mxfp8`: MLX's fixed-format modes, with the group size
-  and bits mx.quantize requires of each (FIXED_MODES);
+  and bits mx.quantize requires of each (FIXED_MODES); streamed;
 - `awq`, `gptq`, `dwq`, `dynamic`: mlx_lm.quant's functions called as a
   library, calibrated on a local DATA file (never a download): by default the
   fine-tune's own training data when its adapter_config.json names data qtools
-  can rebuild (the demo's);
-- `adapter`: the base quantized at BITS and the fine-tune's adapter kept
-  unfused (float16), in OUT/adapters/;
-- `compensated`: the fused model at BITS plus a float16 low-rank correction
-  of the quantization error (compensate.py) as an mlx-lm LoRA adapter in OUT/adapters/.
+  can rebuild (the demo's). They hold the whole model: calibration_memory
+  estimates what they need, checked against the machine before loading;
+- `adapter`: the base quantized at BITS (streamed) and the fine-tune's adapter
+  kept unfused (float16), in OUT/adapters/;
+- `compensated`: the fused model at BITS (streamed) plus a float16 low-rank
+  correction of the quantization error (compensate.py, computed module by
+  module as it is written: Compensation) as an mlx-lm LoRA adapter in OUT/adapters/.
 
 An OUT/adapters/ directory is loaded by qtools (io.modeldir.load_model) and by
 `mlx_lm.load(OUT, adapter_path=OUT/adapters)`; bits per weight count it.
@@ -21,22 +24,12 @@ import contextlib
 import copy
 import json
 import sys
-import time
 from pathlib import Path
 
 from mlx.utils import tree_flatten
 
 from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QtoolsError
-from ..io.atomic import atomic_output_dir, check_output_free
-from ..io.modeldir import (
-    PROVENANCE,
-    SHIPPED_ADAPTER,
-    check_model_dir,
-    dir_size,
-    quantized_provenance,
-    read_config,
-    read_provenance,
-)
+from ..io.modeldir import PROVENANCE, SHIPPED_ADAPTER, check_model_dir, read_provenance
 
 # mode -> (group size, bits), as mx.quantize requires them.
 FIXED_MODES = {"mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}
@@ -51,12 +44,12 @@ DEFAULT_SEQUENCE_LENGTH = 512
 DEFAULT_NUM_SAMPLES = 8
 
 
-def _log(msg: str) -> None:
+def log(msg: str) -> None:
     print(f"[quantize] {msg}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
-def _stdout_to_stderr_on_success():
+def stdout_to_stderr_on_success():
     """mlx-lm prints progress on stdout: pass it to stderr, but drop it when the step fails,
     so a failure is one `Error:` line."""
     import io
@@ -140,19 +133,6 @@ def check_adapter_matches(adapter: Path, model: Path):
 
 # ---------------------------------------------------------------- recipes
 
-def _quantize_fixed(net, config, recipe):
-    from mlx_lm.utils import quantize_model
-
-    g, b = FIXED_MODES[recipe]
-    return quantize_model(net, config, g, b, mode=recipe)
-
-
-def _quantize_affine(net, config, bits, group_size):
-    from mlx_lm.utils import quantize_model
-
-    return quantize_model(net, config, group_size, bits)
-
-
 def _set_top_level(qconfig: dict, bits: int, group_size: int) -> dict:
     # awq's update_config writes a placeholder 4-bit/64 top level; record what was used.
     q = qconfig["quantization"]
@@ -161,7 +141,7 @@ def _set_top_level(qconfig: dict, bits: int, group_size: int) -> dict:
     return qconfig
 
 
-def _quantize_awq(net, config, bits, group_size, blocks):
+def quantize_awq(net, config, bits, group_size, blocks):
     from mlx_lm.quant.awq import AWQ_MODEL_CONFIGS, awq_quantize, update_config
 
     awq_config = AWQ_MODEL_CONFIGS.get(config.get("model_type"))
@@ -174,7 +154,7 @@ def _quantize_awq(net, config, bits, group_size, blocks):
     return net, _set_top_level(update_config(net, copy.deepcopy(config)), bits, group_size)
 
 
-def _quantize_gptq(net, config, bits, group_size, blocks):
+def quantize_gptq(net, config, bits, group_size, blocks):
     import mlx.core as mx
     from mlx_lm.quant.gptq import gptq_quantize
 
@@ -190,7 +170,7 @@ def _quantize_gptq(net, config, bits, group_size, blocks):
     return net, config
 
 
-def _quantize_dynamic(net, config, bits, group_size, blocks, target_bpw):
+def quantize_dynamic(net, config, bits, group_size, blocks, target_bpw):
     from mlx_lm.quant.dynamic_quant import estimate_sensitivities, estimate_threshold
     from mlx_lm.utils import quantize_model
 
@@ -222,7 +202,7 @@ def _quantize_dynamic(net, config, bits, group_size, blocks, target_bpw):
     return net, qconfig, {"high_bits": high, "target_bpw": target_bpw, "raised": raised}
 
 
-def _quantize_dwq(net, config, bits, group_size, seqs, seed, learning_rate, batch_size=4):
+def quantize_dwq(net, config, bits, group_size, seqs, seed, learning_rate, batch_size=4):
     import mlx.core as mx
     import mlx.optimizers as optimizers
     import numpy as np
@@ -249,7 +229,7 @@ def _quantize_dwq(net, config, bits, group_size, seqs, seed, learning_rate, batc
                               "valid_records": len(valid)}
 
 
-def _adapter_files(tmp: Path, weights: dict, config: dict) -> None:
+def adapter_files(tmp: Path, weights: dict, config: dict) -> None:
     import mlx.core as mx
 
     d = tmp / SHIPPED_ADAPTER
@@ -258,228 +238,170 @@ def _adapter_files(tmp: Path, weights: dict, config: dict) -> None:
     (d / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _compensation(src, net, bits, group_size, rank, correction, target_bpw, adapter):
-    """The correction factors for every quantized linear of the adapter's keys (or all)."""
-    import mlx.core as mx
-    import mlx.nn as nn
-    import numpy as np
-    from mlx_lm.utils import get_total_parameters
+class Compensation:
+    """The compensated recipe's correction, computed module by module as the quantized model is
+    written (on_module): for every quantized linear of the adapter's keys (or all of layer 0's),
+    lora factors of its quantization error W - deq(Q(W))."""
 
-    from ..io.weights import SafetensorsModel
-    from . import compensate
+    def __init__(self, src: Path, qmodel, bits: int, group_size: int, rank: int | None, correction: str,
+                 target_bpw: float, adapter: Path | None, planned_bpw: float, total_params: int):
+        import mlx.nn as nn
 
-    deltas, ad_cfg = {}, {}
-    if adapter is not None:
-        ad, deltas = check_adapter_matches(adapter, src)
-        ad_cfg = ad.config
-    if correction == "subspace" and not deltas:
-        raise QtoolsError("the subspace correction needs the fine-tune's adapter: give --adapter "
-                          f"or fuse with qtools (its {PROVENANCE} names the adapter)")
-    layers = net.model.layers
-    keys = list((ad_cfg.get("lora_parameters") or {}).get("keys") or [])
-    if not keys:
-        keys = [k for k, m in layers[0].named_modules() if isinstance(m, nn.QuantizedLinear)]
-    num_layers = len(layers)
-    targets = []  # (module path, module, weight name)
-    for i, layer in enumerate(layers):
-        mods = dict(layer.named_modules())
-        for k in keys:
-            m = mods.get(k)
-            if isinstance(m, nn.QuantizedLinear):
-                targets.append((f"model.layers.{i}.{k}", m))
-    if not targets:
-        raise QtoolsError("no quantized linear layer to correct")
-    shapes = [(m.weight.shape[0], m.weight.shape[1] * 32 // m.bits) for _, m in targets]
-    total = get_total_parameters(net)
-    max_rank = min(min(s) for s in shapes)
-    if correction == "subspace":
-        max_rank = min(max_rank, min(d.rank for d in deltas.values()))
-    if rank is None:
-        from mlx_lm.utils import compute_bits_per_weight
+        from . import compensate
 
-        budget = target_bpw - float(compute_bits_per_weight(net))
-        rank = compensate.rank_for_budget(shapes, budget, total, max_rank)
-        if rank < 1:
-            raise QtoolsError(f"target {target_bpw:.3f} bits/weight leaves no room for a rank-1 correction "
-                              f"({compensate.extra_bits_per_weight(shapes, 1, total):.3f} bits/weight) at {bits} bits")
-    elif rank < 1 or rank > max_rank:
-        raise QtoolsError(f"rank {rank} is out of range for these tensors (1 to {max_rank})")
-    weights, stats = {}, []
-    with SafetensorsModel(src) as st:
-        for path, m in targets:
-            w1 = st.to_float32(f"{path}.weight")
-            deq = np.array(mx.dequantize(m.weight, m.scales, m.biases, group_size=m.group_size,
-                                         bits=m.bits).astype(mx.float32))
-            err = w1 - deq
-            u = v = None
-            if f"{path}.weight" in deltas:
-                u, v = deltas[f"{path}.weight"].subspace()
-            if correction == "svd":
-                a, b = compensate.svd_factors(err, rank)
+        self.src, self.bits, self.group_size, self.correction = src, bits, group_size, correction
+        self.deltas, ad_cfg = {}, {}
+        if adapter is not None:
+            ad, self.deltas = check_adapter_matches(adapter, src)
+            ad_cfg = ad.config
+        if correction == "subspace" and not self.deltas:
+            raise QtoolsError("the subspace correction needs the fine-tune's adapter: give --adapter "
+                              f"or fuse with qtools (its {PROVENANCE} names the adapter)")
+        layers = qmodel.model.layers
+        keys = list((ad_cfg.get("lora_parameters") or {}).get("keys") or [])
+        if not keys:
+            keys = [k for k, m in layers[0].named_modules() if isinstance(m, nn.QuantizedLinear)]
+        self.keys, self.num_layers = keys, len(layers)
+        self.targets = {}  # module path -> (out, in)
+        self.params = {}  # module path -> (group size, bits) it was quantized with (a router keeps 8 bits)
+        for i, layer in enumerate(layers):
+            mods = dict(layer.named_modules())
+            for k in keys:
+                m = mods.get(k)
+                if isinstance(m, nn.QuantizedLinear):
+                    self.targets[f"model.layers.{i}.{k}"] = (m.weight.shape[0], m.weight.shape[1] * 32 // m.bits)
+                    self.params[f"model.layers.{i}.{k}"] = (m.group_size, m.bits)
+        if not self.targets:
+            raise QtoolsError("no quantized linear layer to correct")
+        # Only the keys corrected: mlx-lm would wrap the others (a MoE's switch_mlp) in LoRA layers
+        # holding random lora_a it loads nothing into, counted in the model's size.
+        self.keys = [k for k in keys if any(p.endswith(f".{k}") for p in self.targets)]
+        shapes = list(self.targets.values())
+        max_rank = min(min(s) for s in shapes)
+        if correction == "subspace":
+            max_rank = min(max_rank, min(d.rank for d in self.deltas.values()))
+        if rank is None:
+            rank = compensate.rank_for_budget(shapes, target_bpw - planned_bpw, total_params, max_rank)
+            if rank < 1:
+                raise QtoolsError(f"target {target_bpw:.3f} bits/weight leaves no room for a rank-1 correction "
+                                  f"({compensate.extra_bits_per_weight(shapes, 1, total_params):.3f} bits/weight) "
+                                  f"at {bits} bits")
+        elif rank < 1 or rank > max_rank:
+            raise QtoolsError(f"rank {rank} is out of range for these tensors (1 to {max_rank})")
+        self.rank = rank
+        self.factors: dict = {}
+        self.stats: dict = {}
+
+    def on_module(self, path: str, float_params: dict, outputs: dict) -> None:
+        import mlx.core as mx
+        import numpy as np
+
+        from . import compensate
+
+        if path not in self.targets:
+            return
+        w1 = np.array(float_params["weight"].astype(mx.float32))
+        group_size, bits = self.params[path]
+        deq = np.array(mx.dequantize(outputs[f"{path}.weight"], outputs[f"{path}.scales"], outputs[f"{path}.biases"],
+                                     group_size=group_size, bits=bits).astype(mx.float32))
+        err = w1 - deq
+        u = v = None
+        if f"{path}.weight" in self.deltas:
+            u, v = self.deltas[f"{path}.weight"].subspace()
+        try:
+            if self.correction == "svd":
+                a, b = compensate.svd_factors(err, self.rank)
             else:
-                a, b = compensate.subspace_factors(err, u, v, rank)
-            # Float16 as shipped: measure what the stored factors remove.
-            a16, b16 = a.astype(np.float16), b.astype(np.float16)
-            stats.append({"tensor": path, **compensate.energy_kept(err, a16.astype(np.float32),
-                                                                   b16.astype(np.float32), u, v)})
-            weights[f"{path}.lora_a"] = mx.array(a16)
-            weights[f"{path}.lora_b"] = mx.array(b16)
-            st.release(f"{path}.weight")
-    config = {
-        "fine_tune_type": "lora",
-        "num_layers": num_layers,
-        "lora_parameters": {"rank": rank, "scale": 1.0, "dropout": 0.0, "keys": keys},
-        "qtools_correction": {"kind": correction, "of": f"{bits}-bit group-{group_size} quantization error",
-                              "model": str(src.resolve())},
-    }
+                a, b = compensate.subspace_factors(err, u, v, self.rank)
+        except np.linalg.LinAlgError as exc:
+            raise QtoolsError(f"compensated: the correction of {path} failed ({exc})") from None
+        # Float16 as shipped: measure what the stored factors remove.
+        a16, b16 = a.astype(np.float16), b.astype(np.float16)
+        if not (np.isfinite(a16).all() and np.isfinite(b16).all()):
+            raise QtoolsError(f"compensated: the correction of {path} has NaN or Inf values in float16")
+        self.stats[path] = {"tensor": path, **compensate.energy_kept(err, a16.astype(np.float32),
+                                                                     b16.astype(np.float32), u, v)}
+        self.factors[path] = (mx.array(a16), mx.array(b16))
 
-    def mean(key):
-        vals = [s[key] for s in stats if key in s]
-        return float(np.mean(vals)) if vals else None
+    def result(self) -> tuple[dict, dict, dict]:
+        """(adapter weights, adapter_config, summary), once every target module was written."""
+        import numpy as np
 
-    summary = {"correction": correction, "rank": rank, "keys": keys, "tensors": len(stats),
-               "error_removed_mean": mean("error_removed"),
-               "subspace_error_removed_mean": mean("subspace_error_removed"), "per_tensor": stats}
-    return weights, config, summary
+        missing = [p for p in self.targets if p not in self.factors]
+        if missing:
+            raise QtoolsError(f"compensated: no correction was computed for {missing[0]}")
+        weights = {}
+        for path in self.targets:
+            weights[f"{path}.lora_a"], weights[f"{path}.lora_b"] = self.factors[path]
+        config = {
+            "fine_tune_type": "lora",
+            "num_layers": self.num_layers,
+            "lora_parameters": {"rank": self.rank, "scale": 1.0, "dropout": 0.0, "keys": self.keys},
+            "qtools_correction": {"kind": self.correction,
+                                  "of": f"{self.bits}-bit group-{self.group_size} quantization error",
+                                  "model": str(self.src.resolve())},
+        }
+        stats = [self.stats[p] for p in self.targets]
+
+        def mean(key):
+            vals = [s[key] for s in stats if key in s]
+            return float(np.mean(vals)) if vals else None
+
+        summary = {"correction": self.correction, "rank": self.rank, "keys": self.keys, "tensors": len(stats),
+                   "error_removed_mean": mean("error_removed"),
+                   "subspace_error_removed_mean": mean("subspace_error_removed"), "per_tensor": stats}
+        return weights, config, summary
 
 
-def quantize_recipe(model, out, bits: int = 4, group_size: int | None = None, recipe: str = "mxfp4",
-                    force: bool = False, data=None, base=None, adapter=None, rank: int | None = None,
-                    correction: str = "svd", target_bpw: float | None = None, seed: int = 0,
-                    learning_rate: float = 1e-5, sequence_length: int = DEFAULT_SEQUENCE_LENGTH,
-                    num_samples: int = DEFAULT_NUM_SAMPLES) -> dict:
-    """Quantize MODEL (a float fused model dir) with one of RECIPES into OUT atomically."""
-    import mlx.core as mx
-    from mlx_lm.utils import compute_bits_per_weight, load, save
+# ---------------------------------------------------------------- memory of the calibrated recipes
 
-    if recipe not in RECIPES:
-        raise QtoolsError(f"recipe {recipe!r} is not one of {', '.join(RECIPES)}")
-    bits, group_size = check_recipe_args(recipe, bits, group_size)
-    src = check_model_dir(model)
-    check_output_free(out, force)
-    config_src = read_config(src)
-    if config_src.get("quantization"):
-        raise QtoolsError(f"{src} is already quantized ({config_src['quantization'].get('bits')}-bit); "
-                          "quantize the float16 fused model instead")
-    if target_bpw is None:
-        target_bpw = bits + DEFAULT_EXTRA_BPW
-    if sequence_length < 8 or num_samples == 0 or num_samples < -1:
-        raise QtoolsError("--sequence-length must be at least 8 and --num-samples at least 1 (or -1: all)")
-    from .compensate import CORRECTIONS
+def calibration_memory(recipe: str, st, config: dict, cal_tokens: int, batch_tokens: int,
+                       float32_experts: bool) -> dict:
+    """Bytes awq/gptq/dwq/dynamic need at once, by their parts, conservatively (they hold the whole
+    model; read from mlx_lm.quant):
 
-    if correction not in CORRECTIONS:
-        raise QtoolsError(f"correction {correction!r} is not one of {', '.join(CORRECTIONS)}")
-    # Everything the recipe reads is checked before any work starts.
-    records = data_desc = None
-    if recipe in DATA_RECIPES:
-        records, data_desc = resolve_data(recipe, src, data)
-    elif data is not None:
-        raise QtoolsError(f"recipe {recipe} takes no calibration data (DATA is for {', '.join(DATA_RECIPES)})")
-    weights_src, base_dir, adapter_dir = src, None, None
-    if recipe == "adapter":
-        base_dir, adapter_dir = resolve_base_adapter(src, base, adapter)
-        weights_src = base_dir
-        base_cfg = read_config(base_dir)
-        if base_cfg.get("quantization"):
-            raise QtoolsError(f"base {base_dir} is already quantized: give the float base")
-        check_adapter_matches(adapter_dir, base_dir)
-    elif recipe == "compensated":
-        # The fine-tune's adapter (for its keys and subspace): --adapter, else the provenance's if present.
-        from ..io.adapters import check_adapter_dir
+      model     F: the float model as stored (on MLX's CPU, + one layer's MoE experts cast to float32
+                for GatherMM, backend.cpu_float32_experts, counted as the largest expert tensor at float32)
+      copies    awq: 4 x the largest tensor in float32 (the layer being searched, its trial scales);
+                gptq: F32 (set_dtype(float32) of every weight) + the largest tensor's Hessian in float32;
+                dwq: F (the student is a deep copy of the teacher before it is quantized)
+                     + 6 x the student's scales and biases in float32 (gradients, Adam's two moments);
+                dynamic: F (a deep copy fake-quantized at BITS) + 2 x F32 over the quantizable
+                     weights (accumulated gradients and one batch's gradients)
+      activations  float32: every calibration token's input, output and MLP hidden state of one layer
+                (awq/gptq/dynamic: cal_tokens x (2 hidden + intermediate)); a batch's activations kept
+                for the backward pass through every layer plus teacher and student logits and their
+                gradient (dwq/dynamic: batch_tokens x ((4 hidden + 2 intermediate) x layers + 3 vocab))
+    plus 10% for the runtime. F32 = every float weight at 4 bytes."""
+    cfg = config.get("text_config", config)
+    hidden = int(cfg.get("hidden_size") or 0)
+    inter = int(cfg.get("moe_intermediate_size") or cfg.get("intermediate_size") or 0) * max(
+        1, int(cfg.get("num_experts_per_tok") or 1))
+    layers = int(cfg.get("num_hidden_layers") or 0)
+    vocab = int(cfg.get("vocab_size") or 0)
+    floats = [i for i in st.tensors.values() if i.is_float]
+    stored = sum(i.nbytes for i in floats)
+    f32 = sum(4 * i.numel for i in floats)
+    quantizable_f32 = sum(4 * i.numel for i in floats if len(i.shape) >= 2)
+    largest_f32 = max((4 * i.numel for i in floats), default=0)
+    model = stored
+    if float32_experts:
+        import re
 
-        prov_adapter = (read_provenance(src) or {}).get("adapter")
-        if adapter is not None or (prov_adapter and Path(prov_adapter).is_dir()):
-            adapter_dir, _ = check_adapter_dir(adapter or prov_adapter)
-            check_adapter_matches(adapter_dir, src)
-
-    tic = time.perf_counter()
-    try:
-        net, tokenizer, config = load(str(weights_src), return_config=True, lazy=recipe in FIXED_MODES)
-    except Exception as exc:
-        raise QtoolsError(f"cannot load model {weights_src}: {exc}") from None
-    extra, shipped = {}, None
-    with _stdout_to_stderr_on_success():
-        mx.random.seed(seed)
-        if recipe in FIXED_MODES:
-            net, qconfig = _quantize_fixed(net, config, recipe)
-        elif recipe in DATA_RECIPES:
-            from .backend import cpu_float32_experts
-
-            cpu_float32_experts(net)  # MLX's CPU GatherMM runs float32 only (a float MoE's experts)
-            from ..io.calib_data import token_blocks, tokenize
-
-            seqs = tokenize(records, tokenizer)
-            if not seqs:
-                raise QtoolsError("the calibration data holds no text")
-            n_tokens = sum(len(t) for t, _ in seqs)
-            _log(f"{recipe}: calibrating on {len(seqs)} records, {n_tokens} tokens ({data_desc})")
-            extra["calibration"] = {"records": len(seqs), "tokens": n_tokens}
-            if recipe == "dwq":
-                net, qconfig, info = _quantize_dwq(net, config, bits, group_size, seqs, seed, learning_rate)
-                extra.update(info)
-            else:
-                blocks = token_blocks(seqs, sequence_length, num_samples=num_samples, seed=seed)
-                extra["calibration"].update({"blocks": int(blocks.shape[0]), "block_tokens": int(blocks.shape[1])})
-                if recipe == "awq":
-                    net, qconfig = _quantize_awq(net, config, bits, group_size, blocks)
-                elif recipe == "gptq":
-                    net, qconfig = _quantize_gptq(net, config, bits, group_size, blocks)
-                else:
-                    net, qconfig, info = _quantize_dynamic(net, config, bits, group_size, blocks, target_bpw)
-                    extra.update(info)
-        elif recipe == "adapter":
-            from ..io.adapters import check_adapter_dir
-
-            net, qconfig = _quantize_affine(net, config, bits, group_size)
-            _, ad_cfg = check_adapter_dir(adapter_dir)
-            ad_w = {k: v.astype(mx.float16) for k, v in mx.load(str(adapter_dir / "adapters.safetensors")).items()}
-            shipped = (ad_w, {**ad_cfg, "model": str(base_dir.resolve())})
-            extra.update({"base": str(base_dir.resolve()), "adapter": str(adapter_dir.resolve())})
-        else:  # compensated
-            net, qconfig = _quantize_affine(net, config, bits, group_size)
-            w, cfg, summary = _compensation(src, net, bits, group_size, rank, correction, target_bpw, adapter_dir)
-            shipped = (w, cfg)
-            extra["compensation"] = summary
-            _log(f"compensated: rank-{summary['rank']} {correction} correction on {summary['tensors']} tensors "
-                 f"removes {summary['error_removed_mean']:.1%} of the quantization error on average")
-
-    provenance = quantized_provenance(
-        src, bits=bits, group_size=group_size, recipe=recipe, mode=recipe if recipe in FIXED_MODES else "affine",
-        data=data_desc, layer_bits={},
-        **({"recipe_details": {k: v for k, v in extra.items() if k != "compensation"}} if extra else {}))
-    if "compensation" in extra:
-        provenance["compensation"] = {k: v for k, v in extra["compensation"].items() if k != "per_tensor"}
-    if shipped is not None:
-        provenance["shipped_adapter"] = SHIPPED_ADAPTER
-    with atomic_output_dir(out, force) as tmp:
-        with contextlib.redirect_stdout(sys.stderr):
-            save(tmp, str(weights_src), net, tokenizer, qconfig, donate_model=True)
-            del net
-            if shipped is not None:
-                _adapter_files(tmp, *shipped)
-            # Bits per weight as validate measures them: everything mlx-lm loads, adapter included;
-            # loading here also proves mlx_lm.load serves the output.
-            try:
-                adapter_path = str(tmp / SHIPPED_ADAPTER) if shipped is not None else None
-                check, _ = load(str(tmp), adapter_path=adapter_path, lazy=True)
-            except Exception as exc:
-                raise QtoolsError(f"mlx-lm cannot load the {recipe} output: {exc}") from None
-            bpw = float(compute_bits_per_weight(check))
-            del check
-        provenance["bits_per_weight"] = bpw
-        (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
-    out = Path(out)
-    return {
-        "out": str(out),
-        "source": str(src),
-        "bits": bits,
-        "group_size": group_size,
-        "recipe": recipe,
-        "data": data_desc,
-        "layer_overrides": 0,
-        "bits_per_weight": bpw,
-        "disk_bytes": dir_size(out),
-        "source_disk_bytes": dir_size(src),
-        "seconds": time.perf_counter() - tic,
-        **extra,
-    }
+        stacked: dict = {}  # a Hub checkpoint's per-expert tensors summed as mlx-lm stacks them
+        for i in floats:
+            if ".experts." in i.name or ".switch_mlp." in i.name:
+                key = re.sub(r"\.experts\.\d+\.", ".experts.", i.name)
+                stacked[key] = stacked.get(key, 0) + 4 * i.numel
+        model += max(stacked.values(), default=0)
+    layer_acts = 4 * cal_tokens * (2 * hidden + inter)
+    backprop = 4 * batch_tokens * ((4 * hidden + 2 * inter) * layers + 3 * vocab)
+    copies = {
+        "awq": 4 * largest_f32,
+        "gptq": f32 + largest_f32,
+        "dwq": stored + 6 * 2 * 4 * (quantizable_f32 // 4) // 32,  # scales + biases per group of >= 32
+        "dynamic": stored + 2 * quantizable_f32,
+    }[recipe]
+    acts = {"awq": layer_acts, "gptq": layer_acts, "dwq": backprop, "dynamic": layer_acts + backprop}[recipe]
+    total = int(1.1 * (model + copies + acts))
+    return {"model": model, "copies": copies, "activations": acts, "total": total}
