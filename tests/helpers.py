@@ -31,3 +31,18 @@ def write_logs(tmp_path, specs, suite: str) -> list:
         p.write_text(json.dumps(spec))
         paths.append(p)
     return paths
+
+
+def fused_trio(d: Path, keys=("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"), rank: int = 4):
+    """A tiny float16 base, a LoRA adapter on `keys`, and the model `qtools fuse` made of them."""
+    from click.testing import CliRunner
+
+    from qtools.cli import cli
+    from qtools.demo.model import make_tiny_adapter, make_tiny_model
+
+    base = make_tiny_model(d / "base")
+    adapter = make_tiny_adapter(base, d / "adapter", keys=list(keys), rank=rank)
+    fused = d / "fused"
+    r = CliRunner().invoke(cli, ["fuse", str(base), "--adapter", str(adapter), "--output", str(fused)])
+    assert r.exit_code == 0, r.output
+    return base, adapter, fused

@@ -10,10 +10,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import fused_trio
 
 from qtools import QtoolsError
 from qtools.cli import cli
-from qtools.demo.model import make_tiny_adapter, make_tiny_model
+from qtools.demo.model import make_tiny_model
 from qtools.io.atomic import TMP_PREFIX
 from qtools.pipeline.quantize import RECIPES, make_predicate, quantize
 
@@ -43,13 +44,7 @@ def _one_error(r, start):
 @pytest.fixture(scope="module")
 def trio(tmp_path_factory):
     """A tiny float16 base, a LoRA adapter, and the model qtools fuse made of them (with provenance)."""
-    d = tmp_path_factory.mktemp("trio")
-    base = make_tiny_model(d / "base")
-    adapter = make_tiny_adapter(base, d / "adapter", keys=KEYS, rank=4)
-    fused = d / "fused"
-    r = run("fuse", base, "--adapter", adapter, "--output", fused)
-    assert r.exit_code == 0, r.output
-    return base, adapter, fused
+    return fused_trio(tmp_path_factory.mktemp("trio"), KEYS)
 
 
 @pytest.fixture(scope="module")

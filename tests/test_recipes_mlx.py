@@ -6,6 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import fused_trio
 
 from qtools.cli import cli
 from qtools.demo.model import make_tiny_adapter, make_tiny_model
@@ -21,13 +22,8 @@ def run(*args):
 
 @pytest.fixture(scope="module")
 def trio(tmp_path_factory):
-    d = tmp_path_factory.mktemp("recipes")
-    base = make_tiny_model(d / "base")
-    adapter = make_tiny_adapter(base, d / "adapter", keys=KEYS, rank=4)
-    fused = d / "fused"
-    r = run("fuse", base, "--adapter", adapter, "--output", fused)
-    assert r.exit_code == 0, r.output
-    return base, adapter, fused
+    """A tiny float16 base, a LoRA adapter, and the model qtools fuse made of them (with provenance)."""
+    return fused_trio(tmp_path_factory.mktemp("recipes"), KEYS)
 
 
 @pytest.fixture(scope="module")

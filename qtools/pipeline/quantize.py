@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QtoolsError
+from .. import SUPPORTED_BITS, QtoolsError
 from ..io.atomic import atomic_output_dir, check_output_free, check_writable
 from ..io.modeldir import (
     PROVENANCE,
@@ -391,18 +391,9 @@ def mlx_config(model: Path) -> dict:
 
 
 def _resolve_bits(recipe: str, bits: int, group_size: int | None) -> tuple[int, int]:
-    if recipe in rm.FIXED_MODES or recipe in BITS_RECIPES:
-        return rm.check_recipe_args(recipe, bits, group_size)
-    group_size = 64 if group_size is None else group_size
     if recipe.startswith("mixed_"):
         bits = int(recipe.split("_")[1])  # mixed_L_H: most layers at L bits
-    if bits not in SUPPORTED_BITS:
-        raise QtoolsError(f"bits={bits} is not supported by MLX affine quantization: use one of "
-                          + " ".join(map(str, SUPPORTED_BITS)))
-    if group_size not in SUPPORTED_GROUP_SIZES:
-        raise QtoolsError(f"group size {group_size} is not supported: use one of "
-                          + " ".join(map(str, SUPPORTED_GROUP_SIZES)))
-    return bits, group_size
+    return rm.check_recipe_args(recipe, bits, group_size)
 
 
 def _check(model, out, bits, group_size, recipe, layer_bits, force, quant_predicate, options) -> Job:
