@@ -83,13 +83,22 @@ def fuse(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
     }
-    with atomic_output_dir(out, force) as tmp:
-        write_sharded(tmp, view.files, _checked_tensors(view, base_path, dtype), view.total_parameters)
-        # mlx-lm prints progress on stdout; keep stdout for our report / --json.
-        with contextlib.redirect_stdout(sys.stderr):
-            _save_model_files(tmp, base_path, view, tokenizer)
-        (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
-    view.close()
+    made = _missing_dirs(Path(out).parent)
+    try:
+        with atomic_output_dir(out, force) as tmp:
+            write_sharded(tmp, view.files, _checked_tensors(view, base_path, dtype), view.total_parameters)
+            # mlx-lm prints progress on stdout; keep stdout for our report / --json.
+            with contextlib.redirect_stdout(sys.stderr):
+                _save_model_files(tmp, base_path, view, tokenizer)
+            (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
+    except BaseException:
+        # A broken input is found while streaming, after the output's directory was made: leave none.
+        for d in made:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+    finally:
+        view.close()
     out = Path(out)
     return {
         "out": str(out),
@@ -102,6 +111,15 @@ def fuse(
         "disk_bytes": dir_size(out),
         "seconds": time.perf_counter() - tic,
     }
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """`path` and its ancestors that do not exist yet, deepest first."""
+    out = []
+    while not path.exists() and path != path.parent:
+        out.append(path)
+        path = path.parent
+    return out
 
 
 _BROKEN_INPUT = "the input is already broken, not an overflow of the fused weights; fix the model that wrote it"
