@@ -4,7 +4,8 @@
 Writes (scripts/bigmodel.py --moe) a qwen3_moe model in Hub layout (bfloat16, shards, un-stacked
 experts) with an mlx-lm LoRA on attention, router and experts under ROOT, by default with enough
 layers to be 1.1x this machine's RAM (--layers N for a small one), then runs every command in
-COMMANDS under `/usr/bin/time -v` and prints a table: wall time, peak RSS, peak RSS against the
+COMMANDS under `/usr/bin/time -v` and prints a table: wall time, CPU time (user + system: what a
+shared machine's load does not inflate), peak RSS, peak RSS against the
 model's size, wall time against a plain read + write of the model's bytes. mlx-lm's own
 `mlx_lm.fuse` (which loads the whole model) runs only where it surely fits in memory.
 Free disk is checked before anything is written; outputs are deleted at the end (--keep keeps them).
@@ -72,8 +73,9 @@ def timed(argv: list[str], log: Path) -> dict:
     secs = 0.0
     for part in (wall.group(1).split(":") if wall else []):
         secs = secs * 60 + float(part)
+    cpu = sum(float(m) for m in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", p.stderr))
     tail = [line for line in p.stderr.splitlines() if line.strip() and not line.startswith("\t")]
-    return {"rc": p.returncode, "wall": secs, "rss": int(rss.group(1)) * 1024 if rss else None,
+    return {"rc": p.returncode, "wall": secs, "cpu": cpu, "rss": int(rss.group(1)) * 1024 if rss else None,
             "err": tail[-1] if tail else ""}
 
 
@@ -128,15 +130,16 @@ def main():
         if r is None:
             why = ("skipped: the model does not surely fit in memory" if name.startswith("mlx_lm")
                    else "not on this branch yet")
-            rows.append([name, "-", "-", "-", "-", why])
+            rows.append([name, "-", "-", "-", "-", "-", why])
         elif r["rc"]:
-            rows.append([name, f"{r['wall']:.1f}", "-", "-", "-", f"failed (exit {r['rc']}): {r['err']}"])
+            rows.append([name, f"{r['wall']:.1f}", f"{r['cpu']:.1f}", "-", "-", "-",
+                         f"failed (exit {r['rc']}): {r['err']}"])
         else:
-            rows.append([name, f"{r['wall']:.1f}", gb(r["rss"]), f"{r['rss'] / model_bytes:.2f}",
+            rows.append([name, f"{r['wall']:.1f}", f"{r['cpu']:.1f}", gb(r["rss"]), f"{r['rss'] / model_bytes:.2f}",
                          f"{r['wall'] / ref:.1f}" if ref else "-", ""])
     print(f"\nqwen3_moe (Qwen3-30B-A3B's shape), {layers} layers, {gb(model_bytes)} bfloat16 in {base}; "
           f"RAM {gb(meminfo('MemTotal'))}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end")
-    print(tabulate(rows, headers=["command", "wall s", "peak RSS", "RSS / model", "wall / read+write", "note"],
+    print(tabulate(rows, headers=["command", "wall s", "cpu s", "peak RSS", "RSS / model", "wall / read+write", "note"],
                    tablefmt="github"))
     if not args.keep:
         shutil.rmtree(work if have else args.root, ignore_errors=True)  # a model that was there stays

@@ -26,7 +26,7 @@ from .. import QtoolsError, versions
 from ..format import progress as progress_bar
 from ..io.adapters import check_adapter_dir
 from ..io.atomic import atomic_output_dir, check_output_free, check_writable
-from ..io.fused import DTYPES, FusedView, as_numpy, fuse_module_f32  # noqa: F401 (fuse_module_f32: its old home)
+from ..io.fused import DTYPES, FusedView, as_numpy, fuse_module_f32, reuse_freed_memory  # noqa: F401 (fuse_module_f32: its old home)
 from ..io.modeldir import PROVENANCE, check_model_dir, dir_size, read_config, weights_bytes
 from ..io.shards import write_sharded
 from ..io.weights import SafetensorsModel, check_finite, count_nonfinite_raw
@@ -85,7 +85,7 @@ def fuse(
     }
     made = _missing_dirs(Path(out).parent)
     try:
-        with atomic_output_dir(out, force) as tmp:
+        with atomic_output_dir(out, force) as tmp, reuse_freed_memory():
             write_sharded(tmp, view.files, _checked_tensors(view, base_path, dtype), view.total_parameters)
             # mlx-lm prints progress on stdout; keep stdout for our report / --json.
             with contextlib.redirect_stdout(sys.stderr):

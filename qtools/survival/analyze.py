@@ -21,7 +21,7 @@ import numpy as np
 from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QtoolsError
 from ..format import progress as progress_bar
 from ..io.adapters import Adapter, LowRankDelta
-from ..io.fused import FusedView
+from ..io.fused import FusedView, reuse_freed_memory
 from .rule import Rule
 from ..io.modeldir import PROVENANCE
 from ..io.weights import FLOAT_DTYPES, SafetensorsModel
@@ -570,8 +570,9 @@ def _delta_survival_unfused(base, adapter, bits, group_size, threads, progress):
     dora = ad.is_dora
     ad.close()
     try:
-        return analyze(view, bits, group_size, adapter=adapter, base=base if dora else None, with_delta=True,
-                       threads=threads, progress=progress)
+        with reuse_freed_memory():
+            return analyze(view, bits, group_size, adapter=adapter, base=base if dora else None, with_delta=True,
+                           threads=threads, progress=progress)
     finally:
         view.close()
 
