@@ -16,21 +16,18 @@ dequantize_model and set_dtype), evaluated for that tensor alone.
     view.array(name)          # the exact value, an evaluated mx.array, held until release(name)
     view.raw(name)            # the same as numpy (16-bit floats as uint16), like SafetensorsModel.raw
     view.release(name)        # drop it; a tensor is computed once (a second array() is an error)
-    for name, arr in view.items():   # every tensor in names() order, computed ahead on a second stream
-        ...                          # each one dropped by the view once the loop moves on
+    for name, arr in view.items():   # every tensor in names() order, one at a time; the view keeps
+        ...                          # no reference, so each is freed when the caller drops it
     view.config               # the config.json `qtools fuse` writes (quantization removed, torch_dtype)
     view.fused_modules        # the adapter's modules, fused in float32
     view.base_quantization    # the base's quantization config (None for a float base)
     view.close()
 
-Peak memory is the tensors being computed (two at a time in items()), not the model.
+Peak memory is the one tensor being computed (its float32 temporaries), not the model.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-from collections import deque
 from pathlib import Path
 
 from .. import QtoolsError
@@ -117,7 +114,7 @@ def _one_line(exc: Exception) -> str:
 
 def _lazy_fused_model(base: Path, adapter: Path, dtype: str):
     """mlx-lm's model with the adapter fused, every parameter a lazy graph over the memory-mapped
-    base and adapter: (model, config, fused module names). Ops are bound to the current stream."""
+    base and adapter: (model, config, fused module names)."""
     import mlx.core as mx
     from mlx.utils import tree_unflatten
     from mlx_lm.tuner.utils import load_adapters
@@ -155,46 +152,6 @@ def as_numpy(arr):
     return out if out.flags.c_contiguous else np.ascontiguousarray(out)
 
 
-@contextlib.contextmanager
-def reuse_freed_memory():
-    """While computing fused tensors, keep memory glibc would hand back to the kernel.
-
-    MLX's CPU backend allocates each temporary (tens to hundreds of MB per tensor) with malloc,
-    which maps every large block fresh and unmaps it on free, so every tensor page-faults its
-    memory in again: about half the fuse's time on Linux. With mmap off and a high trim
-    threshold, freed blocks are reused; the settings are put back and the memory trimmed after.
-    Elsewhere (macOS, musl) this does nothing.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt, trim = libc.mallopt, libc.malloc_trim
-    except (OSError, AttributeError):
-        yield
-        return
-    m_trim_threshold, m_mmap_max = -1, -4
-    mallopt(m_mmap_max, 0)
-    mallopt(m_trim_threshold, (1 << 31) - 1)
-    try:
-        yield
-    finally:
-        mallopt(m_mmap_max, 65536)  # glibc's defaults
-        mallopt(m_trim_threshold, 128 * 1024)
-        trim(0)
-
-
-_STREAMS: dict = {}
-
-
-def _stream(i: int):
-    """The i-th stream of the default device, made once per process (each one is a thread)."""
-    import mlx.core as mx
-
-    key = (str(mx.default_device()), i)
-    if key not in _STREAMS:
-        _STREAMS[key] = mx.new_stream(mx.default_device())
-    return _STREAMS[key]
-
-
 class FusedView:
     """The fused model, tensor by tensor (see the module docstring for the API).
 
@@ -202,12 +159,9 @@ class FusedView:
     code written for a fused model directory runs on base + adapter unchanged.
     """
 
-    def __init__(self, base: str | Path, adapter: str | Path, dtype: str = "float16", streams: int = 2,
+    def __init__(self, base: str | Path, adapter: str | Path, dtype: str = "float16",
                  shard_bytes: int | None = None):
-        """streams: lazy copies of the model, each bound to its own MLX stream, so items() computes
-        the next tensor while the caller writes this one (on the CPU, on another core).
-        shard_bytes: the shard size `files` plans for (mlx-lm's 5 GB by default)."""
-        import mlx.core as mx
+        """shard_bytes: the shard size `files` plans for (mlx-lm's 5 GB by default)."""
         from mlx.utils import tree_flatten
         from mlx_lm.utils import get_total_parameters
 
@@ -220,13 +174,8 @@ class FusedView:
         self.label = f"{self.base} + adapter {self.adapter}"
         with SafetensorsModel(self.base):
             pass  # every shard's header is checked here, before any value is read lazily
-        self._copies, self._streams = [], []
-        for i in range(max(1, int(streams))):
-            stream = _stream(i)
-            with mx.stream(stream):
-                model, config, fused = _lazy_fused_model(self.base, self.adapter, dtype)
-                self._copies.append(dict(tree_flatten(model.parameters())))
-            self._streams.append(stream)
+        model, config, fused = _lazy_fused_model(self.base, self.adapter, dtype)
+        self._lazy = dict(tree_flatten(model.parameters()))
         self.fused_modules = fused
         self.total_parameters = get_total_parameters(model)
         # mlx-lm's save keeps vision_config only for a model that keeps its vision tower
@@ -237,7 +186,7 @@ class FusedView:
         config["torch_dtype"] = dtype
         self.config = config
         infos = []
-        for name, arr in self._copies[0].items():  # mlx-lm's save order
+        for name, arr in self._lazy.items():  # mlx-lm's save order
             code = _CODES.get(str(arr.dtype).rsplit(".", 1)[-1])
             if code is None:
                 raise QtoolsError(f"tensor {name!r} of the fused model has dtype {arr.dtype}, which safetensors cannot hold")
@@ -246,7 +195,6 @@ class FusedView:
         self.files = plan_files(infos, shard_bytes)
         self.tensors: dict[str, TensorInfo] = {i.name: i for _, group in self.files for i in group}
         self._done: dict = {}
-        self._gone: set = set()
 
     # -- SafetensorsModel's reading interface
     @property
@@ -265,14 +213,12 @@ class FusedView:
         except KeyError:
             raise QtoolsError(f"{self.label}: the fused model has no tensor named {name!r}") from None
 
-    def _take(self, name: str, copy: int = 0):
-        """The lazy value of `name` from one copy, dropped from every copy."""
+    def _take(self, name: str):
+        """The lazy value of `name`, dropped from the view (the view keeps no reference to it)."""
         self.info(name)
-        if name in self._gone:
+        if name not in self._lazy:
             raise QtoolsError(f"{self.label}: tensor {name!r} was already read and released (a FusedView is read once)")
-        self._gone.add(name)
-        lazy = [c.pop(name) for c in self._copies]
-        return lazy[copy]
+        return self._lazy.pop(name)
 
     def array(self, name: str):
         """The fused tensor as an evaluated mx.array, held until release(name)."""
@@ -292,26 +238,16 @@ class FusedView:
         self._done.pop(name, None)
 
     def items(self):
-        """(name, evaluated mx.array) for every tensor in names() order; while the caller works on one,
-        the next is computed on another stream. Each is released once the caller asks for the next."""
+        """(name, evaluated mx.array) for every tensor not yet read, in names() order, one at a time:
+        the view holds none of them, so each is freed once the caller lets it go."""
         import mlx.core as mx
 
-        n = len(self._streams)
-        pending = deque()
-        for i, name in enumerate(self.names()):
-            if name in self._gone:
-                continue
-            arr = self._take(name, i % n)
-            mx.async_eval(arr)
-            pending.append((name, arr))
-            if len(pending) >= n:
-                done = pending.popleft()
-                mx.eval(done[1])
-                yield done
-        while pending:
-            done = pending.popleft()
-            mx.eval(done[1])
-            yield done
+        for name in self.names():
+            if name in self._lazy:
+                arr = self._take(name)
+                mx.eval(arr)
+                yield name, arr
+                del arr
 
     def provenance(self) -> dict:
         """The fields of qtools_provenance.json that describe the fuse (fuse adds created/versions)."""
@@ -333,7 +269,7 @@ class FusedView:
         }
 
     def close(self) -> None:
-        self._copies = [{} for _ in self._copies]
+        self._lazy.clear()
         self._done.clear()
 
     def __enter__(self):

@@ -104,6 +104,7 @@ def write_sharded(out_dir: str | Path, files: list[tuple[str, list]], tensors: I
                 if name is None:
                     raise QtoolsError(f"{out_dir / fname}: tensor {info.name!r} was never written")
                 writer.write(name, data)
+                del data  # before the next tensor is computed
         finally:
             writer.close()
         index["weight_map"].update({i.name: fname for i in group})

@@ -26,7 +26,7 @@ from .. import QtoolsError, versions
 from ..format import progress as progress_bar
 from ..io.adapters import check_adapter_dir
 from ..io.atomic import atomic_output_dir, check_output_free, check_writable
-from ..io.fused import DTYPES, FusedView, as_numpy, fuse_module_f32, reuse_freed_memory  # noqa: F401 (fuse_module_f32: its old home)
+from ..io.fused import DTYPES, FusedView, as_numpy, fuse_module_f32  # noqa: F401 (fuse_module_f32: its old home)
 from ..io.modeldir import PROVENANCE, check_model_dir, dir_size, read_config, weights_bytes
 from ..io.shards import write_sharded
 from ..io.weights import SafetensorsModel, check_finite, count_nonfinite_raw
@@ -85,7 +85,7 @@ def fuse(
     }
     made = _missing_dirs(Path(out).parent)
     try:
-        with atomic_output_dir(out, force) as tmp, reuse_freed_memory():
+        with atomic_output_dir(out, force) as tmp:
             write_sharded(tmp, view.files, _checked_tensors(view, base_path, dtype), view.total_parameters)
             # mlx-lm prints progress on stdout; keep stdout for our report / --json.
             with contextlib.redirect_stdout(sys.stderr):
@@ -127,15 +127,18 @@ _BROKEN_INPUT = "the input is already broken, not an overflow of the fused weigh
 
 def _checked_tensors(view: FusedView, base_path: Path, dtype: str):
     """(name, bytes) of every fused tensor in save order, each checked to be finite."""
-    names = view.names()
-    bar = progress_bar(view.items(), "fuse", enabled=len(names) >= 8, total=len(names), unit="tensor")
-    for name, arr in bar:
+    n = len(view.names())
+    # the bar counts, it does not wrap items(): a wrapper would hold the last tensor while the next is computed
+    ticks = iter(progress_bar(range(n), "fuse", enabled=n >= 8, unit="tensor"))
+    for name, arr in view.items():
         raw = as_numpy(arr)
         if count_nonfinite_raw(raw, view.info(name).dtype):
             with SafetensorsModel(base_path) as st:  # the whole base, once, on this error path only
                 check_finite(st, f"base model {base_path}", _BROKEN_INPUT)
             raise QtoolsError(f"fused weights overflow {dtype} in {name}; use --dtype float32 or bfloat16")
         yield name, raw
+        del arr, raw  # one tensor in memory: this one is written before the next is computed
+        next(ticks, None)
 
 
 def _load_tokenizer(base_path: Path, config: dict):

@@ -21,7 +21,7 @@ import numpy as np
 from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QtoolsError
 from ..format import progress as progress_bar
 from ..io.adapters import Adapter, LowRankDelta
-from ..io.fused import FusedView, reuse_freed_memory
+from ..io.fused import FusedView
 from .rule import Rule
 from ..io.modeldir import PROVENANCE
 from ..io.weights import FLOAT_DTYPES, SafetensorsModel
@@ -563,16 +563,15 @@ def delta_survival(model=None, bits=SUPPORTED_BITS, group_size=64, adapter=None,
 def _delta_survival_unfused(base, adapter, bits, group_size, threads, progress):
     if base is None or adapter is None:
         raise QtoolsError("without a fused model, give both --base and --adapter (the model is fused on the fly)")
-    view = FusedView(base, adapter, dtype="float16", streams=1)
+    view = FusedView(base, adapter, dtype="float16")
     # The delta the fused model's provenance would give: the adapter's own, exact; a DoRA delta
     # rescales whole rows and needs the base (fused - base).
     ad = Adapter(adapter)
     dora = ad.is_dora
     ad.close()
     try:
-        with reuse_freed_memory():
-            return analyze(view, bits, group_size, adapter=adapter, base=base if dora else None, with_delta=True,
-                           threads=threads, progress=progress)
+        return analyze(view, bits, group_size, adapter=adapter, base=base if dora else None, with_delta=True,
+                       threads=threads, progress=progress)
     finally:
         view.close()
 
