@@ -5,7 +5,8 @@ writes it with `mx.save_safetensors`. Here the shards, file names and
 model.safetensors.index.json are the same as mlx-lm makes them (its
 `make_shards` plan over the tensors in save order), but each file's header is
 written first, from the names, dtypes and shapes alone, and each tensor's bytes
-are appended as soon as it is computed: memory is one tensor, not a shard.
+are appended as soon as it is computed (in a background thread, while the next
+one is computed): memory is about two tensors, not a shard.
 The header is MLX's (keys sorted, metadata {"format": "mlx"}), padded to 8 bytes;
 the data follow in the header's order.
 """
@@ -89,25 +90,40 @@ def plan_files(infos: list, max_bytes: int | None = None) -> list[tuple[str, lis
 def write_sharded(out_dir: str | Path, files: list[tuple[str, list]], tensors: Iterable,
                   total_parameters: int) -> dict:
     """Write `tensors` [(name, C-contiguous buffer)] into `files` (plan_files), in that order, and
-    mlx-lm's model.safetensors.index.json; each file is written as its tensors arrive. Returns the index."""
+    mlx-lm's model.safetensors.index.json; each file is written as its tensors arrive. Returns the index.
+
+    A tensor is written by a background thread while the iterator computes the next one: the time
+    is about the larger of computing and writing, for one more output tensor in memory."""
+    from concurrent.futures import ThreadPoolExecutor, wait
+
     out_dir = Path(out_dir)
     infos = [i for _, f in files for i in f]
     index = {"metadata": {"total_size": sum(i.nbytes for i in infos), "total_parameters": total_parameters},
              "weight_map": {}}
     it = iter(tensors)
-    for fname, group in files:
-        writer = SafetensorsWriter(out_dir / fname, [(i.name, i.dtype, i.shape, i.nbytes) for i in group],
-                                   metadata={"format": "mlx"})
-        try:
-            for info in group:
-                name, data = next(it, (None, None))
-                if name is None:
-                    raise QtoolsError(f"{out_dir / fname}: tensor {info.name!r} was never written")
-                writer.write(name, data)
-                del data  # before the next tensor is computed
-        finally:
-            writer.close()
-        index["weight_map"].update({i.name: fname for i in group})
+    with ThreadPoolExecutor(1, thread_name_prefix="qtools-write") as pool:
+        for fname, group in files:
+            writer = SafetensorsWriter(out_dir / fname, [(i.name, i.dtype, i.shape, i.nbytes) for i in group],
+                                       metadata={"format": "mlx"})
+            pending = None
+            try:
+                for info in group:
+                    name, data = next(it, (None, None))  # computed while `pending` is written
+                    if pending is not None:
+                        pending.result()  # a failed write raises here
+                        pending = None
+                    if name is None:
+                        raise QtoolsError(f"{out_dir / fname}: tensor {info.name!r} was never written")
+                    pending = pool.submit(writer.write, name, data)
+                    del data  # the write holds it until it is done
+                if pending is not None:
+                    pending.result()
+                    pending = None
+            finally:
+                if pending is not None:  # failing: let the write end before the file is closed and removed
+                    wait([pending])
+                writer.close()
+            index["weight_map"].update({i.name: fname for i in group})
     index["weight_map"] = {k: index["weight_map"][k] for k in sorted(index["weight_map"])}
     with open(out_dir / "model.safetensors.index.json", "w") as f:
         json.dump(index, f, indent=4)
