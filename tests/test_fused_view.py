@@ -161,7 +161,8 @@ def test_fused_view_refuses_a_mismatched_adapter(adapter, tmp_path):
 # ------------------------------------------------------------------ delta-survival from base + adapter
 
 def report(*args):
-    r = run("delta-survival", *args, "--bits", 4, 5, 6, "--json")
+    # one thread: the kernel's threaded subspace sums vary in their last bits from run to run
+    r = run("delta-survival", *args, "--bits", 4, 5, 6, "--json", "--threads", 1)
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     rep.pop("elapsed_s")
