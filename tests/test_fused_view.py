@@ -125,6 +125,33 @@ def test_fuse_never_holds_the_whole_model(tmp_path):
     assert mx.get_peak_memory() < 0.25 * size
 
 
+@pytest.mark.parametrize("exc, message", [
+    (KeyboardInterrupt(), "Error: interrupted"),
+    (RuntimeError("[load] Failed to read 4096 bytes"), "cannot read or fuse tensor"),
+])
+def test_fuse_interrupted_or_failing_mid_stream_leaves_nothing(base, adapter, tmp_path, monkeypatch, exc, message):
+    """Ctrl-C (or a base file going bad) after some tensors were written: no output, no temporary
+    directory, not even the parent directory the fuse made."""
+    import mlx.core as mx
+
+    evaluated = []
+    real_eval = mx.eval
+
+    def eval_then_fail(*args):
+        if args[0].dtype != mx.uint16:  # a fused tensor, not as_numpy's zero-copy view of one
+            evaluated.append(1)
+            if len(evaluated) > 3:
+                raise exc
+        return real_eval(*args)
+
+    monkeypatch.setattr(mx, "eval", eval_then_fail)
+    out = tmp_path / "models" / "fused"
+    r = run("fuse", base, "--adapter", adapter, "--output", out)
+    assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1
+    assert not out.exists() and not out.parent.exists()
+
+
 def test_fused_view_api(base, adapter, tmp_path):
     from qtools.io.fused import FusedView
 

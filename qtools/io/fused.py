@@ -226,9 +226,17 @@ class FusedView:
 
         if name not in self._done:
             arr = self._take(name)
-            mx.eval(arr)
+            self._eval(name, arr)
             self._done[name] = arr
         return self._done[name]
+
+    def _eval(self, name: str, arr) -> None:
+        import mlx.core as mx
+
+        try:
+            mx.eval(arr)
+        except Exception as exc:  # a base file changed or unreadable since its header was checked
+            raise QtoolsError(f"{self.label}: cannot read or fuse tensor {name!r}: {exc}") from None
 
     def raw(self, name: str):
         """The fused tensor as numpy, zero-copy: float16/bfloat16 as uint16, as SafetensorsModel.raw."""
@@ -240,12 +248,10 @@ class FusedView:
     def items(self):
         """(name, evaluated mx.array) for every tensor not yet read, in names() order, one at a time:
         the view holds none of them, so each is freed once the caller lets it go."""
-        import mlx.core as mx
-
         for name in self.names():
             if name in self._lazy:
                 arr = self._take(name)
-                mx.eval(arr)
+                self._eval(name, arr)
                 yield name, arr
                 del arr
 
