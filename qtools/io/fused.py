@@ -113,8 +113,8 @@ def _one_line(exc: Exception) -> str:
 
 
 def _lazy_fused_model(base: Path, adapter: Path, dtype: str):
-    """mlx-lm's model with the adapter fused, every parameter a lazy graph over the memory-mapped
-    base and adapter: (model, config, fused module names)."""
+    """mlx-lm's model with the adapter fused, every parameter a lazy graph over the base and adapter
+    files (nothing read yet): (model, config, fused module names)."""
     import mlx.core as mx
     from mlx.utils import tree_unflatten
     from mlx_lm.tuner.utils import load_adapters
@@ -222,8 +222,6 @@ class FusedView:
 
     def array(self, name: str):
         """The fused tensor as an evaluated mx.array, held until release(name)."""
-        import mlx.core as mx
-
         if name not in self._done:
             arr = self._take(name)
             self._eval(name, arr)

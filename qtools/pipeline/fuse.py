@@ -126,7 +126,7 @@ _BROKEN_INPUT = "the input is already broken, not an overflow of the fused weigh
 
 
 def _checked_tensors(view: FusedView, base_path: Path, dtype: str):
-    """(name, bytes) of every fused tensor in save order, each checked to be finite."""
+    """(name, bytes) of every fused tensor in the view's order, each checked to be finite."""
     n = len(view.names())
     # the bar counts, it does not wrap items(): a wrapper would hold the last tensor while the next is computed
     ticks = iter(progress_bar(range(n), "fuse", enabled=n >= 8, unit="tensor"))
@@ -137,7 +137,7 @@ def _checked_tensors(view: FusedView, base_path: Path, dtype: str):
                 check_finite(st, f"base model {base_path}", _BROKEN_INPUT)
             raise QtoolsError(f"fused weights overflow {dtype} in {name}; use --dtype float32 or bfloat16")
         yield name, raw
-        del arr, raw  # one tensor in memory: this one is written before the next is computed
+        del arr, raw  # the writer holds the bytes; nothing here keeps them while the next is computed
         next(ticks, None)
 
 
