@@ -105,7 +105,10 @@ def main():
     need = (0 if have else model_bytes + layers * ad_layer) + model_bytes * (2 if fits_mlx_lm else 1) + (1 << 30)
     bigmodel.check_free(args.root, need)
     if have:
-        print(f"using the model in {base}")
+        import json
+
+        layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
+        print(f"using the model in {base} ({layers} layers)")
     else:
         subprocess.run([PY, str(REPO / "scripts" / "bigmodel.py"), str(args.root), "--moe", "--layers", str(layers)],
                        check=True)
