@@ -28,7 +28,7 @@ $(if $(filter $(GROUP),$(VALID_GROUPS)),,$(error GROUP=$(GROUP) is not supported
 
 export FORCE GROUP LOGS
 
-.PHONY: help install test demo fuse quantize validate sweep survival compare bench calibrate clean
+.PHONY: help install test demo fuse quantize validate sweep survival compare bench bench-scale calibrate clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -45,6 +45,10 @@ test: $(STAMP) ## Lint (ruff: pyflakes, import order) and run the test suite
 
 bench: $(STAMP) ## Benchmark the kernel against numpy and MLX-CPU on a 1 GB synthetic model
 	$(PY) scripts/bench.py
+
+LAYERS ?=
+bench-scale: $(STAMP) ## Time + peak memory of fuse, delta-survival, ... on a Qwen3-30B-A3B-shaped model of 1.1x RAM (~60 GB disk; LAYERS=2: a small one)
+	$(PY) scripts/bench_scale.py $(if $(LAYERS),--layers $(LAYERS))
 
 demo: $(STAMP) ## The built-in demo: tiny model + LoRA, fuse, predict, sweep 8..2 bits, validate, compare
 	scripts/demo.sh

@@ -325,7 +325,7 @@ def test_streamed_shards_are_mlx_lm_s(moe, tmp_path, monkeypatch):
     """A model over the shard limit: the same shards, file names and weight map as mlx-lm's save."""
     import mlx_lm.utils
 
-    import qtools.io.mlxsave
+    import qtools.io.shards
 
     limit = 20_000
 
@@ -340,7 +340,7 @@ def test_streamed_shards_are_mlx_lm_s(moe, tmp_path, monkeypatch):
         return shards
 
     monkeypatch.setattr(mlx_lm.utils, "make_shards", make_shards)
-    monkeypatch.setattr(qtools.io.mlxsave, "max_shard_bytes", lambda: limit)
+    monkeypatch.setattr(qtools.io.shards, "max_shard_bytes", lambda: limit)
     _, _, fused = moe
     ref = tmp_path / "ref"
     reference(fused, ref, 4)

@@ -111,6 +111,7 @@ def no_load(monkeypatch):
         raise AssertionError("the model was loaded before the output was checked")
 
     monkeypatch.setattr(mlx_lm.utils, "load", refuse)
+    monkeypatch.setattr(mlx_lm.utils, "load_model", refuse)
     monkeypatch.setattr(V, "load_model", refuse)
 
 
@@ -214,11 +215,20 @@ def test_fuse_into_a_readonly_dir_is_refused_before_loading(base, adapter, reado
 
 
 def test_fuse_disk_full_is_one_line_and_leaves_nothing(base, adapter, tmp_path, monkeypatch):
-    import mlx_lm.utils
+    """The disk fills up after the streamed fuse has written part of a shard."""
+    from qtools.io.shards import SafetensorsWriter
 
     out = tmp_path / "models" / "fused"
-    monkeypatch.setattr(mlx_lm.utils, "save", _failing_save(
-        RuntimeError("[write] Unable to write 65536 bytes to file."), 0, monkeypatch))
+    write = SafetensorsWriter.write
+    calls = []
+
+    def full(self, name, data):
+        calls.append(name)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(self, name, data)
+
+    monkeypatch.setattr(SafetensorsWriter, "write", full)
     r = run("fuse", base, "--adapter", adapter, "--output", out)
     assert (r.exit_code, r.output.strip()) == (
         1, f"Error: no space left on device while writing {out}; the partial output was removed")

@@ -56,9 +56,10 @@ def _print_skipped(report):
 
 
 @click.command("delta-survival")
-@click.argument("model", type=click.Path())
+@click.argument("model", type=click.Path(), required=False)
 @click.option("--adapter", type=click.Path(), default=None, help="mlx-lm adapter directory the model was fused from.")
-@click.option("--base", type=click.Path(), default=None, help="Base model directory (delta = fused - base).")
+@click.option("--base", type=click.Path(), default=None,
+              help="Base model directory (delta = fused - base; without MODEL, the base the adapter is fused into on the fly).")
 @_bits_option
 @_group_option
 @_json_option
@@ -69,8 +70,13 @@ def delta_survival_cmd(model, adapter, base, bits, group_size, as_json, output, 
     """Predict, from the weights alone, which bit-widths keep the LoRA delta of MODEL.
 
     MODEL is the fused float model directory. The delta comes from --adapter,
-    --base, or the provenance `qtools fuse` recorded in MODEL.
+    --base, or the provenance `qtools fuse` recorded in MODEL. Without MODEL,
+    --base and --adapter are fused on the fly, tensor by tensor, with the values
+    `qtools fuse` would write: the same report, no fused model on disk.
     """
+    if model is None and (base is None or adapter is None):
+        raise click.UsageError("give MODEL (a fused model directory), or both --base and --adapter "
+                               "(fused on the fly, nothing written)")
     if output:
         check_writable(output, file=True)  # before the analysis, not after it
     report = delta_survival(model, bits, group_size, adapter=adapter, base=base, threads=threads,

@@ -1,25 +1,24 @@
 """mlx-lm's model directory, written one tensor at a time.
 
 mlx_lm.utils.save holds every tensor of a 5 GB shard in memory before it writes
-it. Here the shard layout, file names, index and config are mlx-lm's
-(`make_shards`, `save_model`, `save_config`), but each safetensors header is
-written first, from the tensors' shapes and dtypes, and each tensor's bytes are
-asked for (`produce(name)`) and written as they come: peak memory is one tensor.
-The tensors' data follow the header's (sorted) order, which any safetensors
-reader accepts; MLX itself writes them in hash order.
+it. Here the weights go through qtools.io.shards (mlx-lm's shard plan, file
+names and index; each header written first, each tensor's bytes as they come),
+and the config, tokenizer and model card are mlx-lm's own (`save_config`,
+`create_model_card`); this module adds what quantize needs on top: tensors
+planned before they are computed (Spec), asked for by name, and the parameter
+count and bits per weight mlx-lm would report.
 """
 
 from __future__ import annotations
 
 import glob
-import json
 import shutil
-import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 from .. import QtoolsError
+from .shards import plan_files, write_sharded
 
 
 def _codes() -> dict:
@@ -49,26 +48,6 @@ class Spec:
         return self.numel * self.dtype.size
 
 
-def max_shard_bytes() -> int:
-    """mlx-lm's shard limit (mlx_lm.utils.MAX_FILE_SIZE_GB, 5 GiB)."""
-    from mlx_lm.utils import MAX_FILE_SIZE_GB
-
-    return int(MAX_FILE_SIZE_GB) << 30
-
-
-def shard_plan(specs: list[Spec], limit: int) -> list[list[Spec]]:
-    """mlx_lm.utils.make_shards: in parameter order, a new shard when the next tensor would pass the limit."""
-    shards: list[list[Spec]] = []
-    size = 0
-    for s in specs:
-        if not shards or size + s.nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(s)
-        size += s.nbytes
-    return shards
-
-
 def _raw(arr):
     """The C-order bytes of an evaluated mx.array (bfloat16 through a uint16 view: numpy has no bfloat16)."""
     import mlx.core as mx
@@ -79,48 +58,37 @@ def _raw(arr):
     return np.ascontiguousarray(np.asarray(arr)).data
 
 
-def write_safetensors(path: Path, specs: list[Spec], produce: Callable, metadata: dict | None = None) -> None:
-    """A safetensors file of `specs`, each tensor's value asked of `produce(name)` when its turn comes."""
-    codes = _codes()
-    order = sorted(specs, key=lambda s: s.name)
-    header: dict = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for s in order:
-        if s.dtype not in codes:
-            raise QtoolsError(f"tensor {s.name!r}: dtype {s.dtype} cannot be stored in safetensors")
-        header[s.name] = {"dtype": codes[s.dtype], "shape": [int(d) for d in s.shape],
-                          "data_offsets": [offset, offset + s.nbytes]}
-        offset += s.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the format's alignment of the data that follows
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for s in order:
-            value = produce(s.name)
-            if tuple(value.shape) != tuple(s.shape) or value.dtype != s.dtype:
-                raise QtoolsError(f"tensor {s.name!r} came out {value.dtype} {tuple(value.shape)}, "
-                                  f"planned {s.dtype} {tuple(s.shape)}")
-            f.write(_raw(value))
-            del value
+class _Planned(NamedTuple):
+    name: str
+    dtype: str  # safetensors code
+    shape: tuple
+    nbytes: int
 
 
 def write_weights(dst: Path, specs: list[Spec], produce: Callable, total_parameters: int,
                   limit: int | None = None) -> dict:
-    """mlx_lm.utils.save_model's files, streamed: model.safetensors or model-0000k-of-0000n.safetensors
-    (metadata {"format": "mlx"}) and model.safetensors.index.json. Returns the weight map."""
-    shards = shard_plan(specs, max_shard_bytes() if limit is None else limit)
-    fmt = "model-{:05d}-of-{:05d}.safetensors" if len(shards) > 1 else "model.safetensors"
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = fmt.format(i + 1, len(shards))
-        write_safetensors(dst / name, shard, produce, {"format": "mlx"})
-        weight_map.update({s.name: name for s in shard})
-    index = {"metadata": {"total_size": sum(s.nbytes for s in specs), "total_parameters": total_parameters},
-             "weight_map": {k: weight_map[k] for k in sorted(weight_map)}}
-    with open(dst / "model.safetensors.index.json", "w") as f:
-        json.dump(index, f, indent=4)
-    return weight_map
+    """mlx_lm.utils.save_model's files, streamed through shards.write_sharded: model.safetensors or
+    model-0000k-of-0000n.safetensors (metadata {"format": "mlx"}) and model.safetensors.index.json,
+    each tensor's value asked of `produce(name)` when its turn comes. Returns the weight map."""
+    codes = _codes()
+    for s in specs:
+        if s.dtype not in codes:
+            raise QtoolsError(f"tensor {s.name!r}: dtype {s.dtype} cannot be stored in safetensors")
+    by_name = {s.name: s for s in specs}
+    files = plan_files([_Planned(s.name, codes[s.dtype], tuple(int(d) for d in s.shape), s.nbytes) for s in specs],
+                       limit)
+
+    def tensors():
+        for _, group in files:
+            for info in group:
+                s, value = by_name[info.name], produce(info.name)
+                if tuple(value.shape) != tuple(s.shape) or value.dtype != s.dtype:
+                    raise QtoolsError(f"tensor {s.name!r} came out {value.dtype} {tuple(value.shape)}, "
+                                      f"planned {s.dtype} {tuple(s.shape)}")
+                yield info.name, _raw(value)
+                del value
+
+    return write_sharded(dst, files, tensors(), total_parameters)["weight_map"]
 
 
 def write_model_files(dst: Path, src: Path, config: dict, tokenizer, keep_vision_config: bool = False) -> None:

@@ -297,25 +297,29 @@ class SafetensorsModel:
 
 def count_nonfinite(st: "SafetensorsModel", name: str, chunk: int = 1 << 24) -> int:
     """NaN/Inf values of one stored tensor, read from the memory map in chunks (no float copy)."""
-    info = st.info(name)
-    if info.dtype not in _EXPONENT:
+    try:
+        return count_nonfinite_raw(st.raw(name), st.info(name).dtype, chunk)
+    finally:
+        st.release(name)
+
+
+def count_nonfinite_raw(raw: np.ndarray, dtype: str, chunk: int = 1 << 24) -> int:
+    """NaN/Inf values in a tensor's stored bits (`raw` as SafetensorsModel.raw gives it, `dtype`
+    its safetensors code), counted in chunks from the exponent bits: no float copy."""
+    if dtype not in _EXPONENT:
         return 0
-    utype, mask = _EXPONENT[info.dtype]
-    flat = st.raw(name).reshape(-1).view(utype)
+    utype, mask = _EXPONENT[dtype]
+    flat = raw.reshape(-1).view(utype)
     mask = utype(mask)
     buf = np.empty(min(chunk, flat.size), utype)
     hit = np.empty(buf.size, np.bool_)
     n = 0
-    try:
-        for i in range(0, flat.size, chunk):
-            part = flat[i:i + chunk]
-            b, h = buf[:part.size], hit[:part.size]
-            np.bitwise_and(part, mask, out=b)
-            np.equal(b, mask, out=h)
-            n += int(np.count_nonzero(h))
-    finally:
-        del flat
-        st.release(name)
+    for i in range(0, flat.size, chunk):
+        part = flat[i:i + chunk]
+        b, h = buf[:part.size], hit[:part.size]
+        np.bitwise_and(part, mask, out=b)
+        np.equal(b, mask, out=h)
+        n += int(np.count_nonzero(h))
     return n
 
 

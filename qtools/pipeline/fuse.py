@@ -5,85 +5,31 @@ float32: added in the base's dtype (bfloat16 keeps 8 mantissa bits), most of a
 small fine-tune delta is rounded away before quantization ever sees it. A
 quantized base is dequantized, never re-quantized at its own bits. The output
 carries `qtools_provenance.json` so delta-survival can find base and adapter.
+
+Streamed: each fused tensor is computed (qtools.io.fused.FusedView, the one home of
+the fused values) and appended to its shard as soon as it is ready, so memory is
+the tensors in flight, not the model; the files are the ones mlx-lm's save wrote.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import glob
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from .. import QtoolsError, versions
+from ..format import progress as progress_bar
 from ..io.adapters import check_adapter_dir
 from ..io.atomic import atomic_output_dir, check_output_free, check_writable
+from ..io.fused import DTYPES, FusedView, as_numpy, fuse_module_f32  # noqa: F401 (fuse_module_f32: its old home)
 from ..io.modeldir import PROVENANCE, check_model_dir, dir_size, read_config, weights_bytes
-from ..io.weights import SafetensorsModel, check_finite
-
-DTYPES = ("float16", "bfloat16", "float32")
-
-
-def _weight_f32(layer):
-    """The layer's weight in float32, dequantized at its native dtype first."""
-    import mlx.core as mx
-
-    w = layer.weight
-    if "scales" in layer:
-        w = mx.dequantize(
-            w, layer.scales, layer.get("biases"), group_size=layer.group_size,
-            bits=layer.bits, mode=getattr(layer, "mode", "affine"),
-        )
-    return w.astype(mx.float32)
-
-
-def fuse_module_f32(module, dtype):
-    """Fused replacement for one mlx-lm LoRA/DoRA module, computed in float32.
-
-    Mirrors LoRALinear/DoRALinear/LoRASwitchLinear/LoRAEmbedding/DoRAEmbedding.fuse
-    with dequantize=True; unknown adapter kinds fall back to their own fuse().
-    """
-    import mlx.core as mx
-    import mlx.nn as nn
-    from mlx_lm.models.switch_layers import SwitchLinear
-    from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
-    from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
-
-    f32 = mx.float32
-    scale = float(module.scale)
-    a, b = module.lora_a.astype(f32), module.lora_b.astype(f32)
-    if isinstance(module, (LoRALinear, DoRALinear)):
-        base = module.linear
-        w = _weight_f32(base) + (scale * b.T) @ a.T
-        if isinstance(module, DoRALinear):
-            w = (module.m.astype(f32) / mx.linalg.norm(w, axis=1))[:, None] * w
-        out_dims, in_dims = w.shape
-        has_bias = "bias" in base
-        fused = nn.Linear(in_dims, out_dims, bias=has_bias)
-        fused.weight = w.astype(dtype)
-        if has_bias:
-            fused.bias = base.bias.astype(dtype)
-        return fused
-    if isinstance(module, LoRASwitchLinear):
-        base = module.linear
-        w = _weight_f32(base)
-        num_experts, out_dims, in_dims = w.shape
-        w = w + (scale * b) @ a.reshape(num_experts, -1, in_dims)
-        has_bias = "bias" in base
-        fused = SwitchLinear(in_dims, out_dims, num_experts, bias=has_bias)
-        fused.weight = w.astype(dtype)
-        if has_bias:
-            fused.bias = base.bias.astype(dtype)
-        return fused
-    if isinstance(module, (LoRAEmbedding, DoRAEmbedding)):
-        w = _weight_f32(module.embedding) + (scale * a) @ b
-        if isinstance(module, DoRAEmbedding):
-            w = (module.m.astype(f32) / mx.linalg.norm(w, axis=1))[:, None] * w
-        fused = nn.Embedding(*w.shape)
-        fused.weight = w.astype(dtype)
-        return fused
-    return module.fuse(dequantize=True)
+from ..io.shards import write_sharded
+from ..io.weights import SafetensorsModel, check_finite, count_nonfinite_raw
 
 
 def output_bytes_estimate(base: str | Path, dtype: str = "float16") -> int:
@@ -114,95 +60,104 @@ def fuse(
     out: str | Path,
     dtype: str = "float16",
     force: bool = False,
+    max_shard_bytes: int | None = None,
 ) -> dict:
-    """Fuse ADAPTER into BASE and write OUT atomically; return a report dict."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten, tree_unflatten
-    from mlx_lm.tuner.utils import load_adapters
-    from mlx_lm.utils import dequantize_model, load, save
-
+    """Fuse ADAPTER into BASE and write OUT atomically, one tensor at a time; return a report dict.
+    max_shard_bytes: mlx-lm's shard size (5 GB) unless given."""
     if dtype not in DTYPES:
         raise QtoolsError(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
     base_path = check_model_dir(base, "base model")
-    adapter_path, adapter_cfg = check_adapter_dir(adapter)
+    adapter_path, _ = check_adapter_dir(adapter)
     check_output_free(out, force)
     check_writable(out, output_bytes_estimate(base_path, dtype))
-    # Non-finite inputs first, so a NaN in the output below can only be an overflow of the fuse.
-    hint = "the input is already broken, not an overflow of the fused weights; fix the model that wrote it"
-    with SafetensorsModel(base_path) as st:
-        check_finite(st, f"base model {base_path}", hint)
+    # The adapter is small: checked whole, first. The base is checked as it is read: a fused tensor
+    # that is not finite sends us to the inputs, so the error names a broken input, not an overflow.
     with SafetensorsModel.from_file(adapter_path / "adapters.safetensors") as st:
-        check_finite(st, f"adapter {adapter_path}", hint)
+        check_finite(st, f"adapter {adapter_path}", _BROKEN_INPUT)
 
     tic = time.perf_counter()
-    try:
-        model, tokenizer, config = load(str(base_path), return_config=True)
-    except Exception as exc:
-        raise QtoolsError(f"cannot load base model {base_path}: {exc}") from None
-    base_quant = config.get("quantization")
-    try:
-        model = load_adapters(model, str(adapter_path))
-    except Exception as exc:  # mlx-lm raises ValueError/KeyError/... on a mismatch
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
-        detail = lines[0].rstrip(":")
-        if len(lines) > 1:
-            more = f" (+{len(lines) - 4} more)" if len(lines) > 4 else ""
-            detail += ": " + "; ".join(lines[1:4]) + more
-        raise QtoolsError(
-            f"adapter {adapter_path} does not match base model {base_path}: {detail}"
-        ) from None
-
-    out_dtype = getattr(mx, dtype)
-    fused = [(name, fuse_module_f32(m, out_dtype)) for name, m in model.named_modules() if hasattr(m, "fuse")]
-    if not fused:
-        raise QtoolsError(f"adapter {adapter_path} added no LoRA/DoRA layers to {base_path}")
-    model.update_modules(tree_unflatten(fused))
-    # Layers the adapter did not touch are dequantized too: one dtype throughout.
-    model = dequantize_model(model)
-    model.set_dtype(out_dtype)
-    params = dict(tree_flatten(model.parameters()))
-    mx.eval(params)
-    bad = [k for k, v in params.items() if mx.issubdtype(v.dtype, mx.floating) and not mx.isfinite(v).all().item()]
-    if bad:
-        raise QtoolsError(
-            f"fused weights overflow {dtype} in {bad[0]} (and {len(bad) - 1} more); use --dtype float32 or bfloat16"
-        )
-    config.pop("quantization", None)
-    config.pop("quantization_config", None)
-    config["torch_dtype"] = dtype
-
-    lora = adapter_cfg.get("lora_parameters", {})
+    view = FusedView(base_path, adapter_path, dtype, shard_bytes=max_shard_bytes)
+    tokenizer = _load_tokenizer(base_path, view.config)
     provenance = {
-        "qtools_provenance": 1,
-        "kind": "fused",
-        "base": str(base_path.resolve()),
-        "adapter": str(adapter_path.resolve()),
-        "fine_tune_type": adapter_cfg.get("fine_tune_type", "lora"),
-        "scale": lora.get("scale"),
-        "rank": lora.get("rank"),
-        "keys": lora.get("keys"),
-        "num_layers": adapter_cfg.get("num_layers"),
-        "dtype": dtype,
-        "fuse_dtype": "float32",
-        "base_quantization": base_quant,
-        "fused_modules": [name for name, _ in fused],
+        **view.provenance(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
     }
-    with atomic_output_dir(out, force) as tmp:
-        # mlx-lm prints progress on stdout; keep stdout for our report / --json.
-        with contextlib.redirect_stdout(sys.stderr):
-            save(tmp, str(base_path), model, tokenizer, config, donate_model=False)
-        (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
+    made = _missing_dirs(Path(out).parent)
+    try:
+        with atomic_output_dir(out, force) as tmp:
+            write_sharded(tmp, view.files, _checked_tensors(view, base_path, dtype), view.total_parameters)
+            # mlx-lm prints progress on stdout; keep stdout for our report / --json.
+            with contextlib.redirect_stdout(sys.stderr):
+                _save_model_files(tmp, base_path, view, tokenizer)
+            (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
+    except BaseException:
+        # A broken input is found while streaming, after the output's directory was made: leave none.
+        for d in made:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+    finally:
+        view.close()
     out = Path(out)
     return {
         "out": str(out),
         "base": provenance["base"],
         "adapter": provenance["adapter"],
         "fine_tune_type": provenance["fine_tune_type"],
-        "fused_modules": len(fused),
-        "dequantized_base": base_quant is not None,
+        "fused_modules": len(view.fused_modules),
+        "dequantized_base": view.base_quantization is not None,
         "dtype": dtype,
         "disk_bytes": dir_size(out),
         "seconds": time.perf_counter() - tic,
     }
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """`path` and its ancestors that do not exist yet, deepest first."""
+    out = []
+    while not path.exists() and path != path.parent:
+        out.append(path)
+        path = path.parent
+    return out
+
+
+_BROKEN_INPUT = "the input is already broken, not an overflow of the fused weights; fix the model that wrote it"
+
+
+def _checked_tensors(view: FusedView, base_path: Path, dtype: str):
+    """(name, bytes) of every fused tensor in the view's order, each checked to be finite."""
+    n = len(view.names())
+    # the bar counts, it does not wrap items(): a wrapper would hold the last tensor while the next is computed
+    ticks = iter(progress_bar(range(n), "fuse", enabled=n >= 8, unit="tensor"))
+    for name, arr in view.items():
+        raw = as_numpy(arr)
+        if count_nonfinite_raw(raw, view.info(name).dtype):
+            with SafetensorsModel(base_path) as st:  # the whole base, once, on this error path only
+                check_finite(st, f"base model {base_path}", _BROKEN_INPUT)
+            raise QtoolsError(f"fused weights overflow {dtype} in {name}; use --dtype float32 or bfloat16")
+        yield name, raw
+        del arr, raw  # the writer holds the bytes; nothing here keeps them while the next is computed
+        next(ticks, None)
+
+
+def _load_tokenizer(base_path: Path, config: dict):
+    from mlx_lm.utils import load_tokenizer
+
+    try:
+        return load_tokenizer(base_path, None, eos_token_ids=config.get("eos_token_id", None))
+    except Exception as exc:
+        raise QtoolsError(f"cannot load the tokenizer of base model {base_path}: {exc}") from None
+
+
+def _save_model_files(dst: Path, base_path: Path, view: FusedView, tokenizer) -> None:
+    """Everything mlx-lm's save() writes beside the weights: config.json, the tokenizer, the
+    base's *.py and generation_config.json, a model card."""
+    from mlx_lm.utils import create_model_card, save_config
+
+    save_config(dict(view.config), config_path=dst / "config.json", keep_vision_config=view.keep_vision_config)
+    tokenizer.save_pretrained(dst)
+    for pattern in ["*.py", "generation_config.json"]:
+        for file in glob.glob(str(base_path / pattern)):
+            shutil.copy(file, dst)
+    create_model_card(dst, None)

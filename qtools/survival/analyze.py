@@ -20,6 +20,7 @@ import numpy as np
 from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QtoolsError
 from ..format import progress as progress_bar
 from ..io.adapters import Adapter, LowRankDelta
+from ..io.fused import FusedView
 from ..io.modeldir import PROVENANCE, read_provenance
 from ..io.weights import FLOAT_DTYPES, SafetensorsModel
 from .rule import Rule
@@ -381,7 +382,7 @@ def _own_bits(own: dict, name: str, bits: list[int], group_size: int):
 
 
 def analyze(
-    model: str | Path,
+    model: str | Path | FusedView,
     bits=SUPPORTED_BITS,
     group_size: int = 64,
     adapter=None,
@@ -390,13 +391,14 @@ def analyze(
     threads: int = 0,
     progress: bool = True,
 ) -> dict:
-    """Analyse every quantizable tensor of a model directory; returns the JSON-able report."""
+    """Analyse every quantizable tensor of a model directory (or of a FusedView: the fused model
+    computed on the fly, never written); returns the JSON-able report."""
     from .. import _ext
     from .predicate import own_choices
 
     bits = sorted(set(int(b) for b in bits))  # the CLI checked them; the kernel checks them again
     t0 = time.perf_counter()
-    m = SafetensorsModel(model)
+    m = model if isinstance(model, FusedView) else SafetensorsModel(model)
     if m.quantization:
         raise QtoolsError(f"{m.path}: the model is already quantized; analyse the float (fused float16) model")
     src = resolve_delta_source(m, adapter, base) if with_delta else None
@@ -487,7 +489,7 @@ def analyze(
     layers = [{"layer": i, "by_bits": _aggregate([t for t in tensors if t["layer"] == i], bits)} for i in layer_ids]
 
     report = {
-        "model": str(m.path),
+        "model": m.label if isinstance(m, FusedView) else str(m.path),
         "group_size": group_size,
         "bits": bits,
         "bits_per_weight": {str(b): bits_per_weight(b, group_size) for b in bits},
@@ -545,8 +547,28 @@ def _weakest_layers(layers: list[dict], bits: list[int], stat: str, k: int = 5) 
     return rows[:k]
 
 
-def delta_survival(model, bits=SUPPORTED_BITS, group_size=64, adapter=None, base=None, threads=0, progress=True):
+def delta_survival(model=None, bits=SUPPORTED_BITS, group_size=64, adapter=None, base=None, threads=0, progress=True):
+    """delta-survival of a fused model directory, or, with model None, of base + adapter fused on the
+    fly (the values `qtools fuse` would write, none written): the same report as on that fused model."""
+    if model is None:
+        return _delta_survival_unfused(base, adapter, bits, group_size, threads, progress)
     return analyze(model, bits, group_size, adapter=adapter, base=base, with_delta=True, threads=threads, progress=progress)
+
+
+def _delta_survival_unfused(base, adapter, bits, group_size, threads, progress):
+    if base is None or adapter is None:
+        raise QtoolsError("without a fused model, give both --base and --adapter (the model is fused on the fly)")
+    view = FusedView(base, adapter, dtype="float16")
+    # The delta the fused model's provenance would give: the adapter's own, exact; a DoRA delta
+    # rescales whole rows and needs the base (fused - base).
+    ad = Adapter(adapter)
+    dora = ad.is_dora
+    ad.close()
+    try:
+        return analyze(view, bits, group_size, adapter=adapter, base=base if dora else None, with_delta=True,
+                       threads=threads, progress=progress)
+    finally:
+        view.close()
 
 
 def quant_error(model, bits=SUPPORTED_BITS, group_size=64, threads=0, progress=True):
