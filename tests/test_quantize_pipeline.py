@@ -486,3 +486,41 @@ def test_a_sanitize_that_computes_falls_back_to_loading(trio, tmp_path, monkeypa
     with pytest.raises(QtoolsError, match="compensated cannot run on this model"):
         quantize(fused, tmp_path / "c", bits=4, recipe="compensated", rank=1)
     _no_output(tmp_path / "c")
+
+
+def _same_weights(a, b):
+    wa = {k: v for f in sorted(a.glob("*.safetensors")) for k, v in mx.load(str(f)).items()}
+    wb = {k: v for f in sorted(b.glob("*.safetensors")) for k, v in mx.load(str(f)).items()}
+    assert sorted(wa) == sorted(wb)
+    for k in wa:
+        assert wa[k].dtype == wb[k].dtype and mx.array_equal(wa[k], wb[k]).item(), k
+
+
+@pytest.mark.parametrize("which", ["trio", "moe"])
+@pytest.mark.parametrize("recipe", ["uniform", "survival", "mxfp4"])
+def test_quantize_from_base_and_adapter_equals_quantizing_the_fused_model(which, recipe, trio, moe, tmp_path):
+    """`qtools quantize --base B --adapter A` fuses each tensor on the fly: the same model as
+    quantizing what `qtools fuse` writes, with no fused model on disk."""
+    base, adapter, fused = trio if which == "trio" else moe
+    ref, new = tmp_path / "ref", tmp_path / "new"
+    assert run("quantize", fused, "--bits", 4, "--recipe", recipe, "-o", ref).exit_code == 0
+    r = run("quantize", "--base", base, "--adapter", adapter, "--bits", 4, "--recipe", recipe, "-o", new)
+    assert r.exit_code == 0, r.output
+    assert "(fused on the fly)" in r.output
+    _same_weights(ref, new)
+    cfg_ref, cfg_new = (json.loads((d / "config.json").read_text()) for d in (ref, new))
+    assert cfg_ref["quantization"] == cfg_new["quantization"]
+    prov = json.loads((new / "qtools_provenance.json").read_text())
+    assert prov["adapter"] == str(Path(adapter).resolve()) and prov["base"] == str(Path(base).resolve())
+    assert prov["quantized_from"] == "base + adapter, fused on the fly"
+
+
+def test_quantize_without_model_needs_base_and_adapter_and_a_streamed_recipe(trio, tmp_path):
+    base, adapter, _ = trio
+    r = run("quantize", "--base", base, "--bits", 4, "-o", tmp_path / "q")
+    assert r.exit_code == 2 and "give MODEL, or --base and --adapter" in r.output
+    r = run("quantize", "--base", base, "--adapter", adapter, "--recipe", "gptq", "--bits", 4, "-o", tmp_path / "q")
+    assert r.exit_code == 1 and r.output.startswith("Error: recipe gptq needs the fused model on disk")
+    assert not (tmp_path / "q").exists()
+    r = run("quantize", "--base", base, "--adapter", adapter, "--bits", 4, "-o", base / "q", "--force")
+    assert r.exit_code == 1 and "Error:" in r.output and not (base / "q").exists()

@@ -1,4 +1,5 @@
-"""`qtools quantize MODEL --bits B --output O`: MLX affine quantization through mlx-lm."""
+"""`qtools quantize MODEL --bits B --output O`, or `qtools quantize --base B --adapter A --bits B`
+(base + adapter fused on the fly, no fused model on disk): MLX quantization of the fused model."""
 
 import json
 
@@ -12,7 +13,7 @@ from .options import Supported
 
 
 @click.command("quantize")
-@click.argument("model", type=click.Path())
+@click.argument("model", type=click.Path(), required=False)
 @click.option("--bits", type=Supported("bits", SUPPORTED_BITS, "MLX affine quantization"), default=5, show_default=True,
               help="Bits per weight (MLX affine).")
 @click.option("--group-size", type=Supported("group size", (16, *SUPPORTED_GROUP_SIZES), "MLX"), default=None,
@@ -31,9 +32,11 @@ from .options import Supported
               help="awq/gptq/dynamic: calibration blocks of --sequence-length tokens, -1 for all [default: 8].")
 @click.option("--sequence-length", type=int, default=None, help="awq/gptq/dynamic: tokens per block [default: 512].")
 @click.option("--base", type=click.Path(), default=None,
-              help="adapter recipe: the float base model [default: from the fused model's provenance].")
+              help="Without MODEL: the base the adapter is fused into on the fly (no fused model on disk). "
+                   "adapter recipe: the float base model [default: from the fused model's provenance].")
 @click.option("--adapter", type=click.Path(), default=None,
-              help="adapter/compensated recipes: the fine-tune's adapter [default: from the provenance].")
+              help="Without MODEL: the adapter fused on the fly. adapter/compensated recipes: the fine-tune's "
+                   "adapter [default: from the provenance].")
 @click.option("--rank", type=int, default=None,
               help="compensated: rank of the correction [default: the largest within --target-bpw].")
 @click.option("--correction", type=click.Choice(["svd", "subspace"]), default=None,
@@ -49,7 +52,10 @@ from .options import Supported
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def quantize_cmd(model, bits, group_size, recipe, data, num_samples, sequence_length, base, adapter, rank, correction, target_bpw,
                  layer_bits_file, out, force, as_json):
-    """Quantize MODEL to --bits; report bits per weight and disk size."""
+    """Quantize MODEL to --bits, or, without MODEL, --base with --adapter fused on the fly, tensor by
+    tensor (uniform, mixed_*, survival, mxfp4/nvfp4/mxfp8, adapter); report bits per weight and size."""
+    if model is None and (base is None or adapter is None):
+        raise click.UsageError("give MODEL, or --base and --adapter to fuse on the fly")
     from .. import QtoolsError
 
     bits, group_size = int(bits), (int(group_size) if group_size else None)
@@ -72,7 +78,7 @@ def quantize_cmd(model, bits, group_size, recipe, data, num_samples, sequence_le
     if data is None and recipe in DATA_RECIPES:
         from ..demo.data import training_data_of
 
-        data = training_data_of(model)  # the demo fine-tune's own training data, never the suite's cases
+        data = training_data_of(model) if model is not None else None  # the demo fine-tune's own training data, never the suite's cases
     out = out or default_output(bits, recipe)
     report = quantize(model, out, bits=bits, group_size=group_size, recipe=recipe,
                       layer_bits=layer_bits, force=force, data=data, base=base, adapter=adapter,

@@ -99,18 +99,20 @@ def read_provenance(model: str | Path) -> dict | None:
     return prov
 
 
-def quantized_provenance(src: str | Path, **fields) -> dict:
-    """A quantized model's provenance: the source's record (where it was fused from), unreadable
-    treated as none, updated with how it was quantized and by which versions."""
+def quantized_provenance(src: str | Path, record: dict | None = None, **fields) -> dict:
+    """A quantized model's provenance: the source's record (where it was fused from; `record` when
+    the fused model was never written), unreadable treated as none, updated with how it was
+    quantized and by which versions."""
     import datetime as _dt
 
     from .. import versions
 
     try:
-        prov = dict(read_provenance(src) or {})
+        prov = dict(record if record is not None else read_provenance(src) or {})
     except QtoolsError:
         prov = {}
-    prov.update({"kind": "quantized", "quantized_from": str(Path(src).resolve()), **fields,
+    src = "base + adapter, fused on the fly" if record is not None else str(Path(src).resolve())
+    prov.update({"kind": "quantized", "quantized_from": src, **fields,
                  "quantized": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                  "quantize_versions": versions()})
     return prov

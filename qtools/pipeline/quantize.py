@@ -73,6 +73,8 @@ class Job:
     # Where the streamed recipes read weights_src's tensors (streamed.TensorSource); None: its memory map.
     # A view that fuses base + adapter on the fly can stand in, so no fused model need be on disk.
     source: object = None
+    # The fused model is base + adapter fused on the fly (io.fused.FusedView): no fused model on disk.
+    fused_view: object = None
 
 
 @dataclass
@@ -171,7 +173,10 @@ def _affine(job: Job) -> Quantized:
     if job.recipe == "survival":
         from .recipe import survival_plan
 
-        plan = survival_plan(job.src, job.bits, job.group_size)
+        if job.fused_view is not None:  # delta-survival of base + adapter, fused on the fly as well
+            plan = survival_plan(None, job.bits, job.group_size, adapter=job.adapter, base=job.base)
+        else:
+            plan = survival_plan(job.src, job.bits, job.group_size)
         layer_bits = {**plan["layer_bits"], **(layer_bits or {})}  # explicit --layer-bits win over the plan
         provenance["survival_recipe"] = {k: plan[k] for k in ("rule", "raised", "predicted_min_bits", "value_before",
                                                               "value", "survives", "target")}
@@ -396,7 +401,35 @@ def _resolve_bits(recipe: str, bits: int, group_size: int | None) -> tuple[int, 
     return rm.check_recipe_args(recipe, bits, group_size)
 
 
-def _check(model, out, bits, group_size, recipe, layer_bits, force, quant_predicate, options) -> Job:
+# Recipes that read the fused model tensor by tensor only, so base + adapter fused on the fly can
+# stand in for it; the others load it whole (awq, gptq, dwq, dynamic) or read it beside their own
+# pass (compensated), and need the fused model on disk.
+UNFUSED_RECIPES = ("uniform", "mixed_3_6", "mixed_4_6", "survival", "mxfp4", "nvfp4", "mxfp8")
+
+
+def _unfused_job(out: Path, force, recipe, bits, group_size, opts, layer_bits, quant_predicate, fused) -> Job:
+    """The Job for base + adapter fused on the fly (MODEL omitted): the values `qtools fuse` would
+    write, computed one tensor at a time, never written."""
+    from ..io.fused import FusedView
+    from .streamed import FusedSource
+
+    base, adapter = fused
+    if base is None or adapter is None:
+        raise QtoolsError("without MODEL, give both --base and --adapter: the model is fused on the fly")
+    if recipe not in UNFUSED_RECIPES:
+        raise QtoolsError(f"recipe {recipe} needs the fused model on disk (qtools fuse writes it); from base + "
+                          f"adapter fused on the fly: {', '.join(UNFUSED_RECIPES)}")
+    check_not_inputs(out, {"base model": Path(base), "adapter": Path(adapter)})
+    check_output_free(out, force)
+    view = FusedView(base, adapter, dtype="float16")
+    return Job(src=view.base, out=out, force=force, recipe=recipe, bits=bits, group_size=group_size,
+               config=dict(view.config), opts=opts, layer_bits=layer_bits, quant_predicate=quant_predicate,
+               weights_src=view.base, base=view.base, adapter=view.adapter, source=FusedSource(view),
+               fused_view=view)
+
+
+def _check(model, out, bits, group_size, recipe, layer_bits, force, quant_predicate, options,
+           fused=(None, None)) -> Job:
     """Every check, before any work: a Job, or one clear error."""
     from .compensate import CORRECTIONS
 
@@ -422,20 +455,26 @@ def _check(model, out, bits, group_size, recipe, layer_bits, force, quant_predic
     if "correction" in spec.options and opts["correction"] not in CORRECTIONS:
         raise QtoolsError(f"correction {opts['correction']!r} is not one of {', '.join(CORRECTIONS)}")
 
-    src = check_model_dir(model)
     out = Path(out)
-    check_not_inputs(out, {"model": src})
-    check_output_free(out, force)
-    config = mlx_config(src)
-    job = Job(src=src, out=out, force=force, recipe=recipe, bits=bits, group_size=group_size, config=config,
-              opts=opts, layer_bits=layer_bits, quant_predicate=quant_predicate, weights_src=src)
-    with SafetensorsModel(src) as st:
-        check_float_model(src, config, st)
+    if model is None:
+        job = _unfused_job(out, force, recipe, bits, group_size, opts, layer_bits, quant_predicate, fused)
+        src = job.src
+    else:
+        src = check_model_dir(model)
+        check_not_inputs(out, {"model": src})
+        check_output_free(out, force)
+        config = mlx_config(src)
+        job = Job(src=src, out=out, force=force, recipe=recipe, bits=bits, group_size=group_size, config=config,
+                  opts=opts, layer_bits=layer_bits, quant_predicate=quant_predicate, weights_src=src)
+        with SafetensorsModel(src) as st:
+            check_float_model(src, config, st)
 
     # What the recipe reads besides MODEL.
     if recipe in rm.DATA_RECIPES:
         job.records, job.data_desc = rm.resolve_data(recipe, src, opts.get("data"))
-    if recipe == "adapter":
+    if job.fused_view is not None:
+        pass  # base and adapter are the model: checked by the fused view
+    elif recipe == "adapter":
         job.base, job.adapter = rm.resolve_base_adapter(src, opts.get("base"), opts.get("adapter"))
         check_not_inputs(out, {"base model": job.base, "adapter": job.adapter})
         job.weights_src, job.config = job.base, mlx_config(job.base)
@@ -453,13 +492,18 @@ def _check(model, out, bits, group_size, recipe, layer_bits, force, quant_predic
             rm.check_adapter_matches(job.adapter, src)
 
     # What will be written: the output directory and its free space.
-    with SafetensorsModel(job.weights_src) as st:
-        need = output_bytes_estimate(st, job.weights_src, bits, group_size, recipe, layer_bits, top=spec.top_bits(job))
-        need += _shipped_estimate(job, st)
+    if job.fused_view is not None:  # the fused model's tensors as the view will compute them
+        need = output_bytes_estimate(job.fused_view, job.weights_src, bits, group_size, recipe, layer_bits,
+                                     top=spec.top_bits(job))
+    else:
+        with SafetensorsModel(job.weights_src) as st:
+            need = output_bytes_estimate(st, job.weights_src, bits, group_size, recipe, layer_bits,
+                                         top=spec.top_bits(job))
+            need += _shipped_estimate(job, st)
     check_writable(out, need)
 
     # One NaN/Inf makes its group's scale NaN: refuse it before anything is loaded or written.
-    inputs = [(src, f"model {src}")]
+    inputs = [(src, f"base model {src}" if job.fused_view is not None else f"model {src}")]
     if job.weights_src != src:
         inputs.append((job.weights_src, f"base model {job.weights_src}"))
     for path, what in inputs:
@@ -515,7 +559,7 @@ def _write(job: Job, q: Quantized, tmp: Path) -> tuple[float, dict]:
 
 
 def quantize(
-    model: str | Path,
+    model: str | Path | None,
     out: str | Path,
     bits: int = 5,
     group_size: int | None = 64,
@@ -525,19 +569,29 @@ def quantize(
     quant_predicate: Callable | None = None,
     **recipe_options,
 ) -> dict:
-    """Quantize MODEL (a float model dir) into OUT atomically; return a report dict.
+    """Quantize MODEL (a float model dir) into OUT atomically; return a report dict. With MODEL
+    None, base and adapter (recipe_options) are fused on the fly, one tensor at a time, with the
+    values `qtools fuse` would write: no fused model on disk (UNFUSED_RECIPES).
 
     recipe_options (data, base, adapter, rank, correction, target_bpw, seed, learning_rate,
     sequence_length, num_samples) go to the recipes that take them; group_size None is each
     recipe's default (64, or the fixed format's own)."""
-    job = _check(model, out, bits, group_size, recipe, layer_bits, force, quant_predicate,
-                 {k: v for k, v in recipe_options.items() if v is not None})
+    options = {k: v for k, v in recipe_options.items() if v is not None}
+    fused = (None, None)
+    if model is None and recipe != "adapter":  # the adapter recipe never reads the fused model
+        fused = (options.pop("base", None), options.pop("adapter", None))
+    elif model is None:
+        model = options.get("base")
+        if model is None:
+            raise QtoolsError("without MODEL, give both --base and --adapter")
+    job = _check(model, out, bits, group_size, recipe, layer_bits, force, quant_predicate, options, fused)
     tic = time.perf_counter()
     try:
         q = RECIPES_TABLE[recipe].run(job)
         provenance = quantized_provenance(
             job.src, bits=job.bits, group_size=job.group_size, recipe=recipe, mode=q.mode, data=job.data_desc,
-            layer_bits=q.layer_bits, **q.provenance)
+            layer_bits=q.layer_bits, **q.provenance,
+            **({"record": job.fused_view.provenance()} if job.fused_view is not None else {}))
         with atomic_output_dir(job.out, force) as tmp:
             try:
                 bpw, shipped_fields = _write(job, q, tmp)
@@ -556,7 +610,8 @@ def quantize(
         raise QtoolsError(f"recipe {recipe} failed: {type(exc).__name__}: {exc}") from None
     return {
         "out": str(job.out),
-        "source": str(job.src),
+        "source": (f"{job.base} + {job.adapter} (fused on the fly)" if job.fused_view is not None
+                   else str(job.src)),
         "bits": job.bits,
         "group_size": job.group_size,
         "recipe": recipe,

@@ -70,6 +70,26 @@ class MappedSource:
         self.st.close()
 
 
+class FusedSource:
+    """Base + adapter fused on the fly (io.fused.FusedView), one tensor at a time: a fused model
+    directory that was never written."""
+
+    def __init__(self, view):
+        self.view = view
+
+    def specs(self) -> dict[str, tuple[tuple, str]]:
+        return {n: (i.shape, i.dtype) for n, i in self.view.tensors.items()}
+
+    def get(self, name: str):
+        return self.view.array(name)
+
+    def release(self, name: str) -> None:
+        self.view.release(name)
+
+    def close(self) -> None:
+        self.view.close()
+
+
 def _mx_dtype(code: str):
     import mlx.core as mx
 
