@@ -19,9 +19,9 @@ from ..pipeline.retention import DEFAULT_TOP_K, format_retention, retention
               help="Suite JSONL: prompts + the reference's greedy answers are scored [default: suites/demo.jsonl].")
 @click.option("--text", default=None, type=click.Path(),
               help="A text file instead of a suite: every token of each paragraph is scored.")
-@click.option("--top-k", type=int, default=DEFAULT_TOP_K, show_default=True,
+@click.option("--top-k", type=click.IntRange(min=1), default=DEFAULT_TOP_K, show_default=True,
               help="Reference log-probs kept per token; the rest is one tail bucket.")
-@click.option("--max-tokens", type=int, default=None, help="Override the suite's answer length.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Override the suite's answer length.")
 @click.option("--cache", default=None, type=click.Path(dir_okay=False),
               help="Reference top-k cache (.npz), reused while reference and prompts are unchanged "
                    "[default: LOGS/retention-ref-<reference>-<suite>.npz].")

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from .. import QtoolsError, versions
+from .. import BadValue, QtoolsError, versions
 from ..io.adapters import check_adapter_dir
 from ..io.atomic import atomic_output_dir, check_output_free, check_writable
 from ..io.modeldir import PROVENANCE, check_model_dir, dir_size, read_config, weights_bytes
@@ -122,7 +122,7 @@ def fuse(
     from mlx_lm.utils import dequantize_model, load, save
 
     if dtype not in DTYPES:
-        raise QtoolsError(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
+        raise BadValue(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}", "--dtype")
     base_path = check_model_dir(base, "base model")
     adapter_path, adapter_cfg = check_adapter_dir(adapter)
     check_output_free(out, force)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .. import QtoolsError
+from .. import BadValue, QtoolsError
 from ..io.atomic import atomic_output_dir, check_output_free, check_writable
 from ..io.modeldir import PROVENANCE, check_model_dir, dir_size, quantized_provenance, read_config, weights_bytes
 from ..io.weights import SafetensorsModel, check_finite
@@ -108,17 +108,17 @@ def quantize(
     from mlx_lm.utils import compute_bits_per_weight, load, quantize_model, save
 
     if recipe not in RECIPES:
-        raise QtoolsError(f"recipe {recipe!r} is not known: use one of {', '.join(RECIPES)}")
+        raise BadValue(f"recipe {recipe!r} is not known: use one of {', '.join(RECIPES)}", "--recipe")
     recipe_options = {k: v for k, v in recipe_options.items() if v is not None}
     if recipe in MLX_RECIPES:
         if layer_bits or quant_predicate:
-            raise QtoolsError(f"recipe {recipe} takes no per-layer bit-widths")
+            raise BadValue(f"recipe {recipe} takes no per-layer bit-widths", "--layer-bits")
         from .recipes_mlx import quantize_recipe
 
         return quantize_recipe(model, out, bits=bits, group_size=group_size, recipe=recipe, force=force,
                                **recipe_options)
     if recipe_options:
-        raise QtoolsError(f"recipe {recipe} takes no {', '.join(sorted(recipe_options))}")
+        raise BadValue(f"recipe {recipe} takes no {', '.join(sorted(recipe_options))}", "--recipe")
     group_size = 64 if group_size is None else group_size
     if recipe.startswith("mixed_"):
         bits = int(recipe.split("_")[1])  # mixed_L_H: most layers at L bits

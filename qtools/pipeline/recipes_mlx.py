@@ -26,7 +26,7 @@ from pathlib import Path
 
 from mlx.utils import tree_flatten
 
-from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QtoolsError
+from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, BadValue, QtoolsError
 from ..io.atomic import atomic_output_dir, check_output_free
 from ..io.modeldir import (
     PROVENANCE,
@@ -72,18 +72,19 @@ def check_recipe_args(recipe: str, bits: int, group_size: int | None) -> tuple[i
     if recipe in FIXED_MODES:
         g, b = FIXED_MODES[recipe]
         if group_size is not None and group_size != g:
-            raise QtoolsError(f"{recipe} quantizes in groups of {g} weights only (got group size {group_size}); "
-                              f"leave the group size unset (make: no GROUP=)")
+            raise BadValue(f"{recipe} quantizes in groups of {g} weights only (got group size {group_size}); "
+                           f"leave the group size unset (make: no GROUP=)", "--group-size")
         return b, g
     group_size = 64 if group_size is None else group_size
     if bits not in SUPPORTED_BITS:
-        raise QtoolsError(f"bits={bits} is not supported by MLX affine quantization: use one of "
-                          + " ".join(map(str, SUPPORTED_BITS)))
+        raise BadValue(f"bits={bits} is not supported by MLX affine quantization: use one of "
+                       + " ".join(map(str, SUPPORTED_BITS)), "--bits")
     if group_size not in SUPPORTED_GROUP_SIZES:
-        raise QtoolsError(f"group size {group_size} is not supported: use one of "
-                          + " ".join(map(str, SUPPORTED_GROUP_SIZES)))
+        raise BadValue(f"group size {group_size} is not supported: use one of "
+                       + " ".join(map(str, SUPPORTED_GROUP_SIZES)), "--group-size")
     if recipe == "gptq" and bits not in GPTQ_BITS:
-        raise QtoolsError(f"gptq (mlx_lm.quant.gptq) packs {', '.join(map(str, GPTQ_BITS))} bits only, not {bits}")
+        raise BadValue(f"gptq (mlx_lm.quant.gptq) packs {', '.join(map(str, GPTQ_BITS))} bits only, not {bits}",
+                       "--bits")
     return bits, group_size
 
 
@@ -300,10 +301,11 @@ def _compensation(src, net, bits, group_size, rank, correction, target_bpw, adap
         budget = target_bpw - float(compute_bits_per_weight(net))
         rank = compensate.rank_for_budget(shapes, budget, total, max_rank)
         if rank < 1:
-            raise QtoolsError(f"target {target_bpw:.3f} bits/weight leaves no room for a rank-1 correction "
-                              f"({compensate.extra_bits_per_weight(shapes, 1, total):.3f} bits/weight) at {bits} bits")
+            raise BadValue(f"target {target_bpw:.3f} bits/weight leaves no room for a rank-1 correction "
+                           f"({compensate.extra_bits_per_weight(shapes, 1, total):.3f} bits/weight) at {bits} bits",
+                           "--target-bpw")
     elif rank < 1 or rank > max_rank:
-        raise QtoolsError(f"rank {rank} is out of range for these tensors (1 to {max_rank})")
+        raise BadValue(f"rank {rank} is out of range for these tensors (1 to {max_rank})", "--rank")
     weights, stats = {}, []
     with SafetensorsModel(src) as st:
         for path, m in targets:
@@ -353,7 +355,7 @@ def quantize_recipe(model, out, bits: int = 4, group_size: int | None = None, re
     from mlx_lm.utils import compute_bits_per_weight, load, save
 
     if recipe not in RECIPES:
-        raise QtoolsError(f"recipe {recipe!r} is not one of {', '.join(RECIPES)}")
+        raise BadValue(f"recipe {recipe!r} is not one of {', '.join(RECIPES)}", "--recipe")
     bits, group_size = check_recipe_args(recipe, bits, group_size)
     src = check_model_dir(model)
     check_output_free(out, force)
@@ -364,17 +366,18 @@ def quantize_recipe(model, out, bits: int = 4, group_size: int | None = None, re
     if target_bpw is None:
         target_bpw = bits + DEFAULT_EXTRA_BPW
     if sequence_length < 8 or num_samples == 0 or num_samples < -1:
-        raise QtoolsError("--sequence-length must be at least 8 and --num-samples at least 1 (or -1: all)")
+        raise BadValue("--sequence-length must be at least 8 and --num-samples at least 1 (or -1: all)",
+                       "--sequence-length" if sequence_length < 8 else "--num-samples")
     from .compensate import CORRECTIONS
 
     if correction not in CORRECTIONS:
-        raise QtoolsError(f"correction {correction!r} is not one of {', '.join(CORRECTIONS)}")
+        raise BadValue(f"correction {correction!r} is not one of {', '.join(CORRECTIONS)}", "--correction")
     # Everything the recipe reads is checked before any work starts.
     records = data_desc = None
     if recipe in DATA_RECIPES:
         records, data_desc = resolve_data(recipe, src, data)
     elif data is not None:
-        raise QtoolsError(f"recipe {recipe} takes no calibration data (DATA is for {', '.join(DATA_RECIPES)})")
+        raise BadValue(f"recipe {recipe} takes no calibration data (DATA is for {', '.join(DATA_RECIPES)})", "--data")
     weights_src, base_dir, adapter_dir = src, None, None
     if recipe == "adapter":
         base_dir, adapter_dir = resolve_base_adapter(src, base, adapter)

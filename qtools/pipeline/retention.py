@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import QtoolsError, __version__
+from .. import BadValue, QtoolsError, __version__
 from ..format import progress as progress_bar
 from ..io.atomic import write_atomic
 from ..io.modeldir import check_model_dir, read_config, text_config
@@ -253,13 +253,13 @@ def retention(
 ) -> dict:
     """Score each QUANTIZED model (and the base) against the float REFERENCE; see module doc."""
     if suite is not None and text is not None:
-        raise QtoolsError("give --suite or --text, not both")
+        raise BadValue("give --suite or --text, not both", "--text")
     if suite is None and text is None:
         raise QtoolsError("give --suite or --text")
     if top_k < 1:
-        raise QtoolsError("--top-k must be at least 1")
+        raise BadValue("--top-k must be at least 1", "--top-k")
     if max_tokens is not None and max_tokens < 1:
-        raise QtoolsError("--max-tokens must be at least 1")
+        raise BadValue("--max-tokens must be at least 1", "--max-tokens")
     if not quantized:
         raise QtoolsError("give at least one quantized model to score")
     reference = check_model_dir(reference, "reference model")

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .. import QtoolsError, versions
+from .. import BadValue, QtoolsError, versions
 from ..format import human_bytes
 from ..format import progress as progress_bar
 from ..io.atomic import check_writable, write_json_atomic, write_text_atomic
@@ -232,7 +232,7 @@ def validate(
     path = check_model_dir(model)
     suite_obj = load_suite(suite)
     if max_tokens is not None and max_tokens < 1:
-        raise QtoolsError("--max-tokens must be at least 1")
+        raise BadValue("--max-tokens must be at least 1", "--max-tokens")
     partial, entries, writer = None, [], None
     if log is not None:
         log = check_writable(log, file=True)  # before the model loads: a run must never be lost at the end
