@@ -5,7 +5,7 @@ import math
 
 import click
 
-from ..pipeline.compare import Criteria, compare, format_comparison, plot_comparison, public
+from ..pipeline.compare import Criteria, check_plot, compare, format_comparison, plot_comparison, public
 from ..pipeline.scoring import DEFAULT_MIN_ACCURACY
 from .options import Number
 
@@ -54,6 +54,8 @@ def _min_category(ctx, param, values):
 def compare_cmd(logs, survival, min_accuracy, max_critical, max_gen_s, max_memory_gb, min_category, plot, as_json):
     """Compare validate LOGS: metrics as rows, models as columns, winner, verdict, recommendation."""
     criteria = Criteria(min_accuracy, max_critical, max_gen_s, max_memory_gb, min_category)
+    if plot:
+        plot = check_plot(plot, [*logs, survival])  # before the comparison; never over an input
     result = compare(logs, survival, criteria)
     written = plot_comparison(result, plot) if plot else None
     if as_json:

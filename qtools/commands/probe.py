@@ -5,7 +5,7 @@ import json
 import click
 
 from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
-from ..io.atomic import check_writable, write_json_atomic
+from ..io.atomic import check_output, check_writable, write_json_atomic
 from ..pipeline.probe import format_probe, probe
 from ..pipeline.scoring import DEFAULT_MIN_ACCURACY
 from .options import Number, Supported, ValuesOption
@@ -31,7 +31,8 @@ def probe_cmd(model, suite, bits, group_size, min_accuracy, max_tokens, as_json,
     teacher-forced pass per case: the margin of the expected decision at its decision token."""
 
     if output:
-        check_writable(output, file=True)  # before the probe's minutes of work, not after
+        # before the probe's minutes of work, not after; never over the model or the suite
+        check_writable(check_output(output, [model, suite]), file=True)
     report = probe(model, suite, bits=[int(b) for b in bits],
                    group_size=None if group_size is None else int(group_size), min_accuracy=min_accuracy,
                    max_tokens=max_tokens, progress=not as_json)

@@ -6,7 +6,7 @@ import click
 from tabulate import tabulate
 
 from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
-from ..io.atomic import check_writable, write_json_atomic
+from ..io.atomic import check_output, check_writable, write_json_atomic
 from ..survival.analyze import delta_survival, quant_error
 from .options import Supported, ValuesOption
 
@@ -72,7 +72,7 @@ def delta_survival_cmd(model, adapter, base, bits, group_size, as_json, output, 
     --base, or the provenance `qtools fuse` recorded in MODEL.
     """
     if output:
-        check_writable(output, file=True)  # before the analysis, not after it
+        check_writable(check_output(output, [model, adapter, base]), file=True)  # before the analysis, not after it
     report = delta_survival(model, bits, group_size, adapter=adapter, base=base, threads=threads,
                             progress=not as_json)
     if output:

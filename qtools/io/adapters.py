@@ -12,6 +12,7 @@ any row of the delta without materialising it:
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +84,7 @@ def orthonormal_columns(x: np.ndarray) -> np.ndarray:
 def check_adapter_dir(adapter: str | Path) -> tuple[Path, dict]:
     """An mlx-lm adapter directory and its config, or a clear error."""
     path = Path(adapter)
-    if not path.is_dir():
+    if not os.path.isdir(path):  # os.path: a name too long for the file system does not exist either
         raise QtoolsError(f"adapter {path} does not exist (a directory with adapter_config.json)")
     cfg_file = path / "adapter_config.json"
     if not cfg_file.is_file():

@@ -27,11 +27,18 @@ TMP_PREFIX = ".qtools-tmp-"
 def check_output_free(path: str | os.PathLike, force: bool = False) -> Path:
     """Refuse an existing output unless force; return the path."""
     path = Path(path)
-    if (path.exists() or path.is_symlink()) and not force:
+    if os.path.lexists(path) and not force:
         raise QtoolsError(
             f"{path} already exists; pass --force (make: FORCE=1) to overwrite it"
         )
     return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):  # either missing, or a name the file system refuses
+        return False
 
 
 def _real(path: Path) -> Path:
@@ -50,7 +57,7 @@ def check_output(out: str | os.PathLike, inputs=(), force: bool | None = None) -
         if given is None:
             continue
         real_in = _real(Path(given))
-        if real_out == real_in or (real_in.exists() and real_out.exists() and os.path.samefile(real_out, real_in)):
+        if real_out == real_in or _same_file(real_out, real_in):
             how = "is"
         elif real_out in real_in.parents:
             how = "contains"
@@ -109,7 +116,7 @@ _INNER_NAME_BYTES = 64
 def _existing_ancestor(path: Path) -> Path:
     """The nearest directory above `path` that exists (what must accept the new entries)."""
     anc = path.parent
-    while not anc.exists() and anc != anc.parent:
+    while not os.path.exists(anc) and anc != anc.parent:
         anc = anc.parent
     return anc
 
@@ -148,12 +155,13 @@ def check_writable(path: str | os.PathLike, need_bytes: int | None = None, file:
     from ..format import human_bytes
 
     path = Path(path)
-    if file and path.is_dir():
+    # os.path's tests, not pathlib's: a name too long for the file system is not an exception here
+    if file and os.path.isdir(path):
         raise QtoolsError(f"cannot write {path}: it is a directory")
-    if not file and path.exists() and not path.is_dir():
+    if not file and os.path.exists(path) and not os.path.isdir(path):
         raise QtoolsError(f"cannot write {path}: it is a file, not a directory")
     anc = _existing_ancestor(path)
-    if not anc.is_dir():
+    if not os.path.isdir(anc):
         raise QtoolsError(f"cannot write {path}: {anc} is not a directory")
     _check_names(path, anc, file, (not file) if mlx is None else mlx)
     probe = anc / f"{TMP_PREFIX}probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -254,7 +262,7 @@ def atomic_output_dir(path: str | os.PathLike, force: bool = False) -> Iterator[
             # between the renames (the old output would be left under its temporary name).
             with signals_deferred():
                 old = None
-                if target.exists() or target.is_symlink():
+                if os.path.lexists(target):
                     old = parent / temp_dir_name(target, "old-")
                     os.replace(target, old)
                 try:

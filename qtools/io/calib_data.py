@@ -10,6 +10,7 @@ fine-tune is calibrated on the token sequences it was trained on.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from .. import QtoolsError
@@ -33,9 +34,9 @@ def read_records(path: str | Path) -> list[dict]:
     """The records of a DATA file, checked: one clear error for a missing, empty,
     binary or malformed file, or records of mixed or unknown formats."""
     path = Path(path)
-    if not path.exists():
+    if not os.path.exists(path):  # os.path: a name too long for the file system does not exist either
         raise QtoolsError(f"DATA {path} does not exist")
-    if not path.is_file():
+    if not os.path.isfile(path):
         raise QtoolsError(f"DATA {path} is not a file")
     try:
         text = path.read_text(encoding="utf-8")

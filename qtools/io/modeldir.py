@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -49,9 +50,9 @@ def quantization_info(config: dict) -> dict:
 
 def check_model_dir(model: str | Path, what: str = "model") -> Path:
     path = Path(model)
-    if not path.exists():
+    if not os.path.exists(path):  # os.path: a name too long for the file system does not exist either
         raise QtoolsError(f"{what} {path} does not exist")
-    if not path.is_dir():
+    if not os.path.isdir(path):
         raise QtoolsError(f"{what} {path} is not a directory")
     if path.resolve().name.startswith(TMP_PREFIX):
         raise QtoolsError(f"{what} {path} is an unfinished qtools output (an interrupted write): delete it")
@@ -97,6 +98,16 @@ def read_provenance(model: str | Path) -> dict | None:
     if not isinstance(prov, dict):
         raise QtoolsError(f"{path}: not a JSON object")
     return prov
+
+
+def provenance_inputs(model: str | Path) -> list:
+    """The base and adapter a fused model's provenance names (what a recipe reading the fine-tune
+    reads besides the model); none for an unreadable record."""
+    try:
+        prov = read_provenance(model) or {}
+    except QtoolsError:
+        return []
+    return [prov[k] for k in ("base", "adapter") if isinstance(prov.get(k), str) and prov[k]]
 
 
 def quantized_provenance(src: str | Path, **fields) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .. import BadValue, QtoolsError, versions
 from ..io.adapters import check_adapter_dir
-from ..io.atomic import atomic_output_dir, check_output_free, check_writable
+from ..io.atomic import atomic_output_dir, check_output, check_writable
 from ..io.modeldir import PROVENANCE, check_model_dir, dir_size, read_config, weights_bytes
 from ..io.weights import SafetensorsModel, check_finite
 
@@ -125,7 +125,7 @@ def fuse(
         raise BadValue(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}", "--dtype")
     base_path = check_model_dir(base, "base model")
     adapter_path, adapter_cfg = check_adapter_dir(adapter)
-    check_output_free(out, force)
+    check_output(out, [base_path, adapter_path], force)  # never into or over an input
     check_writable(out, output_bytes_estimate(base_path, dtype))
     # Non-finite inputs first, so a NaN in the output below can only be an overflow of the fuse.
     hint = "the input is already broken, not an overflow of the fused weights; fix the model that wrote it"

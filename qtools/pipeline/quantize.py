@@ -17,8 +17,16 @@ from pathlib import Path
 from typing import Callable
 
 from .. import BadValue, QtoolsError
-from ..io.atomic import atomic_output_dir, check_output_free, check_writable
-from ..io.modeldir import PROVENANCE, check_model_dir, dir_size, quantized_provenance, read_config, weights_bytes
+from ..io.atomic import atomic_output_dir, check_output, check_writable
+from ..io.modeldir import (
+    PROVENANCE,
+    check_model_dir,
+    dir_size,
+    provenance_inputs,
+    quantized_provenance,
+    read_config,
+    weights_bytes,
+)
 from ..io.weights import SafetensorsModel, check_finite
 from .recipes_mlx import RECIPES as MLX_RECIPES
 
@@ -123,7 +131,7 @@ def quantize(
     if recipe.startswith("mixed_"):
         bits = int(recipe.split("_")[1])  # mixed_L_H: most layers at L bits
     src = check_model_dir(model)
-    check_output_free(out, force)
+    check_output(out, [src, *(provenance_inputs(src) if recipe == "survival" else [])], force)  # never over an input
     config_src = read_config(src)
     if config_src.get("quantization"):
         q = config_src["quantization"]

@@ -27,7 +27,7 @@ from pathlib import Path
 from mlx.utils import tree_flatten
 
 from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, BadValue, QtoolsError
-from ..io.atomic import atomic_output_dir, check_output_free
+from ..io.atomic import atomic_output_dir, check_output, check_writable
 from ..io.modeldir import (
     PROVENANCE,
     SHIPPED_ADAPTER,
@@ -358,7 +358,7 @@ def quantize_recipe(model, out, bits: int = 4, group_size: int | None = None, re
         raise BadValue(f"recipe {recipe!r} is not one of {', '.join(RECIPES)}", "--recipe")
     bits, group_size = check_recipe_args(recipe, bits, group_size)
     src = check_model_dir(model)
-    check_output_free(out, force)
+    check_writable(check_output(out, [src, base, adapter, data if isinstance(data, (str, Path)) else None], force))
     config_src = read_config(src)
     if config_src.get("quantization"):
         raise QtoolsError(f"{src} is already quantized ({config_src['quantization'].get('bits')}-bit); "
@@ -394,6 +394,7 @@ def quantize_recipe(model, out, bits: int = 4, group_size: int | None = None, re
         if adapter is not None or (prov_adapter and Path(prov_adapter).is_dir()):
             adapter_dir, _ = check_adapter_dir(adapter or prov_adapter)
             check_adapter_matches(adapter_dir, src)
+    check_output(out, [base_dir, adapter_dir])  # the base and adapter the provenance names are inputs too
 
     tic = time.perf_counter()
     try:

@@ -18,7 +18,7 @@ from typing import Callable
 from .. import BadValue, QtoolsError, versions
 from ..format import human_bytes
 from ..format import progress as progress_bar
-from ..io.atomic import check_writable, write_json_atomic, write_text_atomic
+from ..io.atomic import check_output, check_writable, write_json_atomic, write_text_atomic
 from ..io.modeldir import check_model_dir, dir_size, load_model, quantization_info
 from ..io.suite import Suite, load_suite
 from .scoring import DEFAULT_MIN_ACCURACY, build_prompt, score_case, summarize, tool_format_of
@@ -235,8 +235,9 @@ def validate(
         raise BadValue("--max-tokens must be at least 1", "--max-tokens")
     partial, entries, writer = None, [], None
     if log is not None:
-        log = check_writable(log, file=True)  # before the model loads: a run must never be lost at the end
-        partial = partial_path(log)
+        # before the model loads: a run must never be lost at the end, nor an input overwritten
+        log = check_writable(check_output(log, [path, suite]), file=True)
+        partial = check_writable(check_output(partial_path(log), [path, suite]), file=True)
         header = partial_header(path, suite, max_tokens, batch)
         entries = _resume_entries(partial, header, resume, suite_obj, note)
         writer = PartialLog(partial, header, entries)
