@@ -3,6 +3,7 @@ usage error), no traceback, nothing half-written, and the user's input never des
 
 import json
 import os
+import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -156,3 +157,62 @@ def test_a_path_mlx_cannot_write_is_refused_before_the_work(fam, tmp_path, no_lo
     line = one_error(run("quantize", fam / "fused", "--output", os.fsdecode(out)))
     assert "MLX writes only paths that are valid UTF-8" in line
     assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------ item 5: one reader of adapter_config.json
+
+BAD_CONFIGS = {
+    "binary": b"\x89PNG\r\n\x1a\n\x00\xff\xfe",
+    "scale": {"lora_parameters": {"rank": 4, "scale": "big", "dropout": 0.0}},
+    "rank": {"lora_parameters": {"rank": "eight", "scale": 2.0, "dropout": 0.0}},
+    "lora_parameters": {"lora_parameters": [4, 2.0]},
+    "fine_tune_type": {"fine_tune_type": 5},
+    "num_layers": {"num_layers": "2"},
+    "keys": {"lora_parameters": {"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": "self_attn.q_proj"}},
+    "missing scale": {"lora_parameters": {"rank": 4, "dropout": 0.0}},
+}
+
+
+def _bad_adapter(src, dest, how):
+    shutil.copytree(src, dest)
+    cfg_file = dest / "adapter_config.json"
+    if isinstance(BAD_CONFIGS[how], bytes):
+        cfg_file.write_bytes(BAD_CONFIGS[how])
+    else:
+        cfg = json.loads(cfg_file.read_text())
+        cfg.update(BAD_CONFIGS[how])
+        cfg_file.write_text(json.dumps(cfg))
+    return dest
+
+
+@pytest.mark.parametrize("how", BAD_CONFIGS)
+def test_every_reader_of_an_adapter_config_checks_it(fam, tmp_path, how):
+    ad = _bad_adapter(fam / "ad", tmp_path / "ad", how)
+    m = fam / "fused"
+    # a fused model whose provenance names the bad adapter (the recipes' and gptq's default data)
+    named = tmp_path / "named"
+    shutil.copytree(m, named)
+    prov = json.loads((named / "qtools_provenance.json").read_text())
+    (named / "qtools_provenance.json").write_text(json.dumps({**prov, "adapter": str(ad)}))
+    # a model that ships the bad adapter (validate loads it)
+    ships = tmp_path / "ships"
+    shutil.copytree(fam / "q4", ships)
+    shutil.copytree(ad, ships / "adapters")
+    calls = [
+        ["fuse", fam / "base", "--adapter", ad, "--output", tmp_path / "o"],
+        ["delta-survival", m, "--adapter", ad],
+        ["quantize", m, "--recipe", "adapter", "--bits", 4, "--base", fam / "base", "--adapter", ad,
+         "--output", tmp_path / "o"],
+        ["quantize", m, "--recipe", "compensated", "--bits", 4, "--adapter", ad, "--output", tmp_path / "o"],
+        ["quantize", named, "--recipe", "compensated", "--bits", 4, "--output", tmp_path / "o"],
+        # gptq reads only the data the config names: a field it does not need may be missing
+        *([] if how.startswith("missing") else [["quantize", named, "--recipe", "gptq", "--bits", 4,
+                                                 "--output", tmp_path / "o"]]),
+        ["validate", ships, "--suite", fam / "mini.jsonl", "--output", tmp_path / "v.json"],
+    ]
+    for args in calls:
+        line = one_error(run(*args))
+        assert f"{ad if args[0] != 'validate' else ships / 'adapters'}/adapter_config.json" in line, (args, line)
+        field = how.replace("missing ", "")
+        assert how == "binary" and "is not text" in line or field in line, (args, line)
+        assert not (tmp_path / "o").exists() and not (tmp_path / "v.json").exists()

@@ -135,6 +135,10 @@ def load_model(path: Path):
     mx.reset_peak_memory()
     tic = time.perf_counter()
     adapter = shipped_adapter(path)
+    if adapter is not None:
+        from .adapters import read_adapter_config
+
+        read_adapter_config(adapter / "adapter_config.json")  # one clear error, not mlx-lm's KeyError
     try:
         model, tokenizer, config = load(str(path), return_config=True,
                                         adapter_path=str(adapter) if adapter else None)
