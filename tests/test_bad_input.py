@@ -216,3 +216,143 @@ def test_every_reader_of_an_adapter_config_checks_it(fam, tmp_path, how):
         field = how.replace("missing ", "")
         assert how == "binary" and "is not text" in line or field in line, (args, line)
         assert not (tmp_path / "o").exists() and not (tmp_path / "v.json").exists()
+
+
+# ------------------------------------------------------------------ item 2: a suite the template rejects
+
+def _model_with_template(fam, dest, template):
+    shutil.copytree(fam / "fused", dest)
+    (dest / "chat_template.jinja").write_text(template)  # where transformers saves the template
+    return dest
+
+
+@pytest.mark.parametrize("template", [
+    "{{ raise_exception('this model takes no tools') }}",   # jinja2's TemplateError
+    "{% for m in messages %}{{ m.content + 1 }}{% endfor %}",  # a type the template cannot render
+    "{% for m in messages %}{{ m.content }",                  # a template that does not compile
+])
+def test_a_chat_template_that_rejects_the_suite_is_one_error(fam, tmp_path, template):
+    m = _model_with_template(fam, tmp_path / "m", template)
+    suite = fam / "mini.jsonl"
+    for args in (["validate", m, "--suite", suite, "--output", tmp_path / "v.json"],
+                 ["probe", m, "--suite", suite],
+                 ["retention", fam / "q4", "--reference", m, "--base", fam / "base", "--suite", suite,
+                  "--logs-dir", tmp_path / "logs"]):
+        line = one_error(run(*args))
+        assert line.startswith(f"Error: {suite}:2: case t1: the model's chat template rejects it ("), (args, line)
+        assert line.endswith("the suite does not fit this model")
+    assert not (tmp_path / "v.json").exists() and not (tmp_path / "logs").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no partial log either
+
+
+@pytest.mark.parametrize("message, why", [
+    ({"role": "assistant", "tool_calls": 5}, "message 1 'tool_calls' must be a list"),
+    ({"role": "assistant", "content": None, "tool_calls": [5]}, "message 1 tool call 0 is not an object"),
+    ({"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": 3}}]}, "message 1 tool call 0 has"),
+    ({"role": 7, "content": "hi"}, "message 1 must be an object with a 'role'"),
+    ({"role": "user", "content": {"text": "hi"}}, "message 1 'content' must be a string"),
+    ({"role": "tool", "content": "x", "tool_call_id": 5}, "message 1 'tool_call_id' must be a string"),
+])
+def test_a_suite_message_of_the_wrong_shape_is_refused_on_load(fam, tmp_path, message, why):
+    suite = write_suite(tmp_path / "s.jsonl", [
+        CASES[0], {"id": "m1", "messages": [{"role": "user", "content": "find it"}, message],
+                   "expect": {"type": "direct"}}])
+    for args in (["validate", fam / "fused", "--suite", suite, "--output", tmp_path / "v.json"],
+                 ["probe", fam / "fused", "--suite", suite],
+                 ["retention", fam / "q4", "--reference", fam / "fused", "--base", fam / "base", "--suite", suite,
+                  "--logs-dir", tmp_path / "logs"]):
+        line = one_error(run(*args))
+        assert line.startswith(f"Error: {suite}:2: {why}"), (args, line)
+
+
+def test_suite_tools_without_a_name_are_refused(tmp_path):
+    from qtools import QtoolsError
+    from qtools.io.suite import load_suite
+
+    suite = write_suite(tmp_path / "s.jsonl", [{"id": "a", "prompt": "x", "tools": [{"type": "function"}],
+                                                "expect": {"type": "direct"}}])
+    with pytest.raises(QtoolsError, match=r"s\.jsonl:1: tool 0 must be a function schema with a 'name'"):
+        load_suite(suite)
+
+
+# ------------------------------------------------------------------ item 6: NaN weights
+
+def _with_nan(src, dest, tensor="model.layers.0.mlp.down_proj.weight"):
+    import mlx.core as mx
+
+    shutil.copytree(src, dest)
+    weights = mx.load(str(dest / "model.safetensors"))
+    w = weights[tensor]
+    weights[tensor] = mx.where(mx.arange(w.size).reshape(w.shape) == 3, mx.array(float("nan"), w.dtype), w)
+    mx.save_safetensors(str(dest / "model.safetensors"), weights, metadata={"format": "mlx"})
+    return dest
+
+
+def test_probe_and_retention_refuse_a_nan_weight_as_quantize_does(fam, tmp_path, no_load):
+    nan = _with_nan(fam / "fused", tmp_path / "nan")
+    suite = fam / "mini.jsonl"
+    line = one_error(run("quantize", nan, "--bits", 4, "--output", tmp_path / "q"))
+    assert "tensor 'model.layers.0.mlp.down_proj.weight' (model.safetensors) has 1 NaN or Inf value(s)" in line
+    line = one_error(run("probe", nan, "--suite", suite, "--bits", 4, "--json"))
+    assert line.startswith(f"Error: model {nan}: tensor 'model.layers.0.mlp.down_proj.weight' (model.safetensors) "
+                           "has 1 NaN or Inf value(s)")
+    for role, args in (("reference model", ["--reference", nan, "--base", fam / "base", fam / "q4"]),
+                       ("base model", ["--reference", fam / "fused", "--base", nan, fam / "q4"]),
+                       ("model", ["--reference", fam / "fused", "--base", fam / "base", nan])):
+        line = one_error(run("retention", *args, "--suite", suite, "--logs-dir", tmp_path / "logs"))
+        assert line.startswith(f"Error: {role} {nan}: tensor "), line
+    assert not (tmp_path / "q").exists() and not (tmp_path / "logs").exists()
+
+
+# ------------------------------------------------------------------ item 7: values checked where they are read
+
+@pytest.mark.parametrize("record, why", [
+    ({"prompt": 5, "completion": None}, "'prompt' is 5, not a string"),
+    ({"prompt": "find", "completion": ["x"]}, "'completion' is [\"x\"], not a string"),
+    ({"text": 42}, "'text' is 42, not a string"),
+    ({"messages": [{"role": "user", "content": 5}]}, "message 0 'content' must be a string"),
+    ({"messages": [{"role": "assistant", "tool_calls": 5}]}, "message 0 'tool_calls' must be a list"),
+])
+def test_calibration_data_of_the_wrong_types_is_refused_with_its_line(fam, tmp_path, no_load, record, why):
+    data = tmp_path / "d.jsonl"
+    good = {k: ("hello there" if k != "messages" else [{"role": "user", "content": "hi"}]) for k in record}
+    data.write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
+    line = one_error(run("quantize", fam / "fused", "--recipe", "gptq", "--bits", 4, "--data", data,
+                         "--output", tmp_path / "o"))
+    assert line.startswith(f"Error: DATA {data} line 2: {why}")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"quantization": ["bits"]}, "'quantization' is [\"bits\"], not an object"),
+    ({"quantization": {"bits": "4", "group_size": 64}}, "'quantization.bits' is \"4\", not a positive integer"),
+    ({"quantization": {"bits": 4, "group_size": 64, "model.layers.0.mlp.down_proj": {"bits": "8"}}},
+     "'quantization.model.layers.0.mlp.down_proj.bits' is \"8\""),
+    ({"quantization_config": 4}, "'quantization_config' is 4, not an object"),
+    ({"vocab_size": "big"}, "'vocab_size' is \"big\", not a positive integer"),
+])
+def test_a_config_with_a_wrong_quantization_entry_is_one_error_everywhere(fam, tmp_path, change, why):
+    m = tmp_path / "m"
+    shutil.copytree(fam / "q4", m)
+    cfg = json.loads((m / "config.json").read_text())
+    cfg.update(change)
+    (m / "config.json").write_text(json.dumps(cfg))
+    suite = fam / "mini.jsonl"
+    for args in (["probe", m, "--suite", suite],
+                 ["quantize", m, "--bits", 4, "--output", tmp_path / "o"],
+                 ["quantize", m, "--recipe", "mxfp4", "--output", tmp_path / "o"],
+                 ["validate", m, "--suite", suite, "--output", tmp_path / "v.json"],
+                 ["retention", m, "--reference", fam / "fused", "--base", fam / "base", "--suite", suite,
+                  "--logs-dir", tmp_path / "logs"],
+                 ["quant-error", m]):
+        line = one_error(run(*args))
+        assert f"{m / 'config.json'}: {why}" in line or "cannot load model" in line, (args, line)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "v.json").exists()
+
+
+def test_retention_refuses_a_quantized_reference(fam, tmp_path, no_load):
+    line = one_error(run("retention", fam / "fused", "--reference", fam / "q4", "--base", fam / "base",
+                         "--suite", fam / "mini.jsonl", "--logs-dir", tmp_path / "logs"))
+    assert line.startswith(f"Error: reference model {fam / 'q4'} is quantized (4-bit): the reference is the float "
+                           "fine-tune")
+    assert not (tmp_path / "logs").exists()

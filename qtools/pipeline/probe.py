@@ -40,6 +40,7 @@ from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, BadValue, QtoolsError, ver
 from ..format import progress as progress_bar
 from ..io.modeldir import check_model_dir, load_model, quantization_info, read_config, text_config
 from ..io.suite import Suite, load_suite
+from ..io.weights import check_model_finite
 from ..survival.rule import smallest_surviving
 from .fakequant import fake_quantize, quantizable_modules
 from .retention import DEFAULT_TOP_K, build_sequences, kl_same_top, kl_stats, tail_logp, topk_rows
@@ -316,6 +317,7 @@ def probe(model, suite, bits=(), group_size: int | None = None, min_accuracy: fl
     bits_list, group_size = check_bits(list(bits or ()), group_size, quant, path)
     if max_tokens is not None and max_tokens < 1:
         raise BadValue("--max-tokens must be at least 1", "--max-tokens")
+    check_model_finite(path, f"model {path}", "its log-probs and margins would be NaN; fix the model that wrote it")
     suite_obj = load_suite(suite)
     cases, skipped = decision_cases(suite_obj)
     probe_suite = dataclasses.replace(suite_obj, cases=cases)

@@ -33,8 +33,8 @@ import numpy as np
 from .. import BadValue, QtoolsError, __version__
 from ..format import progress as progress_bar
 from ..io.atomic import write_atomic
-from ..io.modeldir import check_model_dir, read_config, text_config
-from ..io.weights import fingerprint
+from ..io.modeldir import check_model_dir, quantization_info, read_config, text_config
+from ..io.weights import check_model_finite, fingerprint
 
 CACHE_VERSION = 1
 DEFAULT_TOP_K = 32
@@ -263,8 +263,14 @@ def retention(
     if not quantized:
         raise QtoolsError("give at least one quantized model to score")
     reference = check_model_dir(reference, "reference model")
+    ref_quant = quantization_info(read_config(reference), reference / "config.json")
+    if ref_quant["quantized"]:  # KL from a quantized reference measures nothing the fine-tune did
+        raise QtoolsError(f"reference model {reference} is quantized ({ref_quant['bits']}-bit): the reference is "
+                          "the float fine-tune (qtools fuse's output), the models scored against it are quantized")
     base = check_model_dir(base, "base model")
     models = [check_model_dir(q, "model") for q in quantized]
+    for what, m in [("reference model", reference), ("base model", base), *[("model", m) for m in models]]:
+        check_model_finite(m, f"{what} {m}", "its KL would be NaN; fix the model that wrote it")
     src_path = Path(suite if suite is not None else text)
     if not src_path.is_file():
         raise QtoolsError(f"{'suite' if suite is not None else '--text'} {src_path} does not exist")
