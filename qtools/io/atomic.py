@@ -212,18 +212,30 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
+DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Ctrl-C and SIGTERM wait until the block is done (they are delivered right after): a rename
-    that must not be torn in two, a cleanup that must finish. Main thread only; elsewhere a no-op."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    """Ctrl-C and SIGTERM wait until the block is done, then act as they would have: a rename that
+    must not be torn in two, a cleanup that must finish. Python-level handlers hold them (a
+    signal mask would not: any of MLX's threads may receive the signal). Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    caught = []
+    old = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in DEFERRED_SIGNALS}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        if caught:
+            handler = old[caught[0]]
+            if callable(handler):
+                handler(caught[0], None)  # Python's default_int_handler or ours: KeyboardInterrupt
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), caught[0])
 
 
 @contextlib.contextmanager
