@@ -103,7 +103,7 @@ def test_a_signal_inside_a_deferred_block_acts_after_it(sig):
     import os
     import signal
 
-    from qtools.io.atomic import sigterm_interrupts, signals_deferred
+    from qtools.io.atomic import signals_deferred, sigterm_interrupts
 
     done = []
     with pytest.raises(KeyboardInterrupt), sigterm_interrupts():

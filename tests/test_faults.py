@@ -82,12 +82,13 @@ def interrupt(cmd, cwd, rng, watch=None, lasts=1.0):
     if proc.poll() is None:
         proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    if proc.returncode not in (0, 3, -sig):
-        # an interrupt is one Error line (exit 1); before qtools starts (imports) Python's own
-        # KeyboardInterrupt is acceptable: nothing was written yet
-        assert proc.returncode == 1, err
+    # An interrupt is one Error line (exit 1). A signal that comes before qtools has started (Python's
+    # own start-up, imports) or after its work is done (the interpreter's shutdown, where Python has
+    # put the default handlers back) ends the process by itself (exit -signal) or as Python's
+    # KeyboardInterrupt: what matters here is what is left on disk.
+    assert proc.returncode in (0, 1, 3, -signal.SIGINT, -signal.SIGTERM), err
+    if proc.returncode == 1:
         assert "Error: " in err or "KeyboardInterrupt" in err, err
-    print("RUN", cmd[3], sig.name, proc.returncode, (err or "").strip().splitlines()[-1:] if err else "")
     return sig, proc.returncode
 
 
@@ -128,7 +129,7 @@ def test_an_interrupted_model_write_leaves_the_whole_model_or_none(fam, tmp_path
             assert model_files(out) == reference, (i, sig, code)
         else:
             assert not existed, f"run {i} ({sig!r}, exit {code}) lost the output it was replacing"
-        hits += code not in (0,)
+        hits += code != 0
     assert hits, "no run was interrupted: the test proves nothing"
 
 
@@ -142,18 +143,23 @@ def test_an_interrupted_validate_resumes_to_the_uninterrupted_log(fam, tmp_path)
     lasts = time.monotonic() - tic
     reference = without_timing(json.loads(ref_log.read_text()))
 
-    def saved_cases():
+    def lines():
         try:
-            return len(partial.read_text().splitlines()) >= 2 + rng.randrange(len(CASES) - 1)
+            return len(partial.read_text().splitlines())
         except OSError:
-            return False
+            return 0
 
     cmd = qtools("validate", fam / "fused", "--suite", suite, "--output", log)
+    codes = []
     for i in range(RUNS):
-        sig, code = interrupt(cmd, tmp_path, rng, watch=saved_cases, lasts=lasts)
+        # triggered runs: interrupted once 1 to 3 more cases are saved (a resumed run rewrites the partial first)
+        start, more = lines(), 1 + rng.randrange(3)
+        sig, code = interrupt(cmd, tmp_path, rng, watch=lambda: lines() > max(start, 1) + more - 1, lasts=lasts)
+        codes.append(code)
         assert leftovers(tmp_path, log.parent) == [], (i, sig, code)
         if log.exists():  # the whole log or none
             assert without_timing(json.loads(log.read_text())) == reference, (i, sig, code)
+    assert set(codes) - {0, 3}, "no run was interrupted: the test proves nothing"
     run_to_end(cmd, tmp_path)
     assert without_timing(json.loads(log.read_text())) == reference
     assert not partial.exists() and leftovers(tmp_path, log.parent) == []
@@ -162,7 +168,7 @@ def test_an_interrupted_validate_resumes_to_the_uninterrupted_log(fam, tmp_path)
 def test_an_interrupted_probe_writes_its_report_whole_or_not_at_all(fam, tmp_path):
     rng = random.Random(f"{SEED}-probe")
     ref, out = tmp_path / "ref.json", tmp_path / "probe.json"
-    args = ("probe", fam / "fused", "--suite", fam / "suite.jsonl", "--bits", 4, 8, "--json", "--output")
+    args = ("probe", fam / "fused", "--suite", fam / "suite.jsonl", "--bits", 4, "--json", "--output")
     tic = time.monotonic()
     run_to_end(qtools(*args, ref), tmp_path)
     lasts = time.monotonic() - tic

@@ -166,8 +166,9 @@ def check_writable(path: str | os.PathLike, need_bytes: int | None = None, file:
     _check_names(path, anc, file, (not file) if mlx is None else mlx)
     probe = anc / f"{TMP_PREFIX}probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        os.unlink(probe)
+        with signals_deferred():  # created and removed as one step: Ctrl-C cannot leave it behind
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.unlink(probe)
     except OSError as exc:
         raise QtoolsError(f"cannot write {path}: {anc} is not writable ({exc.strerror or exc})") from None
     if need_bytes:
@@ -262,13 +263,12 @@ def atomic_output_dir(path: str | os.PathLike, force: bool = False) -> Iterator[
     except OSError as exc:
         raise QtoolsError(f"cannot create {parent}: {exc.strerror or exc}") from None
     with sigterm_interrupts():
-        with signals_deferred():  # a signal here would leave tmp behind before the cleanup below owns it
-            tmp = parent / temp_dir_name(target)
+        tmp = parent / temp_dir_name(target)
+        try:  # made inside the try whose cleanup removes it: an interrupt right after mkdir leaves nothing
             try:
                 tmp.mkdir()
             except OSError as exc:
                 raise QtoolsError(f"cannot write {target}: {parent} is not writable ({exc.strerror or exc})") from None
-        try:
             yield tmp
             # Move any old output aside first so the target never holds a mix; no signal may come
             # between the renames (the old output would be left under its temporary name).
