@@ -149,6 +149,7 @@ OUT_OF_RANGE = [
     ["calibrate", "--jobs", "0"],
     ["calibrate", "--min-accuracy", "2"],
     ["demo-models", "--seed", "-1"],
+    ["demo-models", "--family", "g7"],
     ["fuse", "M", "--adapter", "A", "--dtype", "int8"],
 ]
 

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .. import QtoolsError
+from .. import BadValue, QtoolsError
 from ..io.atomic import read_json_or_none, write_json_atomic
 from ..pipeline.scoring import DEFAULT_MIN_ACCURACY
 from .fit import study
@@ -243,8 +243,8 @@ def select_families(names=None) -> list[dict]:
     by_name = {f["name"]: f for f in fams}
     unknown = [n for n in names if n not in by_name]
     if unknown:
-        raise QtoolsError(f"unknown famil{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
-                          f"the calibration's families are {', '.join(by_name)}")
+        raise BadValue(f"unknown famil{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
+                       f"the calibration's families are {', '.join(by_name)}", "--family")
     return [by_name[n] for n in names]
 
 
