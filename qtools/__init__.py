@@ -17,6 +17,15 @@ class QtoolsError(Exception):
     """An error caused by the user's input; the CLI prints it as one `Error: ...` line (exit 1)."""
 
 
+class BadValue(QtoolsError):
+    """A value the user gave is out of range (an option's, or one that does not fit the other
+    options or the model): a usage error, exit 2 at the command line."""
+
+    def __init__(self, message: str, option: str | None = None):
+        super().__init__(message)
+        self.option = option
+
+
 class VerdictFailed(Exception):
     """Raised by a command whose run completed with a failing verdict; the CLI exits 3."""
 

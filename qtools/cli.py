@@ -8,7 +8,7 @@ import importlib
 
 import click
 
-from . import EXIT_ERROR, EXIT_VERDICT_FAILED, QtoolsError, VerdictFailed, __version__
+from . import EXIT_ERROR, EXIT_VERDICT_FAILED, BadValue, QtoolsError, VerdictFailed, __version__
 
 COMMANDS = {
     "delta-survival": "qtools.commands.survival:delta_survival_cmd",
@@ -32,10 +32,18 @@ class LazyGroup(click.Group):
         return self._load(name)
 
     def invoke(self, ctx):
-        # Library errors caused by the user's input become `Error: ...` + exit 1; a failed
-        # verdict, already reported by the command, exits 3.
+        # Library errors caused by the user's input become `Error: ...` + exit 1, a value out of
+        # range a usage error (exit 2); a failed verdict, already reported by the command, exits 3.
+        # SIGTERM interrupts as Ctrl-C does, so every cleanup runs for it too.
+        from .io.atomic import sigterm_interrupts
+
         try:
-            return super().invoke(ctx)
+            with sigterm_interrupts():
+                return super().invoke(ctx)
+        except BadValue as exc:
+            from .commands.options import usage_error
+
+            raise usage_error(exc, ctx) from None
         except QtoolsError as exc:
             raise _error(str(exc)) from None
         except KeyboardInterrupt:

@@ -96,3 +96,46 @@ def test_validate_refuses_leftover_temp_dir(tmp_path):
     r = CliRunner().invoke(cli, ["validate", str(left), "--suite", "suites/coding_agent.jsonl"])
     assert (r.exit_code, r.output.strip()) == (
         1, f"Error: model {left} is an unfinished qtools output (an interrupted write): delete it")
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_inside_a_deferred_block_acts_after_it(sig):
+    import os
+    import signal
+
+    from qtools.io.atomic import signals_deferred, sigterm_interrupts
+
+    done = []
+    with pytest.raises(KeyboardInterrupt), sigterm_interrupts():
+        with signals_deferred():
+            os.kill(os.getpid(), getattr(signal, sig))
+            done.append("renamed")  # the block runs to its end
+        done.append("after")  # never reached: the signal acts as the block ends
+    assert done == ["renamed"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_interrupt_between_the_renames_keeps_the_old_output(tmp_path, monkeypatch):
+    """Ctrl-C while the old output is moved aside and the new one moved in: the target is never
+    left without an output (old or new) and nothing temporary stays."""
+    import os
+    import signal
+
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    real = os.replace
+    calls = []
+
+    def replace(a, b):
+        calls.append(b)
+        real(a, b)
+        if len(calls) == 1:  # just after the old output moved aside
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_output_dir(out, force=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]  # the renames finished first
+    assert _leftovers(tmp_path) == []

@@ -169,7 +169,7 @@ def test_calibrate_refuses_a_missing_suite_or_an_unknown_family_before_any_work(
     assert not (tmp_path / "work").exists()
     res = CliRunner().invoke(cli, ["calibrate", "--family", "g4", "--family", "g99",
                                    "--work-dir", str(tmp_path / "work")])
-    assert res.exit_code == 1 and "Error: unknown family g99" in res.output
+    assert res.exit_code == 2 and "Error: Invalid value for '--family': unknown family g99" in res.output
     assert not (tmp_path / "work").exists()
 
 

@@ -171,5 +171,91 @@ def test_a_survival_report_with_string_verdicts_is_refused(logs, tmp_path):
     surv.write_text(json.dumps(dict(SURVIVAL, verdict={"4": "rounded away", "5": "survives"})))
     r = run("compare", *logs, surv)
     assert r.exit_code == 1
-    assert r.output.strip() == ("Error: the delta-survival report's verdict at 5 bits is 'survives', not true or "
-                                "false: it was written by an older qtools; run delta-survival again")
+    assert r.output.strip() == (f"Error: {surv}: field 'verdict' is {{\"4\": \"rounded away\", \"5\": \"survives\"}}, "
+                                "not an object {bits: true, false or null}: a damaged `qtools delta-survival --json` "
+                                "report, or one an older qtools wrote")
+
+
+# ------------------------------------------------------------------ bad input: the plot, a log's fields
+
+def one_error(r, code=1):
+    assert r.exit_code == code, r.output
+    lines = r.output.strip().splitlines()
+    assert lines[-1].startswith("Error: ") and sum(ln.startswith("Error:") for ln in lines) == 1, r.output
+    assert "Traceback" not in r.output and (r.exception is None or isinstance(r.exception, SystemExit))
+    return lines[-1]
+
+
+def test_plot_with_two_logs_of_one_bit_width(tmp_path):
+    # uniform and awq at 4 bits, both valid: both are plotted at 4, the written path printed
+    paths = write_logs(tmp_path, [log("fused_4bit", 4, 0.9), log("fused_awq_4bit", 4, 0.95)], "demo")
+    plot = tmp_path / "out" / "bits.svg"
+    r = run("compare", *paths, "--plot", plot)
+    assert r.exit_code == 0, r.output
+    assert plot.is_file() and plot.read_bytes().lstrip().startswith(b"<?xml")
+    assert r.output.strip().splitlines()[-1] == f"plot: {plot}"
+
+
+@pytest.mark.parametrize("name", ["p.xyz", "p", "p.json"])
+def test_plot_in_a_format_matplotlib_does_not_write_is_a_usage_error(logs, tmp_path, name):
+    line = one_error(run("compare", *logs, "--plot", tmp_path / name), code=2)
+    assert line.startswith(f"Error: Invalid value for '--plot': {tmp_path / name}: give a file name ending in one of "
+                           "the formats matplotlib writes: ") and ".png" in line and ".svg" in line
+    assert not list(tmp_path.glob("p*"))
+
+
+def test_plot_into_a_directory_is_a_usage_error(logs, tmp_path):
+    d = tmp_path / "plots"
+    d.mkdir()
+    line = one_error(run("compare", *logs, "--plot", d), code=2)
+    assert line == f"Error: Invalid value for '--plot': {d} is a directory: give a file name, e.g. {d / 'compare.png'}"
+    assert list(d.iterdir()) == [] and not (tmp_path / "plots.png").exists()
+
+
+REQUIRED = ["model", "suite", "bits", "quantized", "accuracy", "format_compliance", "correct", "total",
+            "critical_errors", "mean_gen_s", "peak_memory_gb", "disk_bytes", "bits_per_weight", "per_category"]
+
+
+@pytest.mark.parametrize("field", REQUIRED)
+@pytest.mark.parametrize("how", ["missing", "null", "wrong type"])
+def test_a_log_with_a_field_missing_null_or_of_another_type_is_one_error(tmp_path, field, how):
+    good = log("fused_5bit", 5, 0.9)
+    bad = dict(log("fused_4bit", 4, 0.6))
+    if how == "missing":
+        del bad[field]
+    else:
+        bad[field] = None if how == "null" else {"per_category": ["tool"], "model": 5, "suite": 5}.get(field, "x")
+    paths = write_logs(tmp_path, [good], "demo") + [tmp_path / "bad.json"]
+    paths[1].write_text(json.dumps(bad))
+    line = one_error(run("compare", *paths, "--plot", tmp_path / "p.png"))
+    assert line.startswith(f"Error: {paths[1]}: field {field!r} is ")
+    assert not (tmp_path / "p.png").exists()
+
+
+@pytest.mark.parametrize("change", [
+    {"summary": [1, 2]},
+    {"summary": {"4": {"delta_retention": "high"}}},
+    {"summary": {"four": {"delta_retention": 0.5}}},
+    {"predicted_min_bits": "5"},
+    {"threshold": {"statistic": "delta_retention", "min": "0.9"}},
+    {"threshold": ["delta_retention"]},
+    {"layers": {"0": {}}},
+    {"layers": [{"layer": 0, "by_bits": {"4": {"delta_retention": "x"}}}]},
+    {"verdict": ["4"]},
+])
+def test_a_survival_report_with_wrongly_typed_fields_is_one_error(logs, tmp_path, change):
+    surv = tmp_path / "survival.json"
+    surv.write_text(json.dumps({**SURVIVAL, "threshold": {"statistic": "delta_retention", "min": 0.9},
+                                "layers": [], **change}))
+    for args in (["--survival", surv], [surv]):
+        line = one_error(run("compare", *logs, *args))
+        assert line.startswith(f"Error: {surv}: field {next(iter(change))!r} is ")
+
+
+@pytest.mark.parametrize("change", [{"logit_retention": "high"}, {"kl": None}, {"kl": {"mean": "x"}}, {"model": None}])
+def test_a_retention_log_with_wrongly_typed_fields_is_one_error(logs, tmp_path, change):
+    ret = tmp_path / "retention-fused_4bit.json"
+    ret.write_text(json.dumps({"qtools_retention": 1, "model": "fused_4bit", "suite": "demo", "logit_retention": 0.5,
+                               "kl": {"mean": 0.1}, "created": "2026-01-01T00:00:00", **change}))
+    line = one_error(run("compare", *logs, ret))
+    assert line.startswith(f"Error: {ret}: field {next(iter(change))!r} is ")

@@ -205,9 +205,9 @@ def test_demo_models_family_builds_that_familys_base_and_the_demo_adapter_recipe
     from qtools.cli import cli
 
     res = CliRunner().invoke(cli, ["demo-models", "--output", str(models), "--suite", "", "--family", "g7"])
-    assert res.exit_code == 1
-    assert res.output.strip() == ("Error: unknown family g7; the calibration's families are "
-                                  "g4, g12, g24, g36, l8g24")
+    assert res.exit_code == 2  # a value out of range: a usage error
+    assert res.output.strip().splitlines()[-1] == ("Error: Invalid value for '--family': unknown family g7; "
+                                                   "the calibration's families are g4, g12, g24, g36, l8g24")
 
 
 def test_base_examples_exact_class_proportions():

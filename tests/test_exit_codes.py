@@ -112,3 +112,61 @@ def test_sweep_stops_on_an_error(model, tmp_path):
     assert f"Error: {bad}" in p.stderr
     assert "failed verdicts" not in p.stdout  # it stopped at the first error
     assert p.stdout.count("== validate") == 1
+
+
+# A value out of range is a usage error (2) in every command, whichever check finds it: the option's
+# type, or a check that needs another option (gptq's bits, group size 16 outside nvfp4).
+OUT_OF_RANGE = [
+    ["quantize", "M", "--bits", "7"],
+    ["quantize", "M", "--bits", "four"],
+    ["quantize", "M", "--group-size", "100"],
+    ["quantize", "M", "--group-size", "abc"],
+    ["quantize", "M", "--group-size", "16"],
+    ["quantize", "M", "--recipe", "gptq", "--bits", "3"],
+    ["quantize", "M", "--recipe", "nvfp4", "--group-size", "64"],
+    ["quantize", "M", "--recipe", "gptq", "--bits", "4", "--num-samples", "0"],
+    ["quantize", "M", "--recipe", "gptq", "--bits", "4", "--sequence-length", "4"],
+    ["quantize", "M", "--recipe", "compensated", "--rank", "0"],
+    ["quantize", "M", "--recipe", "compensated", "--target-bpw", "nan"],
+    ["quantize", "M", "--recipe", "compensated", "--target-bpw", "-1"],
+    ["probe", "M", "--bits", "7"],
+    ["probe", "M", "--group-size", "100"],
+    ["probe", "M", "--min-accuracy", "1.5"],
+    ["probe", "M", "--min-accuracy", "nan"],
+    ["probe", "M", "--max-tokens", "0"],
+    ["validate", "M", "--max-tokens", "0"],
+    ["validate", "M", "--min-accuracy", "nan"],
+    ["retention", "M", "--top-k", "0"],
+    ["retention", "M", "--max-tokens", "-3"],
+    ["delta-survival", "M", "--bits", "9"],
+    ["delta-survival", "M", "--threads", "-1"],
+    ["quant-error", "M", "--group-size", "48"],
+    ["quant-error", "M", "--top", "0"],
+    ["compare", "x.json", "--min-accuracy", "inf"],
+    ["compare", "x.json", "--max-gen-s", "nan"],
+    ["compare", "x.json", "--max-memory-gb", "-1"],
+    ["compare", "x.json", "--min-category", "a=nan"],
+    ["calibrate", "--jobs", "0"],
+    ["calibrate", "--min-accuracy", "2"],
+    ["demo-models", "--seed", "-1"],
+    ["demo-models", "--family", "g7"],
+    ["fuse", "M", "--adapter", "A", "--dtype", "int8"],
+]
+
+
+@pytest.mark.parametrize("args", OUT_OF_RANGE, ids=" ".join)
+def test_a_value_out_of_range_is_a_usage_error(tmp_path, args):
+    r = run(*args, *(["--output", tmp_path / "o"] if args[0] in ("quantize", "fuse") else []))
+    assert r.exit_code == 2, r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith("Error: Invalid value for '--"), r.output
+    assert "Traceback" not in r.output and not (tmp_path / "o").exists()
+
+
+def test_a_library_value_error_names_the_option():
+    from qtools import BadValue, QtoolsError
+    from qtools.pipeline.recipes_mlx import check_recipe_args
+
+    with pytest.raises(BadValue) as info:
+        check_recipe_args("gptq", 3, None)
+    assert isinstance(info.value, QtoolsError) and info.value.option == "--bits"

@@ -183,15 +183,17 @@ def test_quantized_model_is_probed_as_it_is(fam):
 def test_quantized_model_with_bits_is_an_error(fam):
     d, _model, suite = fam
     r = run(d / "q4", "--suite", suite, "--bits", 4)
-    assert r.exit_code == 1
-    assert r.output.startswith("Error: ") and "already quantized" in r.output and r.output.count("\n") == 1
+    assert r.exit_code == 2  # --bits does not fit this model: a usage error
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith("Error: Invalid value for '--bits': ") and "already quantized" in last
 
 
 @pytest.mark.parametrize("bits", ["7", "1", "16"])
 def test_bits_outside_supported_is_an_error(fam, bits):
     _d, model, suite = fam
     r = run(model, "--suite", suite, "--bits", 4, bits)
-    assert r.exit_code == 1 and r.output.strip().splitlines()[-1].startswith(f"Error: unsupported bits {bits}")
+    assert r.exit_code == 2 and r.output.strip().splitlines()[-1].startswith(
+        f"Error: Invalid value for '--bits': unsupported bits {bits}")
 
 
 def test_suite_without_a_decision_is_an_error(fam, tmp_path):

@@ -103,17 +103,17 @@ def test_output_equal_to_the_model_is_refused(trio, tmp_path, recipe):
     shutil.copytree(fused, m)
     before = {p.name: p.read_bytes() for p in m.iterdir()}
     r = run("quantize", m, "--recipe", recipe, "--bits", 4, "--output", m, "--force")
-    _one_error(r, f"Error: the output {m} is the model {m} itself: choose another --output")
+    _one_error(r, f"Error: the output {m} is the input {m}: writing it would destroy the input")
     r = run("quantize", m, "--recipe", recipe, "--bits", 4, "--output", m / "q4", "--force")
-    _one_error(r, f"Error: the output {m / 'q4'} is inside the model {m}: choose another --output")
+    _one_error(r, f"Error: the output {m / 'q4'} lies inside the input {m}: writing it would destroy")
     r = run("quantize", m, "--recipe", recipe, "--bits", 4, "--output", tmp_path, "--force")
-    _one_error(r, f"Error: the output {tmp_path} holds the model {m} (--force would delete it)")
+    _one_error(r, f"Error: the output {tmp_path} contains the input {m}: writing it would destroy")
     assert {p.name: p.read_bytes() for p in m.iterdir()} == before
     # through a symlink too
     link = tmp_path / "link"
     link.symlink_to(m)
     r = run("quantize", m, "--recipe", recipe, "--bits", 4, "--output", link, "--force")
-    _one_error(r, f"Error: the output {link} is the model {m} itself")
+    _one_error(r, f"Error: the output {link} is the input {m}")
     assert {p.name: p.read_bytes() for p in m.iterdir()} == before
 
 
@@ -121,7 +121,7 @@ def test_output_equal_to_the_base_or_adapter_is_refused(trio, tmp_path):
     base, adapter, fused = trio
     for what, path in (("base model", base), ("adapter", adapter)):
         r = run("quantize", fused, "--recipe", "adapter", "--bits", 4, "--output", path, "--force")
-        _one_error(r, f"Error: the output {path} is the {what} {path} itself")
+        _one_error(r, f"Error: the output {path} is the input {path}")
     assert (base / "model.safetensors").is_file() and (adapter / "adapters.safetensors").is_file()
 
 

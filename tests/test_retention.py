@@ -110,7 +110,7 @@ def test_bad_input(fam, tmp_path):
     r = run("--reference", d / "fused", *common, other)
     assert r.exit_code == 1 and "vocabulary" in r.output and "not the same model family" in r.output
     r = run("--reference", d / "fused", *common, "--text", suite, d / "q8")
-    assert r.exit_code == 1 and "not both" in r.output
+    assert r.exit_code == 2 and "not both" in r.output  # a usage error
     r = run("--reference", d / "fused", "--base", d / "base", "--suite", tmp_path / "no.jsonl", d / "q8")
     assert r.exit_code == 1 and "does not exist" in r.output
     r = run("--reference", d / "fused", *common)

@@ -277,7 +277,7 @@ def test_adapter_rank_mismatch(trio, tmp_path):
 def test_unsupported_bits(trio, bits):
     _, adapter, fused = trio
     res = run("delta-survival", fused, "--adapter", adapter, "--bits", 4, bits)
-    assert res.exit_code == 1
+    assert res.exit_code == 2
     assert f"unsupported bits {bits}" in error_line(res)
 
 
@@ -297,14 +297,15 @@ def test_bits_take_a_list_or_repeats_before_or_after_the_model(trio, args):
 def test_bits_that_are_not_numbers_are_refused(trio):
     _, adapter, fused = trio
     res = run("delta-survival", fused, "--adapter", adapter, "--bits", "four")
-    assert res.exit_code == 1
-    assert error_line(res) == "Error: unsupported bits four: MLX affine quantization supports 2, 3, 4, 5, 6, 8"
+    assert res.exit_code == 2
+    assert error_line(res) == ("Error: Invalid value for '--bits': unsupported bits four: "
+                               "MLX affine quantization supports 2, 3, 4, 5, 6, 8")
 
 
 def test_unsupported_group_size(trio):
     _, _, fused = trio
     res = run("quant-error", fused, "--group-size", 48)
-    assert res.exit_code == 1
+    assert res.exit_code == 2
     assert "unsupported group size 48" in error_line(res)
 
 

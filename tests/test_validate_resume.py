@@ -283,3 +283,48 @@ def test_a_model_that_fails_to_load_leaves_no_partial(suite, tmp_path):
     r = run("validate", broken, "--suite", suite, "--logs-dir", logs)
     assert r.exit_code == 1 and r.output.startswith(f"Error: cannot load model {broken}: ")
     assert not logs.exists() or list(logs.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage", [
+    lambda e: e["record"].update(output=None),
+    lambda e: e["record"].update(id=["d1"]),
+    lambda e: e["record"].update(gen_s="0.2"),
+    lambda e: e["record"].update(tokens=-1),
+    lambda e: e["record"].pop("tokens"),
+    lambda e: e.update(record="d1"),
+    lambda e: e.update(peak_memory_gb="1 GB"),
+    lambda e: "d1",  # the whole line a string
+    lambda e: ["record", e["record"]],
+], ids=["output null", "id a list", "gen_s a string", "tokens negative", "tokens missing", "record a string",
+        "peak memory a string", "line a string", "line a list"])
+def test_a_damaged_record_is_generated_again(model, suite, tmp_path, monkeypatch, damage):
+    ref = reference(model, suite, tmp_path, monkeypatch)
+    out = tmp_path / "log.json"
+    _interrupt(model, suite, out, monkeypatch, 4)
+    p = partial_of(out)
+    lines = p.read_text().splitlines()
+    entry = json.loads(lines[2])  # the second case, d1
+    lines[2] = json.dumps(damage(entry) or entry)
+    p.write_text("\n".join(lines) + "\n")
+    gen = FakeGeneration(monkeypatch)
+    r = run("validate", model, "--suite", suite, "--output", out)
+    assert r.exit_code == 3, r.output  # a result, not a crash
+    assert "Traceback" not in r.output and isinstance(r.exception, SystemExit)
+    assert gen.calls == ["d1", *IDS[4:]]  # the damaged case is measured again, the others reused
+    assert f"1 damaged line(s) of {p} left out: their cases are generated again" in r.output
+    log = json.loads(out.read_text())
+    assert log["cases"] == ref["cases"] and log["resumed_cases"] == 3
+    assert {key: log[key] for key in SUMMARY} == {key: ref[key] for key in SUMMARY}
+
+
+def test_a_damaged_header_setting_starts_over(model, suite, tmp_path, monkeypatch):
+    out = tmp_path / "log.json"
+    _interrupt(model, suite, out, monkeypatch)
+    p = partial_of(out)
+    lines = p.read_text().splitlines()
+    lines[0] = json.dumps({**json.loads(lines[0]), "settings": ["max_tokens"]})
+    p.write_text("\n".join(lines) + "\n")
+    gen = FakeGeneration(monkeypatch)
+    r = run("validate", model, "--suite", suite, "--output", out)
+    assert r.exit_code == 3 and gen.calls == IDS, r.output
+    assert "was written for other settings (batch)" in r.output

@@ -307,3 +307,45 @@ def test_validate_log_that_is_a_directory_is_refused_before_loading(base, suite,
     (tmp_path / "log.json").mkdir()
     r = run("validate", base, "--suite", suite, "--output", tmp_path / "log.json")
     assert (r.exit_code, r.output.strip()) == (1, f"Error: cannot write {tmp_path / 'log.json'}: it is a directory")
+
+
+# ------------------------------------------------------------------ retention's logs and cache
+
+@pytest.fixture
+def no_retention_load(monkeypatch):
+    import qtools.pipeline.retention as RT
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was run before retention's logs directory was checked")
+
+    monkeypatch.setattr(RT, "_load", refuse)
+
+
+@pytest.mark.parametrize("where", ["logs-dir", "logs-subdir", "cache"])
+def test_retention_readonly_logs_dir_is_refused_before_the_work(base, adapter, suite, tmp_path, readonly,
+                                                                 no_retention_load, where):
+    args = {"logs-dir": ["--logs-dir", readonly], "logs-subdir": ["--logs-dir", readonly / "logs"],
+            "cache": ["--logs-dir", tmp_path / "logs", "--cache", readonly / "c.npz"]}[where]
+    r = run("retention", base, "--reference", base, "--base", base, "--suite", suite, *args)
+    assert r.exit_code == 1, r.output
+    written = readonly / "c.npz" if where == "cache" else Path(args[1]) / "retention-base.json"
+    assert r.output.startswith(f"Error: cannot write {written}: {readonly} is not writable (")
+    assert len(r.output.strip().splitlines()) == 1 and _leftovers(readonly) == []
+
+
+def test_retention_logs_dir_that_is_a_file_is_refused_before_the_work(base, suite, tmp_path, no_retention_load):
+    (tmp_path / "logs").write_text("")
+    r = run("retention", base, "--reference", base, "--base", base, "--suite", suite, "--logs-dir", tmp_path / "logs")
+    assert (r.exit_code, r.output.strip()) == (
+        1, f"Error: cannot write {tmp_path / 'logs' / 'retention-base.json'}: {tmp_path / 'logs'} is not a directory")
+
+
+def test_an_atomic_write_under_a_file_is_one_error(tmp_path):
+    # the cleanup of a write that never started must not raise a second time (FileExistsError, NotADirectoryError)
+    from qtools import QtoolsError
+    from qtools.io.atomic import write_json_atomic
+
+    (tmp_path / "f").write_text("")
+    with pytest.raises(QtoolsError, match=f"cannot write {tmp_path / 'f' / 'x.json'}: "):
+        write_json_atomic(tmp_path / "f" / "x.json", {})
+    assert os.listdir(tmp_path) == ["f"]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .. import SUPPORTED_BITS, QtoolsError
 from ..demo.train import ALL_LINEAR, ATTENTION, BASE, MLP
+from ..io.adapters import read_adapter_config
 
 # Every fine-tune is measured at every bit-width MLX affine quantization supports.
 BITS = SUPPORTED_BITS
@@ -76,7 +77,7 @@ def run_name(run: dict) -> str:
 def expand_run(run_dir: Path, run: dict, family: str | None = None) -> list[tuple[str, dict, Path]]:
     """(fine-tune id, config, adapter dir) for every checkpoint and scale multiplier of a run;
     the id and config name the family when one is given."""
-    cfg = json.loads((run_dir / "adapter_config.json").read_text())
+    cfg = read_adapter_config(run_dir / "adapter_config.json")
     out = []
     for it in run["checkpoints"]:
         ckpt = run_dir / f"{it:07d}_adapters.safetensors"

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from ..io.atomic import write_text_atomic
 from .fit import BOOTSTRAP_DRAWS, GOAL_ABOVE_CONSTANT, GOAL_EXACT, bits_rank, predict, rule_input
 from .grid import BITS
 from .measure import MISSING, exact_delta_threshold
@@ -146,7 +145,7 @@ def write_report(results, s: dict, out_md, out_png, min_accuracy, excluded, fami
             f"{r['true_min_bits'] or 'none'} | {_fmt_bits(exact_delta_threshold(r, min_accuracy))} | "
             f"{s['predictions'][r['id']] or 'none'} | {predict(r, rule) or 'none'} |{vals}"
         )
-    Path(out_md).write_text("\n".join(lines) + "\n")
+    write_text_atomic(out_md, "\n".join(lines) + "\n")
 
 
 def _scope(families) -> list[str]:

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .. import QtoolsError
+from .. import BadValue, QtoolsError
 from ..io.atomic import read_json_or_none, write_json_atomic
 from ..pipeline.scoring import DEFAULT_MIN_ACCURACY
 from .fit import study
@@ -243,8 +243,8 @@ def select_families(names=None) -> list[dict]:
     by_name = {f["name"]: f for f in fams}
     unknown = [n for n in names if n not in by_name]
     if unknown:
-        raise QtoolsError(f"unknown famil{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
-                          f"the calibration's families are {', '.join(by_name)}")
+        raise BadValue(f"unknown famil{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
+                       f"the calibration's families are {', '.join(by_name)}", "--family")
     return [by_name[n] for n in names]
 
 
@@ -253,7 +253,14 @@ def calibrate(suite_path, rule_file, work_dir="models/calibration", docs_dir="do
     """Run the grid on every family, judge the rule leave-one-family-out, fit it on all families;
     write the report to docs_dir and the rule to rule_file (delta-survival's is
     qtools/survival/calibration.json)."""
+    from ..io.atomic import check_output, check_writable
+
     fams = select_families(families)
+    # What the hours of work end by writing is checked before them (writable, never the suite).
+    docs = Path(docs_dir)
+    for out in (docs / "calibration.md", docs / "calibration.png", Path(rule_file)):
+        check_writable(check_output(out, [suite_path]), file=True)
+    check_writable(Path(work_dir) / "bases")
     results = run_grid(suite_path, work_dir, fams, min_accuracy=min_accuracy, jobs=jobs, exact_delta=exact_delta,
                        from_cache=from_cache, log=log)
     usable = [r for r in results if r["float16_passes"]]
@@ -262,7 +269,6 @@ def calibrate(suite_path, rule_file, work_dir="models/calibration", docs_dir="do
         raise QtoolsError(f"only {len(usable)} fine-tunes of {len({r['family'] for r in usable})} famil(ies) learned "
                           "the task; leave-one-family-out needs at least 2 families and 4 fine-tunes")
     s = study(usable, min_accuracy)
-    docs = Path(docs_dir)
     docs.mkdir(parents=True, exist_ok=True)
     write_report(usable, s, docs / "calibration.md", docs / "calibration.png", min_accuracy, excluded, fams)
     write_rule_file(rule_file, s)

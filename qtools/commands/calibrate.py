@@ -7,6 +7,7 @@ import click
 from ..calibrate.run import calibrate
 from ..pipeline.scoring import DEFAULT_MIN_ACCURACY
 from ..survival.rule import RULE_FILE
+from .options import Number
 
 
 @click.command("calibrate")
@@ -14,9 +15,9 @@ from ..survival.rule import RULE_FILE
 @click.option("--work-dir", type=click.Path(), default="models/calibration", show_default=True,
               help="Adapters, fused models and cached results (a rerun resumes).")
 @click.option("--docs-dir", type=click.Path(), default="docs", show_default=True)
-@click.option("--min-accuracy", type=float, default=DEFAULT_MIN_ACCURACY, show_default=True,
+@click.option("--min-accuracy", type=Number(0, 1), default=DEFAULT_MIN_ACCURACY, show_default=True,
               help="Validation passes at this accuracy with no critical error (as qtools validate judges).")
-@click.option("--jobs", type=int, default=2, show_default=True, help="Training runs in parallel (processes).")
+@click.option("--jobs", type=click.IntRange(min=1), default=2, show_default=True, help="Training runs in parallel (processes).")
 @click.option("--family", "families", multiple=True,
               help="Calibrate only this family (repeatable; default: all of them, g4 g12 g24 g36 l8g24).")
 @click.option("--exact-delta/--no-exact-delta", default=False, show_default=True,
@@ -28,8 +29,6 @@ from ..survival.rule import RULE_FILE
 def calibrate_cmd(suite, work_dir, docs_dir, min_accuracy, jobs, families, exact_delta, from_cache, as_json):
     """Build the families' bases, train a grid of fine-tunes on each, measure their behavioural
     threshold, judge the rule leave-one-family-out and fit it on all families."""
-    if jobs < 1:
-        raise click.BadParameter("must be at least 1", param_hint="--jobs")
     res = calibrate(suite, RULE_FILE, work_dir, docs_dir, min_accuracy, jobs=jobs, families=list(families),
                     exact_delta=exact_delta, from_cache=from_cache)
     if as_json:

@@ -5,8 +5,9 @@ import math
 
 import click
 
-from ..pipeline.compare import Criteria, compare, format_comparison, plot_comparison, public
+from ..pipeline.compare import Criteria, check_plot, compare, format_comparison, plot_comparison, public
 from ..pipeline.scoring import DEFAULT_MIN_ACCURACY
+from .options import Number
 
 
 class CategoryMinimum(click.ParamType):
@@ -22,7 +23,7 @@ class CategoryMinimum(click.ParamType):
             minimum = float(raw)
         except ValueError:
             minimum = math.nan
-        if not sep or not name.strip() or not 0 <= minimum <= 1:
+        if not sep or not name.strip() or not 0 <= minimum <= 1:  # nan is refused here too
             self.fail(f"{value!r}: use NAME=MIN with MIN between 0 and 1 (field_access=0.8)", param, ctx)
         return name.strip(), minimum
 
@@ -40,11 +41,11 @@ def _min_category(ctx, param, values):
 @click.argument("logs", nargs=-1, type=click.Path())
 @click.option("--survival", type=click.Path(), default=None,
               help="`qtools delta-survival --json` output (found among LOGS if not given).")
-@click.option("--min-accuracy", type=click.FloatRange(0, 1), default=DEFAULT_MIN_ACCURACY, show_default=True)
+@click.option("--min-accuracy", type=Number(0, 1), default=DEFAULT_MIN_ACCURACY, show_default=True)
 @click.option("--max-critical", type=click.IntRange(0), default=0, show_default=True)
-@click.option("--max-gen-s", type=click.FloatRange(0), default=3.0, show_default=True,
+@click.option("--max-gen-s", type=Number(0), default=3.0, show_default=True,
               help="Most mean generation seconds per query.")
-@click.option("--max-memory-gb", type=click.FloatRange(0), default=20.0, show_default=True,
+@click.option("--max-memory-gb", type=Number(0), default=20.0, show_default=True,
               help="Most peak memory in GB.")
 @click.option("--min-category", type=CategoryMinimum(), multiple=True, callback=_min_category,
               help="Least accuracy in one suite category, e.g. field_access=0.8 (repeatable).")
@@ -53,6 +54,8 @@ def _min_category(ctx, param, values):
 def compare_cmd(logs, survival, min_accuracy, max_critical, max_gen_s, max_memory_gb, min_category, plot, as_json):
     """Compare validate LOGS: metrics as rows, models as columns, winner, verdict, recommendation."""
     criteria = Criteria(min_accuracy, max_critical, max_gen_s, max_memory_gb, min_category)
+    if plot:
+        plot = check_plot(plot, [*logs, survival])  # before the comparison; never over an input
     result = compare(logs, survival, criteria)
     written = plot_comparison(result, plot) if plot else None
     if as_json:

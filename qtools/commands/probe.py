@@ -5,10 +5,10 @@ import json
 import click
 
 from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
-from ..io.atomic import check_writable, write_json_atomic
+from ..io.atomic import check_output, check_writable, write_json_atomic
 from ..pipeline.probe import format_probe, probe
 from ..pipeline.scoring import DEFAULT_MIN_ACCURACY
-from .options import Supported, ValuesOption
+from .options import Number, Supported, ValuesOption
 
 
 @click.command("probe")
@@ -20,9 +20,9 @@ from .options import Supported, ValuesOption
                    "not for an already-quantized model, which is probed as it is.")
 @click.option("--group-size", type=Supported("group size", SUPPORTED_GROUP_SIZES, "MLX"), default=None,
               help="Quantization group size for a float model [default: 64].")
-@click.option("--min-accuracy", type=click.FloatRange(0, 1), default=DEFAULT_MIN_ACCURACY, show_default=True,
+@click.option("--min-accuracy", type=Number(0, 1), default=DEFAULT_MIN_ACCURACY, show_default=True,
               help="Predicted verdict fails below this accuracy (as validate's).")
-@click.option("--max-tokens", type=int, default=None, help="Override the suite's max tokens per answer.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Override the suite's max tokens per answer.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
               help="Also write the JSON report to this file (written whole or not at all).")
@@ -31,7 +31,8 @@ def probe_cmd(model, suite, bits, group_size, min_accuracy, max_tokens, as_json,
     teacher-forced pass per case: the margin of the expected decision at its decision token."""
 
     if output:
-        check_writable(output, file=True)  # before the probe's minutes of work, not after
+        # before the probe's minutes of work, not after; never over the model or the suite
+        check_writable(check_output(output, [model, suite]), file=True)
     report = probe(model, suite, bits=[int(b) for b in bits],
                    group_size=None if group_size is None else int(group_size), min_accuracy=min_accuracy,
                    max_tokens=max_tokens, progress=not as_json)

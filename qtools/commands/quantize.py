@@ -9,7 +9,7 @@ from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from ..format import human_bytes
 from ..pipeline.quantize import RECIPES, default_output, quantize
 from ..pipeline.recipes_mlx import DATA_RECIPES
-from .options import Supported
+from .options import Number, SamplesCount, Supported
 
 
 @click.command("quantize")
@@ -28,21 +28,21 @@ from .options import Supported
 @click.option("--data", type=click.Path(), default=None,
               help="Calibration data for awq/gptq/dwq/dynamic: JSONL ({text} / {messages} / {prompt, completion}) "
                    "or .txt [default: the fine-tune's training data when its adapter_config.json names it].")
-@click.option("--num-samples", type=int, default=None,
+@click.option("--num-samples", type=SamplesCount(), default=None,
               help="awq/gptq/dynamic: calibration blocks of --sequence-length tokens, -1 for all [default: 8].")
-@click.option("--sequence-length", type=int, default=None, help="awq/gptq/dynamic: tokens per block [default: 512].")
+@click.option("--sequence-length", type=click.IntRange(min=8), default=None, help="awq/gptq/dynamic: tokens per block [default: 512].")
 @click.option("--base", type=click.Path(), default=None,
               help="Without MODEL: the base the adapter is fused into on the fly (no fused model on disk). "
                    "adapter recipe: the float base model [default: from the fused model's provenance].")
 @click.option("--adapter", type=click.Path(), default=None,
               help="Without MODEL: the adapter fused on the fly. adapter/compensated recipes: the fine-tune's "
                    "adapter [default: from the provenance].")
-@click.option("--rank", type=int, default=None,
+@click.option("--rank", type=click.IntRange(min=1), default=None,
               help="compensated: rank of the correction [default: the largest within --target-bpw].")
 @click.option("--correction", type=click.Choice(["svd", "subspace"]), default=None,
               help="compensated: svd (best rank-r approximation of the error) or subspace (the error inside "
                    "the adapter's subspace) [default: svd].")
-@click.option("--target-bpw", type=float, default=None,
+@click.option("--target-bpw", type=Number(0, min_open=True), default=None,
               help="dynamic/compensated: bits per weight to fill [default: BITS + 0.8, 4.8 at 4 bits].")
 @click.option("--layer-bits", "layer_bits_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="JSON file {layer path: bits (0 = keep float)} overriding single layers.")
@@ -56,7 +56,7 @@ def quantize_cmd(model, bits, group_size, recipe, data, num_samples, sequence_le
     tensor (uniform, mixed_*, survival, mxfp4/nvfp4/mxfp8, adapter); report bits per weight and size."""
     if model is None and (base is None or adapter is None):
         raise click.UsageError("give MODEL, or --base and --adapter to fuse on the fly")
-    from .. import QtoolsError
+    from .. import BadValue, QtoolsError
 
     bits, group_size = int(bits), (int(group_size) if group_size else None)
     layer_bits = None
@@ -73,8 +73,8 @@ def quantize_cmd(model, bits, group_size, recipe, data, num_samples, sequence_le
                 raise QtoolsError(f"layer {path}: bits={b} is not supported (use one of "
                                   f"{' '.join(map(str, SUPPORTED_BITS))} or 0 to keep float)")
     if group_size == 16 and recipe != "nvfp4":  # 16 is nvfp4's group, not an affine one
-        raise QtoolsError(f"group size 16 is not supported by {recipe}: MLX affine quantization supports "
-                          + ", ".join(map(str, SUPPORTED_GROUP_SIZES)))
+        raise BadValue(f"group size 16 is not supported by {recipe}: MLX affine quantization supports "
+                       + ", ".join(map(str, SUPPORTED_GROUP_SIZES)), "--group-size")
     if data is None and recipe in DATA_RECIPES:
         from ..demo.data import training_data_of
 

@@ -6,7 +6,7 @@ import click
 from tabulate import tabulate
 
 from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
-from ..io.atomic import check_writable, write_json_atomic
+from ..io.atomic import check_output, check_writable, write_json_atomic
 from ..survival.analyze import delta_survival, quant_error
 from .options import Supported, ValuesOption
 
@@ -18,7 +18,7 @@ _bits_option = click.option(
 _group_option = click.option("--group-size", type=Supported("group size", SUPPORTED_GROUP_SIZES, "MLX"),
                              default=64, show_default=True, help="Quantization group size.")
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-_threads_option = click.option("--threads", type=int, default=0, help="Worker threads (0: all cores).")
+_threads_option = click.option("--threads", type=click.IntRange(min=0), default=0, help="Worker threads (0: all cores).")
 
 
 def _fmt(v, spec=".3f"):
@@ -78,7 +78,7 @@ def delta_survival_cmd(model, adapter, base, bits, group_size, as_json, output, 
         raise click.UsageError("give MODEL (a fused model directory), or both --base and --adapter "
                                "(fused on the fly, nothing written)")
     if output:
-        check_writable(output, file=True)  # before the analysis, not after it
+        check_writable(check_output(output, [model, adapter, base]), file=True)  # before the analysis, not after it
     report = delta_survival(model, bits, group_size, adapter=adapter, base=base, threads=threads,
                             progress=not as_json)
     if output:
@@ -126,7 +126,7 @@ def delta_survival_cmd(model, adapter, base, bits, group_size, as_json, output, 
 @_group_option
 @_json_option
 @_threads_option
-@click.option("--top", type=int, default=10, show_default=True, help="Tensors listed with the largest relative error.")
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Tensors listed with the largest relative error.")
 def quant_error_cmd(model, bits, group_size, as_json, threads, top):
     """Per-tensor MLX affine quantization error of MODEL (like llama.cpp's quantize-stats)."""
     report = quant_error(model, bits, group_size, threads=threads, progress=not as_json)

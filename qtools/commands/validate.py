@@ -8,6 +8,7 @@ from .. import VerdictFailed
 from ..io.logs import log_path
 from ..pipeline.scoring import DEFAULT_MIN_ACCURACY
 from ..pipeline.validate import format_report, validate
+from .options import Number
 
 
 @click.command("validate", epilog="Exit status: 0 the verdict passed, 3 it failed, 1 an error (bad input: "
@@ -19,8 +20,8 @@ from ..pipeline.validate import format_report, validate
               help="Log file to write [default: LOGS/<model>-<suite>.json].")
 @click.option("--logs-dir", default="logs", show_default=True, envvar="LOGS", type=click.Path(),
               help="Where the log goes when --output is not given.")
-@click.option("--max-tokens", type=int, default=None, help="Override the suite's max tokens per answer.")
-@click.option("--min-accuracy", type=click.FloatRange(0, 1), default=DEFAULT_MIN_ACCURACY, show_default=True,
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Override the suite's max tokens per answer.")
+@click.option("--min-accuracy", type=Number(0, 1), default=DEFAULT_MIN_ACCURACY, show_default=True,
               help="Verdict fails below this overall accuracy.")
 @click.option("--batch", is_flag=True,
               help="Generate all but the first case with mlx_lm.batch_generate (faster; mean time is then amortized).")

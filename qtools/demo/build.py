@@ -56,7 +56,7 @@ def demo_models(out_dir="models", suite="suites/demo.jsonl", force=False, family
     family's base and out_dir/FAMILY_adapter the demo's adapter recipe trained on it (seed: the
     adapter's training seed), i.e. one of the calibration's fine-tunes: the demo's pipeline on a
     model the demo was not tuned on."""
-    from ..io.atomic import atomic_output_dir
+    from ..io.atomic import atomic_output_dir, check_output, check_writable, write_text_atomic
     from . import data, train
 
     out_dir = Path(out_dir)
@@ -65,13 +65,17 @@ def demo_models(out_dir="models", suite="suites/demo.jsonl", force=False, family
     prefix, base_recipe, adapter_recipe = _recipes(family, seed)
     base, adapter = out_dir / f"{prefix}_base", out_dir / f"{prefix}_adapter"
     built = {}
+    # What the minutes of training will write is checked first; the suite never inside a model.
+    for d, files in ((base, BASE_FILES), (adapter, ADAPTER_FILES)):
+        if force or not _complete(d, files):
+            check_writable(d)
+    if suite:
+        suite = check_writable(check_output(suite, [base, adapter]), file=True)
 
     if suite:
-        suite = Path(suite)
         text = "\n".join(json.dumps(r) for r in data.suite_records()) + "\n"
-        if force or not suite.exists() or suite.read_text() != text:
-            suite.parent.mkdir(parents=True, exist_ok=True)
-            suite.write_text(text)
+        if force or not suite.exists() or suite.read_bytes() != text.encode():
+            write_text_atomic(suite, text)
             _log(f"wrote {suite}")
         built["suite"] = str(suite)
 

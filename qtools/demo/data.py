@@ -205,20 +205,17 @@ def training_data_of(model_dir) -> tuple[list, str] | None:
     """(records, description) of the demo fine-tune a fused model came from, read from the
     adapter_config.json its provenance names (the demo records its data there as
     `qtools.demo.data.finetune_examples(seed=S, split_seed=T)`); None for any other model."""
-    import json
     import re
     from pathlib import Path
 
+    from ..io.adapters import read_adapter_config
     from ..io.modeldir import read_provenance
 
     adapter = (read_provenance(model_dir) or {}).get("adapter")
     cfg = Path(adapter) / "adapter_config.json" if adapter else None
     if cfg is None or not cfg.is_file():
         return None
-    try:
-        spec = json.loads(cfg.read_text()).get("data")
-    except (OSError, ValueError):
-        return None
+    spec = read_adapter_config(cfg, complete=False).get("data")
     m = re.fullmatch(r"qtools\.demo\.data\.finetune_examples\(seed=(\d+), split_seed=(\d+)\)", str(spec or ""))
     if not m:
         return None

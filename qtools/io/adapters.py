@@ -12,6 +12,8 @@ any row of the delta without materialising it:
 from __future__ import annotations
 
 import json
+import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,23 +82,81 @@ def orthonormal_columns(x: np.ndarray) -> np.ndarray:
     return _ext.orthonormal_columns(np.ascontiguousarray(x))
 
 
+FINE_TUNE_TYPES = ("lora", "dora", "full")
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# What mlx-lm's load_adapters and qtools read of an adapter_config.json: field -> (check, what it must be).
+CONFIG_FIELDS = {
+    "fine_tune_type": (lambda v: v in FINE_TUNE_TYPES, "one of " + ", ".join(FINE_TUNE_TYPES)),
+    "num_layers": (_integer, "an integer (the number of adapted layers, from the last)"),
+    "lora_parameters": (lambda v: isinstance(v, dict), "an object {rank, scale, dropout, keys}"),
+    "model": (lambda v: isinstance(v, str), "a string (the base model)"),
+}
+LORA_FIELDS = {
+    "rank": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "scale": (_number, "a finite number"),
+    "dropout": (lambda v: _number(v) and 0 <= v <= 1, "a number between 0 and 1"),
+    "keys": (lambda v: v is None or (isinstance(v, list) and all(isinstance(k, str) and k for k in v)),
+             "a list of module names"),
+}
+
+
+def _shown(v) -> str:
+    s = json.dumps(v)
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
+def read_adapter_config(path: str | Path, complete: bool = True) -> dict:
+    """An adapter_config.json, read and checked in the one place every reader goes through: JSON
+    text, each field mlx-lm reads of its type (fine_tune_type, num_layers, lora_parameters' rank,
+    scale, dropout, keys), and, when `complete`, the fields a LoRA/DoRA adapter needs. Any flaw is
+    one QtoolsError naming the file and the field."""
+    path = Path(path)
+    try:
+        cfg = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise QtoolsError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise QtoolsError(f"{path} is not text (not UTF-8): an adapter_config.json is a JSON object") from None
+    except json.JSONDecodeError as exc:
+        raise QtoolsError(f"{path} is not valid JSON: {exc.msg}") from None
+    if not isinstance(cfg, dict):
+        raise QtoolsError(f"{path} is not a JSON object")
+    params = cfg.get("lora_parameters")
+    fields = [(k, cfg, k, spec) for k, spec in CONFIG_FIELDS.items()]
+    if isinstance(params, dict):
+        fields += [(f"lora_parameters.{k}", params, k, spec) for k, spec in LORA_FIELDS.items()]
+    for name, obj, key, (check, want) in fields:
+        if key in obj and not check(obj[key]):
+            raise QtoolsError(f"{path}: {name!r} is {_shown(obj[key])}, not {want}")
+    if complete and cfg.get("fine_tune_type", "lora") != "full":
+        # what a LoRA/DoRA adapter must have: mlx-lm's load_adapters reads them (a full fine-tune has no factors)
+        missing = [k for k in ("num_layers", "lora_parameters") if k not in cfg] or \
+            [f"lora_parameters.{k}" for k in ("rank", "scale") if k not in params]
+        if missing:
+            raise QtoolsError(f"{path}: {missing[0]!r} is missing (an mlx-lm LoRA/DoRA adapter has it)")
+    return cfg
+
+
 def check_adapter_dir(adapter: str | Path) -> tuple[Path, dict]:
-    """An mlx-lm adapter directory and its config, or a clear error."""
+    """An mlx-lm adapter directory and its config (read_adapter_config), or a clear error."""
     path = Path(adapter)
-    if not path.is_dir():
+    if not os.path.isdir(path):  # os.path: a name too long for the file system does not exist either
         raise QtoolsError(f"adapter {path} does not exist (a directory with adapter_config.json)")
     cfg_file = path / "adapter_config.json"
     if not cfg_file.is_file():
         raise QtoolsError(f"adapter {path} has no adapter_config.json")
     if not (path / "adapters.safetensors").is_file():
         raise QtoolsError(f"adapter {path} has no adapters.safetensors")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise QtoolsError(f"{cfg_file} is not valid JSON: {exc.msg}") from None
-    if not isinstance(cfg, dict):
-        raise QtoolsError(f"{cfg_file} is not a JSON object")
-    return path, cfg
+    return path, read_adapter_config(cfg_file)
 
 
 class Adapter:
@@ -110,8 +170,8 @@ class Adapter:
             raise QtoolsError(
                 f"{self.path}: a full fine-tune has no low-rank delta; use --base with the original model"
             )
-        params = self.config.get("lora_parameters") or {}
-        self.scale = float(params.get("scale", 20.0))
+        params = self.config["lora_parameters"]  # checked: rank and scale are there, of their types
+        self.scale = float(params["scale"])
         self.rank = params.get("rank")
         self.base_model = self.config.get("model")
         self._st = SafetensorsModel.from_file(weights)
@@ -196,7 +256,7 @@ class Adapter:
         return LowRankDelta(wname, np.ascontiguousarray(bt, np.float32), np.ascontiguousarray(at, np.float32), 1, r)
 
     def _check_rank(self, module, r):
-        if self.rank is not None and int(self.rank) != r:
+        if self.rank is not None and self.rank != r:
             raise QtoolsError(
                 f"adapter module {module!r} has rank {r} but adapter_config.json says rank {self.rank}"
             )

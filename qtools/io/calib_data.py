@@ -10,22 +10,40 @@ fine-tune is calibrated on the token sequences it was trained on.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from .. import QtoolsError
+from .chat import messages_problem, tools_problem
 
 FORMATS = "JSONL with {\"text\"}, {\"messages\"} or {\"prompt\", \"completion\"} records, or a .txt file"
 
 
 def _record_kind(rec) -> str | None:
+    """The mlx-lm format a record is in, by its keys (its values are checked by _record_problem)."""
     if not isinstance(rec, dict):
         return None
     if "prompt" in rec and "completion" in rec:
         return "completions"
-    if isinstance(rec.get("messages"), list):
+    if "messages" in rec:
         return "chat"
-    if isinstance(rec.get("text"), str):
+    if "text" in rec:
         return "text"
+    return None
+
+
+def _record_problem(rec: dict, kind: str) -> str | None:
+    """What a record holds that mlx-lm's dataset would not tokenize as meant (a number where the
+    text belongs is no text at all), or None."""
+    keys = {"completions": ("prompt", "completion"), "text": ("text",)}.get(kind, ())
+    for key in keys:
+        if not isinstance(rec[key], str):
+            return f"{key!r} is {json.dumps(rec[key])[:40]}, not a string"
+    if kind == "text" and not rec["text"].strip():
+        return "'text' is empty"
+    if kind == "chat":
+        return messages_problem(rec["messages"]) or (
+            tools_problem(rec["tools"]) if rec.get("tools") is not None else None)
     return None
 
 
@@ -33,9 +51,9 @@ def read_records(path: str | Path) -> list[dict]:
     """The records of a DATA file, checked: one clear error for a missing, empty,
     binary or malformed file, or records of mixed or unknown formats."""
     path = Path(path)
-    if not path.exists():
+    if not os.path.exists(path):  # os.path: a name too long for the file system does not exist either
         raise QtoolsError(f"DATA {path} does not exist")
-    if not path.is_file():
+    if not os.path.isfile(path):
         raise QtoolsError(f"DATA {path} is not a file")
     try:
         text = path.read_text(encoding="utf-8")
@@ -62,6 +80,9 @@ def read_records(path: str | Path) -> list[dict]:
         kind = _record_kind(rec)
         if kind is None:
             raise QtoolsError(f"DATA {path} line {n} is not an mlx-lm record: give {FORMATS}")
+        problem = _record_problem(rec, kind)
+        if problem:
+            raise QtoolsError(f"DATA {path} line {n}: {problem}")
         kinds.add(kind)
         records.append(rec)
     if len(kinds) > 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -34,8 +35,59 @@ def weights_bytes(model: str | Path) -> int:
     return sum(p.stat().st_size for p in files if p.is_file())
 
 
-def quantization_info(config: dict) -> dict:
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _shown(v) -> str:
+    s = json.dumps(v)
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
+# Fields of config.json qtools reads (in it or its text_config): field -> (check, what it must be).
+CONFIG_FIELDS = {
+    "vocab_size": (_positive_int, "a positive integer"),
+    "num_hidden_layers": (_positive_int, "a positive integer"),
+    "hidden_size": (_positive_int, "a positive integer"),
+    "torch_dtype": (lambda v: isinstance(v, str), "a dtype name"),
+    "dtype": (lambda v: isinstance(v, str), "a dtype name"),
+}
+
+
+def config_problem(config: dict) -> str | None:
+    """What is wrong with a model config's fields qtools reads, or None: the quantization entry
+    (an object with a positive integer bits and group_size, a string mode, per-layer overrides
+    {bits, group_size} or true/false) and the sizes and dtype (CONFIG_FIELDS)."""
+    for key in ("quantization", "quantization_config"):
+        q = config.get(key)
+        if q is None:
+            continue
+        if not isinstance(q, dict):
+            return f"{key!r} is {_shown(q)}, not an object {{bits, group_size, ...}}"
+        entries = [(f"{key}.{k}", q) for k in ("bits", "group_size")]
+        if key == "quantization":  # mlx-lm's own: per-layer overrides beside the defaults
+            entries += [(f"{key}.{name}.{k}", v) for name, v in q.items() if isinstance(v, dict)
+                        for k in ("bits", "group_size")]
+        for name, obj in entries:
+            k = name.rsplit(".", 1)[1]
+            if k in obj and not _positive_int(obj[k]):
+                return f"{name!r} is {_shown(obj[k])}, not a positive integer"
+        if "mode" in q and not isinstance(q["mode"], str):
+            return f"'{key}.mode' is {_shown(q['mode'])}, not a mode name"
+    for where, cfg in (("", config), ("text_config.", config.get("text_config"))):
+        if where and cfg is not None and not isinstance(cfg, dict):
+            return f"'text_config' is {_shown(cfg)}, not an object"
+        for k, (check, want) in CONFIG_FIELDS.items():
+            if isinstance(cfg, dict) and cfg.get(k) is not None and not check(cfg[k]):
+                return f"'{where}{k}' is {_shown(cfg[k])}, not {want}"
+    return None
+
+
+def quantization_info(config: dict, where: str | Path = "config.json") -> dict:
     """bits/group size from a model config; per-layer overrides make it 'mixed'."""
+    problem = config_problem(config)
+    if problem:
+        raise QtoolsError(f"{where}: {problem}")
     q = config.get("quantization") or config.get("quantization_config")
     if not q or "bits" not in q:
         dtype = str(config.get("torch_dtype") or config.get("dtype") or "float16")
@@ -49,9 +101,9 @@ def quantization_info(config: dict) -> dict:
 
 def check_model_dir(model: str | Path, what: str = "model") -> Path:
     path = Path(model)
-    if not path.exists():
+    if not os.path.exists(path):  # os.path: a name too long for the file system does not exist either
         raise QtoolsError(f"{what} {path} does not exist")
-    if not path.is_dir():
+    if not os.path.isdir(path):
         raise QtoolsError(f"{what} {path} is not a directory")
     if path.resolve().name.startswith(TMP_PREFIX):
         raise QtoolsError(f"{what} {path} is an unfinished qtools output (an interrupted write): delete it")
@@ -76,6 +128,9 @@ def read_config(model: str | Path, required: bool = True) -> dict:
         raise QtoolsError(f"{path} is not valid JSON ({exc})") from None
     if not isinstance(config, dict):
         raise QtoolsError(f"{path} is not a JSON object")
+    problem = config_problem(config)  # checked here, so no reader meets a list where an object belongs
+    if problem:
+        raise QtoolsError(f"{path}: {problem}")
     return config
 
 
@@ -97,6 +152,16 @@ def read_provenance(model: str | Path) -> dict | None:
     if not isinstance(prov, dict):
         raise QtoolsError(f"{path}: not a JSON object")
     return prov
+
+
+def provenance_inputs(model: str | Path) -> list:
+    """The base and adapter a fused model's provenance names (what a recipe reading the fine-tune
+    reads besides the model); none for an unreadable record."""
+    try:
+        prov = read_provenance(model) or {}
+    except QtoolsError:
+        return []
+    return [prov[k] for k in ("base", "adapter") if isinstance(prov.get(k), str) and prov[k]]
 
 
 def quantized_provenance(src: str | Path, record: dict | None = None, **fields) -> dict:
@@ -126,6 +191,10 @@ def load_model(path: Path):
     mx.reset_peak_memory()
     tic = time.perf_counter()
     adapter = shipped_adapter(path)
+    if adapter is not None:
+        from .adapters import read_adapter_config
+
+        read_adapter_config(adapter / "adapter_config.json")  # one clear error, not mlx-lm's KeyError
     try:
         model, tokenizer, config = load(str(path), return_config=True,
                                         adapter_path=str(adapter) if adapter else None)

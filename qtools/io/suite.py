@@ -10,12 +10,14 @@ names the file and the line number.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import QtoolsError
+from .chat import messages_problem, tools_problem
 
 EXPECT_TYPES = ("tool_call", "direct", "label", "regex", "boxed")
 DEFAULT_MAX_TOKENS = 64
@@ -130,13 +132,9 @@ def _parse_expect(expect: Any) -> dict:
 
 
 def _parse_messages(messages: Any) -> list:
-    if not isinstance(messages, list) or not messages:
-        raise _LineError("\"messages\" must be a non-empty list")
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
-            raise _LineError(f"message {i} must be an object with a 'role'")
-        if "content" not in msg and "tool_calls" not in msg:
-            raise _LineError(f"message {i} lacks 'content'")
+    problem = messages_problem(messages)
+    if problem:
+        raise _LineError(problem)
     return messages
 
 
@@ -159,8 +157,8 @@ def _parse_case(obj: Any, line: int) -> Case:
     if messages is not None:
         messages = _parse_messages(messages)
     tools = obj.get("tools")
-    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
-        raise _LineError("'tools' must be a list of function schemas (objects)")
+    if tools is not None and tools_problem(tools):
+        raise _LineError(tools_problem(tools))
     expect = _parse_expect(obj.get("expect"))
     critical = obj.get("critical")
     if critical is not None:
@@ -209,7 +207,7 @@ def _apply_header(suite: Suite, header: Any) -> None:
 def load_suite(path: str | Path) -> Suite:
     """Read and check a suite file; raise QtoolsError naming the bad line."""
     path = Path(path)
-    if not path.is_file():
+    if not os.path.isfile(path):  # os.path: a name too long for the file system does not exist either
         raise QtoolsError(f"suite {path} does not exist")
     try:
         text = path.read_text(encoding="utf-8")

@@ -330,3 +330,10 @@ def check_finite(st: "SafetensorsModel", what: str, hint: str | None = None, chu
         if n:
             raise QtoolsError(f"{what}: tensor {name!r} ({info.file.name}) has {n} NaN or Inf value(s) of "
                               f"{info.numel}" + (f": {hint}" if hint else ""))
+
+
+def check_model_finite(path, what: str, hint: str | None = None) -> None:
+    """check_finite over a whole model directory: every command that runs a model's numbers
+    refuses a NaN/Inf weight the same way (quantize, fuse, probe, retention)."""
+    with SafetensorsModel(path) as st:
+        check_finite(st, what, hint)

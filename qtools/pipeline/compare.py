@@ -14,8 +14,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .. import QtoolsError
+from .. import BadValue, QtoolsError
 from ..format import human_bytes
+from ..io.atomic import check_output, check_writable
+from ..io.logs import check_log
 from .scoring import DEFAULT_MAX_CRITICAL, DEFAULT_MIN_ACCURACY, pct, verdict
 
 
@@ -51,16 +53,19 @@ def load_inputs(paths, survival: str | Path | None = None, retention: list | Non
         surv = _read_json(survival)
         if not _is_survival(surv):
             raise QtoolsError(f"{survival} is not `qtools delta-survival --json` output")
+        check_log(surv, survival, "survival")
     for p in paths:
         obj = _read_json(p)
+        # each kind's fields and their types are checked on load (io.logs), not met as a KeyError later
         if _is_log(obj):
+            obj = check_log(obj, p, "validate")
             obj["_path"] = str(p)
             logs.append(obj)
         elif _is_survival(obj):
-            surv = surv or obj  # `make compare` passes logs/*.json, survival.json included
+            surv = surv or check_log(obj, p, "survival")  # `make compare` passes logs/*.json, survival.json included
         elif _is_retention(obj):
             if retention is not None:
-                retention.append(obj)
+                retention.append(check_log(obj, p, "retention"))
         elif isinstance(obj, dict) and "qtools_retention" in obj:
             raise QtoolsError(f"{p} has no logit_retention: it was written by an older qtools; "
                               "run `qtools retention` again")
@@ -370,6 +375,26 @@ def format_comparison(result: dict) -> str:
     return "\n".join(out).rstrip()
 
 
+def plot_formats() -> list:
+    """The file formats the plot can be written in (matplotlib's Agg canvas: png, svg, pdf, ...)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    return sorted(FigureCanvasAgg.get_supported_filetypes())
+
+
+def check_plot(path: str | Path, inputs=()) -> Path:
+    """--plot before the comparison: a file name whose suffix is a format matplotlib writes (a usage
+    error otherwise: it would not write that name), writable, and none of the inputs."""
+    path = Path(path)
+    formats = plot_formats()
+    if path.is_dir():
+        raise BadValue(f"{path} is a directory: give a file name, e.g. {path / 'compare.png'}", "--plot")
+    if path.suffix[1:].lower() not in formats:
+        raise BadValue(f"{path}: give a file name ending in one of the formats matplotlib writes: "
+                       + ", ".join(f".{f}" for f in formats), "--plot")
+    return check_writable(check_output(path, inputs), file=True)
+
+
 def plot_comparison(result: dict, path: str | Path) -> Path:
     """bits vs accuracy, disk size and predicted delta_retention, one PNG."""
     import matplotlib
@@ -383,7 +408,9 @@ def plot_comparison(result: dict, path: str | Path) -> Path:
     panels = 3 if surv else 2
     fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.6))
     for name in dict.fromkeys(log["suite"] for log in logs):
-        pts = sorted((log["bits"], log) for log in logs if log["suite"] == name and not log.get("mixed"))
+        # by bits alone: two logs of one bit-width (uniform and awq 4-bit) are both plotted, in input order
+        pts = sorted(((log["bits"], log) for log in logs if log["suite"] == name and not log.get("mixed")),
+                     key=lambda p: p[0])
         xs = [b for b, _ in pts]
         axes[0].plot(xs, [log["accuracy"] for _, log in pts], "o-", label=name)
         crit_pts = [(b, log["accuracy"]) for b, log in pts if log["critical_errors"] > 0]
@@ -412,7 +439,7 @@ def plot_comparison(result: dict, path: str | Path) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, format=path.suffix[1:].lower())
     except OSError as exc:
         raise QtoolsError(f"could not write {path}: {exc.strerror or exc}") from None
     finally:

@@ -22,10 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-from .. import QtoolsError, versions
+from .. import BadValue, QtoolsError, versions
 from ..format import progress as progress_bar
 from ..io.adapters import check_adapter_dir
-from ..io.atomic import atomic_output_dir, check_output_free, check_writable
+from ..io.atomic import atomic_output_dir, check_output, check_writable
 from ..io.fused import DTYPES, FusedView, as_numpy, fuse_module_f32  # noqa: F401 (fuse_module_f32: its old home)
 from ..io.modeldir import PROVENANCE, check_model_dir, dir_size, read_config, weights_bytes
 from ..io.shards import write_sharded
@@ -65,10 +65,10 @@ def fuse(
     """Fuse ADAPTER into BASE and write OUT atomically, one tensor at a time; return a report dict.
     max_shard_bytes: mlx-lm's shard size (5 GB) unless given."""
     if dtype not in DTYPES:
-        raise QtoolsError(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
+        raise BadValue(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}", "--dtype")
     base_path = check_model_dir(base, "base model")
     adapter_path, _ = check_adapter_dir(adapter)
-    check_output_free(out, force)
+    check_output(out, [base_path, adapter_path], force)  # never into or over an input
     check_writable(out, output_bytes_estimate(base_path, dtype))
     # The adapter is small: checked whole, first. The base is checked as it is read: a fused tensor
     # that is not finite sends us to the inputs, so the error names a broken input, not an overflow.

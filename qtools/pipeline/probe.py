@@ -36,10 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QtoolsError, versions
+from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, BadValue, QtoolsError, versions
 from ..format import progress as progress_bar
 from ..io.modeldir import check_model_dir, load_model, quantization_info, read_config, text_config
 from ..io.suite import Suite, load_suite
+from ..io.weights import check_model_finite
 from ..survival.rule import smallest_surviving
 from .fakequant import fake_quantize, quantizable_modules
 from .retention import DEFAULT_TOP_K, build_sequences, kl_same_top, kl_stats, tail_logp, topk_rows
@@ -76,17 +77,17 @@ def check_bits(bits, group_size, quant: dict, path: Path) -> tuple[list, int | N
     """The bit-widths to probe and the group size; a quantized model takes neither."""
     if quant["quantized"]:
         if bits or group_size is not None:
-            raise QtoolsError(f"{path} is already quantized ({quant['bits']}-bit, group size "
-                              f"{quant['group_size']}): probe it without --bits/--group-size, "
-                              "or give the float model to probe other bit-widths")
+            raise BadValue(f"{path} is already quantized ({quant['bits']}-bit, group size "
+                           f"{quant['group_size']}): probe it without --bits/--group-size, "
+                           "or give the float model to probe other bit-widths", "--bits" if bits else "--group-size")
         return [quant["bits"]], quant["group_size"]
     bad = [b for b in bits if b not in SUPPORTED_BITS]
     if bad:
-        raise QtoolsError(f"bits {bad[0]} is not supported: use {', '.join(map(str, SUPPORTED_BITS))}")
+        raise BadValue(f"bits {bad[0]} is not supported: use {', '.join(map(str, SUPPORTED_BITS))}", "--bits")
     group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
     if group_size not in SUPPORTED_GROUP_SIZES:
-        raise QtoolsError(f"group size {group_size} is not supported: use "
-                          f"{', '.join(map(str, SUPPORTED_GROUP_SIZES))}")
+        raise BadValue(f"group size {group_size} is not supported: use "
+                       f"{', '.join(map(str, SUPPORTED_GROUP_SIZES))}", "--group-size")
     return sorted(set(bits or SUPPORTED_BITS)), group_size
 
 
@@ -315,7 +316,8 @@ def probe(model, suite, bits=(), group_size: int | None = None, min_accuracy: fl
     vocab = int(text_config(config).get("vocab_size") or 32768)
     bits_list, group_size = check_bits(list(bits or ()), group_size, quant, path)
     if max_tokens is not None and max_tokens < 1:
-        raise QtoolsError("--max-tokens must be at least 1")
+        raise BadValue("--max-tokens must be at least 1", "--max-tokens")
+    check_model_finite(path, f"model {path}", "its log-probs and margins would be NaN; fix the model that wrote it")
     suite_obj = load_suite(suite)
     cases, skipped = decision_cases(suite_obj)
     probe_suite = dataclasses.replace(suite_obj, cases=cases)

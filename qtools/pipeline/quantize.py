@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .. import SUPPORTED_BITS, QtoolsError
-from ..io.atomic import atomic_output_dir, check_output_free, check_writable
+from .. import SUPPORTED_BITS, BadValue, QtoolsError
+from ..io.atomic import atomic_output_dir, check_output, check_writable
 from ..io.modeldir import (
     PROVENANCE,
     SHIPPED_ADAPTER,
@@ -322,22 +322,6 @@ def default_output(bits: int, recipe: str = "uniform", prefix: str = "models/fus
 
 # ---------------------------------------------------------------- checks
 
-def check_not_inputs(out: Path, inputs: dict) -> None:
-    """The output must not be an input, lie inside one, or hold one (--force would delete it)."""
-    o = Path(out).resolve()
-    for what, path in inputs.items():
-        if path is None:
-            continue
-        p = Path(path).resolve()
-        if o == p:
-            raise QtoolsError(f"the output {out} is the {what} {path} itself: choose another --output")
-        if p in o.parents:
-            raise QtoolsError(f"the output {out} is inside the {what} {path}: choose another --output")
-        if o in p.parents:
-            raise QtoolsError(f"the output {out} holds the {what} {path} (--force would delete it): "
-                              "choose another --output")
-
-
 def check_float_model(src: Path, config: dict, st: SafetensorsModel, what: str = "model") -> None:
     """Refuse a quantized source: its config says so, or its weights are packed (uint32 + scales)."""
     q = config.get("quantization") or config.get("quantization_config")
@@ -419,8 +403,7 @@ def _unfused_job(out: Path, force, recipe, bits, group_size, opts, layer_bits, q
     if recipe not in UNFUSED_RECIPES:
         raise QtoolsError(f"recipe {recipe} needs the fused model on disk (qtools fuse writes it); from base + "
                           f"adapter fused on the fly: {', '.join(UNFUSED_RECIPES)}")
-    check_not_inputs(out, {"base model": Path(base), "adapter": Path(adapter)})
-    check_output_free(out, force)
+    check_output(out, [base, adapter], force)
     view = FusedView(base, adapter, dtype="float16")
     return Job(src=view.base, out=out, force=force, recipe=recipe, bits=bits, group_size=group_size,
                config=dict(view.config), opts=opts, layer_bits=layer_bits, quant_predicate=quant_predicate,
@@ -434,26 +417,26 @@ def _check(model, out, bits, group_size, recipe, layer_bits, force, quant_predic
     from .compensate import CORRECTIONS
 
     if recipe not in RECIPES_TABLE:
-        raise QtoolsError(f"recipe {recipe!r} is not known: use one of {', '.join(RECIPES)}")
+        raise BadValue(f"recipe {recipe!r} is not known: use one of {', '.join(RECIPES)}", "--recipe")
     spec = RECIPES_TABLE[recipe]
     given = {k: v for k, v in {**options, "layer_bits": layer_bits or None,
                                "quant_predicate": quant_predicate}.items() if v is not None}
     extra = sorted(set(given) - set(spec.options))
     if "data" in extra:
-        raise QtoolsError(f"recipe {recipe} takes no calibration data (DATA is for {', '.join(rm.DATA_RECIPES)})")
+        raise BadValue(f"recipe {recipe} takes no calibration data (DATA is for {', '.join(rm.DATA_RECIPES)})", "--data")
     if {"layer_bits", "quant_predicate"} & set(extra):
-        raise QtoolsError(f"recipe {recipe} takes no per-layer bit-widths")
+        raise BadValue(f"recipe {recipe} takes no per-layer bit-widths", "--layer-bits")
     if extra:
-        raise QtoolsError(f"recipe {recipe} takes no {', '.join(extra)}")
+        raise BadValue(f"recipe {recipe} takes no {', '.join(extra)}", "--recipe")
     bits, group_size = _resolve_bits(recipe, bits, group_size)
     opts = {**{k: v for k, v in DEFAULTS.items() if k in spec.options}, **given}
     if "target_bpw" in spec.options and opts["target_bpw"] is None:
         opts["target_bpw"] = bits + rm.DEFAULT_EXTRA_BPW
     if "sequence_length" in spec.options and (opts["sequence_length"] < 8 or opts["num_samples"] == 0
                                               or opts["num_samples"] < -1):
-        raise QtoolsError("--sequence-length must be at least 8 and --num-samples at least 1 (or -1: all)")
+        raise BadValue("--sequence-length must be at least 8 and --num-samples at least 1 (or -1: all)", "--sequence-length")
     if "correction" in spec.options and opts["correction"] not in CORRECTIONS:
-        raise QtoolsError(f"correction {opts['correction']!r} is not one of {', '.join(CORRECTIONS)}")
+        raise BadValue(f"correction {opts['correction']!r} is not one of {', '.join(CORRECTIONS)}", "--correction")
 
     out = Path(out)
     if model is None:
@@ -461,8 +444,7 @@ def _check(model, out, bits, group_size, recipe, layer_bits, force, quant_predic
         src = job.src
     else:
         src = check_model_dir(model)
-        check_not_inputs(out, {"model": src})
-        check_output_free(out, force)
+        check_output(out, [src], force)
         config = mlx_config(src)
         job = Job(src=src, out=out, force=force, recipe=recipe, bits=bits, group_size=group_size, config=config,
                   opts=opts, layer_bits=layer_bits, quant_predicate=quant_predicate, weights_src=src)
@@ -476,7 +458,7 @@ def _check(model, out, bits, group_size, recipe, layer_bits, force, quant_predic
         pass  # base and adapter are the model: checked by the fused view
     elif recipe == "adapter":
         job.base, job.adapter = rm.resolve_base_adapter(src, opts.get("base"), opts.get("adapter"))
-        check_not_inputs(out, {"base model": job.base, "adapter": job.adapter})
+        check_output(out, [job.base, job.adapter])
         job.weights_src, job.config = job.base, mlx_config(job.base)
         with SafetensorsModel(job.base) as st:
             check_float_model(job.base, job.config, st, "base")
@@ -488,7 +470,7 @@ def _check(model, out, bits, group_size, recipe, layer_bits, force, quant_predic
         prov_adapter = (read_provenance(src) or {}).get("adapter")
         if opts.get("adapter") is not None or (prov_adapter and Path(prov_adapter).is_dir()):
             job.adapter, _ = check_adapter_dir(opts.get("adapter") or prov_adapter)
-            check_not_inputs(out, {"adapter": job.adapter})
+            check_output(out, [job.adapter])
             rm.check_adapter_matches(job.adapter, src)
 
     # What will be written: the output directory and its free space.

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from mlx.utils import tree_flatten
 
-from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QtoolsError
+from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, BadValue, QtoolsError
 from ..io.modeldir import PROVENANCE, SHIPPED_ADAPTER, check_model_dir, read_provenance
 
 # mode -> (group size, bits), as mx.quantize requires them.
@@ -65,18 +65,19 @@ def check_recipe_args(recipe: str, bits: int, group_size: int | None) -> tuple[i
     if recipe in FIXED_MODES:
         g, b = FIXED_MODES[recipe]
         if group_size is not None and group_size != g:
-            raise QtoolsError(f"{recipe} quantizes in groups of {g} weights only (got group size {group_size}); "
-                              f"leave the group size unset (make: no GROUP=)")
+            raise BadValue(f"{recipe} quantizes in groups of {g} weights only (got group size {group_size}); "
+                           f"leave the group size unset (make: no GROUP=)", "--group-size")
         return b, g
     group_size = 64 if group_size is None else group_size
     if bits not in SUPPORTED_BITS:
-        raise QtoolsError(f"bits={bits} is not supported by MLX affine quantization: use one of "
-                          + " ".join(map(str, SUPPORTED_BITS)))
+        raise BadValue(f"bits={bits} is not supported by MLX affine quantization: use one of "
+                       + " ".join(map(str, SUPPORTED_BITS)), "--bits")
     if group_size not in SUPPORTED_GROUP_SIZES:
-        raise QtoolsError(f"group size {group_size} is not supported: use one of "
-                          + " ".join(map(str, SUPPORTED_GROUP_SIZES)))
+        raise BadValue(f"group size {group_size} is not supported: use one of "
+                       + " ".join(map(str, SUPPORTED_GROUP_SIZES)), "--group-size")
     if recipe == "gptq" and bits not in GPTQ_BITS:
-        raise QtoolsError(f"gptq (mlx_lm.quant.gptq) packs {', '.join(map(str, GPTQ_BITS))} bits only, not {bits}")
+        raise BadValue(f"gptq (mlx_lm.quant.gptq) packs {', '.join(map(str, GPTQ_BITS))} bits only, not {bits}",
+                       "--bits")
     return bits, group_size
 
 
@@ -283,11 +284,11 @@ class Compensation:
         if rank is None:
             rank = compensate.rank_for_budget(shapes, target_bpw - planned_bpw, total_params, max_rank)
             if rank < 1:
-                raise QtoolsError(f"target {target_bpw:.3f} bits/weight leaves no room for a rank-1 correction "
-                                  f"({compensate.extra_bits_per_weight(shapes, 1, total_params):.3f} bits/weight) "
-                                  f"at {bits} bits")
+                raise BadValue(f"target {target_bpw:.3f} bits/weight leaves no room for a rank-1 correction "
+                               f"({compensate.extra_bits_per_weight(shapes, 1, total_params):.3f} bits/weight) "
+                               f"at {bits} bits", "--target-bpw")
         elif rank < 1 or rank > max_rank:
-            raise QtoolsError(f"rank {rank} is out of range for these tensors (1 to {max_rank})")
+            raise BadValue(f"rank {rank} is out of range for these tensors (1 to {max_rank})", "--rank")
         self.rank = rank
         self.factors: dict = {}
         self.stats: dict = {}

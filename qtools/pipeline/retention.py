@@ -30,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import QtoolsError, __version__
+from .. import BadValue, QtoolsError, __version__
 from ..format import progress as progress_bar
 from ..io.atomic import write_atomic
-from ..io.modeldir import check_model_dir, read_config, text_config
-from ..io.weights import fingerprint
+from ..io.modeldir import check_model_dir, quantization_info, read_config, text_config
+from ..io.weights import check_model_finite, fingerprint
 
 CACHE_VERSION = 1
 DEFAULT_TOP_K = 32
@@ -253,18 +253,24 @@ def retention(
 ) -> dict:
     """Score each QUANTIZED model (and the base) against the float REFERENCE; see module doc."""
     if suite is not None and text is not None:
-        raise QtoolsError("give --suite or --text, not both")
+        raise BadValue("give --suite or --text, not both", "--text")
     if suite is None and text is None:
         raise QtoolsError("give --suite or --text")
     if top_k < 1:
-        raise QtoolsError("--top-k must be at least 1")
+        raise BadValue("--top-k must be at least 1", "--top-k")
     if max_tokens is not None and max_tokens < 1:
-        raise QtoolsError("--max-tokens must be at least 1")
+        raise BadValue("--max-tokens must be at least 1", "--max-tokens")
     if not quantized:
         raise QtoolsError("give at least one quantized model to score")
     reference = check_model_dir(reference, "reference model")
+    ref_quant = quantization_info(read_config(reference), reference / "config.json")
+    if ref_quant["quantized"]:  # KL from a quantized reference measures nothing the fine-tune did
+        raise QtoolsError(f"reference model {reference} is quantized ({ref_quant['bits']}-bit): the reference is "
+                          "the float fine-tune (qtools fuse's output), the models scored against it are quantized")
     base = check_model_dir(base, "base model")
     models = [check_model_dir(q, "model") for q in quantized]
+    for what, m in [("reference model", reference), ("base model", base), *[("model", m) for m in models]]:
+        check_model_finite(m, f"{what} {m}", "its KL would be NaN; fix the model that wrote it")
     src_path = Path(suite if suite is not None else text)
     if not src_path.is_file():
         raise QtoolsError(f"{'suite' if suite is not None else '--text'} {src_path} does not exist")

@@ -11,6 +11,7 @@ import json
 import re
 from typing import Any, Callable
 
+from .. import QtoolsError
 from ..io.suite import Case, Suite
 
 DEFAULT_MIN_ACCURACY = 0.8
@@ -282,18 +283,26 @@ def summarize(records: list, suite: Suite, min_accuracy: float = DEFAULT_MIN_ACC
 # ---------------------------------------------------------------- prompts
 
 def build_prompt(tokenizer, case: Case, suite: Suite):
+    """The case's prompt tokens, through the model's chat template when it has one. A template
+    that rejects the case (jinja2's TemplateError, raise_exception(), a type it cannot render) is
+    one QtoolsError naming the case: the suite does not fit this model."""
     messages = case.messages or [{"role": "user", "content": case.prompt}]
     if suite.system and messages[0].get("role") != "system":
         messages = [{"role": "system", "content": suite.system}, *messages]
-    if getattr(tokenizer, "has_chat_template", False):
-        kwargs = {"add_generation_prompt": True}
-        if case.tools:
-            kwargs["tools"] = case.tools
-        return list(tokenizer.apply_chat_template(messages, **kwargs))
-    text = case.prompt if case.prompt is not None else "\n".join(
-        str(m.get("content", "")) for m in messages
-    )
-    return tokenizer.encode(text)
+    try:
+        if getattr(tokenizer, "has_chat_template", False):
+            kwargs = {"add_generation_prompt": True}
+            if case.tools:
+                kwargs["tools"] = case.tools
+            return list(tokenizer.apply_chat_template(messages, **kwargs))
+        text = case.prompt if case.prompt is not None else "\n".join(
+            str(m.get("content", "")) for m in messages
+        )
+        return list(tokenizer.encode(text))
+    except Exception as exc:  # a template is a program: whatever it raises, the case does not fit the model
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QtoolsError(f"{suite.path}:{case.line}: case {case.id}: the model's chat template rejects it "
+                          f"({type(exc).__name__}: {detail}): the suite does not fit this model") from None
 
 
 

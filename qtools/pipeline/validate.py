@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
-from .. import QtoolsError, versions
+from .. import BadValue, QtoolsError, versions
 from ..format import human_bytes
 from ..format import progress as progress_bar
-from ..io.atomic import check_writable, write_json_atomic, write_text_atomic
+from ..io.atomic import check_output, check_writable, write_json_atomic, write_text_atomic
 from ..io.modeldir import check_model_dir, dir_size, load_model, quantization_info
 from ..io.suite import Suite, load_suite
 from .scoring import DEFAULT_MIN_ACCURACY, build_prompt, score_case, summarize, tool_format_of
@@ -127,7 +128,8 @@ def _differences(old: dict, new: dict) -> list:
         diffs.append("another model")
     if old.get("suite_sha256") != new["suite_sha256"]:
         diffs.append("another suite")
-    settings = [k for k in new["settings"] if (old.get("settings") or {}).get(k) != new["settings"][k]]
+    old_settings = old.get("settings") if isinstance(old.get("settings"), dict) else {}
+    settings = [k for k in new["settings"] if old_settings.get(k) != new["settings"][k]]
     if settings:
         diffs.append(f"other settings ({', '.join(settings)})")
     if old.get("versions") != new["versions"]:
@@ -135,27 +137,59 @@ def _differences(old: dict, new: dict) -> list:
     return diffs
 
 
-def read_partial(path: Path) -> tuple[dict | None, list]:
-    """(header, [{"record": ..., "peak_memory_gb": ...}]) of a partial log; a torn last line (a
-    run killed while writing it) is dropped. (None, []) if the file is not a partial log."""
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+# What a saved case must hold, of its type, to be re-scored and timed as if just generated.
+RECORD_FIELDS = {
+    "id": lambda v: isinstance(v, str) and v != "",
+    "output": lambda v: isinstance(v, str),
+    "gen_s": _finite,
+    "tokens": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+}
+
+
+def entry_problem(entry) -> str | None:
+    """Why one line of a partial log cannot be reused, or None: the one check of a saved case
+    (an object {"record": {id, output, gen_s, tokens, ...}, "peak_memory_gb": number or null})."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("record"), dict):
+        return "not an object with a record"
+    rec = entry["record"]
+    for key, check in RECORD_FIELDS.items():
+        if key not in rec:
+            return f"its record lacks {key!r}"
+        if not check(rec[key]):
+            return f"its record's {key!r} is {json.dumps(rec[key])[:30]}"
+    if entry.get("peak_memory_gb") is not None and not _finite(entry["peak_memory_gb"]):
+        return f"its peak_memory_gb is {json.dumps(entry['peak_memory_gb'])[:30]}"
+    return None
+
+
+def read_partial(path: Path) -> tuple[dict | None, list, int]:
+    """(header, [{"record": ..., "peak_memory_gb": ...}], damaged) of a partial log: every line
+    entry_problem finds fault with (a torn last line of a run killed while writing it, a record
+    edited by hand) is left out and counted, so its case is generated again; a case saved twice
+    counts once. (None, [], 0) if the file is not a partial log."""
     try:
         lines = path.read_text().splitlines()
         header = json.loads(lines[0]) if lines else None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None, []
+        return None, [], 0
     if not isinstance(header, dict) or header.get("qtools_partial_log") != 1:
-        return None, []
-    entries = []
+        return None, [], 0
+    entries, seen, damaged = [], set(), 0
     for line in lines[1:]:
         try:
             entry = json.loads(line)
-            rec = entry["record"]
-            if not all(k in rec for k in ("id", "output", "gen_s", "tokens")):
-                raise KeyError
-        except (json.JSONDecodeError, KeyError, TypeError):
-            break
-        entries.append(entry)
-    return header, entries
+        except json.JSONDecodeError:
+            entry = None
+        if entry_problem(entry) is not None:
+            damaged += 1
+        elif entry["record"]["id"] not in seen:
+            seen.add(entry["record"]["id"])
+            entries.append(entry)
+    return header, entries, damaged
 
 
 class PartialLog:
@@ -185,7 +219,7 @@ def _resume_entries(partial: Path, header: dict, resume: bool | None, suite_obj:
     """The saved entries to reuse: all when the partial log matches (or resume=True), else none."""
     if resume is False or not partial.exists():
         return []
-    old, entries = read_partial(partial)
+    old, entries, damaged = read_partial(partial)
     if old is None:
         if resume:
             raise QtoolsError(f"cannot resume from {partial}: not a qtools partial log")
@@ -201,6 +235,8 @@ def _resume_entries(partial: Path, header: dict, resume: bool | None, suite_obj:
     if entries:
         note(f"resuming {len(entries)} of {n} cases from {partial}"
              + (f", although it was written for {', '.join(diffs)}" if diffs else ""))
+    if damaged:
+        note(f"{damaged} damaged line(s) of {partial} left out: their cases are generated again")
     return entries
 
 
@@ -232,11 +268,12 @@ def validate(
     path = check_model_dir(model)
     suite_obj = load_suite(suite)
     if max_tokens is not None and max_tokens < 1:
-        raise QtoolsError("--max-tokens must be at least 1")
+        raise BadValue("--max-tokens must be at least 1", "--max-tokens")
     partial, entries, writer = None, [], None
     if log is not None:
-        log = check_writable(log, file=True)  # before the model loads: a run must never be lost at the end
-        partial = partial_path(log)
+        # before the model loads: a run must never be lost at the end, nor an input overwritten
+        log = check_writable(check_output(log, [path, suite]), file=True)
+        partial = check_writable(check_output(partial_path(log), [path, suite]), file=True)
         header = partial_header(path, suite, max_tokens, batch)
         entries = _resume_entries(partial, header, resume, suite_obj, note)
         writer = PartialLog(partial, header, entries)
