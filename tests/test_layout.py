@@ -151,3 +151,14 @@ def test_the_bit_widths_are_written_out_once():
     hits = [str(p.relative_to(PACKAGE.parent)) for p in sorted(PACKAGE.rglob("*.py"))
             if "2, 3, 4, 5, 6, 8" in p.read_text()]
     assert hits == ["qtools/__init__.py"]
+
+
+def test_the_readme_layout_names_every_module():
+    """README's Layout section names every module of qtools/ (a new module is placed there too)."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    section = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    import re
+
+    missing = [str(p.relative_to(PACKAGE.parent)) for p in sorted(PACKAGE.rglob("*.py"))
+               if p.name != "__init__.py" and not re.search(rf"\b{p.stem}(\.py)?\b", section)]
+    assert missing == []
