@@ -44,10 +44,12 @@ def cpu_backend_note(model) -> None:
           "than on Apple Silicon (docs/linux.md)", file=sys.stderr)
 
 
-def cpu_float32_experts(net) -> int:
+def cpu_float32_experts(net, lazy: bool = False) -> int:
     """On the CPU, run float MoE expert matmuls (SwitchLinear) in float32 so GatherMM can: the
     weights stay stored as they are (memory, bits per weight) and are cast per call, the result
-    cast back. Quantized experts (gather_qmm) are left alone. Returns how many were switched."""
+    cast back. Quantized experts (gather_qmm) are left alone. lazy: a model built without its
+    weights (stream.StreamedModel), whose float16 weights come later: every float expert layer
+    is switched. Returns how many were switched."""
     if not _on_cpu():
         return 0
     import mlx.core as mx
@@ -63,7 +65,7 @@ def cpu_float32_experts(net) -> int:
 
     n = 0
     for _, module in net.named_modules():
-        if type(module) is SwitchLinear and module.weight.dtype != mx.float32:
+        if type(module) is SwitchLinear and (lazy or module.weight.dtype != mx.float32):
             module.__class__ = Float32SwitchLinear
             n += 1
     return n

@@ -2,7 +2,9 @@
 
 Every weight mlx-lm would quantize becomes mx.dequantize(*mx.quantize(w)) in the
 weight's own dtype, so one float model in memory can be run at any bit-width
-(calibrate, probe) without writing a quantized model to disk.
+(calibrate, probe) without writing a quantized model to disk. Which weights, and at
+which bit-width, is decided as mlx-lm's quantize_model decides it: the model's own
+quant_predicate stands (qwen3_moe keeps its router `mlp.gate` at 8 bits).
 """
 
 from __future__ import annotations
@@ -15,6 +17,33 @@ def quantizable_modules(model, group_size: int = 64) -> list:
             and module.weight.shape[-1] % group_size == 0]
 
 
+def quant_plan(model, bits: int, group_size: int = 64) -> dict:
+    """{module path: (bits, group size)} of every layer mlx-lm's quantize_model would quantize at
+    `bits`, the model's own quant_predicate honoured as mlx-lm honours it (a layer it keeps float is
+    left out, one it gives other parameters gets them). Reads shapes only: a lazily built model will do."""
+    from ..survival.predicate import own_predicate
+
+    own = own_predicate(model)
+    plan = {}
+    for name, module in quantizable_modules(model, group_size):
+        choice = True if own is None else own(name, module)
+        if choice is False:
+            continue
+        params = choice if isinstance(choice, dict) else {}
+        if params.get("mode", "affine") != "affine":
+            continue  # not an affine layer: fake quantization holds affine values only
+        plan[name] = (int(params.get("bits", bits)), int(params.get("group_size", group_size)))
+    return plan
+
+
+def quantized_value(w, bits: int, group_size: int):
+    """mx.dequantize(mx.quantize(w)) in w's dtype: the value a quantized layer computes with."""
+    import mlx.core as mx
+
+    q, s, b = mx.quantize(w, group_size=group_size, bits=bits)
+    return mx.dequantize(q, s, b, group_size=group_size, bits=bits).astype(w.dtype)
+
+
 def fake_quantize(model, bits: int, group_size: int = 64, exact_delta_from: dict | None = None) -> None:
     """Replace every weight mlx-lm would quantize by its quantize->dequantize image, in place.
 
@@ -24,11 +53,12 @@ def fake_quantize(model, bits: int, group_size: int = 64, exact_delta_from: dict
     """
     import mlx.core as mx
 
-    for name, module in quantizable_modules(model, group_size):
+    modules = dict(model.named_modules())
+    for name, (b, gs) in quant_plan(model, bits, group_size).items():
+        module = modules[name]
         w = module.weight
         src = w if exact_delta_from is None else exact_delta_from[f"{name}.weight"]
-        q, s, b = mx.quantize(src, group_size=group_size, bits=bits)
-        wq = mx.dequantize(q, s, b, group_size=group_size, bits=bits)
+        wq = quantized_value(src, b, gs)
         if exact_delta_from is not None:
             wq = wq.astype(mx.float32) + (w.astype(mx.float32) - src.astype(mx.float32))
         module.weight = wq.astype(w.dtype)
