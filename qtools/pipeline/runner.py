@@ -20,7 +20,7 @@ from ..io import modeldir
 from . import backend
 from .fakequant import fake_quantize, quant_plan, quantizable_modules, quantized_value
 
-__all__ = ["load_model", "prepare", "generate_one", "greedy_tokens", "batch_answers", "log_softmax",
+__all__ = ["load_model", "prepare", "generate_one", "greedy_tokens", "batch_texts", "batch_answers", "log_softmax",
            "log_probs", "score_batches", "fake_quantize", "quant_plan", "quantizable_modules", "quantized_value"]
 
 
@@ -62,16 +62,39 @@ def greedy_tokens(net, tokenizer, prompt, max_tokens: int) -> list:
     return [int(r.token) for r in stream_generate(net, tokenizer, prompt, max_tokens=max_tokens, sampler=sampler)]
 
 
-def batch_answers(net, tokenizer, prompts: list, max_tokens: list, all_at_once: bool = False):
+def batch_texts(net, tokenizer, prompts: list, max_tokens: list) -> tuple[list, list]:
     """Greedy answers of many prompts in batches (mlx-lm's batch_generate, left-padded, one KV
-    cache per layer); `.texts` and `.token_ids` in prompt order. all_at_once: every prompt in one
-    batch, so a streamed model reads its weights once per generated token, not once per batch."""
+    cache per layer): (texts, generated token counts), in prompt order."""
     from mlx_lm import batch_generate
 
-    kwargs = {}
-    if all_at_once:
-        kwargs = {"prefill_batch_size": len(prompts), "completion_batch_size": len(prompts)}
-    return batch_generate(net, tokenizer, prompts, max_tokens=max_tokens, return_token_ids=True, **kwargs)
+    resp = batch_generate(net, tokenizer, prompts, max_tokens=max_tokens, return_token_ids=True)
+    return list(resp.texts), [len(ids) for ids in resp.token_ids]
+
+
+def batch_answers(net, tokenizer, prompts: list, max_tokens: list, progress: bool = False,
+                  desc: str = "answers") -> list:
+    """Greedy answers' token ids (end-of-sequence included, as stream_generate gives it) of every
+    prompt, all in one batch (mlx-lm's BatchGenerator, left-padded, one KV cache per layer): a
+    streamed model reads its weights once per generated token, not once per prompt."""
+    from mlx_lm.generate import BatchGenerator
+
+    n = len(prompts)
+    gen = BatchGenerator(net, stop_tokens=[[t] for t in tokenizer.eos_token_ids],
+                         prefill_batch_size=n, completion_batch_size=n)
+    bar = progress_bar(None, desc, enabled=progress, total=max(max_tokens))
+    try:
+        uids = gen.insert([list(p) for p in prompts], list(max_tokens))
+        out = {u: [] for u in uids}
+        while responses := gen.next_generated():
+            for r in responses:
+                out[r.uid].append(int(r.token))
+            if bar is not None:
+                bar.update(1)
+    finally:
+        gen.close()
+        if bar is not None:
+            bar.close()
+    return [out[u] for u in uids]
 
 
 # ---------------------------------------------------------------- teacher-forced scoring

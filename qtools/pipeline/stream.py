@@ -355,11 +355,9 @@ class StreamedModel:
 
     def set_precisions(self, precisions: list) -> None:
         """Which precisions a batch's copies run at: None is float, an int that many bits."""
-        from .fakequant import quant_plan as plan_of
-
         for p in precisions:
             if p is not None and p not in self.plans:
-                self.plans[p] = plan_of(self.net, p, self.group_size)
+                self.plans[p] = quant_plan(self.net, p, self.group_size)
         self.precisions = list(precisions)
 
     # -- scoring
