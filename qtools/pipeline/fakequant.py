@@ -36,12 +36,76 @@ def quant_plan(model, bits: int, group_size: int = 64) -> dict:
     return plan
 
 
-def quantized_value(w, bits: int, group_size: int):
-    """mx.dequantize(mx.quantize(w)) in w's dtype: the value a quantized layer computes with."""
-    import mlx.core as mx
+_KERNEL_DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
+# Elements per block the kernel quantizes at once: bounds its float32 output and codes in flight.
+BLOCK_ELEMENTS = 1 << 23
 
-    q, s, b = mx.quantize(w, group_size=group_size, bits=bits)
-    return mx.dequantize(q, s, b, group_size=group_size, bits=bits).astype(w.dtype)
+
+def _stored(deq, dtype: str):
+    """The kernel's float32 values in the tensor's dtype, as numpy (16-bit floats as uint16); exact:
+    each value is one the dtype holds (mx.dequantize's output in it)."""
+    import numpy as np
+
+    if dtype == "float16":
+        return deq.astype(np.float16).view(np.uint16)
+    if dtype == "bfloat16":
+        return (deq.view(np.uint32) >> 16).astype(np.uint16)
+    return deq
+
+
+def quantized_values(todo: dict) -> dict:
+    """{name: mx.dequantize(mx.quantize(w)) in w's dtype} for {name: (w, bits, group size)}: the
+    values a quantized layer computes with.
+
+    Computed by qtools' kernel (bit-exact with MLX, tests/test_kernel.py) in blocks of rows on
+    parallel threads (it releases the GIL): faster than MLX's CPU quantize, and what is held at
+    once is the result plus a few blocks, not float32 temporaries of every tensor. MLX's own
+    quantize where the kernel does not apply."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    import mlx.core as mx
+    import numpy as np
+
+    from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, _ext
+
+    out, jobs = {}, []
+    results = {}
+    for name, (w, bits, gs) in todo.items():
+        dtype = _KERNEL_DTYPES.get(str(w.dtype).rsplit(".", 1)[-1])
+        if dtype is None or w.ndim < 2 or bits not in SUPPORTED_BITS or gs not in SUPPORTED_GROUP_SIZES \
+                or w.shape[-1] % gs:
+            q, s, b = mx.quantize(w, group_size=gs, bits=bits)
+            out[name] = mx.dequantize(q, s, b, group_size=gs, bits=bits).astype(w.dtype)
+            continue
+        flat = w.reshape(-1, w.shape[-1])  # groups run along the last axis: experts stack as rows
+        raw = flat.view(mx.uint16) if dtype != "float32" else flat
+        mx.eval(raw)  # MLX in this thread only; the kernel alone runs in the pool
+        raw = np.asarray(raw)
+        results[name] = np.empty(raw.shape, raw.dtype)
+        step = max(1, BLOCK_ELEMENTS // raw.shape[1])
+        jobs += [(name, r, raw[r:r + step], dtype, bits, gs) for r in range(0, raw.shape[0], step)]
+
+    def run(job):
+        name, r, block, dtype, bits, gs = job
+        deq = _ext.quantize_dequantize(np.ascontiguousarray(block), dtype, bits, gs)[3]
+        results[name][r:r + block.shape[0]] = _stored(deq, dtype)
+
+    if jobs:
+        with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
+            list(pool.map(run, jobs))
+    del jobs
+    for name in list(results):
+        w = todo[name][0]
+        arr = mx.array(results.pop(name))
+        out[name] = (arr.view(w.dtype) if arr.dtype != w.dtype else arr).reshape(w.shape)
+        mx.eval(out[name])
+    return out
+
+
+def quantized_value(w, bits: int, group_size: int):
+    """mx.dequantize(mx.quantize(w)) in w's dtype (quantized_values for one tensor)."""
+    return quantized_values({"w": (w, bits, group_size)})["w"]
 
 
 def fake_quantize(model, bits: int, group_size: int = 64, exact_delta_from: dict | None = None) -> None:
@@ -54,12 +118,14 @@ def fake_quantize(model, bits: int, group_size: int = 64, exact_delta_from: dict
     import mlx.core as mx
 
     modules = dict(model.named_modules())
-    for name, (b, gs) in quant_plan(model, bits, group_size).items():
+    plan = quant_plan(model, bits, group_size)
+    src = {name: modules[name].weight if exact_delta_from is None else exact_delta_from[f"{name}.weight"]
+           for name in plan}
+    values = quantized_values({name: (src[name], b, gs) for name, (b, gs) in plan.items()})
+    for name in plan:
         module = modules[name]
-        w = module.weight
-        src = w if exact_delta_from is None else exact_delta_from[f"{name}.weight"]
-        wq = quantized_value(src, b, gs)
+        w, wq = module.weight, values[name]
         if exact_delta_from is not None:
-            wq = wq.astype(mx.float32) + (w.astype(mx.float32) - src.astype(mx.float32))
+            wq = wq.astype(mx.float32) + (w.astype(mx.float32) - src[name].astype(mx.float32))
         module.weight = wq.astype(w.dtype)
     mx.eval(model.parameters())

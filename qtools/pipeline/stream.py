@@ -32,11 +32,14 @@ import re
 from pathlib import Path
 
 from .. import QtoolsError
-from .fakequant import quant_plan, quantized_value
+from . import backend
+from .fakequant import quant_plan, quantized_values
 
 _INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 # Tokens per chunk of sequences a layer is applied to at once while scoring (bounds the attention).
 CHUNK_TOKENS = 8192
+# Tokens per chunk the head scores at once (at a 32k vocabulary: 64 MB of float32 log-probs).
+HEAD_TOKENS = 512
 _MX_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64", "I64": "int64",
               "I32": "int32", "U32": "uint32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool_"}
 
@@ -85,6 +88,7 @@ class _Unit:
         self.candidates = candidates  # lists of source names to try, narrowest first
         self.skeleton = module.parameters()  # lazy, never evaluated: what the module holds between calls
         self.needed = {k for k, _ in tree_flatten(self.skeleton)}
+
         self.checked = False
         self.last = False
         self.held = None  # while scoring's head runs chunk by chunk: (float weights, (precision, weights))
@@ -97,13 +101,17 @@ class _Unit:
         s = self.stream
         out = dict(base)
         if precision is not None:
-            pre = self.path + "."
+            pre, todo = self.path + ".", {}
             for path, (bits, gs) in s.plans[precision].items():
                 if path == self.path or path.startswith(pre):  # the unit itself (the embedding) or inside it
                     name = path[len(pre):] + ".weight" if path != self.path else "weight"
-                    out[name] = quantized_value(base[name], bits, gs)
+                    todo[name] = (base[name], bits, gs)
+            out.update(quantized_values(todo))
         if s.compute_dtype is not None:
             out = {k: (v.astype(s.compute_dtype) if _is_float(v) else v) for k, v in out.items()}
+        if s.mode == "replay" and s.numpy_blas and "weight" in out:
+            # the head, held while it scores chunk after chunk: cast once for numpy's BLAS, not per call
+            out["weight"] = out["weight"].astype(mx.float32)
         pairs = list(out.items())
         mx.eval([v for _, v in pairs])
         return pairs
@@ -129,6 +137,9 @@ class _Unit:
                 if self.held is not None and self.held[1] is not None and self.held[1][0] == precision:
                     pairs = self.held[1][1]
                 else:
+                    module.update(self.skeleton)  # the previous precision's weights go first
+                    if self.held is not None:
+                        self.held = (base, None)
                     pairs = self.at(precision, base)
                     if self.held is not None:
                         self.held = (base, (precision, pairs))
@@ -139,13 +150,15 @@ class _Unit:
                     else:
                         y = orig(module, x[c0:c1], *[_cut(v, x, c0, c1) for v in args[1:]],
                                  **{k: _cut(v, x, c0, c1) for k, v in kwargs.items()})
-                    if self.kind == "layer":
-                        _eval_out(y, args[1:], kwargs)
+                    if self.kind == "layer" or (self.kind == "embed" and method == "__call__"):
+                        _eval_out(y, args[1:], kwargs)  # so this precision's weights can go now
                     outs.append(y)
                 del pairs
         finally:
             module.update(self.skeleton)  # the weights go (a lazy output keeps what it needs)
         del base
+        if self.kind != "head" and s.mode != "replay":
+            backend.release_freed_memory()  # without it resident memory grows layer by layer
         if len(outs) == 1:
             out = outs[0]
         else:
@@ -219,12 +232,11 @@ class StreamedModel:
     dtype before computing, e.g. mx.float32; None computes in the stored dtype.
     """
 
-    def __init__(self, path, source=None, compute_dtype=None, group_size: int = 64):
+    def __init__(self, path, source=None, compute_dtype=None, group_size: int = 64, blas: str = "auto"):
         import mlx.core as mx
         from mlx_lm.utils import load_config
 
         from ..compat import mlx_lm_model_classes
-        from . import backend
 
         self.path = Path(path)
         try:
@@ -245,6 +257,10 @@ class StreamedModel:
         self.captured = None
         self._replay = None
         backend.cpu_float32_experts(net, lazy=True)  # MLX's CPU GatherMM: float32 only
+        # MLX's Linux CPU wheels link a reference BLAS: a layer's matmuls go to numpy's instead.
+        self.numpy_blas = blas == "numpy" or (blas == "auto" and backend.blas_is_reference())
+        if self.numpy_blas:
+            backend.numpy_blas_linears(net)
 
         self._placeholders = {}
         for name in self.source.names():
@@ -389,7 +405,7 @@ class StreamedModel:
             self.mode = "replay"
             indexed = [(t, s, i) for i, (t, s) in enumerate(seqs)]
             for k, precision in enumerate(precisions):
-                for batch in batches(indexed, vocab_hint):
+                for batch in batches(indexed, vocab_hint, HEAD_TOKENS):
                     lo, hi = batch[0][2], batch[-1][2] + 1
                     w = max(len(t) for t, _s, _i in batch)
                     self._replay = (precision, (k * n + lo, k * n + hi), w)
