@@ -319,3 +319,18 @@ def test_a_layer_missing_from_the_files_is_named(fam):
     sm = StreamedModel(model, source=_Hiding(MappedTensors(model), "model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(QtoolsError, match=r"cannot stream model.layers.1: .*mlp.up_proj.weight"):
         list(sm.score([([1, 2, 3, 4], 1)], [None]))
+
+
+def test_reference_answers_are_teacher_forced(fam, tmp_path):
+    """--reference: another model (loaded whole) answers, the float model is scored on those answers."""
+    d, model, suite = fam
+    r = run(model, "--suite", suite, "--bits", 4, "--reference", d / "q4", "--json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert "reference model" in rep["answers"] and rep["by_bits"]["4"]["total"] == 4
+    other = make_tiny_model(tmp_path / "other", hidden_size=64, num_layers=2)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["vocab_size"] += 64
+    (other / "config.json").write_text(json.dumps(cfg))
+    r = run(model, "--suite", suite, "--bits", 4, "--reference", other)
+    assert r.exit_code == 1 and r.output.startswith("Error: ") and "not the same model family" in r.output

@@ -84,10 +84,13 @@ def blas_is_reference() -> bool:
     return sys.platform.startswith("linux") and _on_cpu()
 
 
-# numpy's BLAS where it pays for its copies; products with fewer rows than NUMPY_MANY_ROWS (a
-# generation step's few tokens) run on one BLAS thread (compat.numpy_blas_threads).
+# numpy's BLAS where it pays: a weight of at least NUMPY_MIN_WEIGHT elements (a smaller one stays in
+# cache, where MLX's own is fast enough) and work for its copies; products with fewer rows than
+# NUMPY_MANY_ROWS (a generation step's few tokens) run on one BLAS thread (compat.numpy_blas_threads).
+NUMPY_MIN_WEIGHT = 1 << 20
 NUMPY_MIN_MACS = 1 << 22
 NUMPY_MANY_ROWS = 64
+NUMPY_SLICE = 1 << 24  # weight elements cast to float32 at once
 
 
 def _matmul_t(x, w, bias=None):
@@ -98,18 +101,26 @@ def _matmul_t(x, w, bias=None):
 
     lead = x.shape[:-1]
     xs = x.reshape(-1, x.shape[-1]).astype(mx.float32)
-    ws = w.astype(mx.float32)
-    if xs.shape[0] * w.shape[0] * w.shape[1] < NUMPY_MIN_MACS:
+    if w.size < NUMPY_MIN_WEIGHT or xs.shape[0] * w.size < NUMPY_MIN_MACS:
+        ws = w.astype(mx.float32)
         y = xs @ ws.T if bias is None else mx.addmm(bias.astype(mx.float32), xs, ws.T)
         return y.reshape(*lead, w.shape[0]).astype(x.dtype)
     from ..compat import numpy_blas_threads
 
-    arrays = [xs, ws] + ([bias.astype(mx.float32)] if bias is not None else [])
-    mx.eval(arrays)
+    mx.eval(xs)
+    xn = np.asarray(xs)
+    y = np.empty((xn.shape[0], w.shape[0]), np.float32)
+    step = max(1, NUMPY_SLICE // w.shape[1])  # a large weight (the head) is cast to float32 a slice at a time
     with numpy_blas_threads(1 if xs.shape[0] < NUMPY_MANY_ROWS else (os.cpu_count() or 1)):
-        y = np.asarray(arrays[0]) @ np.asarray(arrays[1]).T
+        for r in range(0, w.shape[0], step):
+            part = w[r:r + step].astype(mx.float32)
+            mx.eval(part)
+            np.matmul(xn, np.asarray(part).T, out=y[:, r:r + step])
+            del part
     if bias is not None:
-        y += np.asarray(arrays[2])
+        b = bias.astype(mx.float32)
+        mx.eval(b)
+        y += np.asarray(b)
     return mx.array(y).reshape(*lead, w.shape[0]).astype(x.dtype)
 
 

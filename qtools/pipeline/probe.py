@@ -1,12 +1,14 @@
 """Logit probe: predict validate's verdict per bit-width from one teacher-forced pass per case.
 
-The float model answers every decision case of the suite once, greedily. Then,
-for each bit-width, the same model is fake-quantized in memory (the exact values
-mx.quantize stores, in the weights' dtype; the float weights are kept and swapped
-back between bit-widths) and each prompt + float answer is scored in one forward
-pass. From that pass come, per case, the log-probs at the decision token and, over
-the whole answer, KL / same-top-token from the float model as `qtools retention`
-measures them.
+The float model answers every decision case of the suite once, greedily, all cases in one
+batch (or a --reference model answers). Then every case's prompt + answer is scored at every
+precision at once: the float model is streamed layer by layer from its memory-mapped files
+(stream.StreamedModel), each layer read once and applied to one copy of the batch per
+precision, its weights fake-quantized for each bit-width (the exact values mx.quantize
+stores, in the weights' dtype, the model's own quant_predicate honoured), so the model's
+size is not bounded by memory. From that pass come, per case, the log-probs at the decision
+token and, over the whole answer, KL / same-top-token from the float model as `qtools
+retention` measures them. An already-quantized model is loaded whole and probed as it is.
 
 The decision token is the first answer token where the case's decision is made:
 - tool_call / direct: where the float answer opens its tool call (the tool-call
@@ -401,10 +403,10 @@ def probe(model, suite, bits=(), group_size: int | None = None, min_accuracy: fl
         "probed_cases": len(cases),
         "skipped_cases": skipped,
         "cases": case_rows,
-        "method": ("the model's own greedy answers teacher-forced; " +
+        "method": ("greedy answers teacher-forced; " +
                    ("the model as it is" if quant["quantized"] else
-                    f"each bit-width fake-quantized in memory (mx.dequantize(mx.quantize(w)), group size "
-                    f"{group_size}, in the weights' dtype)") +
+                    f"each bit-width fake-quantized layer by layer (mx.dequantize(mx.quantize(w)), group size "
+                    f"{group_size}, in the weights' dtype, the model's own quant_predicate honoured)") +
                    "; decision token: tool-call marker vs best other token, or the labels' first tokens; "
                    f"KL over the reference's top-{DEFAULT_TOP_K} tokens plus a tail bucket"),
         "rule": {"provisional": True,

@@ -38,8 +38,8 @@ from .fakequant import quant_plan, quantized_values
 _INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 # Tokens per chunk of sequences a layer is applied to at once while scoring (bounds the attention).
 CHUNK_TOKENS = 8192
-# Tokens per chunk the head scores at once (at a 32k vocabulary: 64 MB of float32 log-probs).
-HEAD_TOKENS = 512
+# Tokens per chunk the head scores at once (at a 32k vocabulary: 32 MB of float32 log-probs).
+HEAD_TOKENS = 256
 _MX_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64", "I64": "int64",
               "I32": "int32", "U32": "uint32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool_"}
 
@@ -91,7 +91,7 @@ class _Unit:
 
         self.checked = False
         self.last = False
-        self.held = None  # while scoring's head runs chunk by chunk: (float weights, (precision, weights))
+        self.held = None  # while the head replays: {"base": float weights, "precision", "pairs"}
 
     def at(self, precision, base: dict) -> list:
         """(name, array) pairs of the unit at `precision` (None: float as stored; b: the values a
@@ -109,9 +109,6 @@ class _Unit:
             out.update(quantized_values(todo))
         if s.compute_dtype is not None:
             out = {k: (v.astype(s.compute_dtype) if _is_float(v) else v) for k, v in out.items()}
-        if s.mode == "replay" and s.numpy_blas and "weight" in out:
-            # the head, held while it scores chunk after chunk: cast once for numpy's BLAS, not per call
-            out["weight"] = out["weight"].astype(mx.float32)
         pairs = list(out.items())
         mx.eval([v for _, v in pairs])
         return pairs
@@ -127,22 +124,24 @@ class _Unit:
                 import mlx.core as mx  # the input of layers that will not look at it
 
                 return mx.zeros((*x.shape, module.weight.shape[-1]), dtype=s.compute_dtype or mx.float16)
-        if s.mode == "replay" and self.held is None:
-            self.held = (s.fetch(self), None)
-        base = self.held[0] if self.held is not None else s.fetch(self)
+        # the head scores chunk after chunk while replaying: its weights are kept between calls
+        holding = s.mode == "replay"
+        if holding and self.held is None:
+            self.held = {"base": s.fetch(self)}
+        base = self.held["base"] if holding else s.fetch(self)
         outs = []
         split = self.kind == "layer" and s.mode == "capture"
         try:
             for precision, a, b in s.groups(x.shape[0]):
-                if self.held is not None and self.held[1] is not None and self.held[1][0] == precision:
-                    pairs = self.held[1][1]
+                if holding and "pairs" in self.held and self.held["precision"] == precision:
+                    pairs = self.held["pairs"]
                 else:
                     module.update(self.skeleton)  # the previous precision's weights go first
-                    if self.held is not None:
-                        self.held = (base, None)
+                    if holding:
+                        self.held.pop("pairs", None)
                     pairs = self.at(precision, base)
-                    if self.held is not None:
-                        self.held = (base, (precision, pairs))
+                    if holding:
+                        self.held.update(precision=precision, pairs=pairs)
                 module.load_weights(pairs, strict=False)
                 for c0, c1 in s.chunks(a, b, x, split):
                     if (c0, c1) == (0, x.shape[0]):
@@ -241,8 +240,12 @@ class StreamedModel:
         self.path = Path(path)
         try:
             self.config = load_config(self.path)
+            if self.config.get("quantization") or self.config.get("quantization_config"):
+                raise QtoolsError(f"{self.path} is quantized: a streamed model is a float one")
             model_cls, args_cls = mlx_lm_model_classes(self.config)
             net = model_cls(args_cls.from_dict(self.config))
+        except QtoolsError:
+            raise
         except Exception as exc:  # mlx-lm raises many kinds for an unknown or broken config
             raise QtoolsError(f"cannot build the model of {self.path}: {exc}") from None
         net.eval()
@@ -311,6 +314,13 @@ class StreamedModel:
                 self.units.append(unit)
             else:
                 resident.append(_Unit(self, p, module, "resident", cands))
+        covered = [u.path + "." for u in [*self.units, *resident]]
+        from mlx.utils import tree_flatten
+
+        for name, _ in tree_flatten(net.parameters()):
+            if not any(name.startswith(c) for c in covered):
+                raise QtoolsError(f"{self.path}: cannot stream mlx-lm's {type(net).__module__} model: its "
+                                  f"parameter {name} belongs to no layer, embedding or head")
         for unit in resident:  # read once, kept: tiny (norm weights)
             unit.module.load_weights(unit.at(None, self.fetch(unit)), strict=False)
 
