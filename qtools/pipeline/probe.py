@@ -62,11 +62,6 @@ DECISION_TYPES = ("tool_call", "direct", "label")
 DEFAULT_GROUP_SIZE = 64
 
 
-def default_compute_dtype():
-    """The dtype a float model's activations are computed in: the weights' own (None)."""
-    return None
-
-
 # ---------------------------------------------------------------- inputs
 
 def decision_cases(suite_obj: Suite) -> tuple[list, list]:
@@ -285,14 +280,15 @@ def _answers_from(reference, tokenizer, path: Path, prompts: list, limits: list,
 
 
 def probe(model, suite, bits=(), group_size: int | None = None, min_accuracy: float = DEFAULT_MIN_ACCURACY,
-          max_tokens: int | None = None, progress: bool = True, reference=None, compute_dtype="auto",
+          max_tokens: int | None = None, progress: bool = True, reference=None, compute_dtype=None,
           blas: str = "auto") -> dict:
     """Predict accuracy, critical errors and the verdict per bit-width of MODEL on SUITE; see module doc.
 
     reference: a model directory whose greedy answers are teacher-forced instead of the float
     model's own (e.g. the 8-bit model, loaded whole, where generating layer-major from a model
-    larger than memory would read it once per token). compute_dtype: "auto" (see
-    default_compute_dtype), None (the weights' dtype) or an mlx dtype for a float model's activations.
+    larger than memory would read it once per token). compute_dtype: None computes a float model's
+    activations in its weights' dtype, as the quantized model does (docs/probe.md); an mlx dtype
+    (mx.float32) casts every weight to it after fake quantization.
     blas: "auto", "mlx" or "numpy": who multiplies a streamed model's Linear layers (StreamedModel).
     """
     import mlx.core as mx
@@ -322,8 +318,7 @@ def probe(model, suite, bits=(), group_size: int | None = None, min_accuracy: fl
 
         tokenizer = load_tokenizer(path)
         backend.cpu_backend_note(config)
-        net_obj = StreamedModel(path, group_size=group_size, blas=blas,
-                                compute_dtype=default_compute_dtype() if compute_dtype == "auto" else compute_dtype)
+        net_obj = StreamedModel(path, group_size=group_size, blas=blas, compute_dtype=compute_dtype)
         net = net_obj.net
         precisions = [None, *bits_list]
 

@@ -233,6 +233,7 @@ class StreamedModel:
 
     def __init__(self, path, source=None, compute_dtype=None, group_size: int = 64, blas: str = "auto"):
         import mlx.core as mx
+        from mlx.utils import tree_flatten
         from mlx_lm.utils import load_config
 
         from ..compat import mlx_lm_model_classes
@@ -315,8 +316,6 @@ class StreamedModel:
             else:
                 resident.append(_Unit(self, p, module, "resident", cands))
         covered = [u.path + "." for u in [*self.units, *resident]]
-        from mlx.utils import tree_flatten
-
         for name, _ in tree_flatten(net.parameters()):
             if not any(name.startswith(c) for c in covered):
                 raise QtoolsError(f"{self.path}: cannot stream mlx-lm's {type(net).__module__} model: its "
