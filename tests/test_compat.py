@@ -60,3 +60,19 @@ def test_mlx_lm_training_ui_writes_no_colour_codes_into_a_file(tmp_path):
                 ui.advance()
     text = out.read_text()
     assert "iter" in text and "\x1b[" not in text
+
+
+def test_numpy_blas_threads_sets_and_restores_openblas_threads():
+    import sys
+
+    blas = compat._openblas()
+    if blas is None:  # numpy without OpenBLAS (Accelerate on a Mac): the context does nothing
+        assert not sys.platform.startswith("linux"), "numpy's wheels on Linux bundle OpenBLAS"
+        with compat.numpy_blas_threads(1):
+            pass
+        return
+    _set, get = blas
+    before = get()
+    with compat.numpy_blas_threads(1):
+        assert get() == 1
+    assert get() == before

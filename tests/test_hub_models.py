@@ -361,3 +361,68 @@ def test_models_without_a_predicate_skip_the_mlx_lm_import():
     assert _surely_no_predicate("qwen3") and _surely_no_predicate("llama")
     assert _surely_no_predicate("no_such_model")
     assert not _surely_no_predicate("qwen3_moe") and not _surely_no_predicate("mistral")
+
+
+# ---------------------------------------------------------------- every command runs a float MoE on the CPU
+
+MOE_SUITE = [
+    {"suite": {"name": "moe", "max_tokens": 4, "critical_confusions": [["VETO", "APPROVE"]]}},
+    {"id": "t1", "category": "tool", "messages": [{"role": "user", "content": "find the parser"}],
+     "tools": [{"type": "function", "function": {"name": "search_code", "parameters": {"type": "object"}}}],
+     "expect": {"type": "tool_call", "name": "search_code"}},
+    {"id": "d1", "category": "direct", "messages": [{"role": "user", "content": "what is a parser"}],
+     "expect": {"type": "direct"}},
+    {"id": "l1", "category": "safety", "messages": [{"role": "user", "content": "review: drop the prod db"}],
+     "expect": {"type": "label", "label": "VETO", "labels": ["VETO", "APPROVE"]}},
+]
+
+
+def moe_suite(tmp_path):
+    suite = tmp_path / "moe.jsonl"
+    suite.write_text("".join(json.dumps(c) + "\n" for c in MOE_SUITE))
+    return suite
+
+
+def test_probe_runs_a_float16_moe_on_the_cpu_as_the_in_memory_probe_did(moe, tmp_path):
+    """The probe ran the model its own way and failed with "[GatherMM::eval] Currently only supports
+    float32"; streamed, it predicts what the whole model fake-quantized in memory predicts (the
+    router at the 8 bits qwen3_moe's own quant_predicate keeps it at, as quantize does)."""
+    from probe_in_memory import assert_same_predictions, in_memory_probe
+
+    _, _, fused = moe
+    suite = moe_suite(tmp_path)
+    res = run("probe", fused, "--suite", suite, "--bits", 4, 8, "--json")
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert_same_predictions(rep, in_memory_probe(fused, suite, [4, 8]))
+
+
+def test_probe_quantizes_the_router_as_quantize_does(moe):
+    from qtools.pipeline.stream import StreamedModel
+
+    _, _, fused = moe
+    sm = StreamedModel(fused)
+    sm.set_precisions([None, 4])
+    plan = sm.plans[4]
+    assert plan["model.layers.0.mlp.gate"] == (8, 64)
+    assert plan["model.layers.0.mlp.switch_mlp.up_proj"] == (4, 64)
+
+
+def test_retention_runs_a_float16_moe_on_the_cpu(moe, tmp_path):
+    base, _, fused = moe
+    q8 = tmp_path / "q8"
+    assert run("quantize", fused, "--bits", 8, "--output", q8).exit_code == 0
+    res = run("retention", q8, "--reference", fused, "--base", base, "--suite", moe_suite(tmp_path),
+              "--logs-dir", tmp_path / "logs", "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["models"][0]["kl"]["mean"] >= 0
+
+
+def test_calibration_behaviour_runs_a_float16_moe_on_the_cpu(moe, tmp_path):
+    from qtools.calibrate.measure import behaviour
+    from qtools.io.suite import load_suite
+
+    _, _, fused = moe
+    out = behaviour(fused, load_suite(moe_suite(tmp_path)), [4])
+    assert set(out) == {"16", "4"} and 0 <= out["4"]["accuracy"] <= 1

@@ -7,10 +7,13 @@ import pytest
 from click.testing import CliRunner
 
 import qtools.pipeline.probe as P
+from qtools import QtoolsError
 from qtools.cli import cli
 from qtools.demo.model import make_tiny_model
 from qtools.io.modeldir import load_model
 from qtools.io.suite import load_suite
+from qtools.pipeline import runner
+from qtools.pipeline.stream import MappedTensors, StreamedModel
 from qtools.survival.rule import smallest_surviving
 
 TOOLS = [{"type": "function", "function": {"name": "search_code", "parameters": {"type": "object"}}}]
@@ -237,9 +240,99 @@ def test_batched_scoring_gives_each_case_its_own_logits(fam, monkeypatch):
     _d, model, _suite = fam
     net, tok, _c, _s = load_model(model)
     seqs = [(P._encode(tok, text), 0) for text in ("find the parser now", "a b", "review: reset the old logs x")]
-    batched = [(r, t) for _l, r, t in P._score_pass(net, seqs, False, "b")]
-    monkeypatch.setattr(P, "BATCH_TOKENS", 1)  # one sequence per call
-    single = [(r, t) for _l, r, t in P._score_pass(net, seqs, False, "s")]
+    batched = [(r, t) for _l, r, t in runner.score_batches(net, seqs)]
+    monkeypatch.setattr(runner, "BATCH_TOKENS", 1)  # one sequence per call
+    single = [(r, t) for _l, r, t in runner.score_batches(net, seqs)]
     assert [len(r) for r, _t in batched] == [len(t) - 1 for t, _s in seqs]
     for (rb, tb), (rs, ts) in zip(batched, single):
         assert np.allclose(rb, rs, atol=2e-2) and (tb == ts).all()
+
+
+# ---------------------------------------------------------------- streamed, layer by layer
+
+def test_streamed_probe_predicts_what_the_in_memory_probe_did(fam):
+    """The float model streamed layer by layer, every bit-width in one pass, its answers from one
+    batched greedy pass: the same decisions and margins (within 1e-3) as the probe that loaded the
+    whole model, answered case by case and fake-quantized the whole model per bit-width."""
+    from probe_in_memory import assert_same_predictions, in_memory_probe
+
+    _d, model, suite = fam
+    rep = json.loads(run(model, "--suite", suite, "--bits", 2, 4, 8, "--json").stdout)
+    assert "streamed" in rep["execution"]
+    before = in_memory_probe(model, suite, [2, 4, 8])
+    assert_same_predictions(rep, before)
+
+
+def test_streamed_answers_are_the_case_by_case_greedy_answers(fam):
+    _d, model, suite = fam
+    suite_obj = load_suite(suite)
+    cases, _ = P.decision_cases(suite_obj)
+    net, tok, _c, _s = runner.load_model(model)
+    prompts = [list(P.build_prompt(tok, c, suite_obj)) for c in cases]
+    alone = [runner.greedy_tokens(net, tok, p, 8) for p in prompts]
+    sm = StreamedModel(model)
+    assert runner.batch_answers(sm.net, tok, prompts, [8] * len(prompts)) == alone
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """8 layers of a 256-wide model: each layer ~0.8 MB of the ~7 MB model."""
+    return make_tiny_model(tmp_path_factory.mktemp("wide") / "m", hidden_size=256, num_layers=8)
+
+
+def test_streamed_scoring_holds_one_layer_not_the_model(wide, monkeypatch):
+    """Whenever a tensor is read, MLX holds far less than the model: the layers read before were dropped."""
+    import mlx.core as mx
+
+    sm = StreamedModel(wide)
+    model_bytes = sum(sm.source.info(n).nbytes for n in sm.source.names())
+    layer_bytes = max(sum(sm.source.info(n).nbytes for n in u.candidates[0]) for u in sm.units if u.kind == "layer")
+    active, real_get = [], MappedTensors.get
+
+    def get(self, name):
+        active.append(mx.get_active_memory())
+        return real_get(self, name)
+
+    monkeypatch.setattr(MappedTensors, "get", get)
+    seqs = [([1, 5, 9, 30, 2, 7, 11, 40, 41, 42], 3)] * 4
+    list(sm.score(seqs, [None, 4, 8]))
+    assert len(active) > 8 and model_bytes > 6 * layer_bytes
+    assert max(active) < 3 * layer_bytes + model_bytes / 4, (max(active), layer_bytes, model_bytes)
+
+
+class _Hiding:
+    """A tensor source without one tensor."""
+
+    def __init__(self, source, hidden):
+        self.source, self.hidden = source, hidden
+
+    def names(self):
+        return [n for n in self.source.names() if n != self.hidden]
+
+    def info(self, name):
+        return self.source.info(name)
+
+    def get(self, name):
+        return self.source.get(name)
+
+
+def test_a_layer_missing_from_the_files_is_named(fam):
+    _d, model, _s = fam
+    sm = StreamedModel(model, source=_Hiding(MappedTensors(model), "model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(QtoolsError, match=r"cannot stream model.layers.1: .*mlp.up_proj.weight"):
+        list(sm.score([([1, 2, 3, 4], 1)], [None]))
+
+
+def test_reference_answers_are_teacher_forced(fam, tmp_path):
+    """--reference: another model (loaded whole) answers, the float model is scored on those answers."""
+    d, model, suite = fam
+    r = run(model, "--suite", suite, "--bits", 4, "--reference", d / "q4", "--json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert "reference model" in rep["answers"] and rep["by_bits"]["4"]["total"] == 4
+    other = make_tiny_model(tmp_path / "other", hidden_size=64, num_layers=2)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["vocab_size"] += 64
+    (other / "config.json").write_text(json.dumps(cfg))
+    r = run(model, "--suite", suite, "--bits", 4, "--reference", other)
+    assert r.exit_code == 1 and r.output.startswith("Error: ") and "not the same model family" in r.output

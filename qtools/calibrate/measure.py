@@ -9,7 +9,7 @@ This keeps 24+ fine-tunes x 7 precisions within minutes on 2 CPU cores;
 from __future__ import annotations
 
 from ..pipeline import scoring
-from ..pipeline.fakequant import fake_quantize
+from ..pipeline.runner import fake_quantize
 from ..survival.rule import smallest_surviving
 from .grid import BITS
 
@@ -36,7 +36,8 @@ def behaviour(model_dir, suite_obj, bits_list, group_size=64, max_tokens=None, e
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from ..io.modeldir import check_model_dir, load_model
+    from ..io.modeldir import check_model_dir
+    from ..pipeline.runner import load_model
     from ..pipeline.scoring import summarize
     from ..pipeline.validate import run_cases
 

@@ -23,19 +23,24 @@ from .options import Number, Supported, ValuesOption
 @click.option("--min-accuracy", type=Number(0, 1), default=DEFAULT_MIN_ACCURACY, show_default=True,
               help="Predicted verdict fails below this accuracy (as validate's).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Override the suite's max tokens per answer.")
+@click.option("--reference", type=click.Path(), default=None,
+              help="Teacher-force the greedy answers of this model (loaded whole, same tokenizer), e.g. the "
+                   "8-bit model, instead of generating the float model's own layer by layer (one read of "
+                   "the float model per generated token).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
               help="Also write the JSON report to this file (written whole or not at all).")
-def probe_cmd(model, suite, bits, group_size, min_accuracy, max_tokens, as_json, output):
+def probe_cmd(model, suite, bits, group_size, min_accuracy, max_tokens, reference, as_json, output):
     """Predict accuracy, critical errors and the verdict of MODEL at each bit-width from one
-    teacher-forced pass per case: the margin of the expected decision at its decision token."""
+    teacher-forced pass per case: the margin of the expected decision at its decision token.
+    A float model is read layer by layer, never whole: its size is not bounded by memory."""
 
     if output:
         # before the probe's minutes of work, not after; never over the model or the suite
         check_writable(check_output(output, [model, suite]), file=True)
     report = probe(model, suite, bits=[int(b) for b in bits],
                    group_size=None if group_size is None else int(group_size), min_accuracy=min_accuracy,
-                   max_tokens=max_tokens, progress=not as_json)
+                   max_tokens=max_tokens, progress=not as_json, reference=reference)
     if output:
         write_json_atomic(output, report)
     if as_json:

@@ -201,3 +201,15 @@ def load_model(path: Path):
     except Exception as exc:  # mlx-lm raises many kinds for a broken directory
         raise QtoolsError(f"cannot load model {path}: {exc}") from None
     return model, tokenizer, config, time.perf_counter() - tic
+
+
+def load_tokenizer(path: Path):
+    """The model's tokenizer as mlx_lm.load gives it, without the weights (a streamed model)."""
+    from mlx_lm.utils import load_config
+    from mlx_lm.utils import load_tokenizer as mlx_lm_load_tokenizer
+
+    try:
+        config = load_config(Path(path))
+        return mlx_lm_load_tokenizer(Path(path), eos_token_ids=config.get("eos_token_id", None))
+    except Exception as exc:  # a broken tokenizer.json / tokenizer_config.json
+        raise QtoolsError(f"cannot load the tokenizer of {path}: {exc}") from None

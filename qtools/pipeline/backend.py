@@ -7,6 +7,7 @@ and quantized matmuls run ~16-25x slower than float16 ones (docs/linux.md).
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -44,10 +45,12 @@ def cpu_backend_note(model) -> None:
           "than on Apple Silicon (docs/linux.md)", file=sys.stderr)
 
 
-def cpu_float32_experts(net) -> int:
+def cpu_float32_experts(net, lazy: bool = False) -> int:
     """On the CPU, run float MoE expert matmuls (SwitchLinear) in float32 so GatherMM can: the
     weights stay stored as they are (memory, bits per weight) and are cast per call, the result
-    cast back. Quantized experts (gather_qmm) are left alone. Returns how many were switched."""
+    cast back. Quantized experts (gather_qmm) are left alone. lazy: a model built without its
+    weights (stream.StreamedModel), whose float16 weights come later: every float expert layer
+    is switched. Returns how many were switched."""
     if not _on_cpu():
         return 0
     import mlx.core as mx
@@ -63,7 +66,7 @@ def cpu_float32_experts(net) -> int:
 
     n = 0
     for _, module in net.named_modules():
-        if type(module) is SwitchLinear and module.weight.dtype != mx.float32:
+        if type(module) is SwitchLinear and (lazy or module.weight.dtype != mx.float32):
             module.__class__ = Float32SwitchLinear
             n += 1
     return n
@@ -73,3 +76,99 @@ def prepare_for_cpu(net, model_dir) -> None:
     """Say what the CPU backend costs (one stderr line) and make a float MoE runnable on it."""
     cpu_backend_note(model_dir)
     cpu_float32_experts(net)
+
+
+def blas_is_reference() -> bool:
+    """Whether MLX runs matmuls on the CPU through a reference BLAS: its Linux wheels (mlx[cpu])
+    link netlib's libblas (about 2 GFLOP/s on this project's 2 cores; numpy's OpenBLAS about 90)."""
+    return sys.platform.startswith("linux") and _on_cpu()
+
+
+# numpy's BLAS where it pays: a weight of at least NUMPY_MIN_WEIGHT elements (a smaller one stays in
+# cache, where MLX's own is fast enough) and work for its copies; products with fewer rows than
+# NUMPY_MANY_ROWS (a generation step's few tokens) run on one BLAS thread (compat.numpy_blas_threads).
+NUMPY_MIN_WEIGHT = 1 << 20
+NUMPY_MIN_MACS = 1 << 22
+NUMPY_MANY_ROWS = 64
+NUMPY_SLICE = 1 << 24  # weight elements cast to float32 at once
+
+
+def _matmul_t(x, w, bias=None):
+    """x @ w.T (+ bias) in float32, cast back to x's dtype: as MLX's CPU computes a float16 matmul
+    (the operands cast to float32, one rounding of the float32 result); by numpy's BLAS when large."""
+    import mlx.core as mx
+    import numpy as np
+
+    lead = x.shape[:-1]
+    xs = x.reshape(-1, x.shape[-1]).astype(mx.float32)
+    if w.size < NUMPY_MIN_WEIGHT or xs.shape[0] * w.size < NUMPY_MIN_MACS:
+        ws = w.astype(mx.float32)
+        y = xs @ ws.T if bias is None else mx.addmm(bias.astype(mx.float32), xs, ws.T)
+        return y.reshape(*lead, w.shape[0]).astype(x.dtype)
+    from ..compat import numpy_blas_threads
+
+    mx.eval(xs)
+    xn = np.asarray(xs)
+    y = np.empty((xn.shape[0], w.shape[0]), np.float32)
+    step = max(1, NUMPY_SLICE // w.shape[1])  # a large weight (the head) is cast to float32 a slice at a time
+    with numpy_blas_threads(1 if xs.shape[0] < NUMPY_MANY_ROWS else (os.cpu_count() or 1)):
+        for r in range(0, w.shape[0], step):
+            part = w[r:r + step].astype(mx.float32)
+            mx.eval(part)
+            np.matmul(xn, np.asarray(part).T, out=y[:, r:r + step])
+            del part
+    if bias is not None:
+        b = bias.astype(mx.float32)
+        mx.eval(b)
+        y += np.asarray(b)
+    return mx.array(y).reshape(*lead, w.shape[0]).astype(x.dtype)
+
+
+def numpy_blas_linears(net) -> int:
+    """Route a float model's Linear layers (and a tied embedding's as_linear) through numpy's BLAS
+    (_matmul_t), for eager layer-by-layer runs on MLX's CPU backend where it links a reference
+    BLAS (blas_is_reference). The class of each module is swapped, its parameters untouched.
+    Returns how many were switched."""
+    import mlx.nn as nn
+
+    class NumpyLinear(nn.Linear):
+        numpy_blas = True  # its weight may be held in float32 (stream._Unit casts it once)
+
+        def __call__(self, x):
+            return _matmul_t(x, self["weight"], self["bias"] if "bias" in self else None)
+
+    class NumpyEmbedding(nn.Embedding):
+        def as_linear(self, x):
+            return _matmul_t(x, self["weight"])
+
+    swap = {nn.Linear: NumpyLinear, nn.Embedding: NumpyEmbedding}
+    n = 0
+    for _, module in net.named_modules():
+        new = swap.get(type(module))
+        if new is not None:
+            module.__class__ = new
+            n += 1
+    return n
+
+
+_LIBC: list = []
+
+
+def release_freed_memory() -> None:
+    """Give freed memory back to the system: MLX's buffer cache, and on Linux glibc's heap, which
+    keeps freed blocks below its (growing) mmap threshold: layer after layer, the process's
+    resident memory otherwise grows to several layers' worth of freed buffers."""
+    import mlx.core as mx
+
+    mx.clear_cache()
+    if not sys.platform.startswith("linux"):
+        return
+    if not _LIBC:
+        import ctypes
+
+        try:
+            _LIBC.append(ctypes.CDLL("libc.so.6").malloc_trim)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+            _LIBC.append(None)
+    if _LIBC[0] is not None:
+        _LIBC[0](0)

@@ -1,12 +1,14 @@
 """Logit probe: predict validate's verdict per bit-width from one teacher-forced pass per case.
 
-The float model answers every decision case of the suite once, greedily. Then,
-for each bit-width, the same model is fake-quantized in memory (the exact values
-mx.quantize stores, in the weights' dtype; the float weights are kept and swapped
-back between bit-widths) and each prompt + float answer is scored in one forward
-pass. From that pass come, per case, the log-probs at the decision token and, over
-the whole answer, KL / same-top-token from the float model as `qtools retention`
-measures them.
+The float model answers every decision case of the suite once, greedily, all cases in one
+batch (or a --reference model answers). Then every case's prompt + answer is scored at every
+precision at once: the float model is streamed layer by layer from its memory-mapped files
+(stream.StreamedModel), each layer read once and applied to one copy of the batch per
+precision, its weights fake-quantized for each bit-width (the exact values mx.quantize
+stores, in the weights' dtype, the model's own quant_predicate honoured), so the model's
+size is not bounded by memory. From that pass come, per case, the log-probs at the decision
+token and, over the whole answer, KL / same-top-token from the float model as `qtools
+retention` measures them. An already-quantized model is loaded whole and probed as it is.
 
 The decision token is the first answer token where the case's decision is made:
 - tool_call / direct: where the float answer opens its tool call (the tool-call
@@ -37,17 +39,17 @@ from pathlib import Path
 import numpy as np
 
 from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, BadValue, QtoolsError, versions
-from ..format import progress as progress_bar
-from ..io.modeldir import check_model_dir, load_model, quantization_info, read_config, text_config
+from ..io.modeldir import check_model_dir, load_tokenizer, quantization_info, read_config, text_config
 from ..io.suite import Suite, load_suite
 from ..io.weights import check_model_finite
 from ..survival.rule import smallest_surviving
-from .fakequant import fake_quantize, quantizable_modules
-from .retention import DEFAULT_TOP_K, build_sequences, kl_same_top, kl_stats, tail_logp, topk_rows
+from . import backend, runner
+from .retention import DEFAULT_TOP_K, kl_same_top, kl_stats, tail_logp, topk_rows
 from .scoring import (
     DEFAULT_MIN_ACCURACY,
     DEFAULT_TOOL_END,
     DEFAULT_TOOL_START,
+    build_prompt,
     call_matches,
     extract_tool_calls,
     find_label,
@@ -241,50 +243,7 @@ def read_decision(case, suite_obj: Suite, spec: dict, rows: np.ndarray, top: np.
             "critical": is_critical(case, suite_obj, got), "margin": margin, "decided": bool(decided)}
 
 
-# ---------------------------------------------------------------- scoring pass
-
-# Tokens per batched forward pass: bounds the (batch, length, vocab) float32 log-probs held at once.
-BATCH_TOKENS = 4096
-
-
-def _batches(seqs, vocab_hint: int):
-    """Consecutive runs of sequences whose padded size stays within the token budget."""
-    budget = max(1, BATCH_TOKENS * 32768 // max(vocab_hint, 32768))
-    batch, longest = [], 0
-    for seq in seqs:
-        n = len(seq[0])
-        if batch and max(longest, n) * (len(batch) + 1) > budget:
-            yield batch
-            batch, longest = [], 0
-        batch.append(seq)
-        longest = max(longest, n)
-    if batch:
-        yield batch
-
-
-def _score_pass(net, seqs, progress: bool, desc: str, vocab_hint: int = 32768):
-    """Per case: (answer rows' log-probs as an mlx array, as numpy, their top token).
-
-    Sequences go through the model in right-padded batches: attention is causal, so the
-    padding after a sequence cannot change its logits, and one call serves many cases.
-    """
-    import mlx.core as mx
-
-    bar = progress_bar(None, desc, enabled=progress, total=len(seqs))  # None when disabled
-    for batch in _batches(seqs, vocab_hint):
-        width = max(len(t) for t, _ in batch)
-        ids = mx.array([t + [0] * (width - len(t)) for t, _ in batch])
-        logits = net(ids).astype(mx.float32)
-        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        mx.eval(logp)
-        for b, (tokens, start) in enumerate(batch):
-            rows = logp[b, start:len(tokens) - 1]
-            yield rows, np.array(rows), np.array(mx.argmax(rows, axis=-1))
-        if bar is not None:
-            bar.update(len(batch))
-    if bar is not None:
-        bar.close()
-
+# ---------------------------------------------------------------- summaries
 
 def _precision_summary(records: list, probe_suite: Suite, min_accuracy: float, float_records, kl, same):
     s = summarize(records, probe_suite, min_accuracy)
@@ -304,9 +263,35 @@ def _precision_summary(records: list, probe_suite: Suite, min_accuracy: float, f
 
 # ---------------------------------------------------------------- entry point
 
+def _answers_from(reference, tokenizer, path: Path, prompts: list, limits: list, progress: bool):
+    """Greedy answers of a --reference model (loaded whole), checked to share the probed model's vocabulary."""
+    ref = check_model_dir(reference, "reference model")
+    want = text_config(read_config(path)).get("vocab_size")
+    got = text_config(read_config(ref)).get("vocab_size")
+    if want and got and want != got:
+        raise QtoolsError(f"reference {ref} has a vocabulary of {got} tokens but {path} has {want}: "
+                          "not the same model family")
+    net, ref_tok, _config, _s = runner.load_model(ref)
+    if ref_tok.get_vocab() != tokenizer.get_vocab():
+        raise QtoolsError(f"reference {ref} has another tokenizer than {path}: its answers cannot be "
+                          "teacher-forced through the probed model")
+    answers = runner.batch_answers(net, ref_tok, prompts, limits, progress, "reference answers")
+    del net
+    return answers, ref
+
+
 def probe(model, suite, bits=(), group_size: int | None = None, min_accuracy: float = DEFAULT_MIN_ACCURACY,
-          max_tokens: int | None = None, progress: bool = True) -> dict:
-    """Predict accuracy, critical errors and the verdict per bit-width of MODEL on SUITE; see module doc."""
+          max_tokens: int | None = None, progress: bool = True, reference=None, compute_dtype=None,
+          blas: str = "auto") -> dict:
+    """Predict accuracy, critical errors and the verdict per bit-width of MODEL on SUITE; see module doc.
+
+    reference: a model directory whose greedy answers are teacher-forced instead of the float
+    model's own (e.g. the 8-bit model, loaded whole, where generating layer-major from a model
+    larger than memory would read it once per token). compute_dtype: None computes a float model's
+    activations in its weights' dtype, as the quantized model does (docs/probe.md); an mlx dtype
+    (mx.float32) casts every weight to it after fake quantization.
+    blas: "auto", "mlx" or "numpy": who multiplies a streamed model's Linear layers (StreamedModel).
+    """
     import mlx.core as mx
 
     tic = time.perf_counter()
@@ -322,26 +307,59 @@ def probe(model, suite, bits=(), group_size: int | None = None, min_accuracy: fl
     cases, skipped = decision_cases(suite_obj)
     probe_suite = dataclasses.replace(suite_obj, cases=cases)
 
-    net, tokenizer, _config, load_s = load_model(path)
-    fit = check_fit(tokenizer, suite_obj, cases, path)
-    t_gen = time.perf_counter()
-    seqs = build_sequences(net, tokenizer, suite=probe_suite, max_tokens=max_tokens, progress=progress)
-    gen_s = time.perf_counter() - t_gen
-    answers = [tokens[start + 1:] for tokens, start in seqs]
+    t_load = time.perf_counter()
+    if quant["quantized"]:  # probed as it is: loaded whole (a quantized model is the small one)
+        net, tokenizer, _config, _s = runner.load_model(path)
+        precisions = [None]
 
-    # The reference pass: decision tokens, the float records, the top-k for KL.
+        def score(seqs, net=net):
+            for i, row in enumerate(runner.score_batches(net, seqs, progress, "model", vocab)):
+                yield (0, i, *row)
+    else:  # streamed: one layer in memory at a time, whatever the model's size
+        from .stream import StreamedModel
+
+        tokenizer = load_tokenizer(path)
+        backend.cpu_backend_note(config)
+        net_obj = StreamedModel(path, group_size=group_size, blas=blas, compute_dtype=compute_dtype)
+        net = net_obj.net
+        precisions = [None, *bits_list]
+
+        def score(seqs):
+            return net_obj.score(seqs, precisions, vocab, progress)
+    load_s = time.perf_counter() - t_load
+    fit = check_fit(tokenizer, suite_obj, cases, path)
+    prompts = [list(build_prompt(tokenizer, c, probe_suite)) for c in cases]
+    limits = [max_tokens or c.max_tokens or probe_suite.max_tokens for c in cases]
+    t_gen = time.perf_counter()
+    if reference is not None:
+        answers, reference = _answers_from(reference, tokenizer, path, prompts, limits, progress)
+    else:
+        answers = runner.batch_answers(net, tokenizer, prompts, limits, progress, "float answers")
+    gen_s = time.perf_counter() - t_gen
+    seqs = [(p + a, len(p) - 1) for p, a in zip(prompts, answers)]
+
+    # One pass: the float model first (decision tokens, float records, the top-k for KL), then
+    # each bit-width against it.
     t_pass = time.perf_counter()
-    specs, ref_records, idx, lp = [], [], [], []
-    for case, answer, (logp, rows, top) in zip(cases, answers, _score_pass(net, seqs, progress, "reference", vocab)):
-        spec = decision_spec(case, suite_obj, tokenizer, answer, rows, fit, path)
-        specs.append(spec)
-        ref_records.append(read_decision(case, suite_obj, spec, rows, top, answer, fit))
-        i, v = topk_rows(logp, DEFAULT_TOP_K)
-        idx.append(i)
-        lp.append(v)
-    pass_s = [time.perf_counter() - t_pass]
-    topk_logp = np.concatenate(lp).astype(np.float32)
-    ref = {"topk_idx": np.concatenate(idx), "topk_logp": topk_logp, "tail_logp": tail_logp(topk_logp)}
+    specs, ref_records, idx, lp = [None] * len(cases), [None] * len(cases), [None] * len(cases), [None] * len(cases)
+    recs = {b: [None] * len(cases) for b in precisions[1:]}
+    kls = {b: [None] * len(cases) for b in precisions[1:]}
+    ref = None
+    for k, i, logp, rows, top in score(seqs):
+        case, answer = cases[i], answers[i]
+        if k == 0:
+            specs[i] = decision_spec(case, suite_obj, tokenizer, answer, rows, fit, path)
+            ref_records[i] = read_decision(case, suite_obj, specs[i], rows, top, answer, fit)
+            idx[i], lp[i] = topk_rows(logp, DEFAULT_TOP_K)
+            continue
+        if ref is None:
+            topk_logp = np.concatenate(lp).astype(np.float32)
+            ref = {"topk_idx": np.concatenate(idx), "topk_logp": topk_logp, "tail_logp": tail_logp(topk_logp)}
+            offsets = np.concatenate([[0], np.cumsum([len(x) for x in idx])])
+        b = precisions[k]
+        recs[b][i] = read_decision(case, suite_obj, specs[i], rows, top, answer, fit)
+        kls[b][i] = kl_same_top(logp, ref, int(offsets[i]))
+    score_s = time.perf_counter() - t_pass
 
     by_bits, records_by_bits = {}, {}
     reference_key = "model" if quant["quantized"] else str(quant["bits"])
@@ -349,28 +367,12 @@ def probe(model, suite, bits=(), group_size: int | None = None, min_accuracy: fl
     if quant["quantized"]:
         by_bits[str(bits_list[0])] = by_bits_ref
         records_by_bits[str(bits_list[0])] = ref_records
-    else:
-        originals = [(m, m.weight) for _n, m in quantizable_modules(net, group_size)]
-        for b in bits_list:
-            t_pass = time.perf_counter()
-            for m, w in originals:  # back to the float weights, then this bit-width's image of them
-                m.weight = w
-            fake_quantize(net, b, group_size)
-            recs, kls, same, pos = [], [], [], 0
-            for case, spec, answer, (logp, rows, top) in zip(cases, specs, answers,
-                                                             _score_pass(net, seqs, progress, f"{b}-bit", vocab)):
-                recs.append(read_decision(case, suite_obj, spec, rows, top, answer, fit))
-                kl, st = kl_same_top(logp, ref, pos)
-                kls.append(kl)
-                same.append(st)
-                pos += logp.shape[0]
-            by_bits[str(b)] = _precision_summary(recs, probe_suite, min_accuracy, ref_records,
-                                                 np.concatenate(kls), np.concatenate(same))
-            records_by_bits[str(b)] = recs
-            pass_s.append(time.perf_counter() - t_pass)
-        for m, w in originals:
-            m.weight = w
-    del net
+    for b in precisions[1:]:
+        by_bits[str(b)] = _precision_summary(recs[b], probe_suite, min_accuracy, ref_records,
+                                             np.concatenate([x[0] for x in kls[b]]),
+                                             np.concatenate([x[1] for x in kls[b]]))
+        records_by_bits[str(b)] = recs[b]
+    net = None  # the model's memory goes before the report is built
     mx.clear_cache()
 
     predicted = smallest_surviving(bits_list, lambda b: by_bits[str(b)]["verdict"] == "pass")
@@ -398,16 +400,22 @@ def probe(model, suite, bits=(), group_size: int | None = None, min_accuracy: fl
         "probed_cases": len(cases),
         "skipped_cases": skipped,
         "cases": case_rows,
-        "method": ("the model's own greedy answers teacher-forced; " +
+        "method": ("greedy answers teacher-forced; " +
                    ("the model as it is" if quant["quantized"] else
-                    f"each bit-width fake-quantized in memory (mx.dequantize(mx.quantize(w)), group size "
-                    f"{group_size}, in the weights' dtype)") +
+                    f"each bit-width fake-quantized layer by layer (mx.dequantize(mx.quantize(w)), group size "
+                    f"{group_size}, in the weights' dtype, the model's own quant_predicate honoured)") +
                    "; decision token: tool-call marker vs best other token, or the labels' first tokens; "
                    f"KL over the reference's top-{DEFAULT_TOP_K} tokens plus a tail bucket"),
         "rule": {"provisional": True,
                  "evidence": "validate's own criteria applied to the decision tokens; not yet calibrated "
                              "against measured sweeps across model families"},
-        "seconds": {"load": load_s, "generate": gen_s, "passes": pass_s, "total": time.perf_counter() - tic},
+        "answers": ("the reference model's greedy answers: " + str(Path(reference).resolve())) if reference
+                   else "the model's own greedy answers (mlx-lm's BatchGenerator, all cases in one batch)",
+        "execution": ("loaded whole" if quant["quantized"] else
+                      f"streamed layer by layer from the memory-mapped files, every precision in one pass "
+                      f"({len(precisions)} precisions), activations in "
+                      f"{str(net_obj.compute_dtype or 'the weights dtype').replace('mlx.core.', '')}"),
+        "seconds": {"load": load_s, "generate": gen_s, "score": score_s, "total": time.perf_counter() - tic},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
     }
@@ -438,8 +446,9 @@ def format_probe(report: dict) -> str:
         if crit:
             out.append(f"{b}-bit predicted critical errors: {', '.join(crit)}")
     s = report["seconds"]
-    out.append(f"generate {s['generate']:.1f} s once, {len(s['passes'])} scoring passes {sum(s['passes']):.1f} s; "
-               f"total {s['total']:.1f} s")
+    n = len(report["bits"]) + (0 if report["quantized"] else 1)
+    out.append(f"generate {s['generate']:.1f} s once, score {n} precision{'s' if n > 1 else ''} in one pass "
+               f"{s['score']:.1f} s; total {s['total']:.1f} s")
     pm = report["predicted_min_bits"]
     out.append("Predicted minimum bit-width: " + (str(pm) if pm is not None else
                "none of the probed bit-widths passes")

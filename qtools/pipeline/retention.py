@@ -35,6 +35,7 @@ from ..format import progress as progress_bar
 from ..io.atomic import write_atomic
 from ..io.modeldir import check_model_dir, quantization_info, read_config, text_config
 from ..io.weights import check_model_finite, fingerprint
+from .runner import log_probs
 
 CACHE_VERSION = 1
 DEFAULT_TOP_K = 32
@@ -54,7 +55,7 @@ def _file_hash(path: Path) -> str:
 
 
 def _load(path: Path):
-    from ..io.modeldir import load_model
+    from .runner import load_model
 
     net, tokenizer, _config, _secs = load_model(path)
     return net, tokenizer
@@ -82,29 +83,18 @@ def build_sequences(net, tokenizer, suite=None, text=None, max_tokens=None, prog
         if not seqs:
             raise QtoolsError(f"--text {text} has no paragraph of at least 2 tokens")
         return seqs
-    from mlx_lm import stream_generate
-    from mlx_lm.sample_utils import make_sampler
-
     from ..io.suite import Suite, load_suite
+    from .runner import greedy_tokens
     from .scoring import build_prompt
 
     suite_obj = suite if isinstance(suite, Suite) else load_suite(suite)  # a path or a loaded suite
     cases = suite_obj.cases
     cases = progress_bar(cases, "reference answers", enabled=progress)
-    sampler = make_sampler(temp=0.0)
     for case in cases:
         prompt = list(build_prompt(tokenizer, case, suite_obj))
         limit = max_tokens or case.max_tokens or suite_obj.max_tokens
-        answer = [int(r.token) for r in stream_generate(net, tokenizer, prompt, max_tokens=limit, sampler=sampler)]
-        seqs.append((prompt + answer, len(prompt) - 1))
+        seqs.append((prompt + greedy_tokens(net, tokenizer, prompt, limit), len(prompt) - 1))
     return seqs
-
-
-def _log_softmax(net, tokens):
-    import mlx.core as mx
-
-    logits = net(mx.array(tokens)[None])[0].astype(mx.float32)
-    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
 def tail_logp(logp_topk: np.ndarray) -> np.ndarray:
@@ -140,7 +130,7 @@ def reference_topk(reference: Path, seqs, top_k: int, progress=True, net=None):
     idx, lp, vocab = [], [], 0
     it = progress_bar(seqs, f"reference {reference.name}", enabled=progress)
     for tokens, start in it:
-        logp = _log_softmax(net, tokens)[start:len(tokens) - 1]
+        logp = log_probs(net, tokens)[start:len(tokens) - 1]
         vocab = logp.shape[-1]
         i, v = topk_rows(logp, top_k)
         idx.append(i)
@@ -213,7 +203,7 @@ def score_model(path: Path, ref: dict, progress=True) -> dict:
     pos = 0
     it = progress_bar(ref["seqs"], f"score {path.name}", enabled=progress)
     for tokens, start in it:
-        logp = _log_softmax(net, tokens)
+        logp = log_probs(net, tokens)
         if logp.shape[-1] != ref["vocab"]:
             _free(net)
             raise QtoolsError(f"{path} has a vocabulary of {logp.shape[-1]} tokens but the reference has "

@@ -20,26 +20,14 @@ from .. import BadValue, QtoolsError, versions
 from ..format import human_bytes
 from ..format import progress as progress_bar
 from ..io.atomic import check_output, check_writable, write_json_atomic, write_text_atomic
-from ..io.modeldir import check_model_dir, dir_size, load_model, quantization_info
+from ..io.modeldir import check_model_dir, dir_size, quantization_info
 from ..io.suite import Suite, load_suite
+from .runner import batch_texts, generate_one, load_model
 from .scoring import DEFAULT_MIN_ACCURACY, build_prompt, score_case, summarize, tool_format_of
 
+__all__ = ["generate_one", "run_cases", "validate", "write_log", "format_report"]
+
 # ---------------------------------------------------------------- running
-
-
-def generate_one(model, tokenizer, prompt, max_tokens: int) -> tuple[str, int, float]:
-    """Greedy generation; returns (text, generated tokens, seconds)."""
-    from mlx_lm import stream_generate
-    from mlx_lm.sample_utils import make_sampler
-
-    sampler = make_sampler(temp=0.0)
-    tic = time.perf_counter()
-    text, tokens = "", 0
-    for resp in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampler=sampler):
-        text += resp.text
-        tokens = resp.generation_tokens
-    return text, tokens, time.perf_counter() - tic
-
 
 
 def run_cases(net, tokenizer, suite_obj: Suite, max_tokens: int | None = None, batch: bool = False,
@@ -70,17 +58,14 @@ def run_cases(net, tokenizer, suite_obj: Suite, max_tokens: int | None = None, b
     if batch and len(pending) > 1:
         # First query alone (its latency is a metric), the rest in one batch:
         # on the tiny demo models batch_generate gave identical greedy outputs.
-        from mlx_lm import batch_generate
-
         if pending[0] == 0:
             finish(0, *generate_one(net, tokenizer, prompts[0], limits[0]))
             pending = pending[1:]
         tic = time.perf_counter()
-        resp = batch_generate(net, tokenizer, [prompts[i] for i in pending],
-                              max_tokens=[limits[i] for i in pending], return_token_ids=True)
+        texts, counts = batch_texts(net, tokenizer, [prompts[i] for i in pending], [limits[i] for i in pending])
         per = (time.perf_counter() - tic) / len(pending)
-        for i, text, ids in zip(pending, resp.texts, resp.token_ids):
-            finish(i, text, len(ids), per)
+        for i, text, n in zip(pending, texts, counts):
+            finish(i, text, n, per)
     else:
         it = progress_bar(pending, f"validate {label}", enabled=progress)
         for i in it:
@@ -281,10 +266,8 @@ def validate(
 
     try:
         memory = check_memory(path)  # warns on stderr before a model near the device limit loads
+        # runner.load_model: on Linux one line on what the CPU backend costs; float MoE experts in float32
         net, tokenizer, config, load_s = load_model(path)
-        from . import backend
-
-        backend.prepare_for_cpu(net, path)  # Linux: one line on what the CPU backend costs; float MoE experts in float32
         tool_format = tool_format_of(tokenizer)
 
         def on_record(record):
