@@ -34,6 +34,27 @@ POOL = 64 << 20  # float16 elements (128 MiB)
 CHUNK = 16 << 20  # elements generated or written at a time
 
 
+def pool_filler(pool, ones):
+    """write(name, f, n): n values for tensor `name` from the random pool (norms get ones), so a
+    model of any size is written from one fixed pool."""
+
+    def fill(name, f, n):
+        if "norm" in name:
+            while n > 0:
+                k = min(n, CHUNK)
+                f.write(ones[:k])
+                n -= k
+            return
+        start = zlib.crc32(name.encode()) % POOL
+        while n > 0:  # wrap around the pool: values repeat across tensors, which the analysis ignores
+            k = min(n, CHUNK, POOL - start)
+            f.write(pool[start : start + k])
+            n -= k
+            start = (start + k) % POOL
+
+    return fill
+
+
 def layer_tensors(i, hidden, mlp, heads, kv_heads, head_dim):
     p = f"model.layers.{i}."
     q, kv = heads * head_dim, kv_heads * head_dim
@@ -167,19 +188,7 @@ def main():
         pool[i : i + CHUNK] = rng.standard_normal(min(CHUNK, POOL - i), dtype=np.float32) * 0.02
     ones = np.ones(CHUNK, np.float16)
 
-    def fill(name, f, n):
-        if "norm" in name:
-            while n > 0:
-                k = min(n, CHUNK)
-                f.write(ones[:k])
-                n -= k
-            return
-        start = zlib.crc32(name.encode()) % POOL
-        while n > 0:  # wrap around the pool: values repeat across tensors, which the analysis ignores
-            k = min(n, CHUNK, POOL - start)
-            f.write(pool[start : start + k])
-            n -= k
-            start = (start + k) % POOL
+    fill = pool_filler(pool, ones)
 
     groups = [[("model.embed_tokens.weight", (args.vocab, args.hidden)), ("model.norm.weight", (args.hidden,))]]
     for i in range(args.layers):
@@ -245,19 +254,8 @@ def write_moe(args, model: Path, adapter: Path):
         pool[i : i + CHUNK] = (x.view(np.uint32) >> 16).astype(np.uint16)
     ones = np.full(CHUNK, 0x3F80, np.uint16)  # 1.0 in bfloat16
 
-    def fill(name, f, n):
-        if "norm" in name:
-            while n > 0:
-                k = min(n, CHUNK)
-                f.write(ones[:k])
-                n -= k
-            return
-        start = zlib.crc32(name.encode()) % POOL
-        while n > 0:
-            k = min(n, CHUNK, POOL - start)
-            f.write(pool[start : start + k])
-            n -= k
-            start = (start + k) % POOL
+    fill = pool_filler(pool, ones)
+
 
     groups = [[("model.embed_tokens.weight", (c["vocab"], c["hidden"]))]]
     for i in range(layers):

@@ -1,6 +1,7 @@
 """The fuse as it was before it streamed (commit a7164fc, qtools/pipeline/fuse.py), kept for the
 tests only: the reference the streamed fuse and FusedView must match bit for bit. It loads the
-whole base with mlx-lm and saves with mlx-lm's save.
+whole base with mlx-lm and saves with mlx-lm's save. Its float32 math (fuse_module_f32) is kept
+as it was on purpose: an oracle that imported the new code's math could not catch a change in it.
 
 Fuse a LoRA/DoRA adapter into its base model, in float32, saved as float16.
 
@@ -23,8 +24,9 @@ from pathlib import Path
 from qtools import QtoolsError, versions
 from qtools.io.adapters import check_adapter_dir
 from qtools.io.atomic import atomic_output_dir, check_output_free, check_writable
-from qtools.io.modeldir import PROVENANCE, check_model_dir, dir_size, read_config, weights_bytes
+from qtools.io.modeldir import PROVENANCE, check_model_dir, dir_size
 from qtools.io.weights import SafetensorsModel, check_finite
+from qtools.pipeline.fuse import output_bytes_estimate
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -88,28 +90,6 @@ def fuse_module_f32(module, dtype):
         fused.weight = w.astype(dtype)
         return fused
     return module.fuse(dequantize=True)
-
-
-def output_bytes_estimate(base: str | Path, dtype: str = "float16") -> int:
-    """The fused model's size: every float tensor of the base in `dtype`, a quantized base's packed
-    weights at their unpacked size (their scales and biases dropped), plus the other files."""
-    base = Path(base)
-    size = {"float16": 2, "bfloat16": 2, "float32": 4}[dtype]
-    q = read_config(base).get("quantization") or {}
-    total = dir_size(base) - weights_bytes(base)
-    with SafetensorsModel(base) as st:
-        packed = {n[: -len(".weight")] for n, i in st.tensors.items()
-                  if n.endswith(".weight") and not i.is_float and f"{n[: -len('.weight')]}.scales" in st}
-        for name, info in st.tensors.items():
-            layer, leaf = name.rsplit(".", 1) if "." in name else ("", name)
-            if layer in packed and leaf == "weight":
-                own = q.get(layer) if isinstance(q.get(layer), dict) else {}
-                total += info.numel * (32 // int(own.get("bits", q.get("bits", 4)))) * size
-            elif layer in packed and leaf in ("scales", "biases"):
-                continue  # dropped by the dequantization
-            else:
-                total += info.numel * size if info.is_float else info.nbytes
-    return total
 
 
 def old_fuse(

@@ -95,17 +95,9 @@ def test_shards_are_mlx_lms(base, adapter, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory):
-    from test_hub_models import make_adapter, moe_config, save_hub
+    from test_hub_models import hub_moe
 
-    from qtools.demo.tokenizer import build_tokenizer
-
-    root = tmp_path_factory.mktemp("moe")
-    tok = build_tokenizer()
-    base = save_hub(root / "base", moe_config(tok.get_vocab_size(), tok.token_to_id("<|im_end|>")), seed=0)
-    adapter = make_adapter(base, root / "adapter", num_layers=2, seed=1,
-                           keys=["self_attn.q_proj", "self_attn.v_proj", "mlp.gate",
-                                 "mlp.switch_mlp.gate_proj", "mlp.switch_mlp.up_proj", "mlp.switch_mlp.down_proj"])
-    return base, adapter
+    return hub_moe(tmp_path_factory.mktemp("moe"), fused=False)
 
 
 def test_hub_moe_with_experts_and_router_adapted(moe, tmp_path):

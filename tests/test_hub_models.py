@@ -107,16 +107,23 @@ def fuse(base, adapter, out):
     return out
 
 
+MOE_KEYS = ["self_attn.q_proj", "self_attn.v_proj", "mlp.gate",
+            "mlp.switch_mlp.gate_proj", "mlp.switch_mlp.up_proj", "mlp.switch_mlp.down_proj"]
+
+
+def hub_moe(root, keys=MOE_KEYS, fused=True):
+    """Qwen3-MoE (4 experts, top-2) in Hub layout (bfloat16, shards, experts un-stacked), a LoRA
+    adapter on `keys` (attention, router, experts by default) and, if `fused`, qtools fuse's model."""
+    tok = build_tokenizer()
+    base = save_hub(root / "base", moe_config(tok.get_vocab_size(), tok.token_to_id("<|im_end|>")), seed=0)
+    adapter = make_adapter(base, root / "adapter", num_layers=2, seed=1, keys=list(keys))
+    return (base, adapter, fuse(base, adapter, root / "fused")) if fused else (base, adapter)
+
+
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory):
     """Qwen3-MoE (4 experts, top-2) in Hub layout; LoRA on attention, router and experts."""
-    root = tmp_path_factory.mktemp("moe")
-    tok = build_tokenizer()
-    base = save_hub(root / "base", moe_config(tok.get_vocab_size(), tok.token_to_id("<|im_end|>")), seed=0)
-    adapter = make_adapter(base, root / "adapter", num_layers=2, seed=1,
-                           keys=["self_attn.q_proj", "self_attn.v_proj", "mlp.gate",
-                                 "mlp.switch_mlp.gate_proj", "mlp.switch_mlp.up_proj", "mlp.switch_mlp.down_proj"])
-    return base, adapter, fuse(base, adapter, root / "fused")
+    return hub_moe(tmp_path_factory.mktemp("moe"))
 
 
 def dense_config():

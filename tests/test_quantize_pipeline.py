@@ -57,16 +57,9 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory):
     """A qwen3_moe in Hub layout (bfloat16, 3 shards, experts un-stacked) and its fused model."""
-    from test_hub_models import fuse, make_adapter, moe_config, save_hub
+    from test_hub_models import hub_moe
 
-    from qtools.demo.tokenizer import build_tokenizer
-
-    root = tmp_path_factory.mktemp("moe")
-    tok = build_tokenizer()
-    base = save_hub(root / "base", moe_config(tok.get_vocab_size(), tok.token_to_id("<|im_end|>")), seed=0)
-    adapter = make_adapter(base, root / "adapter", num_layers=2, seed=1,
-                           keys=["self_attn.q_proj", "mlp.gate", "mlp.switch_mlp.up_proj"])
-    return base, adapter, fuse(base, adapter, root / "fused")
+    return hub_moe(tmp_path_factory.mktemp("moe"), keys=["self_attn.q_proj", "mlp.gate", "mlp.switch_mlp.up_proj"])
 
 
 # ---------------------------------------------------------------- the same checks for every recipe
