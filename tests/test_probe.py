@@ -336,3 +336,26 @@ def test_reference_answers_are_teacher_forced(fam, tmp_path):
     (other / "config.json").write_text(json.dumps(cfg))
     r = run(model, "--suite", suite, "--bits", 4, "--reference", other)
     assert r.exit_code == 1 and r.output.startswith("Error: ") and "not the same model family" in r.output
+
+
+def test_probe_from_base_and_adapter_equals_the_probe_of_the_fused_model(tmp_path):
+    """`qtools probe --base B --adapter A` fuses every pass on the fly: the same report as on the
+    model `qtools fuse` writes, with no fused model on disk (a dense model and a Hub MoE)."""
+    from helpers import fused_trio
+    from test_hub_models import hub_moe
+
+    suite = write_suite(tmp_path / "mini.jsonl", CASES)
+    for name, (base, adapter, fused) in (("dense", fused_trio(tmp_path / "dense")),
+                                          ("moe", hub_moe(tmp_path / "moe"))):
+        ref = run(fused, "--suite", suite, "--bits", 3, 4, "--json")
+        new = run("--base", base, "--adapter", adapter, "--suite", suite, "--bits", 3, 4, "--json")
+        assert ref.exit_code == 0 and new.exit_code == 0, (name, ref.output, new.output)
+        a, b = json.loads(ref.stdout), json.loads(new.stdout)
+        assert b["model"].endswith("+ adapter (fused on the fly)")
+        assert a["predicted_min_bits"] == b["predicted_min_bits"], name
+        assert a["reference"]["correct"] == b["reference"]["correct"]
+        for ca, cb in zip(a["cases"], b["cases"]):
+            assert ca["float"] == cb["float"], name
+            assert ca["by_bits"] == cb["by_bits"], name
+    r = run("--base", base, "--suite", suite)
+    assert r.exit_code == 2 and "give MODEL, or --base and --adapter" in r.output

@@ -12,7 +12,7 @@ from .options import Number, Supported, ValuesOption
 
 
 @click.command("probe")
-@click.argument("model", type=click.Path())
+@click.argument("model", type=click.Path(), required=False)
 @click.option("--suite", default="suites/demo.jsonl", show_default=True, type=click.Path(), help="Suite JSONL file.")
 @click.option("--bits", "bits", cls=ValuesOption, multiple=True,
               type=Supported("bits", SUPPORTED_BITS, "MLX affine quantization"),
@@ -27,20 +27,27 @@ from .options import Number, Supported, ValuesOption
               help="Teacher-force the greedy answers of this model (loaded whole, same tokenizer), e.g. the "
                    "8-bit model, instead of generating the float model's own layer by layer (one read of "
                    "the float model per generated token).")
+@click.option("--base", type=click.Path(), default=None,
+              help="Without MODEL: the base the --adapter is fused into on the fly, pass by pass (no fused model "
+                   "on disk; each pass over the weights costs a streamed fuse).")
+@click.option("--adapter", type=click.Path(), default=None, help="Without MODEL: the adapter fused on the fly.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
               help="Also write the JSON report to this file (written whole or not at all).")
-def probe_cmd(model, suite, bits, group_size, min_accuracy, max_tokens, reference, as_json, output):
+def probe_cmd(model, suite, bits, group_size, min_accuracy, max_tokens, reference, base, adapter, as_json, output):
     """Predict accuracy, critical errors and the verdict of MODEL at each bit-width from one
     teacher-forced pass per case: the margin of the expected decision at its decision token.
-    A float model is read layer by layer, never whole: its size is not bounded by memory."""
+    A float model is read layer by layer, never whole: its size is not bounded by memory.
+    Without MODEL, --base and --adapter are fused on the fly, layer by layer, at every pass."""
+    if model is None and (base is None or adapter is None):
+        raise click.UsageError("give MODEL, or --base and --adapter to fuse on the fly")
 
     if output:
         # before the probe's minutes of work, not after; never over the model or the suite
-        check_writable(check_output(output, [model, suite]), file=True)
+        check_writable(check_output(output, [model, base, adapter, suite]), file=True)
     report = probe(model, suite, bits=[int(b) for b in bits],
                    group_size=None if group_size is None else int(group_size), min_accuracy=min_accuracy,
-                   max_tokens=max_tokens, progress=not as_json, reference=reference)
+                   max_tokens=max_tokens, progress=not as_json, reference=reference, base=base, adapter=adapter)
     if output:
         write_json_atomic(output, report)
     if as_json:

@@ -220,6 +220,10 @@ class FusedView:
             raise QtoolsError(f"{self.label}: tensor {name!r} was already read and released (a FusedView is read once)")
         return self._lazy.pop(name)
 
+    def readable(self, name: str) -> bool:
+        """Whether array(name) can still compute the tensor (held, or not yet read)."""
+        return name in self._done or name in self._lazy
+
     def array(self, name: str):
         """The fused tensor as an evaluated mx.array, held until release(name)."""
         if name not in self._done:
@@ -281,3 +285,33 @@ class FusedView:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class FusedTensors:
+    """Base + adapter fused on the fly as a tensor source read many times (a streamed model reads
+    every tensor once per pass over the weights): names(), info(name), get(name) -> evaluated
+    mx.array, close(). A FusedView computes a tensor once, so a tensor asked for again opens a
+    fresh view: each pass over the weights costs what the streamed fuse costs, with no fused
+    model on disk."""
+
+    def __init__(self, base: str | Path, adapter: str | Path, dtype: str = "float16"):
+        self._args = (base, adapter, dtype)
+        self.view = FusedView(base, adapter, dtype)
+        self.path, self.config = self.view.base, self.view.config
+
+    def names(self) -> list[str]:
+        return self.view.names()
+
+    def info(self, name: str) -> TensorInfo:
+        return self.view.info(name)
+
+    def get(self, name: str):
+        if not self.view.readable(name):  # a new pass over the weights
+            self.view.close()
+            self.view = FusedView(*self._args)
+        arr = self.view.array(name)
+        self.view.release(name)
+        return arr
+
+    def close(self) -> None:
+        self.view.close()

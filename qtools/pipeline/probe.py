@@ -282,7 +282,7 @@ def _answers_from(reference, tokenizer, path: Path, prompts: list, limits: list,
 
 def probe(model, suite, bits=(), group_size: int | None = None, min_accuracy: float = DEFAULT_MIN_ACCURACY,
           max_tokens: int | None = None, progress: bool = True, reference=None, compute_dtype=None,
-          blas: str = "auto") -> dict:
+          blas: str = "auto", base=None, adapter=None) -> dict:
     """Predict accuracy, critical errors and the verdict per bit-width of MODEL on SUITE; see module doc.
 
     reference: a model directory whose greedy answers are teacher-forced instead of the float
@@ -295,14 +295,30 @@ def probe(model, suite, bits=(), group_size: int | None = None, min_accuracy: fl
     import mlx.core as mx
 
     tic = time.perf_counter()
-    path = check_model_dir(model)
-    config = read_config(path)
+    fused = None
+    if model is None:  # base + adapter fused on the fly, pass by pass: no fused model on disk
+        from ..io.fused import FusedTensors
+
+        if base is None or adapter is None:
+            raise BadValue("without MODEL, give both --base and --adapter: the model is fused on the fly", "--base")
+        fused = FusedTensors(base, adapter)
+        path, config = fused.path, dict(fused.config)
+    else:
+        path = check_model_dir(model)
+        config = read_config(path)
     quant = quantization_info(config)
     vocab = int(text_config(config).get("vocab_size") or 32768)
     bits_list, group_size = check_bits(list(bits or ()), group_size, quant, path)
     if max_tokens is not None and max_tokens < 1:
         raise BadValue("--max-tokens must be at least 1", "--max-tokens")
-    check_model_finite(path, f"model {path}", "its log-probs and margins would be NaN; fix the model that wrote it")
+    if fused is not None:
+        from ..io.weights import SafetensorsModel, check_finite
+
+        check_model_finite(path, f"base model {path}", "its log-probs and margins would be NaN; fix it")
+        with SafetensorsModel.from_file(fused.view.adapter / "adapters.safetensors") as ad:
+            check_finite(ad, f"adapter {fused.view.adapter}", "fix the fine-tune that wrote it")
+    else:
+        check_model_finite(path, f"model {path}", "its log-probs and margins would be NaN; fix the model that wrote it")
     suite_obj = load_suite(suite)
     cases, skipped = decision_cases(suite_obj)
     probe_suite = dataclasses.replace(suite_obj, cases=cases)
@@ -320,7 +336,8 @@ def probe(model, suite, bits=(), group_size: int | None = None, min_accuracy: fl
 
         tokenizer = load_tokenizer(path)
         backend.cpu_backend_note(config)
-        net_obj = StreamedModel(path, group_size=group_size, blas=blas, compute_dtype=compute_dtype)
+        net_obj = StreamedModel(path, source=fused, group_size=group_size, blas=blas, compute_dtype=compute_dtype,
+                                config=config if fused is not None else None)
         net = net_obj.net
         precisions = [None, *bits_list]
 
@@ -385,8 +402,9 @@ def probe(model, suite, bits=(), group_size: int | None = None, min_accuracy: fl
         case_rows.append(row)
     return {
         "qtools_probe": 1,
-        "model": path.resolve().name,
+        "model": path.resolve().name + (" + adapter (fused on the fly)" if fused is not None else ""),
         "model_path": str(path.resolve()),
+        **({"adapter_path": str(fused.view.adapter.resolve())} if fused is not None else {}),
         "suite": suite_obj.name,
         "suite_path": str(Path(suite).resolve()),
         "quantized": quant["quantized"],

@@ -234,7 +234,8 @@ class StreamedModel:
     reference BLAS: backend.blas_is_reference), "numpy" or "mlx".
     """
 
-    def __init__(self, path, source=None, compute_dtype=None, group_size: int = 64, blas: str = "auto"):
+    def __init__(self, path, source=None, compute_dtype=None, group_size: int = 64, blas: str = "auto",
+                 config: dict | None = None):
         import mlx.core as mx
         from mlx.utils import tree_flatten
         from mlx_lm.utils import load_config
@@ -243,7 +244,7 @@ class StreamedModel:
 
         self.path = Path(path)
         try:
-            self.config = load_config(self.path)
+            self.config = config if config is not None else load_config(self.path)  # a fused view's own
             if self.config.get("quantization") or self.config.get("quantization_config"):
                 raise QtoolsError(f"{self.path} is quantized: a streamed model is a float one")
             model_cls, args_cls = mlx_lm_model_classes(self.config)
