@@ -41,16 +41,41 @@ COMMANDS = {
                                                "--bits", "4", "5", "6", "--json"],
     "qtools delta-survival FUSED --adapter": [*QTOOLS, "delta-survival", "{fused}", "--adapter", "{adapter}",
                                               "--bits", "4", "5", "6", "--json"],
-    # slots: quantize from base + adapter (no fused model), probe, validate
-    "qtools quantize 4-bit uniform": None,   # e.g. [*QTOOLS, "quantize", "--base", "{base}", "--adapter", "{adapter}", "--bits", "4", "--output", "{work}/q4u", "--force"]
-    "qtools quantize 4-bit survival": None,  # e.g. ... "--recipe", "survival", "--output", "{work}/q4s"
-    "qtools probe --bits 4 5 6": None,       # e.g. [*QTOOLS, "probe", ..., "--suite", "suites/demo.jsonl", "--bits", "4", "5", "6"]
-    "qtools validate": None,                 # e.g. [*QTOOLS, "validate", "{work}/q4u", "--suite", "suites/demo.jsonl"]
+    # the whole decision from base + adapter, no fused model read: quantize, probe (answers of the
+    # 8-bit model: generating layer-major would fuse the model once per generated token), validate
+    "qtools quantize --base --adapter 4-bit uniform": [*QTOOLS, "quantize", "--base", "{base}", "--adapter", "{adapter}",
+                                                       "--bits", "4", "--output", "{work}/q4u", "--force"],
+    "qtools quantize --base --adapter 4-bit survival": [*QTOOLS, "quantize", "--base", "{base}", "--adapter",
+                                                        "{adapter}", "--bits", "4", "--recipe", "survival",
+                                                        "--output", "{work}/q4s", "--force"],
+    "qtools quantize --base --adapter 8-bit (probe's reference)": [
+        *QTOOLS, "quantize", "--base", "{base}", "--adapter", "{adapter}", "--bits", "8", "--output", "{work}/q8",
+        "--force"],
+    "qtools probe --base --adapter --bits 4 5 6 (8 cases)": [
+        *QTOOLS, "probe", "--base", "{base}", "--adapter", "{adapter}", "--suite", "{work}/suite8.jsonl",
+        "--bits", "4", "5", "6", "--reference", "{work}/q8", "--json"],
+    "qtools validate 4-bit (8 cases)": [*QTOOLS, "validate", "{work}/q4u", "--suite", "{work}/suite8.jsonl",
+                                        "--output", "{work}/validate.json"],
 }
 # mlx-lm's own fuse loads the whole model: run only where it surely fits.
 MLX_LM_FUSE = [PY, "-m", "mlx_lm", "fuse", "--model", "{base}", "--adapter-path", "{adapter}",
                "--save-path", "{work}/mlx_lm_fused"]
 MLX_LM_FUSE_PEAK = 2.5  # its peak as a multiple of the model's size, with margin (measured ~2x)
+
+
+def write_suite8(path: Path) -> None:
+    """The demo suite's header and 8 of its decision cases, the kinds in turn (the probe's and validate's suite)."""
+    import json
+
+    lines = (REPO / "suites" / "demo.jsonl").read_text().splitlines()
+    header = [ln for ln in lines if "\"suite\"" in ln and "\"expect\"" not in ln][:1]
+    by_type: dict = {}
+    for ln in lines:
+        t = json.loads(ln).get("expect", {}).get("type")
+        if t in ("tool_call", "direct", "label"):
+            by_type.setdefault(t, []).append(ln)
+    cases = [c for group in zip(*by_type.values()) for c in group][:8]  # the decision kinds in turn
+    path.write_text("\n".join(header + cases) + "\n")
 
 
 def meminfo(key: str) -> int:
@@ -114,6 +139,7 @@ def main():
                        check=True)
     model_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     work.mkdir(parents=True, exist_ok=True)
+    write_suite8(work / "suite8.jsonl")
 
     runs = dict(COMMANDS)
     runs["mlx_lm.fuse (whole model in memory)"] = MLX_LM_FUSE if fits_mlx_lm else None
@@ -131,8 +157,7 @@ def main():
     for name, argv in runs.items():
         r = results.get(name)
         if r is None:
-            why = ("skipped: the model does not surely fit in memory" if name.startswith("mlx_lm")
-                   else "not on this branch yet")
+            why = "skipped: the model does not surely fit in memory"
             rows.append([name, "-", "-", "-", "-", "-", why])
         elif r["rc"]:
             rows.append([name, f"{r['wall']:.1f}", f"{r['cpu']:.1f}", "-", "-", "-",
