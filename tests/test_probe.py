@@ -12,8 +12,9 @@ from qtools.cli import cli
 from qtools.demo.model import make_tiny_model
 from qtools.io.modeldir import load_model
 from qtools.io.suite import load_suite
+from qtools.io.weights import MappedTensors
 from qtools.pipeline import runner
-from qtools.pipeline.stream import MappedTensors, StreamedModel
+from qtools.pipeline.stream import StreamedModel
 from qtools.survival.rule import smallest_surviving
 
 TOOLS = [{"type": "function", "function": {"name": "search_code", "parameters": {"type": "object"}}}]

@@ -16,6 +16,7 @@ from qtools import QtoolsError
 from qtools.cli import cli
 from qtools.demo.model import make_tiny_model
 from qtools.io.atomic import TMP_PREFIX
+from qtools.io.weights import MappedTensors, TensorInfo
 from qtools.pipeline.quantize import RECIPES, make_predicate, quantize
 
 KEYS = ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
@@ -428,28 +429,29 @@ class DictSource:
     def __init__(self, arrays):
         self.arrays = arrays
 
-    def specs(self):
-        return {k: (v.shape, {np.dtype("float16"): "F16", np.dtype("float32"): "F32"}[v.dtype])
-                for k, v in self.arrays.items()}
+    def names(self):
+        return list(self.arrays)
+
+    def info(self, name):
+        v = self.arrays[name]
+        code = {np.dtype("float16"): "F16", np.dtype("float32"): "F32"}[v.dtype]
+        return TensorInfo(name, code, tuple(v.shape), Path(name), 0, v.nbytes)
 
     def get(self, name):
-        return self.arrays[name]
-
-    def release(self, name):
-        pass
+        return mx.array(self.arrays[name])
 
 
 def test_any_tensor_source_can_stand_in(trio, tmp_path):
     from mlx_lm.utils import load_config
 
     from qtools.io import mlxsave
-    from qtools.pipeline.streamed import MappedSource, Skeleton, StreamedPlan
+    from qtools.pipeline.streamed import Skeleton, StreamedPlan
 
     _, _, fused = trio
     config = load_config(fused)
     arrays = {k: np.array(v) for k, v in mx.load(str(fused / "model.safetensors")).items()}
     outs = {}
-    for name, source in (("mapped", MappedSource(fused)), ("dict", DictSource(arrays))):
+    for name, source in (("mapped", MappedTensors(fused)), ("dict", DictSource(arrays))):
         plan = StreamedPlan(Skeleton(config, source), 64, 4)
         outs[name] = tmp_path / name
         outs[name].mkdir()

@@ -294,9 +294,10 @@ class FusedTensors:
     fresh view: each pass over the weights costs what the streamed fuse costs, with no fused
     model on disk."""
 
-    def __init__(self, base: str | Path, adapter: str | Path, dtype: str = "float16"):
+    def __init__(self, base: str | Path, adapter: str | Path, dtype: str = "float16", view: FusedView | None = None):
+        """view: an open FusedView of the same base, adapter and dtype to start from."""
         self._args = (base, adapter, dtype)
-        self.view = FusedView(base, adapter, dtype)
+        self.view = view if view is not None else FusedView(base, adapter, dtype)
         self.path, self.config = self.view.base, self.view.config
 
     def names(self) -> list[str]:

@@ -337,3 +337,34 @@ def check_model_finite(path, what: str, hint: str | None = None) -> None:
     refuses a NaN/Inf weight the same way (quantize, fuse, probe, retention)."""
     with SafetensorsModel(path) as st:
         check_finite(st, what, hint)
+
+
+class MappedTensors:
+    """A model directory's tensors as a tensor source, the interface every streamed reader takes
+    (the streamed quantize and probe; io.fused.FusedTensors serves base + adapter the same way):
+    names(), info(name) -> TensorInfo, get(name) -> the stored tensor as an evaluated mx.array
+    (read now, its pages dropped: the source holds nothing), close()."""
+
+    def __init__(self, path):
+        self.st = SafetensorsModel(path)
+        self.path = Path(path)
+
+    def names(self) -> list:
+        return self.st.names()
+
+    def info(self, name: str):
+        return self.st.info(name)
+
+    def get(self, name: str):
+        import mlx.core as mx
+
+        info = self.st.info(name)
+        arr = mx.array(self.st.raw(name))
+        if info.dtype in ("F16", "BF16"):  # stored as uint16: numpy has no bfloat16
+            arr = arr.view(mx.float16 if info.dtype == "F16" else mx.bfloat16)
+        mx.eval(arr)
+        self.st.release(name)
+        return arr
+
+    def close(self) -> None:
+        self.st.close()

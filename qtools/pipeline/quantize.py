@@ -43,9 +43,9 @@ from ..io.modeldir import (
     read_provenance,
     weights_bytes,
 )
-from ..io.weights import SafetensorsModel, check_finite
+from ..io.weights import MappedTensors, SafetensorsModel, check_finite
 from . import recipes_mlx as rm
-from .streamed import NUMERICAL_ERRORS, MappedSource, NotStreamable, Plan, Skeleton, StreamedPlan, plan_loaded
+from .streamed import NUMERICAL_ERRORS, NotStreamable, Plan, Skeleton, StreamedPlan, plan_loaded
 
 # Recipes that take BITS besides uniform and survival (the fixed formats and mixed_* set their own).
 BITS_RECIPES = ("awq", "gptq", "dwq", "dynamic", "adapter", "compensated")
@@ -140,7 +140,7 @@ def _plan(job: Job, bits: int, group_size: int, mode: str = "affine",
     a model whose sanitize() the streamed path cannot reproduce, lazily loaded by mlx-lm (then
     written tensor by tensor all the same). predicate_for(model) -> the recipe's quant_predicate."""
     src = job.weights_src
-    source = job.source if job.source is not None else MappedSource(src)
+    source = job.source if job.source is not None else MappedTensors(src)
     try:
         skeleton = Skeleton(job.config, source, what=f"model {src}")
         predicate = predicate_for(skeleton.model) if predicate_for else None
@@ -394,8 +394,7 @@ UNFUSED_RECIPES = ("uniform", "mixed_3_6", "mixed_4_6", "survival", "mxfp4", "nv
 def _unfused_job(out: Path, force, recipe, bits, group_size, opts, layer_bits, quant_predicate, fused) -> Job:
     """The Job for base + adapter fused on the fly (MODEL omitted): the values `qtools fuse` would
     write, computed one tensor at a time, never written."""
-    from ..io.fused import FusedView
-    from .streamed import FusedSource
+    from ..io.fused import FusedTensors, FusedView
 
     base, adapter = fused
     if base is None or adapter is None:
@@ -407,7 +406,7 @@ def _unfused_job(out: Path, force, recipe, bits, group_size, opts, layer_bits, q
     view = FusedView(base, adapter, dtype="float16")
     return Job(src=view.base, out=out, force=force, recipe=recipe, bits=bits, group_size=group_size,
                config=dict(view.config), opts=opts, layer_bits=layer_bits, quant_predicate=quant_predicate,
-               weights_src=view.base, base=view.base, adapter=view.adapter, source=FusedSource(view),
+               weights_src=view.base, base=view.base, adapter=view.adapter, source=FusedTensors(base, adapter, view=view),
                fused_view=view)
 
 

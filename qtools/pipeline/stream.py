@@ -13,7 +13,7 @@ unchanged, any mlx-lm architecture with `model.layers` streams, and mlx-lm's gen
 model reads the weights once.
 
 A tensor source has names(), info(name) (.dtype as a safetensors code, .shape) and
-get(name) (the stored tensor as an evaluated mx.array); MappedTensors serves a model
+get(name) (the stored tensor as an evaluated mx.array); io.weights.MappedTensors serves a model
 directory's memory-mapped safetensors files (io.weights.SafetensorsModel). sanitize sees
 every name: the tensors of the unit being loaded are real, every other one is a lazy NaN
 placeholder that is never evaluated (a unit whose weights depend on another unit's
@@ -34,6 +34,7 @@ import re
 from pathlib import Path
 
 from .. import QtoolsError
+from ..io.weights import MappedTensors
 from . import backend
 from .fakequant import quant_plan, quantized_values
 
@@ -44,36 +45,6 @@ CHUNK_TOKENS = 8192
 HEAD_TOKENS = 256
 _MX_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64", "I64": "int64",
               "I32": "int32", "U32": "uint32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool_"}
-
-
-class MappedTensors:
-    """A model directory's tensors, memory-mapped; get(name) reads one and drops its pages."""
-
-    def __init__(self, path):
-        from ..io.weights import SafetensorsModel
-
-        self.st = SafetensorsModel(path)
-        self.path = Path(path)
-
-    def names(self) -> list:
-        return self.st.names()
-
-    def info(self, name: str):
-        return self.st.info(name)
-
-    def get(self, name: str):
-        import mlx.core as mx
-
-        info = self.st.info(name)
-        arr = mx.array(self.st.raw(name))
-        if info.dtype in ("F16", "BF16"):  # stored as uint16: numpy has no bfloat16
-            arr = arr.view(getattr(mx, _MX_DTYPES[info.dtype]))
-        mx.eval(arr)
-        self.st.release(name)
-        return arr
-
-    def close(self) -> None:
-        self.st.close()
 
 
 class _Captured(Exception):

@@ -27,7 +27,7 @@ from typing import Callable, Protocol
 
 from .. import QtoolsError
 from ..io.mlxsave import Spec, bits_per_weight, total_parameters
-from ..io.weights import SafetensorsModel, TensorInfo, expert_stacks
+from ..io.weights import TensorInfo, expert_stacks
 
 # What a numerical failure inside MLX or numpy looks like; each becomes one `Error:` line.
 NUMERICAL_ERRORS = (ArithmeticError, RuntimeError, ValueError, MemoryError)
@@ -38,56 +38,15 @@ class NotStreamable(Exception):
 
 
 class TensorSource(Protocol):
-    """Name -> tensor of a float model, one at a time. Today the memory-mapped model directory
-    (MappedSource); a view that fuses base + adapter on the fly can stand in."""
+    """Name -> tensor of a float model, one at a time (io.weights.MappedTensors: the memory-mapped
+    model directory; io.fused.FusedTensors: base + adapter fused on the fly)."""
 
-    def specs(self) -> dict[str, tuple[tuple, str]]:
-        """{name: (shape, safetensors dtype code)} of every stored tensor."""
+    def names(self) -> list[str]: ...
 
-    def get(self, name: str):
-        """The tensor as an mx.array (or a numpy array of its dtype; bfloat16 as raw uint16)."""
+    def info(self, name: str) -> TensorInfo: ...  # .shape, .dtype (a safetensors code)
 
-    def release(self, name: str) -> None:
-        """The caller is done with the tensor (drop its pages)."""
-
-
-class MappedSource:
-    """A float model directory's tensors, read from the memory map one tensor at a time."""
-
-    def __init__(self, path: str | Path):
-        self.st = SafetensorsModel(path)
-
-    def specs(self) -> dict[str, tuple[tuple, str]]:
-        return {n: (i.shape, i.dtype) for n, i in self.st.tensors.items()}
-
-    def get(self, name: str):
-        return self.st.raw(name)
-
-    def release(self, name: str) -> None:
-        self.st.release(name)
-
-    def close(self) -> None:
-        self.st.close()
-
-
-class FusedSource:
-    """Base + adapter fused on the fly (io.fused.FusedView), one tensor at a time: a fused model
-    directory that was never written."""
-
-    def __init__(self, view):
-        self.view = view
-
-    def specs(self) -> dict[str, tuple[tuple, str]]:
-        return {n: (i.shape, i.dtype) for n, i in self.view.tensors.items()}
-
-    def get(self, name: str):
-        return self.view.array(name)
-
-    def release(self, name: str) -> None:
-        self.view.release(name)
-
-    def close(self) -> None:
-        self.view.close()
+    def get(self, name: str):  # the tensor as an evaluated mx.array; the source holds nothing
+        ...
 
 
 def _mx_dtype(code: str):
@@ -122,7 +81,7 @@ class Skeleton:
         from ..compat import mlx_lm_model_classes
 
         self.config, self.source, self.what = config, source, what
-        specs = source.specs()
+        specs = {n: (source.info(n).shape, source.info(n).dtype) for n in source.names()}
         try:
             if config.get("model_file") is not None:
                 raise ValueError("it needs a custom model file (model_file), which qtools does not run")
@@ -170,7 +129,6 @@ class Skeleton:
         for s in srcs:
             parts.append(as_mx(self.source.get(s), self.codes[s]))
             mx.eval(parts[-1])
-            self.source.release(s)
         value = parts[0] if len(parts) == 1 else mx.stack(parts)
         mx.eval(value)
         return value
