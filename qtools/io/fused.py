@@ -34,11 +34,9 @@ from .. import QtoolsError
 from .adapters import check_adapter_dir
 from .modeldir import check_model_dir
 from .shards import plan_files
-from .weights import SafetensorsModel, TensorInfo
+from .weights import SafetensorsModel, TensorInfo, dtype_code
 
 DTYPES = ("float16", "bfloat16", "float32")
-_CODES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64", "int64": "I64",
-          "int32": "I32", "uint32": "U32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 
 
 def _weight_f32(layer):
@@ -187,7 +185,7 @@ class FusedView:
         self.config = config
         infos = []
         for name, arr in self._lazy.items():  # mlx-lm's save order
-            code = _CODES.get(str(arr.dtype).rsplit(".", 1)[-1])
+            code = dtype_code(arr.dtype)
             if code is None:
                 raise QtoolsError(f"tensor {name!r} of the fused model has dtype {arr.dtype}, which safetensors cannot hold")
             infos.append(TensorInfo(name, code, tuple(arr.shape), self.label, -1, arr.nbytes))

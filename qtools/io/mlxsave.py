@@ -19,14 +19,7 @@ from typing import Callable, Iterable, NamedTuple
 
 from .. import QtoolsError
 from .shards import plan_files, write_sharded
-
-
-def _codes() -> dict:
-    import mlx.core as mx
-
-    return {mx.bool_: "BOOL", mx.uint8: "U8", mx.uint16: "U16", mx.uint32: "U32", mx.uint64: "U64",
-            mx.int8: "I8", mx.int16: "I16", mx.int32: "I32", mx.int64: "I64", mx.float16: "F16",
-            mx.bfloat16: "BF16", mx.float32: "F32"}
+from .weights import dtype_code
 
 
 @dataclass(frozen=True)
@@ -70,12 +63,11 @@ def write_weights(dst: Path, specs: list[Spec], produce: Callable, total_paramet
     """mlx_lm.utils.save_model's files, streamed through shards.write_sharded: model.safetensors or
     model-0000k-of-0000n.safetensors (metadata {"format": "mlx"}) and model.safetensors.index.json,
     each tensor's value asked of `produce(name)` when its turn comes. Returns the weight map."""
-    codes = _codes()
     for s in specs:
-        if s.dtype not in codes:
+        if dtype_code(s.dtype) is None:
             raise QtoolsError(f"tensor {s.name!r}: dtype {s.dtype} cannot be stored in safetensors")
     by_name = {s.name: s for s in specs}
-    files = plan_files([_Planned(s.name, codes[s.dtype], tuple(int(d) for d in s.shape), s.nbytes) for s in specs],
+    files = plan_files([_Planned(s.name, dtype_code(s.dtype), tuple(int(d) for d in s.shape), s.nbytes) for s in specs],
                        limit)
 
     def tensors():

@@ -35,6 +35,23 @@ _STORAGE = {
     "BOOL": (np.bool_, 1),
 }
 FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+# safetensors dtype code -> MLX dtype name: the one table between the file format and mx.array.
+MX_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64", "I64": "int64",
+                  "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16",
+                  "U8": "uint8", "BOOL": "bool_"}
+_CODE_OF_NAME = {name.rstrip("_"): code for code, name in MX_DTYPE_NAMES.items()}
+
+
+def mx_dtype(code: str):
+    """The MLX dtype of a safetensors dtype code ("BF16" -> mx.bfloat16)."""
+    import mlx.core as mx
+
+    return getattr(mx, MX_DTYPE_NAMES[code])
+
+
+def dtype_code(dtype) -> str | None:
+    """The safetensors code of an MLX dtype (mx.bfloat16 -> "BF16"); None if safetensors has none."""
+    return _CODE_OF_NAME.get(str(dtype).rsplit(".", 1)[-1])
 # A float is NaN or Inf exactly when all its exponent bits are set: (unsigned view, exponent mask).
 _EXPONENT = {"F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80), "F32": (np.uint32, 0x7F800000),
              "F64": (np.uint64, 0x7FF0000000000000)}
@@ -361,7 +378,7 @@ class MappedTensors:
         info = self.st.info(name)
         arr = mx.array(self.st.raw(name))
         if info.dtype in ("F16", "BF16"):  # stored as uint16: numpy has no bfloat16
-            arr = arr.view(mx.float16 if info.dtype == "F16" else mx.bfloat16)
+            arr = arr.view(mx_dtype(info.dtype))
         mx.eval(arr)
         self.st.release(name)
         return arr

@@ -34,7 +34,7 @@ import re
 from pathlib import Path
 
 from .. import QtoolsError
-from ..io.weights import MappedTensors
+from ..io.weights import MappedTensors, mx_dtype
 from . import backend
 from .fakequant import quant_plan, quantized_values
 
@@ -43,8 +43,6 @@ _INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 CHUNK_TOKENS = 8192
 # Tokens per chunk the head scores at once (at a 32k vocabulary: 32 MB of float32 log-probs).
 HEAD_TOKENS = 256
-_MX_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64", "I64": "int64",
-              "I32": "int32", "U32": "uint32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool_"}
 
 
 class _Captured(Exception):
@@ -244,7 +242,7 @@ class StreamedModel:
         self._placeholders = {}
         for name in self.source.names():
             info = self.source.info(name)
-            dtype = getattr(mx, _MX_DTYPES[info.dtype])
+            dtype = mx_dtype(info.dtype)
             fill = float("nan") if mx.issubdtype(dtype, mx.floating) else 0
             self._placeholders[name] = mx.full(info.shape, fill, dtype=dtype)
         by_index: dict = {}

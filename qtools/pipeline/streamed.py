@@ -27,7 +27,7 @@ from typing import Callable, Protocol
 
 from .. import QtoolsError
 from ..io.mlxsave import Spec, bits_per_weight, total_parameters
-from ..io.weights import TensorInfo, expert_stacks
+from ..io.weights import TensorInfo, expert_stacks, mx_dtype
 
 # What a numerical failure inside MLX or numpy looks like; each becomes one `Error:` line.
 NUMERICAL_ERRORS = (ArithmeticError, RuntimeError, ValueError, MemoryError)
@@ -47,14 +47,6 @@ class TensorSource(Protocol):
 
     def get(self, name: str):  # the tensor as an evaluated mx.array; the source holds nothing
         ...
-
-
-def _mx_dtype(code: str):
-    import mlx.core as mx
-
-    return {"F16": mx.float16, "BF16": mx.bfloat16, "F32": mx.float32, "F64": getattr(mx, "float64", mx.float32),
-            "I64": mx.int64, "I32": mx.int32, "U32": mx.uint32, "I16": mx.int16, "I8": mx.int8, "U8": mx.uint8,
-            "BOOL": mx.bool_}[code]
 
 
 def as_mx(value, code: str):
@@ -90,7 +82,7 @@ class Skeleton:
         except Exception as exc:  # mlx-lm raises many kinds for a config it cannot build
             raise QtoolsError(f"cannot load {what}: {exc}") from None
         self.codes = {n: code for n, (_, code) in specs.items()}
-        placeholders = {n: mx.zeros(shape, _mx_dtype(code)) for n, (shape, code) in specs.items()}
+        placeholders = {n: mx.zeros(shape, mx_dtype(code)) for n, (shape, code) in specs.items()}
         by_id = {id(v): n for n, v in placeholders.items()}
         try:
             weights = model.sanitize(dict(placeholders)) if hasattr(model, "sanitize") else dict(placeholders)
@@ -109,7 +101,7 @@ class Skeleton:
                 continue
             parts = stacks.get(name)
             if (parts and tuple(v.shape) == (len(parts), *parts[0].shape)
-                    and v.dtype == _mx_dtype(parts[0].dtype)):
+                    and v.dtype == mx_dtype(parts[0].dtype)):
                 self.source_of[name] = tuple(p.name for p in parts)
                 continue
             raise NotStreamable(f"{config.get('model_type')}: sanitize() computes {name}")
