@@ -31,7 +31,7 @@ def main(logs, models):
                      val["critical_errors"], "-" if ret is None else f"{ret:.3f}", val["verdict"],
                      seconds.get(name, "-")])
     print(tabulate(rows, headers=["model", "recipe", "bits/weight", "accuracy", "critical", "retention",
-                                  "verdict", "quantize s"]))
+                                  "verdict", "quantize s"], disable_numparse=True))  # as formatted: -6.190
 
 
 if __name__ == "__main__":
