@@ -98,3 +98,35 @@ def test_runner_runs_a_quantized_model_in_float32(base, tmp_path):
     kinds = {type(m).__name__ for _, m in net.named_modules() if isinstance(m, (nn.QuantizedLinear,
                                                                               nn.QuantizedEmbedding))}
     assert kinds and all(k.startswith("Float32") for k in kinds), kinds
+
+
+@pytest.mark.parametrize("case", ["tokens", "sorted", "down"])
+def test_numpy_experts_compute_what_gather_mm_computes(case, monkeypatch):
+    """MoE experts by numpy's BLAS, an expert at a time: MLX's float32 gather_mm rounded to float16,
+    up to the float32 sum's order, in each of the shapes mlx-lm's SwitchGLU calls them with."""
+    import mlx.nn as nn
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    mx.random.seed(2)
+    sw = SwitchLinear(128, 96, num_experts=6, bias=False)
+    sw.set_dtype(mx.float16)
+    net = nn.Sequential(sw)
+    assert backend.numpy_blas_linears(net) == 1
+    monkeypatch.setattr(backend, "NUMPY_MIN_WEIGHT", 1)
+    monkeypatch.setattr(backend, "NUMPY_MIN_MACS", 1)
+    if case == "tokens":  # (B, L, 1, 1, K) against (B, L, top-k)
+        x = mx.random.normal((2, 5, 1, 1, 128)).astype(mx.float16)
+        idx = mx.random.randint(0, 6, (2, 5, 3)).astype(mx.uint32)
+    elif case == "sorted":  # SwitchGLU's sorted rows: (M, 1, 1, K) against (M,)
+        x = mx.random.normal((12, 1, 1, 128)).astype(mx.float16)
+        idx = mx.sort(mx.random.randint(0, 6, (12,)).astype(mx.uint32))
+    else:  # down_proj: (B, L, top-k, 1, K) against (B, L, top-k)
+        x = mx.random.normal((2, 4, 3, 1, 128)).astype(mx.float16)
+        idx = mx.random.randint(0, 6, (2, 4, 3)).astype(mx.uint32)
+    want = mx.gather_mm(x.astype(mx.float32), sw["weight"].astype(mx.float32).swapaxes(-1, -2),
+                        rhs_indices=idx).astype(mx.float16)
+    got = sw(x, idx, sorted_indices=case == "sorted")
+    assert got.dtype == mx.float16 and got.shape == want.shape
+    a, b = np.array(want.astype(mx.float32)), np.array(got.astype(mx.float32))
+    assert np.all(np.abs(a - b) <= np.spacing(np.abs(a).astype(np.float16)).astype(np.float32) + 1e-4)
+    assert (a == b).mean() > 0.95

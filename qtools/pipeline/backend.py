@@ -186,12 +186,45 @@ def _matmul_t(x, w, bias=None):
     return mx.array(y).reshape(*lead, w.shape[0]).astype(x.dtype)
 
 
+def _gather_matmul_t(x, w, indices):
+    """MoE experts: x times w[indices].T per row, as mx.gather_mm(x, w.swapaxes(-1, -2),
+    rhs_indices=indices) computes in float32 (x: (..., M, K) broadcast against indices' shape, w:
+    (E, N, K)), cast back to x's dtype; rows grouped by expert, each expert's product by numpy's
+    BLAS on its float32 weight (cast one expert at a time: the stacked experts are never held in
+    float32)."""
+    import mlx.core as mx
+    import numpy as np
+
+    from ..compat import numpy_blas_threads
+
+    lead = tuple(np.broadcast_shapes(tuple(x.shape[:-2]), tuple(indices.shape)))
+    m, k = x.shape[-2:]
+    xs = mx.broadcast_to(x, (*lead, m, k)).reshape(-1, m, k).astype(mx.float32)
+    idx = mx.broadcast_to(indices, lead).reshape(-1)
+    mx.eval(xs, idx)
+    xn, en = np.asarray(xs), np.asarray(idx)
+    y = np.empty((xn.shape[0], m, w.shape[1]), np.float32)
+    order = np.argsort(en, kind="stable")
+    experts, starts = np.unique(en[order], return_index=True)
+    bounds = [*starts[1:], order.size]
+    with numpy_blas_threads(1 if order.size * m < NUMPY_MANY_ROWS else (os.cpu_count() or 1)):
+        for e, lo, hi in zip(experts, starts, bounds):
+            rows = order[lo:hi]
+            we = w[int(e)].astype(mx.float32)
+            mx.eval(we)
+            y[rows] = (xn[rows].reshape(-1, k) @ np.asarray(we).T).reshape(len(rows), m, -1)
+            del we
+    return mx.array(y).reshape(*lead, m, w.shape[1]).astype(x.dtype)
+
+
 def numpy_blas_linears(net) -> int:
-    """Route a float model's Linear layers (and a tied embedding's as_linear) through numpy's BLAS
-    (_matmul_t), for eager layer-by-layer runs on MLX's CPU backend where it links a reference
-    BLAS (blas_is_reference). The class of each module is swapped, its parameters untouched.
+    """Route a float model's Linear layers, a tied embedding's as_linear (_matmul_t) and MoE
+    experts (SwitchLinear: _gather_matmul_t) through numpy's BLAS, for eager layer-by-layer runs
+    on MLX's CPU backend where it links a reference BLAS (blas_is_reference). The class of each module is swapped, its parameters untouched.
     Returns how many were switched."""
+    import mlx.core as mx
     import mlx.nn as nn
+    from mlx_lm.models.switch_layers import SwitchLinear
 
     class NumpyLinear(nn.Linear):
         numpy_blas = True  # its weight may be held in float32 (stream._Unit casts it once)
@@ -203,9 +236,25 @@ def numpy_blas_linears(net) -> int:
         def as_linear(self, x):
             return _matmul_t(x, self["weight"])
 
+    class NumpySwitchLinear(SwitchLinear):
+        def __call__(self, x, indices, sorted_indices=False):
+            w = self["weight"]
+            if w[0].size < NUMPY_MIN_WEIGHT or x.size // x.shape[-1] * w[0].size < NUMPY_MIN_MACS:
+                y = mx.gather_mm(x.astype(mx.float32), w.astype(mx.float32).swapaxes(-1, -2),
+                                 rhs_indices=indices, sorted_indices=sorted_indices).astype(x.dtype)
+            else:
+                y = _gather_matmul_t(x, w, indices)
+            if "bias" in self:
+                y = y + mx.expand_dims(self["bias"][indices], -2)
+            return y
+
     swap = {nn.Linear: NumpyLinear, nn.Embedding: NumpyEmbedding}
     n = 0
     for _, module in net.named_modules():
+        if isinstance(module, SwitchLinear):  # float experts (cpu_float32_experts' class too)
+            module.__class__ = NumpySwitchLinear
+            n += 1
+            continue
         new = swap.get(type(module))
         if new is not None:
             module.__class__ = new
