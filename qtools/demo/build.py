@@ -73,7 +73,7 @@ def demo_models(out_dir="models", suite="suites/demo.jsonl", force=False, family
         suite = check_writable(check_output(suite, [base, adapter]), file=True)
 
     if suite:
-        text = "\n".join(json.dumps(r) for r in data.suite_records()) + "\n"
+        text = data.suite_text()
         if force or not suite.exists() or suite.read_bytes() != text.encode():
             write_text_atomic(suite, text)
             _log(f"wrote {suite}")

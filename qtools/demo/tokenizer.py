@@ -13,6 +13,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .data import corpus_texts
+from .tasks import get_task
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TOOL_TOKENS = ["<tool_call>", "</tool_call>"]  # not "special": decode keeps them
@@ -37,10 +38,11 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(vocab_size=1024, texts=None):
-    """Train the BPE on the demo corpus; deterministic for a given corpus."""
+def build_tokenizer(vocab_size=None, texts=None, task="demo"):
+    """Train the BPE on a task's corpus (vocab_size: the task's); deterministic for a given corpus."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    texts = corpus_texts() if texts is None else texts
+    vocab_size = get_task(task).vocab_size if vocab_size is None else vocab_size
+    texts = corpus_texts(task) if texts is None else texts
     tok = Tokenizer(models.BPE())
     # GPT-2 style word split (newlines are their own pieces, so no token spans
     # the end of a prompt): a word is the same token whatever precedes it,

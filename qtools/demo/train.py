@@ -141,10 +141,10 @@ def add_outlier_channels(model, config, gain, seed, group_size=64):
     return model
 
 
-def _pretrain(hidden_size, num_layers, intermediate_size, seed, iters, batch_size, lr):
-    """(model, config, raw tokenizer): the base pretrained on the soft-label data, rounded to
+def _pretrain(hidden_size, num_layers, intermediate_size, seed, iters, batch_size, lr, task="demo"):
+    """(model, config, raw tokenizer): the base pretrained on the task's soft-label data, rounded to
     float16 (held in float32), before any outlier gain."""
-    tok_raw = build_tokenizer()
+    tok_raw = build_tokenizer(task=task)
     with tempfile.TemporaryDirectory() as tmp:
         # Write the tokenizer once so the HF wrapper (chat template) can load it.
         from mlx_lm.tokenizer_utils import load as load_tokenizer
@@ -157,7 +157,7 @@ def _pretrain(hidden_size, num_layers, intermediate_size, seed, iters, batch_siz
     mx.random.seed(seed)
     model = build_model(config)
     model.set_dtype(mx.float32)
-    examples = encode_examples(tok, data.base_examples(seed))
+    examples = encode_examples(tok, data.base_examples(seed, task=task))
     _train(model, examples, iters, batch_size, lr, seed, warmup=max(1, iters // 20))
     # Round to the stored float16 first, so the outlier gain multiplies the weights
     # the model will hold.
@@ -167,23 +167,26 @@ def _pretrain(hidden_size, num_layers, intermediate_size, seed, iters, batch_siz
 
 
 def train_base(out_dir, hidden_size, num_layers, intermediate_size, seed, iters, batch_size, lr,
-               outlier_gain=1.0):
-    """Pretrain the base on the soft-label data, add the outlier channels, save float16."""
-    model, config, tok_raw = _pretrain(hidden_size, num_layers, intermediate_size, seed, iters, batch_size, lr)
+               outlier_gain=1.0, task="demo"):
+    """Pretrain the base on the task's soft-label data, add the outlier channels, save float16."""
+    model, config, tok_raw = _pretrain(hidden_size, num_layers, intermediate_size, seed, iters, batch_size, lr,
+                                       task)
     add_outlier_channels(model, config, outlier_gain, seed)
     save_model_dir(model, config, tok_raw, out_dir, dtype="float16")
     return out_dir
 
 
-def pretrain_base(out_dir, hidden_size, num_layers, intermediate_size, seed, iters, batch_size, lr, **_):
+def pretrain_base(out_dir, hidden_size, num_layers, intermediate_size, seed, iters, batch_size, lr, task="demo",
+                  **_):
     """train_base without the outlier gain: the expensive part, shared by bases that differ
     only in gain (with_outlier_gain makes each; the gain does not change the function)."""
-    model, config, tok_raw = _pretrain(hidden_size, num_layers, intermediate_size, seed, iters, batch_size, lr)
+    model, config, tok_raw = _pretrain(hidden_size, num_layers, intermediate_size, seed, iters, batch_size, lr,
+                                       task)
     save_model_dir(model, config, tok_raw, out_dir, dtype="float16")
     return out_dir
 
 
-def with_outlier_gain(pretrained_dir, out_dir, outlier_gain, seed):
+def with_outlier_gain(pretrained_dir, out_dir, outlier_gain, seed, task="demo"):
     """The base train_base(..., outlier_gain) saves, from pretrain_base's output (same seed):
     bit-identical, since pretrain_base stores exactly the float16 values the gain multiplies."""
     config = json.loads((Path(pretrained_dir) / "config.json").read_text())
@@ -191,17 +194,18 @@ def with_outlier_gain(pretrained_dir, out_dir, outlier_gain, seed):
     model.load_weights(str(Path(pretrained_dir) / "model.safetensors"))
     model.set_dtype(mx.float32)
     add_outlier_channels(model, config, outlier_gain, seed)
-    save_model_dir(model, config, build_tokenizer(), out_dir, dtype="float16")
+    save_model_dir(model, config, build_tokenizer(task=task), out_dir, dtype="float16")
     return out_dir
 
 
-def finetune_data(seed) -> str:
-    """What an adapter was trained on, as recorded in its adapter_config.json."""
-    return f"qtools.demo.data.finetune_examples(seed={seed}, split_seed={data.SPLIT_SEED})"
+def finetune_data(seed, task="demo") -> str:
+    """What an adapter was trained on, as recorded in its adapter_config.json (the demo's as before)."""
+    extra = "" if task == "demo" else f", task={task!r}"
+    return f"qtools.demo.data.finetune_examples(seed={seed}, split_seed={data.SPLIT_SEED}{extra})"
 
 
 def train_adapter(base_dir, out_dir, rank, scale, keys, num_layers, iters, batch_size, lr, seed,
-                  save_every=None):
+                  save_every=None, task="demo"):
     """LoRA fine-tune with mlx-lm's tuner; writes adapter_config.json + adapters.safetensors."""
     from mlx.utils import tree_flatten
     from mlx_lm import load
@@ -213,7 +217,7 @@ def train_adapter(base_dir, out_dir, rank, scale, keys, num_layers, iters, batch
     lora = {"rank": rank, "scale": scale, "dropout": 0.0, "keys": list(keys)}
     mx.random.seed(seed)
     linear_to_lora_layers(model, num_layers, lora)
-    examples = encode_examples(tok, data.finetune_examples(seed))
+    examples = encode_examples(tok, data.finetune_examples(seed, task=task))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _train(model, examples, iters, batch_size, lr, seed, save_every=save_every,
@@ -222,6 +226,6 @@ def train_adapter(base_dir, out_dir, rank, scale, keys, num_layers, iters, batch
     mx.save_safetensors(str(out_dir / "adapters.safetensors"), weights)
     cfg = adapter_config(num_layers, rank, scale, keys, model=str(base_dir), iters=iters,
                          batch_size=batch_size, learning_rate=lr, seed=seed,
-                         data=finetune_data(seed))
+                         data=finetune_data(seed, task))
     (out_dir / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
     return out_dir
