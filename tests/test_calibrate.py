@@ -518,3 +518,93 @@ def test_a_damaged_cache_entry_is_measured_again_not_a_traceback(tmp_path):
     assert R.trained_on_other_data(run_dir, 1) is True
     (run_dir / "adapter_config.json").write_text('["data"]')
     assert R.trained_on_other_data(run_dir, 1) is True
+
+
+def test_the_demo_families_and_their_cache_keys_are_unchanged():
+    """An existing calibration cache (work/pretrained/KEY, work/bases/NAME) is still found; another
+    task's pretraining gets its own key and its families their own names."""
+    from qtools.calibrate import grid
+    from qtools.demo.train import BASE
+
+    fams = grid.default_families()
+    assert [f["name"] for f in fams] == ["g4", "g12", "g24", "g36", "l8g24"]
+    assert all(f["task"] == "demo" for f in fams) and fams == run.select_families()
+    assert fams[0] == {"name": "g4", "base": {**BASE, "outlier_gain": 4.0}, "task": "demo"}
+    assert grid.pretraining_key(BASE) == grid.pretraining_key(BASE, "demo") == "h128_l4_i256_s0_it250_b16_lr0.003"
+    assert grid.pretraining_key(BASE, "agent") == "h128_l4_i256_s0_it250_b16_lr0.003_tagent"
+    agent = run.select_families(task="agent")
+    assert [f["name"] for f in agent] == ["agent-g4", "agent-g12", "agent-g24", "agent-g36", "agent-l8g24"]
+    assert all(f["task"] == "agent" for f in agent)
+    assert [f["base"] for f in agent] == [f["base"] for f in fams]
+    with pytest.raises(Exception, match="unknown task"):
+        grid.default_families("nope")
+
+
+def test_a_familys_suite_is_its_tasks(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from qtools.calibrate.grid import family_suite
+    from qtools.demo.data import suite_text
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    assert family_suite({"name": "a", "task": "agent"}, tmp_path / "w") == Path("suites/agent.jsonl")
+    assert family_suite({"name": "d", "task": "demo"}, tmp_path / "w", "x.jsonl") == Path("x.jsonl")
+    assert family_suite({"name": "d", "task": "agent", "suite": "y.jsonl"}, tmp_path / "w") == Path("y.jsonl")
+    monkeypatch.chdir(tmp_path)  # no suites/: generated from the Task
+    gen = family_suite({"name": "x", "task": "access"}, tmp_path / "w")
+    assert gen == tmp_path / "w" / "suites" / "access.jsonl" and gen.read_text() == suite_text("access")
+    assert gen.read_text() == (repo / "suites" / "access.jsonl").read_text()
+
+
+def test_an_agent_family_trains_on_agent_data_and_is_measured_on_the_agent_suite(tmp_path):
+    """A family's task reaches its pretraining (data, tokenizer, cache key), its fine-tunes' data
+    and the suite its base and fine-tunes are measured on."""
+    import io
+    from pathlib import Path
+
+    from qtools.calibrate.grid import pretraining_key
+    from qtools.demo.tasks import get_task
+    from qtools.demo.tokenizer import build_tokenizer
+    from qtools.demo.train import ATTENTION, finetune_data
+    from qtools.io.suite import load_suite
+
+    repo = Path(__file__).resolve().parents[1]
+    base = dict(hidden_size=64, num_layers=1, intermediate_size=128, seed=0, iters=2, batch_size=4, lr=1e-3,
+                outlier_gain=4.0)
+    fam = {"name": "tiny-agent", "base": base, "task": "agent"}
+    grid = [dict(rank=2, keys=list(ATTENTION), lr=1e-3, seed=1, checkpoints=[2], scale_multipliers={})]
+    work = tmp_path / "work"
+    results = run.run_grid(repo / "suites" / "demo.jsonl", work, [fam], grid, bits_list=[8], log=io.StringIO())
+    assert (work / "pretrained" / pretraining_key(base, "agent")).is_dir()
+    assert pretraining_key(base, "agent").endswith("_tagent")
+    cfg = json.loads((work / "bases" / "tiny-agent" / "config.json").read_text())
+    assert cfg["vocab_size"] == build_tokenizer(task="agent").get_vocab_size() != build_tokenizer().get_vocab_size()
+    run_dir = work / "tiny-agent" / run.run_name(grid[0])
+    assert json.loads((run_dir / "adapter_config.json").read_text())["data"] == finetune_data(1, "agent")
+    assert not run.trained_on_other_data(run_dir, 1, "agent") and run.trained_on_other_data(run_dir, 1)
+    n_agent = len(load_suite(repo / "suites" / "agent.jsonl").cases)
+    assert n_agent == get_task("agent").n_ask_test + get_task("agent").n_check_test == 288
+    base_beh = json.loads((work / "tiny-agent" / "base_behaviour.json").read_text())
+    assert len(base_beh["cases"]["correct"]) == n_agent
+    assert results and all(r["family"] == "tiny-agent" for r in results)
+    assert all(len(r["behaviour"]["16"]["cases"]["correct"]) == n_agent for r in results)
+
+
+def test_the_report_names_each_tasks_suite_and_critical_confusion(tmp_path):
+    from click.testing import CliRunner
+
+    from qtools.calibrate.report import write_report
+    from qtools.cli import cli
+    from qtools.demo.train import BASE
+
+    fams = [{"name": f, "base": {**BASE, "outlier_gain": g}, "task": "access"} for f, g in (("ga", 4), ("gb", 12), ("gc", 24))]
+    results = moving_families()
+    write_report(results, fit.study(results, 0.8), tmp_path / "c.md", tmp_path / "c.png", 0.8, [], fams,
+                 suites={"access": "work/suites/access.jsonl"})
+    text = (tmp_path / "c.md").read_text()
+    assert "validation on `work/suites/access.jsonl` (task: access) passes" in text
+    assert "no critical (DENY->ALLOW) error" in text and "suites/demo.jsonl" not in text
+    res = CliRunner().invoke(cli, ["calibrate", "--task", "agent", "--family", "g4", "--work-dir", str(tmp_path / "w")])
+    assert res.exit_code == 2 and "unknown family g4" in res.output and "agent-g4" in res.output
+    assert not (tmp_path / "w").exists()

@@ -18,24 +18,64 @@ BITS = SUPPORTED_BITS
 # A family: one base recipe (pretraining + outlier gain) and one task. The gain sets the
 # quantization step of every group, hence the base's noise where the fine-tune acts; families
 # that differ only in gain share one pretraining (the gain does not change the function).
-TASK = "demo"  # the tool-vs-direct + VETO/APPROVE task of suites/demo.jsonl
+TASK = "demo"  # the tool-vs-direct + VETO/APPROVE task of suites/demo.jsonl (qtools/demo/tasks.py)
 GAINS = (4.0, 12.0, 24.0, 36.0)
 # and one family twice as deep (its own pretraining), at the demo's gain
 DEPTHS = (8,)
 
 
-def default_families() -> list[dict]:
+def default_families(task: str = TASK) -> list[dict]:
     """The families of the calibration: the demo base recipe at four outlier gains, and at the
-    demo's gain with twice the layers."""
-    fams = [{"name": f"g{g:g}", "base": {**BASE, "outlier_gain": g}, "task": TASK} for g in GAINS]
-    fams += [{"name": f"l{n}g{BASE['outlier_gain']:g}", "base": {**BASE, "num_layers": n}, "task": TASK}
+    demo's gain with twice the layers (g4 g12 g24 g36 l8g24), all on the demo task.
+
+    task: the same recipes on another task of qtools/demo/tasks.py ("agent", "access"), named
+    <task>-<name> (agent-g4, ...): pretrained, fine-tuned and measured on that task
+    (`qtools calibrate --task agent`, or TASK=agent make calibrate)."""
+    from ..demo.tasks import get_task
+
+    task = get_task(task).name  # an unknown task is an error here, before any work
+    prefix = "" if task == TASK else f"{task}-"
+    fams = [{"name": f"{prefix}g{g:g}", "base": {**BASE, "outlier_gain": g}, "task": task} for g in GAINS]
+    fams += [{"name": f"{prefix}l{n}g{BASE['outlier_gain']:g}", "base": {**BASE, "num_layers": n}, "task": task}
              for n in DEPTHS]
     return fams
 
 
-def pretraining_key(base: dict) -> str:
-    """Name of the pretraining a base recipe needs: everything but the outlier gain."""
-    return "h{hidden_size}_l{num_layers}_i{intermediate_size}_s{seed}_it{iters}_b{batch_size}_lr{lr:g}".format(**base)
+def family_task(family: dict) -> str:
+    """A family's task: its "task" key (the demo's when it has none)."""
+    return family.get("task") or TASK
+
+
+def pretraining_key(base: dict, task: str = TASK) -> str:
+    """Name of the pretraining a base recipe needs on a task: everything but the outlier gain,
+    and the task when it is not the demo (the demo's keys are those of every existing cache)."""
+    key = "h{hidden_size}_l{num_layers}_i{intermediate_size}_s{seed}_it{iters}_b{batch_size}_lr{lr:g}".format(**base)
+    return key if task == TASK else f"{key}_t{task}"
+
+
+def family_suite(family: dict, work_dir, suite_path=None) -> Path:
+    """The suite a family's fine-tunes are measured on: its "suite" key; else suite_path for a demo
+    family (`qtools calibrate --suite`); else suites/<task>.jsonl (relative to the working
+    directory, as --suite is) when it exists; else the task's suite generated from
+    qtools/demo/tasks.py into work_dir/suites/<task>.jsonl (the same content)."""
+    from ..io.atomic import write_text_atomic
+
+    task = family_task(family)
+    if family.get("suite"):
+        return Path(family["suite"])
+    if task == TASK and suite_path is not None:
+        return Path(suite_path)
+    path = Path("suites") / f"{task}.jsonl"
+    if path.exists():
+        return path
+    from ..demo.data import suite_text
+
+    gen = Path(work_dir) / "suites" / f"{task}.jsonl"
+    text = suite_text(task)
+    if not gen.exists() or gen.read_text() != text:
+        gen.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(gen, text)
+    return gen
 
 
 # Every checkpoint is also measured at these multiples of its LoRA scale: the delta's strength

@@ -8,9 +8,10 @@ from .grid import BITS
 from .measure import MISSING, exact_delta_threshold
 
 
-def write_report(results, s: dict, out_md, out_png, min_accuracy, excluded, families=()) -> None:
+def write_report(results, s: dict, out_md, out_png, min_accuracy, excluded, families=(), suites=None) -> None:
     """docs/calibration.md (tables + plot) for the usable fine-tunes `results` and their study `s`;
-    `families`: the grid's family recipes (grid.default_families entries), for the family table."""
+    `families`: the grid's family recipes (grid.default_families entries), for the family table;
+    `suites`: {task: the suite its families were measured on} (default suites/<task>.jsonl)."""
     rule, train_score, held = s["rule"], s["train"], s["held_out"]
     const = s["baseline"]
     stat, agg = rule.statistic, rule.aggregate
@@ -39,7 +40,10 @@ def write_report(results, s: dict, out_md, out_png, min_accuracy, excluded, fami
     excl = {}
     for r in excluded:
         excl[r.get("family")] = excl.get(r.get("family"), 0) + 1
-    task = ", ".join(sorted({f.get("task", "demo") for f in families})) or "demo"
+    tasks = sorted({f.get("task") or "demo" for f in families}) or ["demo"]
+    suites = {t: (suites or {}).get(t, f"suites/{t}.jsonl") for t in tasks}
+    on = ", ".join(f"`{suites[t]}` (task: {t})" for t in tasks)
+    confusions = ", ".join(dict.fromkeys("->".join(_labels(t)) for t in tasks))
     lines = [
         "# delta-survival calibration",
         "",
@@ -48,8 +52,8 @@ def write_report(results, s: dict, out_md, out_png, min_accuracy, excluded, fami
         "A family is a base recipe (pretraining, outlier gain) and a task; every family gets the same "
         "fine-tuning recipes, so the families differ only in the base.",
         "",
-        f"A bit-width passes when validation on `suites/demo.jsonl` (task: {task}) passes: accuracy >= "
-        f"{min_accuracy:.0%} and no critical (VETO->APPROVE) error. The true threshold is the smallest "
+        f"A bit-width passes when validation on {on} passes: accuracy >= "
+        f"{min_accuracy:.0%} and no critical ({confusions}) error. The true threshold is the smallest "
         "bit-width that passes with every larger one. Behaviour is measured on fake-quantized weights "
         "(the exact values `mx.quantize` stores, run in float16).",
         "",
@@ -146,6 +150,13 @@ def write_report(results, s: dict, out_md, out_png, min_accuracy, excluded, fami
             f"{s['predictions'][r['id']] or 'none'} | {predict(r, rule) or 'none'} |{vals}"
         )
     write_text_atomic(out_md, "\n".join(lines) + "\n")
+
+
+def _labels(task) -> tuple:
+    """A task's critical confusion (critical label, its forbidden answer); VETO->APPROVE for an unknown one."""
+    from ..demo.tasks import TASKS
+
+    return TASKS[task].labels if task in TASKS else ("VETO", "APPROVE")
 
 
 def _scope(families) -> list[str]:

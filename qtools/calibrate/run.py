@@ -1,5 +1,11 @@
 """Run the calibration: train, fuse, predict and measure every fine-tune of the grid (cached per
-fine-tune), fit and judge the rule, write the report and the rule file delta-survival reads."""
+fine-tune), fit and judge the rule, write the report and the rule file delta-survival reads.
+
+A family's "task" (qtools/demo/tasks.py; grid.family_task) reaches everything: its pretraining
+data and tokenizer (cached under a key naming the task unless it is the demo's), its fine-tune
+data and the suite it is measured on (grid.family_suite: suites/<task>.jsonl or generated). The
+default families are the demo's; `select_families(task="agent")` (`qtools calibrate --task agent`,
+`TASK=agent make calibrate`) picks the same recipes on another task."""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ from .. import BadValue, QtoolsError
 from ..io.atomic import read_json_or_none, write_json_atomic
 from ..pipeline.scoring import DEFAULT_MIN_ACCURACY
 from .fit import study
-from .grid import BITS, default_families, default_grid, expand_run, pretraining_key, run_name
+from .grid import BITS, default_families, default_grid, expand_run, family_suite, family_task, pretraining_key, run_name
 from .measure import behaviour, model_weights, passes, true_threshold
 from .report import write_report
 
@@ -24,7 +30,8 @@ CACHE_FORMAT = 3
 def run_grid(suite_path, work_dir, families=None, grid=None, bits_list=BITS, group_size=64, min_accuracy=DEFAULT_MIN_ACCURACY,
              jobs=1, exact_delta=False, from_cache=False, log=sys.stderr) -> list[dict]:
     """Build each family's base, then train, fuse, predict and measure every fine-tune of the
-    grid on it.
+    grid on it, each family on its task (its data, tokenizer and suite: grid.family_suite;
+    suite_path is the demo task's suite).
 
     Runs are independent: `jobs` processes share them. Resumable: the shared pretraining, each
     family's base and each fine-tune's result are cached in work_dir. exact_delta: also measure
@@ -34,10 +41,13 @@ def run_grid(suite_path, work_dir, families=None, grid=None, bits_list=BITS, gro
     """
     from ..io.suite import load_suite
 
-    suite_obj = load_suite(suite_path)  # fail early on a bad suite
     work = Path(work_dir)
-    work.mkdir(parents=True, exist_ok=True)
     families = families or default_families()
+    if any(family_task(f) == "demo" and not f.get("suite") for f in families):
+        load_suite(suite_path)  # fail early on a bad suite, before any work
+    work.mkdir(parents=True, exist_ok=True)
+    suites = {f["name"]: family_suite(f, work, suite_path) for f in families}
+    suite_objs = {path: load_suite(path) for path in set(suites.values())}  # every one, before any work
     grid = grid or default_grid()
     bases = {}
     for fam in families:
@@ -49,12 +59,13 @@ def run_grid(suite_path, work_dir, families=None, grid=None, bits_list=BITS, gro
         _check_same_base(fam_dir, base_dir)
         base_beh_path = fam_dir / "base_behaviour.json"
         if not isinstance(read_json_or_none(base_beh_path), dict):  # missing or damaged: measured again
-            write_json_atomic(base_beh_path, behaviour(base_dir, suite_obj, [], group_size)["16"])
-        bases[fam["name"]] = (fam_dir, base_dir)
+            write_json_atomic(base_beh_path,
+                              behaviour(base_dir, suite_objs[suites[fam["name"]]], [], group_size)["16"])
+        bases[fam["name"]] = (fam_dir, base_dir, str(suites[fam["name"]]), family_task(fam))
     # run by run across families: a run cut short leaves every family with its first runs
-    args = [(str(fam_dir / run_name(run)), name, run, str(base_dir), str(suite_path), list(bits_list),
-             group_size, min_accuracy, exact_delta, from_cache) for run in grid
-            for name, (fam_dir, base_dir) in bases.items()]
+    args = [(str(fam_dir / run_name(run)), name, run, str(base_dir), suite, list(bits_list),
+             group_size, min_accuracy, exact_delta, from_cache, task) for run in grid
+            for name, (fam_dir, base_dir, suite, task) in bases.items()]
     if jobs > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
@@ -72,17 +83,18 @@ def _complete_model(path: Path) -> bool:
 
 def build_base(work: Path, family: dict, log=sys.stderr) -> Path:
     """A family's base model (work/bases/NAME), from the pretraining it shares with the other
-    families of the same recipe but another outlier gain (work/pretrained/KEY); both cached."""
+    families of the same recipe and task but another outlier gain (work/pretrained/KEY); both
+    cached. Pretraining data and tokenizer are the family's task's."""
     from ..demo.train import pretrain_base, with_outlier_gain
     from ..io.atomic import atomic_output_dir
 
-    base = family["base"]
-    pre = work / "pretrained" / pretraining_key(base)
+    base, task = family["base"], family_task(family)
+    pre = work / "pretrained" / pretraining_key(base, task)
     if not _complete_model(pre):
         print(f"[calibrate] pretraining {pre.name} (shared by every gain of this recipe)", file=log, flush=True)
         tic = time.perf_counter()
         with atomic_output_dir(pre, force=True) as tmp:
-            pretrain_base(tmp, **base)
+            pretrain_base(tmp, **base, task=task)
         print(f"[calibrate] pretraining {pre.name} done in {time.perf_counter() - tic:.0f} s", file=log, flush=True)
     out = work / "bases" / family["name"]
     recipe = work / "bases" / f"{family['name']}.json"
@@ -90,7 +102,7 @@ def build_base(work: Path, family: dict, log=sys.stderr) -> Path:
         return out
     # a family renamed to another recipe gets a new base; its cached fine-tunes are then refused
     with atomic_output_dir(out, force=True) as tmp:
-        with_outlier_gain(pre, tmp, base["outlier_gain"], base["seed"])
+        with_outlier_gain(pre, tmp, base["outlier_gain"], base["seed"], task=task)
     write_json_atomic(recipe, family)
     return out
 
@@ -138,17 +150,18 @@ def _run_one(args) -> list[dict]:
     from ..pipeline.fuse import fuse
     from ..survival.analyze import delta_survival, reaggregate
 
-    run_dir, family, run, base_dir, suite_path, bits_list, group_size, min_accuracy, exact_delta, from_cache = args
+    run_dir, family, run, base_dir, suite_path, bits_list, group_size, min_accuracy, exact_delta, from_cache, task = args
     log = sys.stderr
     run_dir = Path(run_dir)
     suite_obj = load_suite(suite_path)
     base_beh = read_json_or_none(run_dir.parent / "base_behaviour.json")  # written by run_grid first
     cfg_path = run_dir / "adapter_config.json"
-    if from_cache and (not cfg_path.exists() or trained_on_other_data(run_dir, run["seed"])):
+    if from_cache and (not cfg_path.exists() or trained_on_other_data(run_dir, run["seed"], task)):
         return []
-    if trained_on_other_data(run_dir, run["seed"]):
+    if trained_on_other_data(run_dir, run["seed"], task):
         # its validation cases may have been trained on: neither the run nor its results are kept
-        print(f"[calibrate] {family}/{run_dir.name} was trained on other data than {finetune_data(run['seed'])}; "
+        print(f"[calibrate] {family}/{run_dir.name} was trained on other data than "
+              f"{finetune_data(run['seed'], task)}; "
               "retraining", file=log, flush=True)
         shutil.rmtree(run_dir)
     if not cfg_path.exists():
@@ -160,7 +173,7 @@ def _run_one(args) -> list[dict]:
         train_adapter(base_dir, run_dir, rank=params["rank"], scale=params["scale"], keys=params["keys"],
                       num_layers=params["num_layers"], iters=max(run["checkpoints"]),
                       batch_size=params["batch_size"], lr=params["lr"], seed=params["seed"],
-                      save_every=math.gcd(*run["checkpoints"]))
+                      save_every=math.gcd(*run["checkpoints"]), task=task)
         print(f"[calibrate] trained {family}/{run_dir.name} in {time.perf_counter() - tic:.0f} s", file=log, flush=True)
     results = []
     base_weights = None  # loaded once per run, when a fine-tune first needs them
@@ -177,7 +190,8 @@ def _run_one(args) -> list[dict]:
         if from_cache:
             continue
         tic = time.perf_counter()
-        fused = adapter / "fused_f16"
+        # beside the adapter, never inside it: fuse refuses an output inside its input (check_output)
+        fused = adapter.parent / f"{adapter.name}.fused_f16"
         fuse(base_dir, adapter, fused, force=True)
         rep = delta_survival(fused, bits_list, group_size, adapter=adapter, progress=False)
         beh = behaviour(fused, suite_obj, bits_list, group_size, min_accuracy=min_accuracy)
@@ -216,15 +230,16 @@ def _threshold(beh: dict, bits_list, min_accuracy):
     return true_threshold(beh, bits_list, min_accuracy)
 
 
-def trained_on_other_data(run_dir: Path, seed: int) -> bool:
-    """Whether a cached training run's adapter_config records other data than the grid trains on."""
+def trained_on_other_data(run_dir: Path, seed: int, task: str = "demo") -> bool:
+    """Whether a cached training run's adapter_config records other data than the grid trains on
+    (the task's fine-tune data for this seed)."""
     from ..demo.train import finetune_data
 
     cfg_path = Path(run_dir) / "adapter_config.json"
     if not cfg_path.exists():
         return False
     cfg = read_json_or_none(cfg_path)  # damaged: retrained, as for other data
-    return not isinstance(cfg, dict) or cfg.get("data") != finetune_data(seed)
+    return not isinstance(cfg, dict) or cfg.get("data") != finetune_data(seed, task)
 
 
 def write_rule_file(path, s: dict) -> None:
@@ -235,9 +250,11 @@ def write_rule_file(path, s: dict) -> None:
                              "held_out_ceiling": round(s["ceiling"], 4)})
 
 
-def select_families(names=None) -> list[dict]:
-    """The default families, or those named (a quick or partial run); an unknown name is an error."""
-    fams = default_families()
+def select_families(names=None, task=None) -> list[dict]:
+    """The default families (the demo task's; with task, grid.default_families(task): the same
+    recipes on that task), or those of them named (a quick or partial run); an unknown name is an
+    error."""
+    fams = default_families() if task is None else default_families(task)
     if not names:
         return fams
     by_name = {f["name"]: f for f in fams}
@@ -249,13 +266,14 @@ def select_families(names=None) -> list[dict]:
 
 
 def calibrate(suite_path, rule_file, work_dir="models/calibration", docs_dir="docs", min_accuracy=DEFAULT_MIN_ACCURACY, jobs=1,
-              families=None, exact_delta=False, from_cache=False, log=sys.stderr) -> dict:
+              families=None, exact_delta=False, from_cache=False, log=sys.stderr, task=None) -> dict:
     """Run the grid on every family, judge the rule leave-one-family-out, fit it on all families;
     write the report to docs_dir and the rule to rule_file (delta-survival's is
-    qtools/survival/calibration.json)."""
+    qtools/survival/calibration.json). families: names (select_families); task: the families of
+    that task (default: the demo's); suite_path: the demo task's suite (see grid.family_suite)."""
     from ..io.atomic import check_output, check_writable
 
-    fams = select_families(families)
+    fams = select_families(families, task)
     # What the hours of work end by writing is checked before them (writable, never the suite).
     docs = Path(docs_dir)
     for out in (docs / "calibration.md", docs / "calibration.png", Path(rule_file)):
@@ -270,7 +288,9 @@ def calibrate(suite_path, rule_file, work_dir="models/calibration", docs_dir="do
                           "the task; leave-one-family-out needs at least 2 families and 4 fine-tunes")
     s = study(usable, min_accuracy)
     docs.mkdir(parents=True, exist_ok=True)
-    write_report(usable, s, docs / "calibration.md", docs / "calibration.png", min_accuracy, excluded, fams)
+    suites = {family_task(f): str(family_suite(f, work_dir, suite_path)) for f in fams}
+    write_report(usable, s, docs / "calibration.md", docs / "calibration.png", min_accuracy, excluded, fams,
+                 suites=suites)
     write_rule_file(rule_file, s)
     return {"rule": s["rule"].to_dict(), "train": s["train"], "held_out": s["held_out"], "fine_tunes": len(results),
             "families": [f["name"] for f in fams], "constant": s["baseline"],

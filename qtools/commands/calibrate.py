@@ -5,13 +5,15 @@ import json
 import click
 
 from ..calibrate.run import calibrate
+from ..demo.tasks import TASKS
 from ..pipeline.scoring import DEFAULT_MIN_ACCURACY
 from ..survival.rule import RULE_FILE
 from .options import Number
 
 
 @click.command("calibrate")
-@click.option("--suite", type=click.Path(), default="suites/demo.jsonl", show_default=True)
+@click.option("--suite", type=click.Path(), default="suites/demo.jsonl", show_default=True,
+              help="The demo task's suite; families of another task use suites/<task>.jsonl (else generated).")
 @click.option("--work-dir", type=click.Path(), default="models/calibration", show_default=True,
               help="Adapters, fused models and cached results (a rerun resumes).")
 @click.option("--docs-dir", type=click.Path(), default="docs", show_default=True)
@@ -19,18 +21,22 @@ from .options import Number
               help="Validation passes at this accuracy with no critical error (as qtools validate judges).")
 @click.option("--jobs", type=click.IntRange(min=1), default=2, show_default=True, help="Training runs in parallel (processes).")
 @click.option("--family", "families", multiple=True,
-              help="Calibrate only this family (repeatable; default: all of them, g4 g12 g24 g36 l8g24).")
+              help="Calibrate only this family (repeatable; default: all of them, g4 g12 g24 g36 l8g24; "
+                   "with --task agent, agent-g4 ...).")
+@click.option("--task", type=click.Choice(list(TASKS)), default=None,
+              help="The families' task (qtools/demo/tasks.py; default demo): the same base and fine-tune "
+                   "recipes pretrained, fine-tuned and measured on it, named <task>-<family>.")
 @click.option("--exact-delta/--no-exact-delta", default=False, show_default=True,
               help="Also measure each fine-tune with the delta kept exactly (what sets the threshold: "
                    "the base's noise or the delta's rounding); doubles the measuring time.")
 @click.option("--from-cache", is_flag=True,
               help="Train and measure nothing: refit and report from the cached fine-tunes (under a minute).")
 @click.option("--json", "as_json", is_flag=True)
-def calibrate_cmd(suite, work_dir, docs_dir, min_accuracy, jobs, families, exact_delta, from_cache, as_json):
+def calibrate_cmd(suite, work_dir, docs_dir, min_accuracy, jobs, families, task, exact_delta, from_cache, as_json):
     """Build the families' bases, train a grid of fine-tunes on each, measure their behavioural
     threshold, judge the rule leave-one-family-out and fit it on all families."""
     res = calibrate(suite, RULE_FILE, work_dir, docs_dir, min_accuracy, jobs=jobs, families=list(families),
-                    exact_delta=exact_delta, from_cache=from_cache)
+                    exact_delta=exact_delta, from_cache=from_cache, task=task)
     if as_json:
         click.echo(json.dumps(res))
         return
