@@ -160,7 +160,10 @@ def main():
         if argv is None:
             continue
         print(f"running {name} ...", flush=True)
-        results[name] = timed([a.format(**fields) for a in argv], work / (re.sub(r"\W+", "_", name) + ".log"))
+        results[name] = r = timed([a.format(**fields) for a in argv], work / (re.sub(r"\W+", "_", name) + ".log"))
+        # each result as it completes (a long run cut short keeps what it measured)
+        print(f"  {name}: exit {r['rc']}, {r['wall']:.1f} s wall, {r['cpu']:.1f} s CPU, peak RSS "
+              f"{gb(r['rss']) if r['rss'] else '-'}", flush=True)
         shutil.rmtree(work / "mlx_lm_fused", ignore_errors=True)
         if name in DROP_AFTER and not args.keep:
             shutil.rmtree(DROP_AFTER[name].format(**fields), ignore_errors=True)
