@@ -30,11 +30,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from .. import QtoolsError
 from .adapters import check_adapter_dir
 from .modeldir import check_model_dir
 from .shards import plan_files
-from .weights import SafetensorsModel, TensorInfo, dtype_code
+from .weights import SafetensorsModel, TensorInfo, dtype_code, mx_dtype
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -52,6 +54,28 @@ def _weight_f32(layer):
     return w.astype(mx.float32)
 
 
+def lora_delta(module):
+    """(base layer, sb, at) of an mlx-lm LoRA/DoRA module, its delta being sb @ at in float32 exactly as
+    mlx-lm's fuse writes it (LoRALinear/DoRALinear: (scale * B^T) @ A^T; LoRASwitchLinear:
+    (scale * B) @ A per expert; LoRAEmbedding/DoRAEmbedding: (scale * A) @ B); None for another kind.
+    The one home of those factors: fuse_module_f32's graph and the native fuse both use it."""
+    import mlx.core as mx
+    from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
+    from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
+
+    kinds = (LoRALinear, DoRALinear, LoRASwitchLinear, LoRAEmbedding, DoRAEmbedding)
+    if not isinstance(module, kinds):
+        return None
+    f32 = mx.float32
+    scale = float(module.scale)
+    a, b = module.lora_a.astype(f32), module.lora_b.astype(f32)
+    if isinstance(module, (LoRALinear, DoRALinear)):
+        return module.linear, scale * b.T, a.T
+    if isinstance(module, LoRASwitchLinear):
+        return module.linear, scale * b, a.reshape(b.shape[0], -1, a.shape[-1])
+    return module.embedding, scale * a, b
+
+
 def fuse_module_f32(module, dtype):
     """Fused replacement for one mlx-lm LoRA/DoRA module, computed in float32.
 
@@ -65,11 +89,12 @@ def fuse_module_f32(module, dtype):
     from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
 
     f32 = mx.float32
-    scale = float(module.scale)
-    a, b = module.lora_a.astype(f32), module.lora_b.astype(f32)
+    delta = lora_delta(module)
+    if delta is None:
+        return module.fuse(dequantize=True)
+    base, sb, at = delta
+    w = _weight_f32(base) + sb @ at
     if isinstance(module, (LoRALinear, DoRALinear)):
-        base = module.linear
-        w = _weight_f32(base) + (scale * b.T) @ a.T
         if isinstance(module, DoRALinear):
             w = (module.m.astype(f32) / mx.linalg.norm(w, axis=1))[:, None] * w
         out_dims, in_dims = w.shape
@@ -80,24 +105,19 @@ def fuse_module_f32(module, dtype):
             fused.bias = base.bias.astype(dtype)
         return fused
     if isinstance(module, LoRASwitchLinear):
-        base = module.linear
-        w = _weight_f32(base)
         num_experts, out_dims, in_dims = w.shape
-        w = w + (scale * b) @ a.reshape(num_experts, -1, in_dims)
         has_bias = "bias" in base
         fused = SwitchLinear(in_dims, out_dims, num_experts, bias=has_bias)
         fused.weight = w.astype(dtype)
         if has_bias:
             fused.bias = base.bias.astype(dtype)
         return fused
-    if isinstance(module, (LoRAEmbedding, DoRAEmbedding)):
-        w = _weight_f32(module.embedding) + (scale * a) @ b
-        if isinstance(module, DoRAEmbedding):
-            w = (module.m.astype(f32) / mx.linalg.norm(w, axis=1))[:, None] * w
-        fused = nn.Embedding(*w.shape)
-        fused.weight = w.astype(dtype)
-        return fused
-    return module.fuse(dequantize=True)
+    assert isinstance(module, (LoRAEmbedding, DoRAEmbedding))
+    if isinstance(module, DoRAEmbedding):
+        w = (module.m.astype(f32) / mx.linalg.norm(w, axis=1))[:, None] * w
+    fused = nn.Embedding(*w.shape)
+    fused.weight = w.astype(dtype)
+    return fused
 
 
 def _one_line(exc: Exception) -> str:
@@ -110,16 +130,19 @@ def _one_line(exc: Exception) -> str:
     return detail
 
 
-def _lazy_fused_model(base: Path, adapter: Path, dtype: str):
+def _lazy_fused_model(base: Path, adapter: Path, dtype: str, native: bool = False):
     """mlx-lm's model with the adapter fused, every parameter a lazy graph over the base and adapter
-    files (nothing read yet): (model, config, fused module names)."""
+    files (nothing read yet): (model, config, fused module names, native plans). With `native`, the
+    plans {fused weight name: _NativeFuse} of the plain-LoRA weights on a float base, which
+    FusedView computes with the native kernel instead of their graph."""
     import mlx.core as mx
     from mlx.utils import tree_unflatten
     from mlx_lm.tuner.utils import load_adapters
     from mlx_lm.utils import dequantize_model, load_model
 
+    untouched: set[str] = set()  # base tensors mlx-lm's sanitize passed through as they were loaded
     try:
-        model, config = load_model(base, lazy=True)
+        model, config = load_model(base, lazy=True, **_recording_sanitize(untouched))
     except Exception as exc:
         raise QtoolsError(f"cannot load base model {base}: {exc}") from None
     try:
@@ -127,21 +150,92 @@ def _lazy_fused_model(base: Path, adapter: Path, dtype: str):
     except Exception as exc:  # mlx-lm raises ValueError/KeyError/... on a mismatch
         raise QtoolsError(f"adapter {adapter} does not match base model {base}: {_one_line(exc)}") from None
     out_dtype = getattr(mx, dtype)
-    fused = [(name, fuse_module_f32(m, out_dtype)) for name, m in model.named_modules() if hasattr(m, "fuse")]
+    modules = [(name, m) for name, m in model.named_modules() if hasattr(m, "fuse")]
+    fused = [(name, fuse_module_f32(m, out_dtype)) for name, m in modules]
     if not fused:
         raise QtoolsError(f"adapter {adapter} added no LoRA/DoRA layers to {base}")
+    plans = {}
+    for name, m in modules if native else ():
+        plan = _native_plan(m, f"{name}.weight", untouched)
+        if plan is not None:
+            plans[f"{name}.weight"] = plan
     model.update_modules(tree_unflatten(fused))
     # Layers the adapter did not touch are dequantized too: one dtype throughout.
     model = dequantize_model(model)
     model.set_dtype(out_dtype)
-    return model, config, [name for name, _ in fused]
+    return model, config, [name for name, _ in fused], plans
+
+
+def _recording_sanitize(untouched: set) -> dict:
+    """load_model's get_model_classes, wrapped so that the names of the weights mlx-lm's sanitize
+    leaves as loaded (the same array: not renamed, stacked or converted) go into `untouched`: those
+    can be read from the base's memory map."""
+    from ..compat import mlx_lm_model_classes
+
+    def get_classes(config):
+        model_class, args_class = mlx_lm_model_classes(config)
+
+        def make(args):
+            model = model_class(args)
+            own = getattr(model, "sanitize", None)
+
+            def sanitize(weights):
+                # called once: no cycle left to keep the model, and every tensor evaluated later, alive
+                del model.sanitize
+                loaded = dict(weights)
+                out = own(weights) if own is not None else weights
+                untouched.update(k for k, v in out.items() if loaded.get(k) is v)
+                return out
+
+            model.sanitize = sanitize
+            return model
+
+        return make, args_class
+
+    return {"get_model_classes": get_classes}
+
+
+class _NativeFuse:
+    """One plain-LoRA weight on a float base, for the native kernel: the base weight (lazy, its stored
+    dtype) or the name it has in the base's files, and the lazy float32 factors sb, at of lora_delta."""
+
+    def __init__(self, weight, stored: str | None, sb, at, experts: int):
+        self.weight, self.stored, self.sb, self.at, self.experts = weight, stored, sb, at, experts
+
+
+def _native_plan(module, name: str, untouched: set):
+    """A _NativeFuse for a plain LoRA module (LoRALinear, LoRASwitchLinear, LoRAEmbedding) on a float
+    base; None for DoRA, a quantized base or another kind (their MLX graph is used)."""
+    import mlx.core as mx
+    from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
+
+    if type(module) not in (LoRALinear, LoRASwitchLinear, LoRAEmbedding):
+        return None
+    layer, sb, at = lora_delta(module)
+    if "scales" in layer or layer.weight.dtype not in (mx.float16, mx.bfloat16, mx.float32):
+        return None
+    w = layer.weight
+    experts = w.shape[0] if w.ndim == 3 else 1
+    return _NativeFuse(w, name if name in untouched else None, sb, at, experts)
+
+
+def fuse_native(w, w_dtype: str, sb, at, experts: int, dtype: str):
+    """float32(w) + sb @ at rounded to `dtype`, as MLX's CPU graph computes it with a reference BLAS
+    (_ext.fuse_lora): w raw (16-bit floats as uint16), sb and at float32 numpy arrays, the dtypes as
+    safetensors codes ("F16", "BF16", "F32"). Returns the raw result, shaped as w."""
+    from .. import _ext
+
+    cols = w.shape[-1]
+    out = np.empty(w.shape, np.float32 if dtype == "F32" else np.uint16)
+    _ext.fuse_lora(w.reshape(-1, cols), w_dtype, sb.reshape(w.size // cols, -1), at.reshape(-1, cols),
+                   out.reshape(-1, cols), dtype, experts=experts)
+    return out
 
 
 def as_numpy(arr):
     """An evaluated mx.array as a C-contiguous numpy array over the same memory (a copy only for a
     strided view); 16-bit floats as uint16, as SafetensorsModel.raw stores them."""
     import mlx.core as mx
-    import numpy as np
 
     if arr.dtype in (mx.float16, mx.bfloat16):
         arr = arr.view(mx.uint16)
@@ -158,8 +252,11 @@ class FusedView:
     """
 
     def __init__(self, base: str | Path, adapter: str | Path, dtype: str = "float16",
-                 shard_bytes: int | None = None):
-        """shard_bytes: the shard size `files` plans for (mlx-lm's 5 GB by default)."""
+                 shard_bytes: int | None = None, native: bool | None = None):
+        """shard_bytes: the shard size `files` plans for (mlx-lm's 5 GB by default). native: compute
+        plain-LoRA weights on a float base with the native kernel (fuse_native), the same bits as
+        their MLX graph; by default where MLX's matmul is the reference BLAS (Linux CPU), whose
+        results the kernel reproduces and outruns; elsewhere the graph runs on MLX's own matmul."""
         from mlx.utils import tree_flatten
         from mlx_lm.utils import get_total_parameters
 
@@ -170,9 +267,18 @@ class FusedView:
         self.dtype = dtype
         self.path = self.base
         self.label = f"{self.base} + adapter {self.adapter}"
-        with SafetensorsModel(self.base):
-            pass  # every shard's header is checked here, before any value is read lazily
-        model, config, fused = _lazy_fused_model(self.base, self.adapter, dtype)
+        if native is None:
+            from ..compat import mlx_blas_is_reference
+
+            native = mlx_blas_is_reference()
+        # every shard's header is checked here, before any value is read lazily; kept open for the
+        # native fuse, which reads base weights from their memory maps
+        self._st = SafetensorsModel(self.base)
+        try:
+            model, config, fused, self._native = _lazy_fused_model(self.base, self.adapter, dtype, native)
+        except BaseException:
+            self._st.close()
+            raise
         self._lazy = dict(tree_flatten(model.parameters()))
         self.fused_modules = fused
         self.total_parameters = get_total_parameters(model)
@@ -193,6 +299,7 @@ class FusedView:
         self.files = plan_files(infos, shard_bytes)
         self.tensors: dict[str, TensorInfo] = {i.name: i for _, group in self.files for i in group}
         self._done: dict = {}
+        self.native_tensors = 0  # tensors computed by the native fuse so far
 
     # -- SafetensorsModel's reading interface
     @property
@@ -225,10 +332,55 @@ class FusedView:
     def array(self, name: str):
         """The fused tensor as an evaluated mx.array, held until release(name)."""
         if name not in self._done:
-            arr = self._take(name)
+            self._done[name] = self._compute(name)
+        value = self._done[name]
+        if isinstance(value, np.ndarray):  # the native fuse's
+            self._done[name] = value = self._to_mx(name, value)
+        return value
+
+    def raw(self, name: str):
+        """The fused tensor as numpy, zero-copy: float16/bfloat16 as uint16, as SafetensorsModel.raw."""
+        if name not in self._done:
+            self._done[name] = self._compute(name)
+        value = self._done[name]
+        return value if isinstance(value, np.ndarray) else as_numpy(value)
+
+    def _compute(self, name: str):
+        """The value of `name`: an evaluated mx.array, or the native fuse's raw numpy array."""
+        arr = self._take(name)
+        plan = self._native.pop(name, None)
+        if plan is None:
             self._eval(name, arr)
-            self._done[name] = arr
-        return self._done[name]
+            return arr
+        del arr  # its graph is never evaluated
+        return self._fuse_native(name, plan)
+
+    def _fuse_native(self, name: str, plan: _NativeFuse):
+        import mlx.core as mx
+
+        code = self.info(name).dtype
+        try:
+            mx.eval(plan.sb, plan.at)
+            sb, at = np.array(plan.sb, np.float32, order="C"), np.array(plan.at, np.float32, order="C")
+            info = self._st.info(plan.stored) if plan.stored is not None and plan.stored in self._st else None
+            if info is not None and info.dtype == dtype_code(plan.weight.dtype) and info.shape == tuple(plan.weight.shape):
+                w, w_code = self._st.raw(plan.stored), info.dtype  # read from the memory map
+            else:
+                w, w_code = as_numpy(plan.weight), dtype_code(plan.weight.dtype)  # renamed or stacked by mlx-lm
+            out = fuse_native(w, w_code, sb, at, plan.experts, code)
+        except Exception as exc:  # a base file changed or unreadable since its header was checked
+            raise QtoolsError(f"{self.label}: cannot read or fuse tensor {name!r}: {exc}") from None
+        finally:
+            if plan.stored is not None and plan.stored in self._st:
+                self._st.release(plan.stored)  # its pages may go: RSS stays near one tensor
+        self.native_tensors += 1
+        return out
+
+    def _to_mx(self, name: str, raw):
+        import mlx.core as mx
+
+        arr = mx.array(raw)
+        return arr if raw.dtype != "uint16" else arr.view(mx_dtype(self.info(name).dtype))
 
     def _eval(self, name: str, arr) -> None:
         import mlx.core as mx
@@ -238,22 +390,29 @@ class FusedView:
         except Exception as exc:  # a base file changed or unreadable since its header was checked
             raise QtoolsError(f"{self.label}: cannot read or fuse tensor {name!r}: {exc}") from None
 
-    def raw(self, name: str):
-        """The fused tensor as numpy, zero-copy: float16/bfloat16 as uint16, as SafetensorsModel.raw."""
-        return as_numpy(self.array(name))
-
     def release(self, name: str) -> None:
         self._done.pop(name, None)
 
     def items(self):
         """(name, evaluated mx.array) for every tensor not yet read, in names() order, one at a time:
         the view holds none of them, so each is freed once the caller lets it go."""
+        for name, value in self._remaining():
+            yield name, self._to_mx(name, value) if isinstance(value, np.ndarray) else value
+            del value
+
+    def raw_items(self):
+        """(name, raw numpy array) as items() gives them, without the native fuse's copy into MLX:
+        what a writer wants (16-bit floats as uint16)."""
+        for name, value in self._remaining():
+            yield name, value if isinstance(value, np.ndarray) else as_numpy(value)
+            del value
+
+    def _remaining(self):
         for name in self.names():
             if name in self._lazy:
-                arr = self._take(name)
-                self._eval(name, arr)
-                yield name, arr
-                del arr
+                value = self._compute(name)
+                yield name, value
+                del value
 
     def provenance(self) -> dict:
         """The fields of qtools_provenance.json that describe the fuse (fuse adds created/versions)."""
@@ -277,6 +436,8 @@ class FusedView:
     def close(self) -> None:
         self._lazy.clear()
         self._done.clear()
+        self._native.clear()
+        self._st.close()
 
     def __enter__(self):
         return self
