@@ -24,7 +24,7 @@ using simd::vu;
 constexpr int kW = simd::kW;
 
 // MLX's _MLX_Float16(float): FP16's magic-number rounding, NaN -> sign | 0x7D00.
-inline vh to_half_bits(vf x) {
+inline vu to_half_bits(vf x) {
   const vu u = simd::as_u(x);
   const vu sign16 = (u & 0x80000000u) >> 16;
   vu e = u & 0x7f800000u;
@@ -33,23 +33,28 @@ inline vh to_half_bits(vf x) {
   const vf magic = simd::as_f(e) + (simd::fabs_f(x) * 0x1p112f) * 0x1p-110f;
   const vu m = simd::as_u(magic);
   const vu h = sign16 | (((m >> 13) & 0x7c00u) + (m & 0x0fffu));
-  return __builtin_convertvector(simd::select(x != x, sign16 | 0x7d00u, h), vh);
+  return simd::select(x != x, sign16 | 0x7d00u, h);
 }
 
 // MLX's _MLX_BFloat16(float): round to nearest even, every NaN -> 0x7FC0.
-inline vh to_bf16_bits(vf x) {
+inline vu to_bf16_bits(vf x) {
   const vu u = simd::as_u(x);
   const vu r = (u + ((u >> 16) & 1u) + 0x7fffu) >> 16;
-  return __builtin_convertvector(simd::select(x != x, vu{} + 0x7fc0u, r), vh);
+  return simd::select(x != x, vu{} + 0x7fc0u, r);
 }
 
+// Stores x as DT and returns -1 in the lanes whose stored value is NaN or Inf.
 template <int DT>
-inline void store_as(void* p, int64_t i, vf x) {
+inline vi store_as(void* p, int64_t i, vf x) {
   if constexpr (DT == F32) {
     simd::store(static_cast<float*>(p) + i, x);
+    return (simd::as_u(x) & 0x7f800000u) == 0x7f800000u;
   } else {
-    const vh h = DT == F16 ? to_half_bits(x) : to_bf16_bits(x);
+    const vu b = DT == F16 ? to_half_bits(x) : to_bf16_bits(x);
+    const vh h = __builtin_convertvector(b, vh);
     std::memcpy(static_cast<uint16_t*>(p) + i, &h, sizeof h);
+    const uint32_t e = DT == F16 ? 0x7c00u : 0x7f80u;
+    return (b & e) == e;
   }
 }
 
@@ -69,11 +74,13 @@ struct Shared {
   const FuseInput* in;
   int64_t rows_per_expert, chunk, chunks_per_expert, nchunks;
   std::atomic<int64_t> next{0};
+  std::atomic<int64_t> nonfinite{0};
 };
 
 // Output rows [i0, i0 + NR) x columns [j, j + NV * kW): C from +0, the rank in order.
+// bad counts (negated) the lanes stored as NaN/Inf.
 template <int WD, int OD, int NR, int NV>
-inline void block(const FuseInput& in, const float* at, int64_t i0, int64_t j) {
+inline void block(const FuseInput& in, const float* at, int64_t i0, int64_t j, vi& bad) {
   const int64_t cols = in.cols;
   const int r = in.rank;
   vf acc[NR][NV];
@@ -90,14 +97,14 @@ inline void block(const FuseInput& in, const float* at, int64_t i0, int64_t j) {
   for (int a = 0; a < NR; ++a)
     for (int v = 0; v < NV; ++v) {
       const int64_t k = (i0 + a) * cols + j + v * kW;
-      store_as<OD>(in.out, k, load_w<WD>(in.w, k) + acc[a][v]);
+      bad += store_as<OD>(in.out, k, load_w<WD>(in.w, k) + acc[a][v]);
     }
 }
 
 // The last cols % kW columns of one row: the same lane arithmetic on
 // zero-padded copies, so that every element takes the vector path.
 template <int WD, int OD>
-void tail(const FuseInput& in, const float* at, int64_t i, int64_t j) {
+void tail(const FuseInput& in, const float* at, int64_t i, int64_t j, vi& bad) {
   const int n = static_cast<int>(in.cols - j);
   const int r = in.rank;
   const size_t esz = WD == F32 ? 4 : 2, osz = OD == F32 ? 4 : 2;
@@ -109,18 +116,19 @@ void tail(const FuseInput& in, const float* at, int64_t i, int64_t j) {
   }
   alignas(32) unsigned char wb[kW * 4] = {}, ob[kW * 4];
   std::memcpy(wb, static_cast<const unsigned char*>(in.w) + (i * in.cols + j) * esz, n * esz);
-  store_as<OD>(ob, 0, load_w<WD>(wb, 0) + acc);
+  const vi nf = store_as<OD>(ob, 0, load_w<WD>(wb, 0) + acc);
+  for (int k = 0; k < n; ++k) bad[k] += nf[k];  // the padding lanes do not count
   std::memcpy(static_cast<unsigned char*>(in.out) + (i * in.cols + j) * osz, ob, n * osz);
 }
 
 template <int WD, int OD, int NR>
-void rows(const FuseInput& in, const float* at, int64_t i0) {
+void rows(const FuseInput& in, const float* at, int64_t i0, vi& bad) {
   const int64_t full = in.cols / kW * kW;
   int64_t j = 0;
-  for (; j + kVecs * kW <= full; j += kVecs * kW) block<WD, OD, NR, kVecs>(in, at, i0, j);
-  for (; j < full; j += kW) block<WD, OD, NR, 1>(in, at, i0, j);
+  for (; j + kVecs * kW <= full; j += kVecs * kW) block<WD, OD, NR, kVecs>(in, at, i0, j, bad);
+  for (; j < full; j += kW) block<WD, OD, NR, 1>(in, at, i0, j, bad);
   if (j < in.cols)
-    for (int a = 0; a < NR; ++a) tail<WD, OD>(in, at, i0 + a, j);
+    for (int a = 0; a < NR; ++a) tail<WD, OD>(in, at, i0 + a, j, bad);
 }
 
 template <int WD, int OD>
@@ -133,9 +141,20 @@ void worker(Shared& sh) {
     const int64_t first = e * sh.rows_per_expert + (c % sh.chunks_per_expert) * sh.chunk;
     const int64_t last = std::min(first + sh.chunk, (e + 1) * sh.rows_per_expert);
     const float* at = in.at + e * in.rank * in.cols;
+    int64_t n = 0;
+    auto flush = [&n](vi& bad) {  // per few rows: int32 lanes never overflow
+      for (int k = 0; k < kW; ++k) n -= bad[k];
+      bad = vi{};
+    };
+    vi bad = vi{};
     int64_t i = first;
-    for (; i + kRows <= last; i += kRows) rows<WD, OD, kRows>(in, at, i);
-    for (; i < last; ++i) rows<WD, OD, 1>(in, at, i);
+    for (; i + kRows <= last; i += kRows) {
+      rows<WD, OD, kRows>(in, at, i, bad);
+      flush(bad);
+    }
+    for (; i < last; ++i) rows<WD, OD, 1>(in, at, i, bad);
+    flush(bad);
+    if (n) sh.nonfinite += n;
   }
 }
 
@@ -156,7 +175,7 @@ Worker pick(int wd, int od) {
 
 }  // namespace
 
-void fuse_lora(const FuseInput& in) {
+int64_t fuse_lora(const FuseInput& in) {
   Shared sh;
   sh.in = &in;
   sh.rows_per_expert = in.rows / in.experts;
@@ -166,16 +185,17 @@ void fuse_lora(const FuseInput& in) {
   sh.chunk = std::max<int64_t>(kRows, (sh.rows_per_expert / (threads * 8)) / kRows * kRows);
   sh.chunks_per_expert = (sh.rows_per_expert + sh.chunk - 1) / sh.chunk;
   sh.nchunks = sh.chunks_per_expert * in.experts;
-  if (in.rows == 0 || in.cols == 0) return;
+  if (in.rows == 0 || in.cols == 0) return 0;
   Worker fn = pick(in.w_dtype, in.out_dtype);
   if (threads == 1) {
     fn(sh);
-    return;
+  } else {
+    std::vector<std::thread> pool;
+    pool.reserve(threads);
+    for (int t = 0; t < threads; ++t) pool.emplace_back([&sh, fn] { fn(sh); });
+    for (auto& t : pool) t.join();
   }
-  std::vector<std::thread> pool;
-  pool.reserve(threads);
-  for (int t = 0; t < threads; ++t) pool.emplace_back([&sh, fn] { fn(sh); });
-  for (auto& t : pool) t.join();
+  return sh.nonfinite.load();
 }
 
 }  // namespace qtools

@@ -20,6 +20,7 @@ struct FuseInput {
   int threads = 0;      // 0: all cores
 };
 
-void fuse_lora(const FuseInput& in);
+// Returns how many output values are NaN or Inf.
+int64_t fuse_lora(const FuseInput& in);
 
 }  // namespace qtools

@@ -177,7 +177,7 @@ nb::ndarray<nb::numpy, float> orthonormal_columns(const F32Array& x, bool transp
 
 using OutArray = nb::ndarray<nb::c_contig, nb::device::cpu>;
 
-void fuse_lora(const AnyArray& w, const std::string& w_dtype, const F32Array& sb, const F32Array& at,
+int64_t fuse_lora(const AnyArray& w, const std::string& w_dtype, const F32Array& sb, const F32Array& at,
                const OutArray& out, const std::string& out_dtype, int64_t experts, int threads) {
   qtools::FuseInput in;
   in.w_dtype = parse_dtype(w_dtype);
@@ -203,7 +203,7 @@ void fuse_lora(const AnyArray& w, const std::string& w_dtype, const F32Array& sb
   in.at = at.data();
   in.out = out.data();
   nb::gil_scoped_release release;
-  qtools::fuse_lora(in);
+  return qtools::fuse_lora(in);
 }
 
 }  // namespace
@@ -232,5 +232,5 @@ NB_MODULE(_ext, m) {
         "and at (experts * rank x cols) float32, written into out (rows x cols, raw out_dtype): the sum\n"
         "over the rank runs in order from +0 without fused multiply-add, as netlib's reference sgemm\n"
         "that MLX's CPU backend links on Linux, so the bits are MLX's. With experts > 1, expert e's rows\n"
-        "use at's rows e * rank .. (e + 1) * rank.");
+        "use at's rows e * rank .. (e + 1) * rank. Returns how many of out's values are NaN or Inf.");
 }

@@ -29,7 +29,7 @@ def kernel(w, sb, at, dtype, experts=1, threads=0):
     w2 = raw(w).reshape(-1, cols)
     out = np.empty(w2.shape, np.float32 if dtype == "float32" else np.uint16)
     mx.eval(sb, at)
-    _ext.fuse_lora(w2, str(w.dtype).split(".")[-1], np.ascontiguousarray(np.array(sb)).reshape(w2.shape[0], -1),
+    kernel.nonfinite = _ext.fuse_lora(w2, str(w.dtype).split(".")[-1], np.ascontiguousarray(np.array(sb)).reshape(w2.shape[0], -1),
                    np.ascontiguousarray(np.array(at)).reshape(-1, cols), out, dtype, experts=experts,
                    threads=threads)
     return out.reshape(w.shape)
@@ -136,9 +136,12 @@ def test_nan_and_inf_pass_through_as_mlx(wdtype, dtype):
     a[9, 1] = -np.inf
     b[2, 6] = 1e30  # overflow in the delta
     a[11, 2] = 1e30
+    w[2, 44] = np.inf  # in the columns past the last full vector
+    b[3, 5] = np.inf  # a row of NaN/Inf: the kernel's padding lanes past column 44 must not count
     w, a, b = mx.array(w).astype(DTYPES[wdtype]), mx.array(a), mx.array(b)
     ref = (w.astype(mx.float32) + (5.0 * b.T) @ a.T).astype(DTYPES[dtype])
     assert_same(kernel(w, 5.0 * b.T, a.T, dtype), ref)
+    assert kernel.nonfinite == int((~mx.isfinite(ref)).sum().item()) > 5  # counted as written
 
 
 def test_float16_signalling_nan_in_the_base():

@@ -36,7 +36,7 @@ from .. import QtoolsError
 from .adapters import check_adapter_dir
 from .modeldir import check_model_dir
 from .shards import plan_files
-from .weights import SafetensorsModel, TensorInfo, dtype_code, mx_dtype
+from .weights import SafetensorsModel, TensorInfo, count_nonfinite_raw, dtype_code, mx_dtype
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -222,14 +222,15 @@ def _native_plan(module, name: str, untouched: set):
 def fuse_native(w, w_dtype: str, sb, at, experts: int, dtype: str):
     """float32(w) + sb @ at rounded to `dtype`, as MLX's CPU graph computes it with a reference BLAS
     (_ext.fuse_lora): w raw (16-bit floats as uint16), sb and at float32 numpy arrays, the dtypes as
-    safetensors codes ("F16", "BF16", "F32"). Returns the raw result, shaped as w."""
+    safetensors codes ("F16", "BF16", "F32"). Returns the raw result, shaped as w, and how many of
+    its values are NaN or Inf."""
     from .. import _ext
 
     cols = w.shape[-1]
     out = np.empty(w.shape, np.float32 if dtype == "F32" else np.uint16)
-    _ext.fuse_lora(w.reshape(-1, cols), w_dtype, sb.reshape(w.size // cols, -1), at.reshape(-1, cols),
-                   out.reshape(-1, cols), dtype, experts=experts)
-    return out
+    nonfinite = _ext.fuse_lora(w.reshape(-1, cols), w_dtype, sb.reshape(w.size // cols, -1),
+                               at.reshape(-1, cols), out.reshape(-1, cols), dtype, experts=experts)
+    return out, nonfinite
 
 
 def as_numpy(arr):
@@ -300,6 +301,7 @@ class FusedView:
         self.tensors: dict[str, TensorInfo] = {i.name: i for _, group in self.files for i in group}
         self._done: dict = {}
         self.native_tensors = 0  # tensors computed by the native fuse so far
+        self._nonfinite: dict[str, int] = {}  # their NaN/Inf counts, which the kernel counts as it writes
 
     # -- SafetensorsModel's reading interface
     @property
@@ -367,7 +369,7 @@ class FusedView:
                 w, w_code = self._st.raw(plan.stored), info.dtype  # read from the memory map
             else:
                 w, w_code = as_numpy(plan.weight), dtype_code(plan.weight.dtype)  # renamed or stacked by mlx-lm
-            out = fuse_native(w, w_code, sb, at, plan.experts, code)
+            out, self._nonfinite[name] = fuse_native(w, w_code, sb, at, plan.experts, code)
         except Exception as exc:  # a base file changed or unreadable since its header was checked
             raise QtoolsError(f"{self.label}: cannot read or fuse tensor {name!r}: {exc}") from None
         finally:
@@ -392,6 +394,12 @@ class FusedView:
 
     def release(self, name: str) -> None:
         self._done.pop(name, None)
+
+    def count_nonfinite(self, name: str, raw) -> int:
+        """NaN/Inf values of the tensor `name` whose raw value is `raw`: counted by the native fuse
+        as it wrote them, else read from `raw`."""
+        n = self._nonfinite.pop(name, None)
+        return count_nonfinite_raw(raw, self.info(name).dtype) if n is None else n
 
     def items(self):
         """(name, evaluated mx.array) for every tensor not yet read, in names() order, one at a time:
@@ -437,6 +445,7 @@ class FusedView:
         self._lazy.clear()
         self._done.clear()
         self._native.clear()
+        self._nonfinite.clear()
         self._st.close()
 
     def __enter__(self):
