@@ -132,9 +132,10 @@ def _one_line(exc: Exception) -> str:
 
 def _lazy_fused_model(base: Path, adapter: Path, dtype: str, native: bool = False):
     """mlx-lm's model with the adapter fused, every parameter a lazy graph over the base and adapter
-    files (nothing read yet): (model, config, fused module names, native plans). With `native`, the
-    plans {fused weight name: _NativeFuse} of the plain-LoRA weights on a float base, which
-    FusedView computes with the native kernel instead of their graph."""
+    files (nothing read yet): (model, config, fused module names, native plans, untouched). With
+    `native`, the plans {fused weight name: _NativeFuse} of the plain-LoRA weights on a float base,
+    which FusedView computes with the native kernel instead of their graph; untouched: the names of
+    the base tensors mlx-lm's sanitize kept as loaded."""
     import mlx.core as mx
     from mlx.utils import tree_unflatten
     from mlx_lm.tuner.utils import load_adapters
@@ -163,7 +164,7 @@ def _lazy_fused_model(base: Path, adapter: Path, dtype: str, native: bool = Fals
     # Layers the adapter did not touch are dequantized too: one dtype throughout.
     model = dequantize_model(model)
     model.set_dtype(out_dtype)
-    return model, config, [name for name, _ in fused], plans
+    return model, config, [name for name, _ in fused], plans, untouched
 
 
 def _recording_sanitize(untouched: set) -> dict:
@@ -276,12 +277,19 @@ class FusedView:
         # native fuse, which reads base weights from their memory maps
         self._st = SafetensorsModel(self.base)
         try:
-            model, config, fused, self._native = _lazy_fused_model(self.base, self.adapter, dtype, native)
+            model, config, fused, self._native, untouched = _lazy_fused_model(self.base, self.adapter, dtype, native)
         except BaseException:
             self._st.close()
             raise
         self._lazy = dict(tree_flatten(model.parameters()))
         self.fused_modules = fused
+        # With `native`, a tensor outside the fused modules that the base stores as it is and in the
+        # output dtype (astype to its own dtype: the same bits) is its memory map, neither read into
+        # MLX nor copied.
+        inside = tuple(f"{m}." for m in fused)
+        self._stored = {n for n, arr in self._lazy.items() if native and n in untouched and not n.startswith(inside)
+                        and n in self._st and self._st.info(n).dtype == dtype_code(arr.dtype)
+                        and self._st.info(n).shape == tuple(arr.shape)}
         self.total_parameters = get_total_parameters(model)
         # mlx-lm's save keeps vision_config only for a model that keeps its vision tower
         self.keep_vision_config = "vision_tower" in getattr(model, "model", {})
@@ -348,13 +356,16 @@ class FusedView:
         return value if isinstance(value, np.ndarray) else as_numpy(value)
 
     def _compute(self, name: str):
-        """The value of `name`: an evaluated mx.array, or the native fuse's raw numpy array."""
+        """The value of `name`: an evaluated mx.array, or a raw numpy array (the native fuse's, or
+        the base's memory map of a tensor stored as it is)."""
         arr = self._take(name)
         plan = self._native.pop(name, None)
+        if name in self._stored:
+            return self._st.raw(name)  # its graph (an astype to its own dtype) is never evaluated
         if plan is None:
             self._eval(name, arr)
             return arr
-        del arr  # its graph is never evaluated
+        del arr
         return self._fuse_native(name, plan)
 
     def _fuse_native(self, name: str, plan: _NativeFuse):
@@ -394,6 +405,8 @@ class FusedView:
 
     def release(self, name: str) -> None:
         self._done.pop(name, None)
+        if name in self._stored:
+            self._st.release(name)  # the memory map's pages may go
 
     def count_nonfinite(self, name: str, raw) -> int:
         """NaN/Inf values of the tensor `name` whose raw value is `raw`: counted by the native fuse
@@ -416,11 +429,17 @@ class FusedView:
             del value
 
     def _remaining(self):
+        mapped = None
         for name in self.names():
             if name in self._lazy:
                 value = self._compute(name)
                 yield name, value
                 del value
+                if mapped is not None:  # the one before: a writer is done with it, or reads it
+                    self._st.release(mapped)  # again from the page cache (a read-only file map)
+                mapped = name if name in self._stored else None
+        if mapped is not None:
+            self._st.release(mapped)
 
     def provenance(self) -> dict:
         """The fields of qtools_provenance.json that describe the fuse (fuse adds created/versions)."""
@@ -446,6 +465,7 @@ class FusedView:
         self._done.clear()
         self._native.clear()
         self._nonfinite.clear()
+        self._stored.clear()
         self._st.close()
 
     def __enter__(self):
