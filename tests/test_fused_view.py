@@ -214,6 +214,18 @@ def test_native_fuse_equals_mlx_graph_tensor_by_tensor(base, adapter, dtype):
         assert names == fast.names()
 
 
+@pytest.mark.skipif(not blas_is_reference(), reason="the native fuse is MLX's bits only beside a reference BLAS")
+def test_native_fuse_of_hub_experts_reads_them_stacked_from_their_maps(moe):
+    """A Hub checkpoint's experts, stacked by mlx-lm's sanitize, are stacked from the base's memory
+    maps for the native fuse (SafetensorsModel's stack_experts), not read through MLX."""
+    from qtools.io.fused import FusedView
+
+    name = "model.layers.0.mlp.switch_mlp.gate_proj.weight"
+    with FusedView(*moe, native=False) as graph, FusedView(*moe, native=True) as fast:
+        assert np.array_equal(fast.raw(name), graph.raw(name))
+        assert fast.native_tensors == 1 and fast._hub and fast._hub.is_stack(name)
+
+
 def run_error(fn):
     from qtools import QtoolsError
 

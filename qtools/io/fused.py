@@ -310,6 +310,7 @@ class FusedView:
         self._done: dict = {}
         self.native_tensors = 0  # tensors computed by the native fuse so far
         self._nonfinite: dict[str, int] = {}  # their NaN/Inf counts, which the kernel counts as it writes
+        self._hub = None  # the base with a Hub checkpoint's experts stacked, once a native plan needs it
 
     # -- SafetensorsModel's reading interface
     @property
@@ -371,16 +372,11 @@ class FusedView:
     def _fuse_native(self, name: str, plan: _NativeFuse):
         import mlx.core as mx
 
-        code = self.info(name).dtype
         try:
             mx.eval(plan.sb, plan.at)
             sb, at = np.array(plan.sb, np.float32, order="C"), np.array(plan.at, np.float32, order="C")
-            info = self._st.info(plan.stored) if plan.stored is not None and plan.stored in self._st else None
-            if info is not None and info.dtype == dtype_code(plan.weight.dtype) and info.shape == tuple(plan.weight.shape):
-                w, w_code = self._st.raw(plan.stored), info.dtype  # read from the memory map
-            else:
-                w, w_code = as_numpy(plan.weight), dtype_code(plan.weight.dtype)  # renamed or stacked by mlx-lm
-            out, self._nonfinite[name] = fuse_native(w, w_code, sb, at, plan.experts, code)
+            w, w_code = self._base_weight(name, plan)
+            out, self._nonfinite[name] = fuse_native(w, w_code, sb, at, plan.experts, self.info(name).dtype)
         except Exception as exc:  # a base file changed or unreadable since its header was checked
             raise QtoolsError(f"{self.label}: cannot read or fuse tensor {name!r}: {exc}") from None
         finally:
@@ -388,6 +384,25 @@ class FusedView:
                 self._st.release(plan.stored)  # its pages may go: RSS stays near one tensor
         self.native_tensors += 1
         return out
+
+    def _base_weight(self, name: str, plan: _NativeFuse):
+        """(raw base weight, its dtype code) of a native plan: its memory map where mlx-lm kept the
+        tensor as loaded, a Hub checkpoint's experts stacked from theirs (one copy, as mlx-lm's
+        sanitize stacks them), else MLX's value of it."""
+        want = (dtype_code(plan.weight.dtype), tuple(plan.weight.shape))
+        if plan.stored is not None and plan.stored in self._st:
+            info = self._st.info(plan.stored)
+            if (info.dtype, info.shape) == want:
+                return self._st.raw(plan.stored), info.dtype
+        if plan.experts > 1 and plan.stored is None:
+            if self._hub is None:  # opened once, the first time: a layout it does not know stays MLX's
+                try:
+                    self._hub = SafetensorsModel(self.base, stack_experts=True)
+                except QtoolsError:
+                    self._hub = False
+            if self._hub and self._hub.is_stack(name) and (self._hub.info(name).dtype, self._hub.info(name).shape) == want:
+                return self._hub.raw(name), want[0]
+        return as_numpy(plan.weight), want[0]
 
     def _to_mx(self, name: str, raw):
         import mlx.core as mx
@@ -467,6 +482,8 @@ class FusedView:
         self._nonfinite.clear()
         self._stored.clear()
         self._st.close()
+        if self._hub:
+            self._hub.close()
 
     def __enter__(self):
         return self

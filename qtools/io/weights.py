@@ -246,6 +246,10 @@ class SafetensorsModel:
         except KeyError:
             raise QtoolsError(f"{self.path}: no tensor named {name!r}") from None
 
+    def is_stack(self, name: str) -> bool:
+        """Whether `name` is a stacked expert tensor (stack_experts), assembled by raw() from its experts."""
+        return name in self._stacks
+
     def raw(self, name: str) -> np.ndarray:
         """Read-only view of the tensor's stored bytes (16-bit floats as uint16); a stacked
         expert tensor is a copy assembled slice by slice (the slices' pages dropped as it goes)."""
