@@ -103,7 +103,8 @@ inline void block(const FuseInput& in, const float* at, int64_t i0, int64_t j, v
   for (int a = 0; a < NR; ++a)
     for (int v = 0; v < NV; ++v) w[a][v] = load_w<WD>(in.w, (i0 + a) * cols + j + v * kW);
   for (int a = 0; a < NR; ++a)
-    for (int v = 0; v < NV; ++v) bad += store_as<OD>(in.out, (i0 + a) * cols + j + v * kW, w[a][v] + acc[a][v]);
+    for (int v = 0; v < NV; ++v)  // rank 0: astype alone (W + 0 would turn -0 into +0)
+      bad += store_as<OD>(in.out, (i0 + a) * cols + j + v * kW, r ? w[a][v] + acc[a][v] : w[a][v]);
 }
 
 // The last cols % kW columns of one row: the same lane arithmetic on
@@ -121,7 +122,7 @@ void tail(const FuseInput& in, const float* at, int64_t i, int64_t j, vi& bad) {
   }
   alignas(32) unsigned char wb[kW * 4] = {}, ob[kW * 4];
   std::memcpy(wb, static_cast<const unsigned char*>(in.w) + (i * in.cols + j) * esz, n * esz);
-  const vi nf = store_as<OD>(ob, 0, load_w<WD>(wb, 0) + acc);
+  const vi nf = store_as<OD>(ob, 0, r ? load_w<WD>(wb, 0) + acc : load_w<WD>(wb, 0));
   for (int k = 0; k < n; ++k) bad[k] += nf[k];  // the padding lanes do not count
   std::memcpy(static_cast<unsigned char*>(in.out) + (i * in.cols + j) * osz, ob, n * osz);
 }

@@ -1,6 +1,7 @@
 // One fused LoRA tensor, bit for bit as MLX computes it on a CPU that links
 // netlib's reference BLAS: out = dtype(float(W) + C) with C = sb @ at summed
-// over the rank sequentially from +0.0f, no fused multiply-add.
+// over the rank sequentially from +0.0f, no fused multiply-add; with rank 0,
+// out = dtype(float(W)), MLX's astype.
 #pragma once
 
 #include <cstdint>

@@ -232,5 +232,5 @@ NB_MODULE(_ext, m) {
         "and at (experts * rank x cols) float32, written into out (rows x cols, raw out_dtype): the sum\n"
         "over the rank runs in order from +0 without fused multiply-add, as netlib's reference sgemm\n"
         "that MLX's CPU backend links on Linux, so the bits are MLX's. With experts > 1, expert e's rows\n"
-        "use at's rows e * rank .. (e + 1) * rank. Returns how many of out's values are NaN or Inf.");
+        "use at's rows e * rank .. (e + 1) * rank. Rank 0 (sb rows x 0, at 0 x cols): MLX's astype of w.\nReturns how many of out's values are NaN or Inf.");
 }

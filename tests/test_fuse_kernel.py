@@ -164,3 +164,20 @@ def test_bad_shapes_are_errors():
         _ext.fuse_lora(w, "float16", sb, at, np.empty((4, 8), np.float32), "float16")
     with pytest.raises(ValueError, match="divisible"):
         _ext.fuse_lora(w, "float16", sb, np.zeros((6, 8), np.float32), out, "float16", experts=3)
+
+
+@pytest.mark.parametrize("wdtype", list(DTYPES))
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_rank_zero_is_mlx_astype(wdtype, dtype):
+    """Rank 0: MLX's astype alone, -0, NaN (signalling float16 NaN included), Inf, subnormals and ties."""
+    if wdtype == dtype:
+        pytest.skip("an astype to its own dtype keeps the bits: FusedView maps such a tensor, no kernel")
+    rng = np.random.default_rng(5)
+    v = np.concatenate([tie_values(rng, 100), rng.standard_normal(77).astype(np.float32) * 1e-5,
+                        np.array([np.nan, -np.nan, np.inf, -np.inf, -0.0, 1e30, -7e4], np.float32)])
+    w = mx.array(v).astype(DTYPES[wdtype])
+    if wdtype == "float16":
+        w = mx.concatenate([w, mx.array(np.array([0x7C01, 0xFC01, 0x7D55], np.uint16)).view(mx.float16)])
+    w = w.reshape(1, -1)
+    none_sb, none_at = mx.zeros((1, 0)), mx.zeros((0, w.shape[1]))
+    assert_same(kernel(w, none_sb, none_at, dtype), w.astype(DTYPES[dtype]))

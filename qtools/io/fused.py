@@ -229,7 +229,7 @@ def fuse_native(w, w_dtype: str, sb, at, experts: int, dtype: str):
 
     cols = w.shape[-1]
     out = np.empty(w.shape, np.float32 if dtype == "F32" else np.uint16)
-    nonfinite = _ext.fuse_lora(w.reshape(-1, cols), w_dtype, sb.reshape(w.size // cols, -1),
+    nonfinite = _ext.fuse_lora(w.reshape(-1, cols), w_dtype, sb.reshape(w.size // cols, sb.shape[-1]),
                                at.reshape(-1, cols), out.reshape(-1, cols), dtype, experts=experts)
     return out, nonfinite
 
@@ -283,13 +283,16 @@ class FusedView:
             raise
         self._lazy = dict(tree_flatten(model.parameters()))
         self.fused_modules = fused
-        # With `native`, a tensor outside the fused modules that the base stores as it is and in the
-        # output dtype (astype to its own dtype: the same bits) is its memory map, neither read into
-        # MLX nor copied.
+        # With `native`, a float tensor outside the fused modules that mlx-lm keeps as the base stores
+        # it is its memory map when in the output dtype (astype to its own dtype: the same bits),
+        # else the native kernel's astype of it (rank 0): never read into MLX.
         inside = tuple(f"{m}." for m in fused)
-        self._stored = {n for n, arr in self._lazy.items() if native and n in untouched and not n.startswith(inside)
-                        and n in self._st and self._st.info(n).dtype == dtype_code(arr.dtype)
-                        and self._st.info(n).shape == tuple(arr.shape)}
+        mapped = {n: self._st.info(n) for n, arr in self._lazy.items() if native and n in untouched
+                  and not n.startswith(inside) and n in self._st and self._st.info(n).shape == tuple(arr.shape)
+                  and self._st.info(n).nbytes
+                  and self._st.info(n).dtype in ("F16", "BF16", "F32") and dtype_code(arr.dtype) in ("F16", "BF16", "F32")}
+        self._stored = {n for n, i in mapped.items() if i.dtype == dtype_code(self._lazy[n].dtype)}
+        self._convert = set(mapped) - self._stored
         self.total_parameters = get_total_parameters(model)
         # mlx-lm's save keeps vision_config only for a model that keeps its vision tower
         self.keep_vision_config = "vision_tower" in getattr(model, "model", {})
@@ -363,6 +366,8 @@ class FusedView:
         plan = self._native.pop(name, None)
         if name in self._stored:
             return self._st.raw(name)  # its graph (an astype to its own dtype) is never evaluated
+        if name in self._convert:
+            return self._astype_native(name)
         if plan is None:
             self._eval(name, arr)
             return arr
@@ -384,6 +389,20 @@ class FusedView:
                 self._st.release(plan.stored)  # its pages may go: RSS stays near one tensor
         self.native_tensors += 1
         return out
+
+    def _astype_native(self, name: str):
+        """The base tensor `name` in the output dtype, converted by the native kernel (rank 0)."""
+        info = self._st.info(name)
+        try:
+            w = self._st.raw(name)
+            w = w.reshape(-1, w.shape[-1]) if w.ndim > 1 else w.reshape(1, -1)
+            none = np.empty((1, 0), np.float32), np.empty((0, w.shape[1]), np.float32)
+            out, self._nonfinite[name] = fuse_native(w, info.dtype, *none, 1, self.info(name).dtype)
+        except Exception as exc:  # a base file changed or unreadable since its header was checked
+            raise QtoolsError(f"{self.label}: cannot read or fuse tensor {name!r}: {exc}") from None
+        finally:
+            self._st.release(name)
+        return out.reshape(info.shape)
 
     def _base_weight(self, name: str, plan: _NativeFuse):
         """(raw base weight, its dtype code) of a native plan: its memory map where mlx-lm kept the
@@ -481,6 +500,7 @@ class FusedView:
         self._native.clear()
         self._nonfinite.clear()
         self._stored.clear()
+        self._convert.clear()
         self._st.close()
         if self._hub:
             self._hub.close()
