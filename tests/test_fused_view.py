@@ -60,10 +60,10 @@ def native(monkeypatch):
     calls = []
     real = fused.fuse_native
 
-    def counted(w, w_dtype, sb, *rest):
+    def counted(w, w_dtype, sb, *rest, **kw):
         if sb.shape[-1]:  # a LoRA delta, not the astype (rank 0) of an untouched tensor
             calls.append(w.shape)
-        return real(w, w_dtype, sb, *rest)
+        return real(w, w_dtype, sb, *rest, **kw)
 
     monkeypatch.setattr(fused, "fuse_native", counted)
     return calls
@@ -198,10 +198,13 @@ def test_fused_view_api(base, adapter, tmp_path):
 
 @pytest.mark.skipif(not blas_is_reference(), reason="the native fuse is MLX's bits only beside a reference BLAS")
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
-def test_native_fuse_equals_mlx_graph_tensor_by_tensor(base, adapter, dtype):
-    """FusedView with and without the native kernel: the same tensors, through raw(), array() and items()."""
+def test_native_fuse_equals_mlx_graph_tensor_by_tensor(base, adapter, dtype, monkeypatch):
+    """FusedView with and without the native kernel: the same tensors, through raw(), array() and items()
+    (a converted tensor in parts of a few rows)."""
+    import qtools.io.fused
     from qtools.io.fused import FusedView
 
+    monkeypatch.setattr(qtools.io.fused, "NATIVE_PART_BYTES", 1000)
     with FusedView(base, adapter, dtype, native=False) as graph, FusedView(base, adapter, dtype, native=True) as fast:
         assert fast.native_tensors == 0
         # the float16 base's other tensors are their memory maps in float16, else converted natively

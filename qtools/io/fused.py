@@ -220,15 +220,21 @@ def _native_plan(module, name: str, untouched: set):
     return _NativeFuse(w, name if name in untouched else None, sb, at, experts)
 
 
-def fuse_native(w, w_dtype: str, sb, at, experts: int, dtype: str):
+# A large base tensor is converted this many bytes at a time, each part's pages dropped once read:
+# resident memory stays near the output, not the output plus the input's map.
+NATIVE_PART_BYTES = 64 << 20
+
+
+def fuse_native(w, w_dtype: str, sb, at, experts: int, dtype: str, out=None):
     """float32(w) + sb @ at rounded to `dtype`, as MLX's CPU graph computes it with a reference BLAS
     (_ext.fuse_lora): w raw (16-bit floats as uint16), sb and at float32 numpy arrays, the dtypes as
     safetensors codes ("F16", "BF16", "F32"). Returns the raw result, shaped as w, and how many of
-    its values are NaN or Inf."""
+    its values are NaN or Inf. out: the array to write into (shaped as w), else a new one."""
     from .. import _ext
 
     cols = w.shape[-1]
-    out = np.empty(w.shape, np.float32 if dtype == "F32" else np.uint16)
+    if out is None:
+        out = np.empty(w.shape, np.float32 if dtype == "F32" else np.uint16)
     nonfinite = _ext.fuse_lora(w.reshape(-1, cols), w_dtype, sb.reshape(w.size // cols, sb.shape[-1]),
                                at.reshape(-1, cols), out.reshape(-1, cols), dtype, experts=experts)
     return out, nonfinite
@@ -396,8 +402,15 @@ class FusedView:
         try:
             w = self._st.raw(name)
             w = w.reshape(-1, w.shape[-1]) if w.ndim > 1 else w.reshape(1, -1)
-            none = np.empty((1, 0), np.float32), np.empty((0, w.shape[1]), np.float32)
-            out, self._nonfinite[name] = fuse_native(w, info.dtype, *none, 1, self.info(name).dtype)
+            out = np.empty(w.shape, np.float32 if self.info(name).dtype == "F32" else np.uint16)
+            step = max(1, NATIVE_PART_BYTES // max(1, w[0].nbytes))
+            none = np.empty((w.shape[0], 0), np.float32), np.empty((0, w.shape[1]), np.float32)
+            n = 0
+            for r in range(0, w.shape[0], step):  # in parts, each part's pages dropped once read
+                n += fuse_native(w[r:r + step], info.dtype, none[0][r:r + step], none[1], 1, self.info(name).dtype,
+                                 out=out[r:r + step])[1]
+                self._st.release(name, upto=(r + step) * w[0].nbytes)
+            self._nonfinite[name] = n
         except Exception as exc:  # a base file changed or unreadable since its header was checked
             raise QtoolsError(f"{self.label}: cannot read or fuse tensor {name!r}: {exc}") from None
         finally:

@@ -272,18 +272,19 @@ class SafetensorsModel:
         arr = np.frombuffer(mm, dtype=storage, count=info.numel, offset=info.start)
         return arr.reshape(info.shape)
 
-    def release(self, name: str) -> None:
-        """Tell the kernel the tensor's pages may be dropped (keeps RSS near one tensor)."""
+    def release(self, name: str, upto: int | None = None) -> None:
+        """Tell the kernel the tensor's pages may be dropped (keeps RSS near one tensor); with
+        `upto`, those of its first `upto` bytes only (a tensor read in parts)."""
         for info in self._stacks.get(name) or [self.info(name)]:
-            self._drop(info)
+            self._drop(info, upto)
 
-    def _drop(self, info: TensorInfo) -> None:
+    def _drop(self, info: TensorInfo, upto: int | None = None) -> None:
         mm = self._maps.get(info.file)
         if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
         page = mmap.PAGESIZE
         start = (info.start // page) * page
-        length = info.start + info.nbytes - start
+        length = info.start + (info.nbytes if upto is None else min(upto, info.nbytes)) - start
         try:
             mm.madvise(mmap.MADV_DONTNEED, start, length)
         except (OSError, ValueError):
