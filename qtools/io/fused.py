@@ -387,7 +387,14 @@ class FusedView:
             mx.eval(plan.sb, plan.at)
             sb, at = np.array(plan.sb, np.float32, order="C"), np.array(plan.at, np.float32, order="C")
             w, w_code = self._base_weight(name, plan)
-            out, self._nonfinite[name] = fuse_native(w, w_code, sb, at, plan.experts, self.info(name).dtype)
+            code = self.info(name).dtype
+            if isinstance(w, np.ndarray):
+                out, self._nonfinite[name] = fuse_native(w, w_code, sb, at, plan.experts, code)
+            else:  # a Hub checkpoint's experts, one at a time from their maps
+                out = np.empty(self.info(name).shape, np.float32 if code == "F32" else np.uint16)
+                sb, at = sb.reshape(plan.experts, -1, sb.shape[-1]), at.reshape(plan.experts, -1, at.shape[-1])
+                self._nonfinite[name] = sum(fuse_native(we, w_code, sb[e], at[e], 1, code, out=out[e])[1]
+                                            for e, we in enumerate(w))
         except Exception as exc:  # a base file changed or unreadable since its header was checked
             raise QtoolsError(f"{self.label}: cannot read or fuse tensor {name!r}: {exc}") from None
         finally:
@@ -419,8 +426,8 @@ class FusedView:
 
     def _base_weight(self, name: str, plan: _NativeFuse):
         """(raw base weight, its dtype code) of a native plan: its memory map where mlx-lm kept the
-        tensor as loaded, a Hub checkpoint's experts stacked from theirs (one copy, as mlx-lm's
-        sanitize stacks them), else MLX's value of it."""
+        tensor as loaded, the memory maps of a Hub checkpoint's experts in mlx-lm's stacking order
+        (an iterator), else MLX's value of it."""
         want = (dtype_code(plan.weight.dtype), tuple(plan.weight.shape))
         if plan.stored is not None and plan.stored in self._st:
             info = self._st.info(plan.stored)
@@ -433,7 +440,7 @@ class FusedView:
                 except QtoolsError:
                     self._hub = False
             if self._hub and self._hub.is_stack(name) and (self._hub.info(name).dtype, self._hub.info(name).shape) == want:
-                return self._hub.raw(name), want[0]
+                return self._hub.raw_parts(name), want[0]
         return as_numpy(plan.weight), want[0]
 
     def _to_mx(self, name: str, raw):

@@ -250,6 +250,13 @@ class SafetensorsModel:
         """Whether `name` is a stacked expert tensor (stack_experts), assembled by raw() from its experts."""
         return name in self._stacks
 
+    def raw_parts(self, name: str):
+        """A stacked expert tensor's experts in order, each a read-only view of its memory map (no
+        copy), its pages dropped when the next is asked for."""
+        for p in self._stacks[name]:
+            yield self._view(p)
+            self._drop(p)
+
     def raw(self, name: str) -> np.ndarray:
         """Read-only view of the tensor's stored bytes (16-bit floats as uint16); a stacked
         expert tensor is a copy assembled slice by slice (the slices' pages dropped as it goes)."""
