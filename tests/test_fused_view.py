@@ -219,6 +219,31 @@ def test_native_fuse_equals_mlx_graph_tensor_by_tensor(base, adapter, dtype, mon
 
 
 @pytest.mark.skipif(not blas_is_reference(), reason="the native fuse is MLX's bits only beside a reference BLAS")
+def test_native_fuse_reads_no_tensor_that_sanitize_changed_from_the_file(base, adapter, monkeypatch):
+    """A tensor mlx-lm's sanitize rewrites under its own name is not the file's: the native fuse takes
+    MLX's value of it (a LoRA weight and an untouched norm here), never the memory map."""
+    import mlx_lm.models.qwen3 as qwen3
+
+    from qtools.io.fused import FusedView
+
+    changed = (f"{Q}.weight", "model.layers.1.input_layernorm.weight")
+    own = qwen3.Model.sanitize
+
+    def sanitize(self, weights):
+        weights = own(self, weights)
+        for k in changed:
+            weights[k] = weights[k] * 2
+        return weights
+
+    monkeypatch.setattr(qwen3.Model, "sanitize", sanitize)
+    with FusedView(base, adapter, native=False) as graph, FusedView(base, adapter, native=True) as fast:
+        assert changed[1] not in fast._stored and changed[1] not in fast._convert
+        for name in changed:
+            assert np.array_equal(fast.raw(name), graph.raw(name)), name
+        assert fast.native_tensors == 1  # the LoRA weight, from MLX's value of the base
+
+
+@pytest.mark.skipif(not blas_is_reference(), reason="the native fuse is MLX's bits only beside a reference BLAS")
 def test_native_fuse_of_hub_experts_reads_them_stacked_from_their_maps(moe):
     """A Hub checkpoint's experts, stacked by mlx-lm's sanitize, are fused one by one from the base's
     memory maps (SafetensorsModel's stack_experts order), not read and stacked through MLX."""

@@ -24,6 +24,12 @@ dequantize_model and set_dtype), evaluated for that tensor alone.
     view.close()
 
 Peak memory is the one tensor being computed (its float32 temporaries), not the model.
+
+Where MLX's matmul is netlib's reference BLAS (Linux, CPU device), the plain-LoRA weights on a
+float base are computed by the native kernel (fuse_native, csrc/fuse.cpp) instead of their graph,
+to the same bits, with the base read from its memory map; the other tensors that mlx-lm keeps as
+the base stores them are their memory maps (or the kernel's astype of them). The graph is the
+reference everywhere else (DoRA, a quantized base, a tensor mlx-lm's sanitize rewrote, macOS).
 """
 
 from __future__ import annotations
