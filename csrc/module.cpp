@@ -12,6 +12,7 @@
 
 #include "affine.h"
 #include "basis.h"
+#include "fuse.h"
 #include "quant_stats.h"
 
 namespace nb = nanobind;
@@ -31,7 +32,8 @@ int parse_dtype(const std::string& s) {
 
 // Checks that a raw array holds `dtype` elements (16-bit types arrive as uint16
 // or float16 views, since numpy has no bfloat16) and returns rows x cols.
-void check_raw(const AnyArray& a, int dtype, const char* what) {
+template <typename Array>
+void check_raw(const Array& a, int dtype, const char* what) {
   if (a.ndim() != 2) throw std::invalid_argument(std::string(what) + " must be 2-D (rows x cols)");
   bool ok = dtype == qtools::F32 ? a.dtype() == nb::dtype<float>()
                                  : (a.dtype() == nb::dtype<uint16_t>() ||
@@ -173,6 +175,37 @@ nb::ndarray<nb::numpy, float> orthonormal_columns(const F32Array& x, bool transp
   return to_numpy(std::move(out), {n, r});
 }
 
+using OutArray = nb::ndarray<nb::c_contig, nb::device::cpu>;
+
+int64_t fuse_lora(const AnyArray& w, const std::string& w_dtype, const F32Array& sb, const F32Array& at,
+               const OutArray& out, const std::string& out_dtype, int64_t experts, int threads) {
+  qtools::FuseInput in;
+  in.w_dtype = parse_dtype(w_dtype);
+  in.out_dtype = parse_dtype(out_dtype);
+  check_raw(w, in.w_dtype, "w");
+  check_raw(out, in.out_dtype, "out");
+  in.rows = static_cast<int64_t>(w.shape(0));
+  in.cols = static_cast<int64_t>(w.shape(1));
+  in.rank = static_cast<int>(sb.shape(1));
+  in.experts = experts;
+  in.threads = threads;
+  if (experts <= 0 || in.rows % experts != 0)
+    throw std::invalid_argument("rows are not divisible by the number of experts");
+  if (out.shape(0) != w.shape(0) || out.shape(1) != w.shape(1))
+    throw std::invalid_argument("out and w shapes differ");
+  if (static_cast<int64_t>(sb.shape(0)) != in.rows)
+    throw std::invalid_argument("sb has " + std::to_string(sb.shape(0)) + " rows, the weight has " +
+                                std::to_string(in.rows));
+  if (static_cast<int64_t>(at.shape(0)) != experts * in.rank || static_cast<int64_t>(at.shape(1)) != in.cols)
+    throw std::invalid_argument("at must be (experts * rank) x cols");
+  in.w = w.data();
+  in.sb = sb.data();
+  in.at = at.data();
+  in.out = out.data();
+  nb::gil_scoped_release release;
+  return qtools::fuse_lora(in);
+}
+
 }  // namespace
 
 NB_MODULE(_ext, m) {
@@ -193,4 +226,11 @@ NB_MODULE(_ext, m) {
         "Orthonormal basis (n x r, float32) of the column space of x (n x r float32), or with\n"
         "transposed=True of the row space of x given as r x n; zero columns where x is rank-deficient.\n"
         "Gram matrix and Jacobi eigendecomposition in float64, no BLAS.");
+  m.def("fuse_lora", &fuse_lora, nb::arg("w").noconvert(), "w_dtype"_a, nb::arg("sb").noconvert(),
+        nb::arg("at").noconvert(), nb::arg("out").noconvert(), "out_dtype"_a, "experts"_a = 1, "threads"_a = 0,
+        "out = out_dtype(float32(w) + sb @ at) for one weight (rows x cols, raw dtype), sb (rows x rank)\n"
+        "and at (experts * rank x cols) float32, written into out (rows x cols, raw out_dtype): the sum\n"
+        "over the rank runs in order from +0 without fused multiply-add, as netlib's reference sgemm\n"
+        "that MLX's CPU backend links on Linux, so the bits are MLX's. With experts > 1, expert e's rows\n"
+        "use at's rows e * rank .. (e + 1) * rank. Rank 0 (sb rows x 0, at 0 x cols): MLX's astype of w.\nReturns how many of out's values are NaN or Inf.");
 }

@@ -1,8 +1,9 @@
 """Where qtools reaches into another library's private parts: each reach is here, once.
 
 click has no public way to extend how an option takes its values, mlx-lm none to
-build a model class from a config without loading weights, and reading mlx-lm's
-model files as text saves importing it (1.7 s with transformers). Each function
+build a model class from a config without loading weights, reading mlx-lm's
+model files as text saves importing it (1.7 s with transformers), and MLX says
+nothing about which BLAS its CPU backend links. Each function
 says what it relies on; tests/test_compat.py fails on a release that breaks one.
 """
 
@@ -25,6 +26,18 @@ def mlx_lm_model_classes(config: dict):
     from mlx_lm.utils import _get_classes
 
     return _get_classes(config)
+
+
+def mlx_blas_is_reference() -> bool:
+    """Whether MLX runs matmuls on the CPU through a reference BLAS: its Linux wheels (mlx[cpu])
+    link netlib's libblas (about 2 GFLOP/s on this project's 2 cores; numpy's OpenBLAS about 90),
+    whose sgemm sums the inner dimension in order without fused multiply-add (io.fused's native
+    fuse reproduces it; tests/test_fuse_kernel.py checks it bit for bit)."""
+    import sys
+
+    import mlx.core as mx
+
+    return sys.platform.startswith("linux") and mx.default_device() == mx.cpu
 
 
 def mlx_lm_root() -> Path | None:

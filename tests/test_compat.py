@@ -2,6 +2,7 @@
 installed releases: a release that breaks one fails here, not in a user's command."""
 
 import click
+import pytest
 from click.testing import CliRunner
 
 from qtools import compat
@@ -76,3 +77,21 @@ def test_numpy_blas_threads_sets_and_restores_openblas_threads():
     with compat.numpy_blas_threads(1):
         assert get() == 1
     assert get() == before
+
+
+def test_mlx_blas_is_reference_where_mlx_sums_in_order_without_fma():
+    """Where it says so, MLX's float32 matmul is the reference sgemm's in-order sum: numpy adding
+    the rank's outer products one by one from zero gives the same bits."""
+    import mlx.core as mx
+    import numpy as np
+
+    from qtools.compat import mlx_blas_is_reference
+
+    if not mlx_blas_is_reference():
+        pytest.skip("MLX's matmul here is not the reference BLAS")
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((64, 16), np.float32), rng.standard_normal((16, 96), np.float32)
+    c = np.zeros((64, 96), np.float32)
+    for k in range(16):
+        c += np.multiply.outer(x[:, k], y[k])
+    assert np.array_equal(np.array(mx.array(x) @ mx.array(y)), c)

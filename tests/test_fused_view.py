@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from old_fuse import old_fuse
 
 from qtools.cli import cli
+from qtools.compat import mlx_blas_is_reference as blas_is_reference
 from qtools.demo.model import make_tiny_adapter, make_tiny_model
 from qtools.io.weights import SafetensorsModel
 from qtools.pipeline.fuse import fuse
@@ -50,6 +51,30 @@ def assert_same_model_dir(old, new):
     a.close(), b.close()
 
 
+@pytest.fixture
+def native(monkeypatch):
+    """The tensors the native kernel fused (io.fused.fuse_native calls): on Linux's CPU backend every
+    plain-LoRA weight on a float base takes it, and must still match the old fuse bit for bit."""
+    import qtools.io.fused as fused
+
+    calls = []
+    real = fused.fuse_native
+
+    def counted(w, w_dtype, sb, *rest, **kw):
+        if sb.shape[-1]:  # a LoRA delta, not the astype (rank 0) of an untouched tensor
+            calls.append(w.shape)
+        return real(w, w_dtype, sb, *rest, **kw)
+
+    monkeypatch.setattr(fused, "fuse_native", counted)
+    return calls
+
+
+def lora_layers(adapter):
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    with SafetensorsModel.from_file(adapter / "adapters.safetensors") as st:
+        return len([n for n in st.names() if n.endswith("lora_a")]) if cfg.get("fine_tune_type", "lora") == "lora" else 0
+
+
 def both(base, adapter, tmp_path, dtype="float16", **kw):
     old, new = tmp_path / "old", tmp_path / "new"
     old_fuse(base, adapter, old, dtype=dtype)
@@ -58,32 +83,37 @@ def both(base, adapter, tmp_path, dtype="float16", **kw):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
-def test_streamed_fuse_is_bit_identical_to_the_old_fuse(base, adapter, tmp_path, dtype):
+def test_streamed_fuse_is_bit_identical_to_the_old_fuse(base, adapter, tmp_path, dtype, native):
     assert_same_model_dir(*both(base, adapter, tmp_path, dtype))
+    assert lora_layers(adapter) > 0
+    assert len(native) == (lora_layers(adapter) if blas_is_reference() else 0)
 
 
-def test_bf16_base_with_lora_on_every_projection(tmp_path):
+def test_bf16_base_with_lora_on_every_projection(tmp_path, native):
     b = make_tiny_model(tmp_path / "bf16", dtype="bfloat16", num_layers=3)
     ad = make_tiny_adapter(b, tmp_path / "ad", keys=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                                      "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
                                                      "mlp.down_proj"), num_layers=2)
     assert_same_model_dir(*both(b, ad, tmp_path / "out"))
+    assert len(native) == (14 if blas_is_reference() else 0)
 
 
-def test_dora(base, tmp_path):
+def test_dora(base, tmp_path, native):
     ad = make_tiny_adapter(base, tmp_path / "dora", dora=True, scale=2.0)
     assert_same_model_dir(*both(base, ad, tmp_path / "out"))
+    assert native == []  # DoRA keeps MLX's graph
 
 
-def test_quantized_base_is_dequantized_as_before(base, adapter, tmp_path):
+def test_quantized_base_is_dequantized_as_before(base, adapter, tmp_path, native):
     q4 = tmp_path / "q4"
     assert run("quantize", base, "--bits", 4, "--output", q4).exit_code == 0
     old, new = both(q4, adapter, tmp_path / "out")
     assert_same_model_dir(old, new)
+    assert native == []  # a quantized base keeps MLX's graph
     assert "quantization" not in json.loads((new / "config.json").read_text())
 
 
-def test_shards_are_mlx_lms(base, adapter, tmp_path, monkeypatch):
+def test_shards_are_mlx_lms(base, adapter, tmp_path, monkeypatch, native):
     """With mlx-lm's make_shards at 0 GB (a shard per tensor), both write the same shards and index."""
     import mlx_lm.utils
 
@@ -91,6 +121,7 @@ def test_shards_are_mlx_lms(base, adapter, tmp_path, monkeypatch):
     old, new = both(base, adapter, tmp_path, max_shard_bytes=0)
     assert len(list(new.glob("model-*-of-*.safetensors"))) > 10
     assert_same_model_dir(old, new)
+    assert len(native) == (lora_layers(adapter) if blas_is_reference() else 0)
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +131,12 @@ def moe(tmp_path_factory):
     return hub_moe(tmp_path_factory.mktemp("moe"), fused=False)
 
 
-def test_hub_moe_with_experts_and_router_adapted(moe, tmp_path):
+def test_hub_moe_with_experts_and_router_adapted(moe, tmp_path, native):
     """Hub layout in, mlx-lm's out: experts stacked by mlx-lm's sanitize, the tied lm_head absent."""
     old, new = both(*moe, tmp_path)
     assert_same_model_dir(old, new)
+    # natively: attention, router, and the experts one by one from the Hub files' maps
+    assert (len(native) > lora_layers(moe[1])) == blas_is_reference()
     with SafetensorsModel(new) as st:
         assert "model.layers.0.mlp.switch_mlp.gate_proj.weight" in st and "lm_head.weight" not in st
 
@@ -160,6 +193,66 @@ def test_fused_view_api(base, adapter, tmp_path):
         assert "was already read and released" in r
         rest = dict(view.items())
         assert set(rest) == set(st.names()) - {f"{Q}.weight"}
+
+
+@pytest.mark.skipif(not blas_is_reference(), reason="the native fuse is MLX's bits only beside a reference BLAS")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_native_fuse_equals_mlx_graph_tensor_by_tensor(base, adapter, dtype, monkeypatch):
+    """FusedView with and without the native kernel: the same tensors, through raw(), array() and items()
+    (a converted tensor in parts of a few rows)."""
+    import qtools.io.fused
+    from qtools.io.fused import FusedView
+
+    monkeypatch.setattr(qtools.io.fused, "NATIVE_PART_BYTES", 1000)
+    with FusedView(base, adapter, dtype, native=False) as graph, FusedView(base, adapter, dtype, native=True) as fast:
+        assert fast.native_tensors == 0
+        # the float16 base's other tensors are their memory maps in float16, else converted natively
+        assert bool(fast._stored) == (dtype == "float16") != bool(fast._convert)
+        assert not graph._stored and not graph._convert
+        names = graph.names()
+        assert mx.array_equal(fast.array(f"{Q}.weight"), graph.array(f"{Q}.weight")).item()
+        assert fast.array(f"{Q}.weight").dtype == getattr(mx, dtype)
+        for name, arr in fast.items():
+            assert np.array_equal(np.array(arr.view(mx.uint16) if arr.dtype != mx.float32 else arr), graph.raw(name)), name
+        assert fast.native_tensors == lora_layers(adapter) and graph.native_tensors == 0
+        assert names == fast.names()
+
+
+@pytest.mark.skipif(not blas_is_reference(), reason="the native fuse is MLX's bits only beside a reference BLAS")
+def test_native_fuse_reads_no_tensor_that_sanitize_changed_from_the_file(base, adapter, monkeypatch):
+    """A tensor mlx-lm's sanitize rewrites under its own name is not the file's: the native fuse takes
+    MLX's value of it (a LoRA weight and an untouched norm here), never the memory map."""
+    import mlx_lm.models.qwen3 as qwen3
+
+    from qtools.io.fused import FusedView
+
+    changed = (f"{Q}.weight", "model.layers.1.input_layernorm.weight")
+    own = qwen3.Model.sanitize
+
+    def sanitize(self, weights):
+        weights = own(self, weights)
+        for k in changed:
+            weights[k] = weights[k] * 2
+        return weights
+
+    monkeypatch.setattr(qwen3.Model, "sanitize", sanitize)
+    with FusedView(base, adapter, native=False) as graph, FusedView(base, adapter, native=True) as fast:
+        assert changed[1] not in fast._stored and changed[1] not in fast._convert
+        for name in changed:
+            assert np.array_equal(fast.raw(name), graph.raw(name)), name
+        assert fast.native_tensors == 1  # the LoRA weight, from MLX's value of the base
+
+
+@pytest.mark.skipif(not blas_is_reference(), reason="the native fuse is MLX's bits only beside a reference BLAS")
+def test_native_fuse_of_hub_experts_reads_them_stacked_from_their_maps(moe):
+    """A Hub checkpoint's experts, stacked by mlx-lm's sanitize, are fused one by one from the base's
+    memory maps (SafetensorsModel's stack_experts order), not read and stacked through MLX."""
+    from qtools.io.fused import FusedView
+
+    name = "model.layers.0.mlp.switch_mlp.gate_proj.weight"
+    with FusedView(*moe, native=False) as graph, FusedView(*moe, native=True) as fast:
+        assert np.array_equal(fast.raw(name), graph.raw(name))
+        assert fast.native_tensors == 1 and fast._hub and fast._hub.is_stack(name)
 
 
 def run_error(fn):

@@ -246,6 +246,17 @@ class SafetensorsModel:
         except KeyError:
             raise QtoolsError(f"{self.path}: no tensor named {name!r}") from None
 
+    def is_stack(self, name: str) -> bool:
+        """Whether `name` is a stacked expert tensor (stack_experts), assembled by raw() from its experts."""
+        return name in self._stacks
+
+    def raw_parts(self, name: str):
+        """A stacked expert tensor's experts in order, each a read-only view of its memory map (no
+        copy), its pages dropped when the next is asked for."""
+        for p in self._stacks[name]:
+            yield self._view(p)
+            self._drop(p)
+
     def raw(self, name: str) -> np.ndarray:
         """Read-only view of the tensor's stored bytes (16-bit floats as uint16); a stacked
         expert tensor is a copy assembled slice by slice (the slices' pages dropped as it goes)."""
@@ -268,18 +279,19 @@ class SafetensorsModel:
         arr = np.frombuffer(mm, dtype=storage, count=info.numel, offset=info.start)
         return arr.reshape(info.shape)
 
-    def release(self, name: str) -> None:
-        """Tell the kernel the tensor's pages may be dropped (keeps RSS near one tensor)."""
+    def release(self, name: str, upto: int | None = None) -> None:
+        """Tell the kernel the tensor's pages may be dropped (keeps RSS near one tensor); with
+        `upto`, those of its first `upto` bytes only (a tensor read in parts)."""
         for info in self._stacks.get(name) or [self.info(name)]:
-            self._drop(info)
+            self._drop(info, upto)
 
-    def _drop(self, info: TensorInfo) -> None:
+    def _drop(self, info: TensorInfo, upto: int | None = None) -> None:
         mm = self._maps.get(info.file)
         if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
         page = mmap.PAGESIZE
         start = (info.start // page) * page
-        length = info.start + info.nbytes - start
+        length = info.start + (info.nbytes if upto is None else min(upto, info.nbytes)) - start
         try:
             mm.madvise(mmap.MADV_DONTNEED, start, length)
         except (OSError, ValueError):

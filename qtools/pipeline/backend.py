@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import sys
 
+from ..compat import mlx_blas_is_reference as blas_is_reference  # noqa: F401 (stream's name for it)
+
 
 def _on_cpu() -> bool:
     import mlx.core as mx
@@ -138,12 +140,6 @@ def prepare_for_cpu(net, model_dir) -> None:
     cpu_backend_note(model_dir)
     cpu_float32_experts(net)
     cpu_float32_quantized(net)
-
-
-def blas_is_reference() -> bool:
-    """Whether MLX runs matmuls on the CPU through a reference BLAS: its Linux wheels (mlx[cpu])
-    link netlib's libblas (about 2 GFLOP/s on this project's 2 cores; numpy's OpenBLAS about 90)."""
-    return sys.platform.startswith("linux") and _on_cpu()
 
 
 # numpy's BLAS where it pays: a weight of at least NUMPY_MIN_WEIGHT elements (a smaller one stays in

@@ -26,10 +26,10 @@ from .. import BadValue, QtoolsError, versions
 from ..format import progress as progress_bar
 from ..io.adapters import check_adapter_dir
 from ..io.atomic import atomic_output_dir, check_output, check_writable
-from ..io.fused import DTYPES, FusedView, as_numpy, fuse_module_f32  # noqa: F401 (fuse_module_f32: its old home)
+from ..io.fused import DTYPES, FusedView, fuse_module_f32  # noqa: F401 (fuse_module_f32: its old home)
 from ..io.modeldir import PROVENANCE, check_model_dir, dir_size, read_config, weights_bytes
 from ..io.shards import write_sharded
-from ..io.weights import SafetensorsModel, check_finite, count_nonfinite_raw
+from ..io.weights import SafetensorsModel, check_finite
 
 
 def output_bytes_estimate(base: str | Path, dtype: str = "float16") -> int:
@@ -130,14 +130,13 @@ def _checked_tensors(view: FusedView, base_path: Path, dtype: str):
     n = len(view.names())
     # the bar counts, it does not wrap items(): a wrapper would hold the last tensor while the next is computed
     ticks = iter(progress_bar(range(n), "fuse", enabled=n >= 8, unit="tensor"))
-    for name, arr in view.items():
-        raw = as_numpy(arr)
-        if count_nonfinite_raw(raw, view.info(name).dtype):
+    for name, raw in view.raw_items():
+        if view.count_nonfinite(name, raw):
             with SafetensorsModel(base_path) as st:  # the whole base, once, on this error path only
                 check_finite(st, f"base model {base_path}", _BROKEN_INPUT)
             raise QtoolsError(f"fused weights overflow {dtype} in {name}; use --dtype float32 or bfloat16")
         yield name, raw
-        del arr, raw  # the writer holds the bytes; nothing here keeps them while the next is computed
+        del raw  # the writer holds the bytes; nothing here keeps them while the next is computed
         next(ticks, None)
 
 
