@@ -12,6 +12,7 @@
 #include <thread>
 #include <vector>
 
+#include "pool.h"
 #include "simd.h"
 
 namespace qtools {
@@ -193,14 +194,7 @@ int64_t fuse_lora(const FuseInput& in) {
   sh.nchunks = sh.chunks_per_expert * in.experts;
   if (in.rows == 0 || in.cols == 0) return 0;
   Worker fn = pick(in.w_dtype, in.out_dtype);
-  if (threads == 1) {
-    fn(sh);
-  } else {
-    std::vector<std::thread> pool;
-    pool.reserve(threads);
-    for (int t = 0; t < threads; ++t) pool.emplace_back([&sh, fn] { fn(sh); });
-    for (auto& t : pool) t.join();
-  }
+  run_workers(threads, sh, fn);
   return sh.nonfinite.load();
 }
 

@@ -11,6 +11,7 @@
 
 #include "affine.h"
 #include "project.h"
+#include "pool.h"
 #include "simd.h"
 
 namespace qtools {
@@ -775,14 +776,7 @@ void analyze(const AnalyzeInput& in, AnalyzeOutput& out) {
   }
 
   WorkerFn fn = pick(in.w1_dtype, mode, in.w0_dtype, sub);
-  if (threads == 1) {
-    fn(sh);
-  } else {
-    std::vector<std::thread> pool;
-    pool.reserve(threads);
-    for (int t = 0; t < threads; ++t) pool.emplace_back([&sh, fn] { fn(sh); });
-    for (auto& t : pool) t.join();
-  }
+  run_workers(threads, sh, fn);
   order_statistics(in, out, threads);
 
   if (sub) {
