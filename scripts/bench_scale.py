@@ -33,6 +33,8 @@ QTOOLS = [PY, "-m", "qtools.cli"]
 
 # command name -> argv, formatted with {base} {adapter} {fused} {work} {py}. None: a slot for a
 # command this branch does not have yet (issue 17): fill in its argv when it lands.
+PROBE = "qtools probe --base --adapter --bits 4 5 6 (8 cases)"
+PROBE_TOKENS = 4  # the decision of suite8's cases is in an answer's first tokens
 COMMANDS = {
     "read (cat > /dev/null)": ["sh", "-c", "cat {base}/*.safetensors > /dev/null"],
     "read + write (cat > file)": ["sh", "-c", "cat {base}/*.safetensors > {work}/copy.bin && rm {work}/copy.bin"],
@@ -41,19 +43,16 @@ COMMANDS = {
                                                "--bits", "4", "5", "6", "--json"],
     "qtools delta-survival FUSED --adapter": [*QTOOLS, "delta-survival", "{fused}", "--adapter", "{adapter}",
                                               "--bits", "4", "5", "6", "--json"],
-    # the whole decision from base + adapter, no fused model read: quantize, probe (answers of the
-    # 8-bit model: generating layer-major would fuse the model once per generated token), validate
+    # the whole decision from base + adapter, no fused model read: quantize, probe, validate
     "qtools quantize --base --adapter 4-bit uniform": [*QTOOLS, "quantize", "--base", "{base}", "--adapter", "{adapter}",
                                                        "--bits", "4", "--output", "{work}/q4u", "--force"],
     "qtools quantize --base --adapter 4-bit survival": [*QTOOLS, "quantize", "--base", "{base}", "--adapter",
                                                         "{adapter}", "--bits", "4", "--recipe", "survival",
                                                         "--output", "{work}/q4s", "--force"],
-    "qtools quantize --base --adapter 8-bit (probe's reference)": [
-        *QTOOLS, "quantize", "--base", "{base}", "--adapter", "{adapter}", "--bits", "8", "--output", "{work}/q8",
-        "--force"],
-    "qtools probe --base --adapter --bits 4 5 6 (8 cases)": [
-        *QTOOLS, "probe", "--base", "{base}", "--adapter", "{adapter}", "--suite", "{work}/suite8.jsonl",
-        "--bits", "4", "5", "6", "--reference", "{work}/q8", "--json"],
+    # the float answers from the probe's own streamed greedy pass (one read of the model per generated
+    # token, each tensor fused on the fly): PROBE_TOKENS tokens, then one scoring read for every precision
+    PROBE: [*QTOOLS, "probe", "--base", "{base}", "--adapter", "{adapter}", "--suite", "{work}/suite8.jsonl",
+            "--bits", "4", "5", "6", "--max-tokens", str(PROBE_TOKENS), "--json"],
     "qtools validate 4-bit (8 cases)": [*QTOOLS, "validate", "{work}/q4u", "--suite", "{work}/suite8.jsonl",
                                         "--output", "{work}/validate.json"],
 }
@@ -63,8 +62,8 @@ COMPLETED = {"qtools validate 4-bit (8 cases)": {0: "", 3: "completed: verdict F
 # outputs no later command reads, removed after the command that last needs them (disk: the
 # fused model and the quantized ones are never on disk together), unless --keep
 DROP_AFTER = {"qtools delta-survival FUSED --adapter": "{fused}"}
-# the quantized outputs (4-bit uniform and survival, 8-bit) against the bfloat16 model: 4.5+4.6+8.5 bits of 16
-QUANTIZED_SHARE = 1.15
+# the quantized outputs (4-bit uniform and survival) against the bfloat16 model: 4.5+4.6 bits of 16
+QUANTIZED_SHARE = 0.6
 # mlx-lm's own fuse loads the whole model: run only where it surely fits.
 MLX_LM_FUSE = [PY, "-m", "mlx_lm", "fuse", "--model", "{base}", "--adapter-path", "{adapter}",
                "--save-path", "{work}/mlx_lm_fused"]
@@ -110,6 +109,21 @@ def timed(argv: list[str], log: Path) -> dict:
     tail = [line for line in p.stderr.splitlines() if line.strip() and not line.startswith("\t")]
     return {"rc": p.returncode, "wall": secs, "cpu": cpu, "rss": int(rss.group(1)) * 1024 if rss else None,
             "err": tail[-1] if tail else ""}
+
+
+def probe_times(log: Path, read_s) -> None:
+    """The probe's time per pass (from its --json report) beside one plain read of the model."""
+    import json
+
+    try:
+        rep = json.loads(log.read_text())
+    except (OSError, ValueError):
+        return
+    sec, n = rep["seconds"], len(rep["bits"])
+    per_read = f" (one plain read: {read_s:.1f} s)" if read_s else ""
+    print(f"probe: float answers, {PROBE_TOKENS} tokens (a streamed read each), {sec['generate']:.1f} s; "
+          f"scoring, one read for float + {n} bit-widths, {sec['score']:.1f} s "
+          f"({sec['score'] / (n + 1):.1f} s per precision){per_read}; total {sec['total']:.1f} s")
 
 
 def main():
@@ -185,6 +199,7 @@ def main():
           f"RAM {gb(meminfo('MemTotal'))}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end")
     print(tabulate(rows, headers=["command", "wall s", "cpu s", "peak RSS", "RSS / model", "wall / read+write", "note"],
                    tablefmt="github"))
+    probe_times(work / (re.sub(r"\W+", "_", PROBE) + ".log"), results.get("read (cat > /dev/null)", {}).get("wall"))
     if not args.keep:
         shutil.rmtree(work if have else args.root, ignore_errors=True)  # a model that was there stays
         print(f"removed {work if have else args.root} (--keep keeps it)")

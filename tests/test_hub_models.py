@@ -433,3 +433,75 @@ def test_calibration_behaviour_runs_a_float16_moe_on_the_cpu(moe, tmp_path):
     _, _, fused = moe
     out = behaviour(fused, load_suite(moe_suite(tmp_path)), [4])
     assert set(out) == {"16", "4"} and 0 <= out["4"]["accuracy"] <= 1
+
+
+def test_probe_fake_quantizes_moe_experts_an_expert_at_a_time(moe, tmp_path, monkeypatch):
+    """The stacked experts (the largest tensors of the field's MoE: 1.2 GB a layer for
+    Qwen3-30B-A3B) are never fake-quantized as a whole: each expert's values are computed where
+    numpy's BLAS multiplies them, so a layer holds its float weights and one expert's copy, not a
+    second stacked copy per precision (3.44 GB peak on the >RAM bench model before). Predictions
+    are still the in-memory probe's."""
+    from probe_in_memory import assert_same_predictions, in_memory_probe
+
+    import qtools.pipeline.fakequant as F
+    import qtools.pipeline.stream as S
+    from qtools.pipeline import backend
+
+    monkeypatch.setattr(backend, "NUMPY_MIN_WEIGHT", 1)  # every expert product by numpy, an expert at a time
+    monkeypatch.setattr(backend, "NUMPY_MIN_MACS", 1)
+    monkeypatch.setattr(backend, "blas_is_reference", lambda: True)
+    shapes, one, real, real_one = [], [], F.quantized_values, F.quantized_value
+
+    def spy(todo):
+        shapes.extend(tuple(w.shape) for w, _b, _g in todo.values())
+        return real(todo)
+
+    def spy_one(w, bits, gs):  # backend's, an expert at a time
+        one.append(tuple(w.shape))
+        return real_one(w, bits, gs)
+
+    monkeypatch.setattr(S, "quantized_values", spy)
+    monkeypatch.setattr(F, "quantized_value", spy_one)
+    _, _, fused = moe
+    suite = moe_suite(tmp_path)
+    res = run("probe", fused, "--suite", suite, "--bits", 4, 8, "--json")
+    assert res.exit_code == 0, res.output
+    experts = moe_config(10, 0)["num_experts"]
+    stacked = [s for s in shapes if len(s) == 3 and s[0] == experts]
+    assert not stacked, stacked
+    assert shapes and one and all(len(s) == 2 for s in one), one  # the experts, one at a time
+    monkeypatch.undo()
+    assert_same_predictions(json.loads(res.stdout), in_memory_probe(fused, suite, [4, 8]))
+
+
+def test_numpy_experts_at_a_bit_width_compute_the_fake_quantized_experts():
+    """backend.set_fake_quant: an expert at a time, the values of the whole stacked tensor
+    fake-quantized (groups run along the last axis), bit for bit."""
+    import mlx.nn as nn
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    from qtools.pipeline import backend
+    from qtools.pipeline.fakequant import quantized_value
+
+    mx.random.seed(4)
+    sw = SwitchLinear(128, 96, num_experts=5, bias=False)
+    sw.set_dtype(mx.bfloat16)
+    backend.numpy_blas_linears(nn.Sequential(sw))
+    x = mx.random.normal((3, 4, 1, 1, 128)).astype(mx.bfloat16)
+    idx = mx.random.randint(0, 5, (3, 4, 2)).astype(mx.uint32)
+    for small in (False, True):  # numpy an expert at a time; MLX's gather_mm on the whole tensor
+        old = backend.NUMPY_MIN_WEIGHT
+        backend.NUMPY_MIN_WEIGHT = 1 << 30 if small else 1
+        try:
+            w = sw["weight"]
+            backend.set_fake_quant(sw, (3, 32))
+            got = sw(x, idx)
+            backend.set_fake_quant(sw, None)
+            sw["weight"] = quantized_value(w, 3, 32)
+            want = sw(x, idx)
+            sw["weight"] = w
+            float_out = sw(x, idx)
+        finally:
+            backend.NUMPY_MIN_WEIGHT = old
+        assert mx.array_equal(got, want).item(), small
+        assert not mx.array_equal(got, float_out).item()

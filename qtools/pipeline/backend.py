@@ -182,12 +182,15 @@ def _matmul_t(x, w, bias=None):
     return mx.array(y).reshape(*lead, w.shape[0]).astype(x.dtype)
 
 
-def _gather_matmul_t(x, w, indices):
+def _gather_matmul_t(x, w, indices, fq=None):
     """MoE experts: x times w[indices].T per row, as mx.gather_mm(x, w.swapaxes(-1, -2),
     rhs_indices=indices) computes in float32 (x: (..., M, K) broadcast against indices' shape, w:
     (E, N, K)), cast back to x's dtype; rows grouped by expert, each expert's product by numpy's
     BLAS on its float32 weight (cast one expert at a time: the stacked experts are never held in
-    float32)."""
+    float32). fq: (bits, group size): each expert's weight is first replaced by the values a
+    quantized model holds (fakequant.quantized_value; groups run along the last axis, so an expert
+    at a time gives the stacked tensor's values), so no fake-quantized copy of the stacked experts
+    is ever held."""
     import mlx.core as mx
     import numpy as np
 
@@ -206,7 +209,12 @@ def _gather_matmul_t(x, w, indices):
     with numpy_blas_threads(1 if order.size * m < NUMPY_MANY_ROWS else (os.cpu_count() or 1)):
         for e, lo, hi in zip(experts, starts, bounds):
             rows = order[lo:hi]
-            we = w[int(e)].astype(mx.float32)
+            we = w[int(e)]
+            if fq is not None:
+                from .fakequant import quantized_value
+
+                we = quantized_value(we, *fq)
+            we = we.astype(mx.float32)
             mx.eval(we)
             y[rows] = (xn[rows].reshape(-1, k) @ np.asarray(we).T).reshape(len(rows), m, -1)
             del we
@@ -233,13 +241,22 @@ def numpy_blas_linears(net) -> int:
             return _matmul_t(x, self["weight"])
 
     class NumpySwitchLinear(SwitchLinear):
+        # set_fake_quant: the weight held is the float one; the values a quantized model holds are
+        # computed an expert at a time where they are multiplied (stream._Unit: no second copy)
+        fake_quant_per_expert = True
+
         def __call__(self, x, indices, sorted_indices=False):
             w = self["weight"]
+            fq = self.__dict__.get("_qtools_fq")
             if w[0].size < NUMPY_MIN_WEIGHT or x.size // x.shape[-1] * w[0].size < NUMPY_MIN_MACS:
+                if fq is not None:
+                    from .fakequant import quantized_value
+
+                    w = quantized_value(w, *fq)
                 y = mx.gather_mm(x.astype(mx.float32), w.astype(mx.float32).swapaxes(-1, -2),
                                  rhs_indices=indices, sorted_indices=sorted_indices).astype(x.dtype)
             else:
-                y = _gather_matmul_t(x, w, indices)
+                y = _gather_matmul_t(x, w, indices, fq)
             if "bias" in self:
                 y = y + mx.expand_dims(self["bias"][indices], -2)
             return y
@@ -256,6 +273,13 @@ def numpy_blas_linears(net) -> int:
             module.__class__ = new
             n += 1
     return n
+
+
+def set_fake_quant(module, fq) -> None:
+    """Run a numpy_blas_linears MoE experts module (fake_quant_per_expert) at fq = (bits, group
+    size): its float weight multiplied as the values a quantized model holds, computed an expert at
+    a time; None: as stored."""
+    object.__setattr__(module, "_qtools_fq", None if fq is None else (int(fq[0]), int(fq[1])))
 
 
 _LIBC: list = []

@@ -60,29 +60,49 @@ class _Unit:
         self.skeleton = module.parameters()  # lazy, never evaluated: what the module holds between calls
         self.needed = {k for k, _ in tree_flatten(self.skeleton)}
 
+        # MoE experts fake-quantized an expert at a time where they are multiplied (numpy's BLAS:
+        # backend.set_fake_quant), never as a second copy of the stacked experts
+        self.per_expert = {p: m for p, m in module.named_modules() if getattr(m, "fake_quant_per_expert", False)}
         self.checked = False
         self.last = False
         self.held = None  # while the head replays: {"base": float weights, "precision", "pairs"}
 
-    def at(self, precision, base: dict) -> list:
+    def at(self, precision, base: dict) -> tuple[list, dict]:
         """(name, array) pairs of the unit at `precision` (None: float as stored; b: the values a
-        b-bit model holds), in the compute dtype, evaluated."""
+        b-bit model holds), in the compute dtype, evaluated; and {module path within the unit:
+        (bits, group size)} of the MoE experts left float in the pairs, whose matmul computes those
+        values an expert at a time (self.per_expert, backend.set_fake_quant)."""
         import mlx.core as mx
 
         s = self.stream
         out = dict(base)
+        # an expert's values are computed from the stored dtype, then cast to float32 by its matmul:
+        # as the whole tensor's are when the compute dtype is the stored one or float32
+        per_expert = self.per_expert if s.compute_dtype in (None, mx.float32) else {}
+        deferred = {}
         if precision is not None:
             pre, todo = self.path + ".", {}
             for path, (bits, gs) in s.plans[precision].items():
                 if path == self.path or path.startswith(pre):  # the unit itself (the embedding) or inside it
-                    name = path[len(pre):] + ".weight" if path != self.path else "weight"
+                    sub = path[len(pre):] if path != self.path else ""
+                    if sub in per_expert:
+                        deferred[sub] = (bits, gs)
+                        continue
+                    name = f"{sub}.weight" if sub else "weight"
                     todo[name] = (base[name], bits, gs)
             out.update(quantized_values(todo))
         if s.compute_dtype is not None:
-            out = {k: (v.astype(s.compute_dtype) if _is_float(v) else v) for k, v in out.items()}
+            keep = {f"{p}.weight" for p in per_expert}  # cast per expert by their matmul
+            out = {k: (v.astype(s.compute_dtype) if _is_float(v) and k not in keep else v) for k, v in out.items()}
         pairs = list(out.items())
         mx.eval([v for _, v in pairs])
-        return pairs
+        return pairs, deferred
+
+    def load(self, module, pairs: list, deferred: dict) -> None:
+        """Load a precision's weights (at) into the unit's module."""
+        module.load_weights(pairs, strict=False)
+        for p, m in self.per_expert.items():
+            backend.set_fake_quant(m, deferred.get(p))
 
     def run(self, method: str, orig, module, args, kwargs):
         """The module's own method on the batch, each precision's copy with its weights."""
@@ -105,15 +125,15 @@ class _Unit:
         try:
             for precision, a, b in s.groups(x.shape[0]):
                 if holding and "pairs" in self.held and self.held["precision"] == precision:
-                    pairs = self.held["pairs"]
+                    pairs, deferred = self.held["pairs"]
                 else:
                     module.update(self.skeleton)  # the previous precision's weights go first
                     if holding:
                         self.held.pop("pairs", None)
-                    pairs = self.at(precision, base)
+                    pairs, deferred = self.at(precision, base)
                     if holding:
-                        self.held.update(precision=precision, pairs=pairs)
-                module.load_weights(pairs, strict=False)
+                        self.held.update(precision=precision, pairs=(pairs, deferred))
+                self.load(module, pairs, deferred)
                 for c0, c1 in s.chunks(a, b, x, split):
                     if (c0, c1) == (0, x.shape[0]):
                         y = orig(module, *args, **kwargs)
@@ -126,6 +146,8 @@ class _Unit:
                 del pairs
         finally:
             module.update(self.skeleton)  # the weights go (a lazy output keeps what it needs)
+            for m in self.per_expert.values():
+                backend.set_fake_quant(m, None)
         del base
         if self.kind != "head" and s.mode != "replay":
             backend.release_freed_memory()  # without it resident memory grows layer by layer
@@ -294,7 +316,7 @@ class StreamedModel:
                 raise QtoolsError(f"{self.path}: cannot stream mlx-lm's {type(net).__module__} model: its "
                                   f"parameter {name} belongs to no layer, embedding or head")
         for unit in resident:  # read once, kept: tiny (norm weights)
-            unit.module.load_weights(unit.at(None, self.fetch(unit)), strict=False)
+            unit.module.load_weights(unit.at(None, self.fetch(unit))[0], strict=False)
 
     # -- reading
     def fetch(self, unit: _Unit) -> dict:
