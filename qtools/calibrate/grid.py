@@ -41,6 +41,72 @@ def default_families(task: str = TASK) -> list[dict]:
     return fams
 
 
+# -- The study (issue 18): fine-tunes that are real fine-tunes, on tasks with room, across the
+# families the field has. A fine-tune is used only when its float16 model passes the task's suite
+# with margin (STUDY_BAR, no critical error): one case above the line is tipped by any noise.
+STUDY_BAR = 0.95
+STUDY_TASK = "agent"
+# the demo's base recipe with the pretraining the larger task needs (docs/tasks.md: 400 iterations)
+STUDY_BASE = {**BASE, "iters": 400}
+# a qwen3_moe base as the Hub ships Qwen3-30B-A3B (bfloat16, un-stacked experts), tiny
+MOE_BASE = {**STUDY_BASE, "arch": "qwen3_moe", "num_experts": 8, "num_experts_per_tok": 2,
+            "moe_intermediate_size": 128, "layout": "hub"}
+# LoRA targets on qwen3_moe: attention and the router (the field's usual choice), the experts too
+MOE_ATTENTION = ATTENTION + ("mlp.gate",)
+MOE_EXPERTS = ("mlp.switch_mlp.gate_proj", "mlp.switch_mlp.up_proj", "mlp.switch_mlp.down_proj")
+MOE_ALL = MOE_ATTENTION + MOE_EXPERTS
+
+
+def study_families() -> list[dict]:
+    """The study's families: on agent, the demo recipe at gains 4 and 24, twice as deep, twice as
+    wide (hidden 256) and a qwen3_moe in the Hub's layout; on access (the second task: field access,
+    conditional logic, DENY->ALLOW critical), the demo recipe at gain 24."""
+    fam = []
+    for task in (STUDY_TASK,):
+        fam += [{"name": f"{task}-g{g:g}", "base": {**STUDY_BASE, "outlier_gain": g}, "task": task} for g in (4.0, 24.0)]
+        fam.append({"name": f"{task}-l8g24", "base": {**STUDY_BASE, "num_layers": 8}, "task": task})
+        fam.append({"name": f"{task}-h256g24", "base": {**STUDY_BASE, "hidden_size": 256, "intermediate_size": 512},
+                    "task": task})
+        fam.append({"name": f"{task}-moe-g24", "base": dict(MOE_BASE), "task": task})
+    fam.append({"name": "access-g24", "base": dict(STUDY_BASE), "task": "access"})
+    for f in fam:
+        f["bar"] = STUDY_BAR
+    return fam
+
+
+def study_grid() -> list[dict]:
+    """Training runs per study family, each to the end of its schedule (200 iterations: float16
+    passes with margin, docs/tasks.md); strength varied by the LoRA scale (x0.75 to x2 of each
+    trained adapter), rank, adapted modules, learning rate and data seed, never by stopping early.
+    4 runs x 4 scales = 16 fine-tunes a family. Modules are named for dense models (keys_for maps
+    them onto qwen3_moe)."""
+    runs = [
+        dict(rank=8, keys=ALL_LINEAR, lr=1e-3, seed=1, checkpoints=[200]),
+        dict(rank=8, keys=ATTENTION, lr=2e-3, seed=3, checkpoints=[200]),
+        dict(rank=16, keys=MLP, lr=1e-3, seed=2, checkpoints=[200]),
+        dict(rank=4, keys=ALL_LINEAR, lr=1.5e-3, seed=4, checkpoints=[200]),
+    ]
+    for r in runs:
+        r["keys"] = list(r["keys"])
+        r["scale_multipliers"] = {str(c): [0.75, 1.5, 2.0] for c in r["checkpoints"]}
+    return runs
+
+
+def keys_for(keys, base: dict) -> list[str]:
+    """A run's LoRA targets on a family's base: as named on a dense base; on qwen3_moe, attention
+    becomes attention + router, the MLP the router + experts, everything all of them."""
+    keys = list(keys)
+    if base.get("arch", "qwen3") != "qwen3_moe":
+        return keys
+    if keys == list(ATTENTION):
+        return list(MOE_ATTENTION)
+    if keys == list(MLP):
+        return ["mlp.gate", *MOE_EXPERTS]
+    if keys == list(ALL_LINEAR):
+        return list(MOE_ALL)
+    raise QtoolsError(f"no qwen3_moe equivalent of LoRA keys {keys}")
+
+
 def family_task(family: dict) -> str:
     """A family's task: its "task" key (the demo's when it has none)."""
     return family.get("task") or TASK
@@ -50,6 +116,8 @@ def pretraining_key(base: dict, task: str = TASK) -> str:
     """Name of the pretraining a base recipe needs on a task: everything but the outlier gain,
     and the task when it is not the demo (the demo's keys are those of every existing cache)."""
     key = "h{hidden_size}_l{num_layers}_i{intermediate_size}_s{seed}_it{iters}_b{batch_size}_lr{lr:g}".format(**base)
+    if base.get("arch", "qwen3") != "qwen3":
+        key += "_{arch}_e{num_experts}k{num_experts_per_tok}m{moe_intermediate_size}_{layout}".format(**base)
     return key if task == TASK else f"{key}_t{task}"
 
 

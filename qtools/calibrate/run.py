@@ -17,10 +17,25 @@ from pathlib import Path
 from .. import BadValue, QtoolsError
 from ..io.atomic import read_json_or_none, write_json_atomic
 from ..pipeline.scoring import DEFAULT_MIN_ACCURACY
-from .fit import study
-from .grid import BITS, default_families, default_grid, expand_run, family_suite, family_task, pretraining_key, run_name
+from .grid import (
+    BITS,
+    default_families,
+    default_grid,
+    expand_run,
+    family_suite,
+    family_task,
+    keys_for,
+    pretraining_key,
+    run_name,
+    study_families,
+    study_grid,
+)
 from .measure import behaviour, model_weights, passes, true_threshold
 from .report import write_report
+
+# Where the study's per-fine-tune results are kept: in the repository, so a study carries across
+# sessions and machines, and a refit (--from-cache) needs nothing else.
+STUDY_RESULTS = Path("calibration") / "results"
 
 # What a cached result.json holds (2: the weight statistic is named delta_retention; 3: it
 # records its family); an entry of another format is measured again, not migrated.
@@ -28,7 +43,7 @@ CACHE_FORMAT = 3
 
 
 def run_grid(suite_path, work_dir, families=None, grid=None, bits_list=BITS, group_size=64, min_accuracy=DEFAULT_MIN_ACCURACY,
-             jobs=1, exact_delta=False, from_cache=False, log=sys.stderr) -> list[dict]:
+             jobs=1, exact_delta=False, from_cache=False, log=sys.stderr, results_dir=None, truth=False) -> list[dict]:
     """Build each family's base, then train, fuse, predict and measure every fine-tune of the
     grid on it, each family on its task (its data, tokenizer and suite: grid.family_suite;
     suite_path is the demo task's suite).
@@ -37,7 +52,12 @@ def run_grid(suite_path, work_dir, families=None, grid=None, bits_list=BITS, gro
     family's base and each fine-tune's result are cached in work_dir. exact_delta: also measure
     each fine-tune with the base quantized and the delta kept exactly (what sets the threshold;
     doubles the measuring time). from_cache: train and measure nothing; use what is cached (a
-    refit, or a calibration cut short).
+    refit, or a calibration cut short). results_dir: each fine-tune's result is kept there
+    (<family>/<run>-it<iters>-x<scale>.json; small: a results directory under version control
+    carries a study across machines) instead of beside its adapter in work_dir. truth: also
+    measure each usable fine-tune with real quantized models (truth.real_threshold) and the
+    probe (truth.probe_prediction). A family's "bar" is the float16 accuracy (and no critical
+    error) a fine-tune needs to be used; min_accuracy by default.
     """
     from ..io.suite import load_suite
 
@@ -52,6 +72,9 @@ def run_grid(suite_path, work_dir, families=None, grid=None, bits_list=BITS, gro
     bases = {}
     for fam in families:
         if from_cache and not _complete_model(work / "bases" / fam["name"]):
+            if results_dir is not None:  # a study carried by its results alone: refit from them
+                bases[fam["name"]] = (None, None, str(suites[fam["name"]]), family_task(fam),
+                                      {"bar": fam.get("bar", min_accuracy), "truth": truth, "results": str(results_dir)})
             continue
         base_dir = build_base(work, fam, log)
         fam_dir = work / fam["name"]
@@ -61,11 +84,13 @@ def run_grid(suite_path, work_dir, families=None, grid=None, bits_list=BITS, gro
         if not isinstance(read_json_or_none(base_beh_path), dict):  # missing or damaged: measured again
             write_json_atomic(base_beh_path,
                               behaviour(base_dir, suite_objs[suites[fam["name"]]], [], group_size)["16"])
-        bases[fam["name"]] = (fam_dir, base_dir, str(suites[fam["name"]]), family_task(fam))
+        bases[fam["name"]] = (fam_dir, base_dir, str(suites[fam["name"]]), family_task(fam),
+                              {"bar": fam.get("bar", min_accuracy), "truth": truth,
+                               "results": str(results_dir) if results_dir is not None else None})
     # run by run across families: a run cut short leaves every family with its first runs
     args = [(str(fam_dir / run_name(run)), name, run, str(base_dir), suite, list(bits_list),
-             group_size, min_accuracy, exact_delta, from_cache, task) for run in grid
-            for name, (fam_dir, base_dir, suite, task) in bases.items()]
+             group_size, min_accuracy, exact_delta, from_cache, task, opts) for run in grid
+            for name, (fam_dir, base_dir, suite, task, opts) in bases.items()]
     if jobs > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
@@ -78,7 +103,9 @@ def run_grid(suite_path, work_dir, families=None, grid=None, bits_list=BITS, gro
 
 
 def _complete_model(path: Path) -> bool:
-    return (path / "config.json").exists() and (path / "model.safetensors").exists()
+    """A saved model directory: its config and its weights (one file, or the Hub's shards' index)."""
+    return (path / "config.json").exists() and ((path / "model.safetensors").exists()
+                                                or (path / "model.safetensors.index.json").exists())
 
 
 def build_base(work: Path, family: dict, log=sys.stderr) -> Path:
@@ -148,14 +175,22 @@ def _run_one(args) -> list[dict]:
     from ..io.modeldir import read_config
     from ..io.suite import load_suite
     from ..pipeline.fuse import fuse
-    from ..survival.analyze import delta_survival, reaggregate
+    from ..survival.analyze import delta_survival
 
-    run_dir, family, run, base_dir, suite_path, bits_list, group_size, min_accuracy, exact_delta, from_cache, task = args
+    (run_dir, family, run, base_dir, suite_path, bits_list, group_size, min_accuracy, exact_delta, from_cache, task,
+     opts) = args
     log = sys.stderr
+    results_dir = Path(opts["results"]) if opts.get("results") else None
+    if results_dir is not None and base_dir is None:  # refit from the results alone
+        return _stored_results(results_dir, family, run, bits_list, min_accuracy, opts["bar"], log)
     run_dir = Path(run_dir)
     suite_obj = load_suite(suite_path)
     base_beh = read_json_or_none(run_dir.parent / "base_behaviour.json")  # written by run_grid first
     cfg_path = run_dir / "adapter_config.json"
+    if results_dir is not None and not cfg_path.exists():
+        stored = _stored_results(results_dir, family, run, bits_list, min_accuracy, opts["bar"], log)
+        if len(stored) == len(_run_ids(family, run)):  # every fine-tune of the run measured: nothing to train
+            return stored
     if from_cache and (not cfg_path.exists() or trained_on_other_data(run_dir, run["seed"], task)):
         return []
     if trained_on_other_data(run_dir, run["seed"], task):
@@ -170,7 +205,8 @@ def _run_one(args) -> list[dict]:
         params["num_layers"] = read_config(base_dir)["num_hidden_layers"]
         print(f"[calibrate] training {family}/{run_dir.name}: {run}", file=log, flush=True)
         tic = time.perf_counter()
-        train_adapter(base_dir, run_dir, rank=params["rank"], scale=params["scale"], keys=params["keys"],
+        train_adapter(base_dir, run_dir, rank=params["rank"], scale=params["scale"],
+                      keys=keys_for(params["keys"], {"arch": read_config(base_dir).get("model_type")}),
                       num_layers=params["num_layers"], iters=max(run["checkpoints"]),
                       batch_size=params["batch_size"], lr=params["lr"], seed=params["seed"],
                       save_every=math.gcd(*run["checkpoints"]), task=task)
@@ -178,15 +214,14 @@ def _run_one(args) -> list[dict]:
     results = []
     base_weights = None  # loaded once per run, when a fine-tune first needs them
     for ft_id, cfg, adapter in expand_run(run_dir, run, family):
-        cached = adapter / "result.json"
+        cached = adapter / "result.json" if results_dir is None else results_dir / f"{ft_id}.json"
         res = _cached(cached, ft_id, log)
         if res is not None:
-            # statistics are re-pooled with the current code; the verdict follows the current min_accuracy
-            res["summary"], res["layers"] = reaggregate(res["tensors"], bits_list)
-            res["true_min_bits"] = _threshold(res["behaviour"], bits_list, min_accuracy)
-            res["float16_passes"] = passes(res["behaviour"]["16"], min_accuracy)
-            results.append(res)
-            continue
+            res = _refreshed(res, bits_list, min_accuracy, opts["bar"])
+            if not (opts["truth"] and res["usable"] and "probe" not in res):
+                results.append(res)
+                continue
+            # measured before the study measured real models and the probe: measured again
         if from_cache:
             continue
         tic = time.perf_counter()
@@ -194,12 +229,25 @@ def _run_one(args) -> list[dict]:
         fused = adapter.parent / f"{adapter.name}.fused_f16"
         fuse(base_dir, adapter, fused, force=True)
         rep = delta_survival(fused, bits_list, group_size, adapter=adapter, progress=False)
-        beh = behaviour(fused, suite_obj, bits_list, group_size, min_accuracy=min_accuracy)
+        # a float16 model below the bar is not measured at any bit-width: it is not used
+        beh = behaviour(fused, suite_obj, bits_list, group_size, min_accuracy=max(min_accuracy, opts["bar"]))
         beh_exact = None  # left out of the study anyway when float16 fails
         if exact_delta and passes(beh["16"], min_accuracy):
             # what the threshold would be if only the base's noise counted (the delta kept exactly)
             base_weights = base_weights or model_weights(base_dir)
             beh_exact = behaviour(fused, suite_obj, bits_list, group_size, exact_delta_from=base_weights)
+        usable = passes(beh["16"], opts["bar"]) and beh["16"]["critical_errors"] == 0
+        fake_t = _threshold(beh, bits_list, min_accuracy)
+        real = probe = None
+        if opts["truth"] and usable:
+            from .truth import probe_prediction, real_threshold
+
+            real, real_t = real_threshold(fused, suite_path, bits_list, group_size, min_accuracy, fake_t,
+                                          adapter.parent)
+            try:
+                probe = probe_prediction(fused, suite_path, bits_list, group_size, min_accuracy)
+            except QtoolsError as exc:  # recorded (the report counts it), not the end of an hours-long study
+                probe = {"error": str(exc), "predicted_min_bits": None}
         shutil.rmtree(fused)  # only the statistics are kept
         res = {
             "format": CACHE_FORMAT,
@@ -209,18 +257,66 @@ def _run_one(args) -> list[dict]:
             "base_accuracy": base_beh["accuracy"],
             "behaviour": beh,
             "behaviour_exact_delta": beh_exact,
-            "true_min_bits": _threshold(beh, bits_list, min_accuracy),
+            "true_min_bits": fake_t,
             "float16_passes": passes(beh["16"], min_accuracy),
+            "bar": opts["bar"],
+            "usable": usable,
+            **({"real": real, "real_min_bits": real_t, "probe": probe} if real is not None else {}),
             "summary": rep["summary"],
             "layers": rep["layers"],
             "tensors": [{k: t[k] for k in ("name", "shape", "layer", "kind", "by_bits")} for t in rep["tensors"]],
             "seconds": time.perf_counter() - tic,
         }
+        cached.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(cached, res)
         results.append(res)
-        print(f"[calibrate] {ft_id}: float16 acc {beh['16']['accuracy']:.2f} (base {base_beh['accuracy']:.2f}), "
-              f"true min bits {res['true_min_bits']} ({res['seconds']:.0f} s)", file=log, flush=True)
+        extra = (f", real {res['real_min_bits']}, probe {res['probe']['predicted_min_bits']}" if real is not None
+                 else "" if usable else f" (below the bar {opts['bar']:.0%}: not used)")
+        print(f"[calibrate] {ft_id}: float16 acc {beh['16']['accuracy']:.3f} (base {base_beh['accuracy']:.2f}), "
+              f"true min bits {res['true_min_bits']}{extra} ({res['seconds']:.0f} s)", file=log, flush=True)
     return results
+
+
+def _refreshed(res: dict, bits_list, min_accuracy, bar) -> dict:
+    """A cached result with what the current code derives from it: statistics re-pooled, verdicts
+    under the current min_accuracy and bar."""
+    from ..survival.analyze import reaggregate
+
+    res["summary"], res["layers"] = reaggregate(res["tensors"], bits_list)
+    res["true_min_bits"] = _threshold(res["behaviour"], bits_list, min_accuracy)
+    res["float16_passes"] = passes(res["behaviour"]["16"], min_accuracy)
+    res["usable"] = passes(res["behaviour"]["16"], bar) and res["behaviour"]["16"]["critical_errors"] == 0
+    if res.get("real") is not None:
+        res["real_min_bits"] = _real_threshold(res["real"], bits_list, min_accuracy)
+    return res
+
+
+def _real_threshold(real: dict, bits_list, min_accuracy):
+    """The real threshold from the real models measured (a run of neighbouring bit-widths down
+    to the first failure): the smallest bit-width passing with every measured one above it."""
+    t = None
+    for b in sorted((b for b in bits_list if str(b) in real), reverse=True):
+        if not passes(real[str(b)], min_accuracy):
+            break
+        t = b
+    return t
+
+
+def _run_ids(family: str, run: dict) -> list[str]:
+    """The fine-tune ids expand_run gives a run (without building them)."""
+    name = run_name(run)
+    return [f"{family}/{name}-it{it}-x{mult:g}" for it in run["checkpoints"]
+            for mult in [1.0, *run.get("scale_multipliers", {}).get(str(it), [])]]
+
+
+def _stored_results(results_dir: Path, family: str, run: dict, bits_list, min_accuracy, bar, log) -> list[dict]:
+    """The run's fine-tunes found in results_dir, refreshed (_refreshed)."""
+    out = []
+    for ft_id in _run_ids(family, run):
+        res = _cached(results_dir / f"{ft_id}.json", ft_id, log)
+        if res is not None:
+            out.append(_refreshed(res, bits_list, min_accuracy, bar))
+    return out
 
 
 def _threshold(beh: dict, bits_list, min_accuracy):
@@ -250,11 +346,11 @@ def write_rule_file(path, s: dict) -> None:
                              "held_out_ceiling": round(s["ceiling"], 4)})
 
 
-def select_families(names=None, task=None) -> list[dict]:
+def select_families(names=None, task=None, study=False) -> list[dict]:
     """The default families (the demo task's; with task, grid.default_families(task): the same
-    recipes on that task), or those of them named (a quick or partial run); an unknown name is an
-    error."""
-    fams = default_families() if task is None else default_families(task)
+    recipes on that task; with study, grid.study_families()), or those of them named (a quick or
+    partial run); an unknown name is an error."""
+    fams = study_families() if study else default_families() if task is None else default_families(task)
     if not names:
         return fams
     by_name = {f["name"]: f for f in fams}
@@ -266,23 +362,29 @@ def select_families(names=None, task=None) -> list[dict]:
 
 
 def calibrate(suite_path, rule_file, work_dir="models/calibration", docs_dir="docs", min_accuracy=DEFAULT_MIN_ACCURACY, jobs=1,
-              families=None, exact_delta=False, from_cache=False, log=sys.stderr, task=None) -> dict:
+              families=None, exact_delta=False, from_cache=False, log=sys.stderr, task=None, study=False,
+              results_dir=None) -> dict:
     """Run the grid on every family, judge the rule leave-one-family-out, fit it on all families;
     write the report to docs_dir and the rule to rule_file (delta-survival's is
     qtools/survival/calibration.json). families: names (select_families); task: the families of
     that task (default: the demo's); suite_path: the demo task's suite (see grid.family_suite)."""
     from ..io.atomic import check_output, check_writable
 
-    fams = select_families(families, task)
+    if study and task is not None:
+        raise BadValue("the study has its own families and tasks; give --study or --task, not both", "--task")
+    fams = select_families(families, task, study)
+    grid = study_grid() if study else None
+    if study and results_dir is None:
+        results_dir = STUDY_RESULTS
     # What the hours of work end by writing is checked before them (writable, never the suite).
     docs = Path(docs_dir)
     for out in (docs / "calibration.md", docs / "calibration.png", Path(rule_file)):
         check_writable(check_output(out, [suite_path]), file=True)
     check_writable(Path(work_dir) / "bases")
-    results = run_grid(suite_path, work_dir, fams, min_accuracy=min_accuracy, jobs=jobs, exact_delta=exact_delta,
-                       from_cache=from_cache, log=log)
-    usable = [r for r in results if r["float16_passes"]]
-    excluded = [r for r in results if not r["float16_passes"]]
+    results = run_grid(suite_path, work_dir, fams, grid, min_accuracy=min_accuracy, jobs=jobs, exact_delta=exact_delta,
+                       from_cache=from_cache, log=log, results_dir=results_dir, truth=study)
+    usable = [r for r in results if r["usable"]]
+    excluded = [r for r in results if not r["usable"]]
     if len({r["family"] for r in usable}) < 2 or len(usable) < 4:
         raise QtoolsError(f"only {len(usable)} fine-tunes of {len({r['family'] for r in usable})} famil(ies) learned "
                           "the task; leave-one-family-out needs at least 2 families and 4 fine-tunes")

@@ -31,12 +31,20 @@ from .options import Number
                    "the base's noise or the delta's rounding); doubles the measuring time.")
 @click.option("--from-cache", is_flag=True,
               help="Train and measure nothing: refit and report from the cached fine-tunes (under a minute).")
+@click.option("--study", is_flag=True,
+              help="The study's families (agent at gains 4 and 24, 8 layers, hidden 256, qwen3_moe; access) and "
+                   "fine-tunes (float16 >= 95%, no critical error), each also measured with real quantized models "
+                   "and the probe; results kept in --results-dir.")
+@click.option("--results-dir", type=click.Path(), default=None,
+              help="Keep each fine-tune's result here (default with --study: calibration/results) instead of in "
+                   "--work-dir.")
 @click.option("--json", "as_json", is_flag=True)
-def calibrate_cmd(suite, work_dir, docs_dir, min_accuracy, jobs, families, task, exact_delta, from_cache, as_json):
+def calibrate_cmd(suite, work_dir, docs_dir, min_accuracy, jobs, families, task, exact_delta, from_cache, study,
+                  results_dir, as_json):
     """Build the families' bases, train a grid of fine-tunes on each, measure their behavioural
     threshold, judge the rule leave-one-family-out and fit it on all families."""
     res = calibrate(suite, RULE_FILE, work_dir, docs_dir, min_accuracy, jobs=jobs, families=list(families),
-                    exact_delta=exact_delta, from_cache=from_cache, task=task)
+                    exact_delta=exact_delta, from_cache=from_cache, task=task, study=study, results_dir=results_dir)
     if as_json:
         click.echo(json.dumps(res))
         return
