@@ -88,7 +88,8 @@ def run_grid(suite_path, work_dir, families=None, grid=None, bits_list=BITS, gro
                               {"bar": fam.get("bar", min_accuracy), "truth": truth,
                                "results": str(results_dir) if results_dir is not None else None})
     # run by run across families: a run cut short leaves every family with its first runs
-    args = [(str(fam_dir / run_name(run)), name, run, str(base_dir), suite, list(bits_list),
+    args = [(str(fam_dir / run_name(run)) if fam_dir else None, name, run, str(base_dir) if base_dir else None, suite,
+             list(bits_list),
              group_size, min_accuracy, exact_delta, from_cache, task, opts) for run in grid
             for name, (fam_dir, base_dir, suite, task, opts) in bases.items()]
     if jobs > 1:
@@ -388,12 +389,39 @@ def calibrate(suite_path, rule_file, work_dir="models/calibration", docs_dir="do
     if len({r["family"] for r in usable}) < 2 or len(usable) < 4:
         raise QtoolsError(f"only {len(usable)} fine-tunes of {len({r['family'] for r in usable})} famil(ies) learned "
                           "the task; leave-one-family-out needs at least 2 families and 4 fine-tunes")
-    s = study(usable, min_accuracy)
     docs.mkdir(parents=True, exist_ok=True)
     suites = {family_task(f): str(family_suite(f, work_dir, suite_path)) for f in fams}
+    if study:
+        return _study_outputs(usable, excluded, fams, docs, rule_file, min_accuracy, suites, len(results))
+    s = study(usable, min_accuracy)
     write_report(usable, s, docs / "calibration.md", docs / "calibration.png", min_accuracy, excluded, fams,
                  suites=suites)
     write_rule_file(rule_file, s)
     return {"rule": s["rule"].to_dict(), "train": s["train"], "held_out": s["held_out"], "fine_tunes": len(results),
             "families": [f["name"] for f in fams], "constant": s["baseline"],
             "reliability": s["reliability"], "rule_file": str(rule_file)}
+
+
+def _study_outputs(usable, excluded, fams, docs: Path, rule_file, min_accuracy, suites, n) -> dict:
+    """The study's report (study_report) and rule file: the point rule fitted on the real
+    thresholds, and the bracket delta-survival reports; provisional unless every goal is met."""
+    from dataclasses import replace
+
+    from .fit import fit
+    from .study_report import write_study_report
+    from .tiers import truth
+
+    a = write_study_report(usable, excluded, fams, docs / "calibration.md", min_accuracy, suites)
+    rule, train = fit([{**r, "true_min_bits": truth(r)} for r in usable])
+    w, p, c = a["weights"], a["probe"], a["constant"]
+    evidence = (f"docs/calibration.md (the study): {len(usable)} usable fine-tunes of {len(a['families'])} families; "
+                f"held out by family the bracket is optimistic for {w['held_out']['optimistic']}/{w['held_out']['n']}, "
+                f"exact for {w['held_out']['exact']}, leaves {w['held_out']['mean_between']:.2f} bit-widths to the probe; "
+                f"probe exact {p['held_out']['exact']}/{p['held_out']['n']}, optimistic {p['held_out']['optimistic']}; "
+                f"constant guess exact {c['exact']}/{c['n']}")
+    rule = replace(rule, provisional=not a["goals_met"], evidence=evidence)
+    write_json_atomic(rule_file, {**rule.to_dict(), "bracket": w["bracket"], "study": {
+        "weights_held_out": w["held_out"], "probe_held_out": p["held_out"], "probe_margin": p["margin"],
+        "constant_held_out": c, "goals_met": a["goals_met"]}})
+    return {"rule": rule.to_dict(), "train": train, "held_out": w["held_out"], "fine_tunes": n,
+            "families": [f["name"] for f in fams], "constant": c, "study": a, "rule_file": str(rule_file)}

@@ -48,6 +48,11 @@ def calibrate_cmd(suite, work_dir, docs_dir, min_accuracy, jobs, families, task,
     if as_json:
         click.echo(json.dumps(res))
         return
+    if "study" in res:
+        for g in res["study"]["goals"]:
+            click.echo(f"{'met    ' if g['met'] else 'NOT MET'}  {g['goal']}: {g['measured']}")
+        click.echo(f"Report: {docs_dir}/calibration.md; rule and bracket: {res['rule_file']}")
+        return
     r, t, h = res["rule"], res["train"], res["held_out"]
     click.echo(f"Rule: {r['statistic']} ({r['aggregate']}) >= {r['min']:.4g}")
     click.echo(f"Fitted on all families: {t['exact']}/{t['n']} exact, {t['optimistic']} optimistic")

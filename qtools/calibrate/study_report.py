@@ -1,0 +1,155 @@
+"""docs/calibration.md for the study (`qtools calibrate --study`): the fine-tunes, how reliable
+their thresholds are, both tiers held out by family against the constant guess and the ceiling,
+and which goals are met."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tabulate import tabulate
+
+from ..io.atomic import write_text_atomic
+from .fit import _distribution, bits_rank, family
+from .grid import BITS
+from .tiers import constant_tier, fake_vs_real, probe_tier, truth, weights_tier
+
+GOAL_PROBE_EXACT = 0.95
+GOAL_PROBE_COST = 0.05
+GOAL_WEIGHTS_EXACT = 0.70
+GOAL_WEIGHTS_BETWEEN = 2.0
+GOAL_REPRODUCE = 0.90
+GOAL_USABLE = 64
+
+
+def analyse(usable: list, excluded: list, min_accuracy: float) -> dict:
+    """Every number the report shows."""
+    rep = [_distribution(r, BITS, min_accuracy, 1).get(bits_rank(r["true_min_bits"]), 0.0) for r in usable]
+    ceiling = [max(_distribution(r, BITS, min_accuracy, 1).values()) for r in usable]
+    thresholds: dict = {}
+    for r in usable:
+        thresholds[truth(r)] = thresholds.get(truth(r), 0) + 1
+    return {
+        "n": len(usable), "excluded": len(excluded), "families": list(dict.fromkeys(family(r) for r in usable)),
+        "thresholds": thresholds,
+        "reproduce_mean": sum(rep) / len(rep) if rep else 0.0,
+        "reproduce_90": sum(p >= GOAL_REPRODUCE for p in rep),
+        "ceiling": sum(ceiling) / len(ceiling) if ceiling else 0.0,
+        "fake_vs_real": fake_vs_real(usable),
+        "weights": weights_tier(usable),
+        "probe": probe_tier(usable),
+        "constant": constant_tier(usable),
+    }
+
+
+def goals(a: dict) -> list[tuple[str, str, bool]]:
+    """(goal, measured, met) for each of the study's goals."""
+    w, p = a["weights"]["held_out"], a["probe"]["held_out"]
+    cost = a["probe"]["cost"]["median"]
+    largest = max(a["thresholds"].values()) if a["thresholds"] else 0
+    out = [
+        (f"at least {GOAL_USABLE} usable fine-tunes", f"{a['n']}", a["n"] >= GOAL_USABLE),
+        ("true thresholds on at least 3 bit-widths, none holding more than half",
+         ", ".join(f"{k}: {v}" for k, v in sorted(a["thresholds"].items(), key=lambda kv: bits_rank(kv[0]))),
+         len(a["thresholds"]) >= 3 and largest <= a["n"] / 2),
+        (f"the bootstrap reproduces each threshold in at least {GOAL_REPRODUCE:.0%} of re-drawn suites",
+         f"{a['reproduce_90']}/{a['n']} fine-tunes (mean {a['reproduce_mean']:.0%})", a["reproduce_90"] == a["n"]),
+        ("probe, held out: never optimistic", f"{p['optimistic']}/{p['n']} optimistic", p["n"] > 0 and p["optimistic"] == 0),
+        (f"probe, held out: at least {GOAL_PROBE_EXACT:.0%} exact", f"{p['exact']}/{p['n']}",
+         p["n"] > 0 and p["exact_rate"] >= GOAL_PROBE_EXACT),
+        (f"probe at most {GOAL_PROBE_COST:.0%} of the sweep's time",
+         "-" if cost is None else f"median {cost:.1%}, worst {a['probe']['cost']['max']:.1%}",
+         cost is not None and a["probe"]["cost"]["max"] <= GOAL_PROBE_COST),
+        ("weights tier, held out: never optimistic", f"{w['optimistic']}/{w['n']} optimistic", w["n"] > 0 and w["optimistic"] == 0),
+        (f"weights tier, held out: at least {GOAL_WEIGHTS_EXACT:.0%} exact", f"{w['exact']}/{w['n']}",
+         w["n"] > 0 and w["exact_rate"] >= GOAL_WEIGHTS_EXACT),
+        (f"the bracket hands the probe at most {GOAL_WEIGHTS_BETWEEN:g} bit-widths on average",
+         f"{w['mean_between']:.2f}", w["n"] > 0 and w["mean_between"] <= GOAL_WEIGHTS_BETWEEN),
+    ]
+    return out
+
+
+def _bits(b) -> str:
+    return "none" if b is None else str(b)
+
+
+def write_study_report(usable: list, excluded: list, fams: list, path, min_accuracy: float, suites: dict) -> dict:
+    """Write the report; returns analyse()'s numbers with the goals."""
+    a = analyse(usable, excluded, min_accuracy)
+    g = goals(a)
+    met = all(ok for _, _, ok in g)
+    lines = ["# Calibration: the study", ""]
+    lines += [("All goals are met." if met else "**PROVISIONAL**: the goals marked no below are not met; "
+               "until they are, confirm every prediction with `make sweep`."), ""]
+    lines += ["Written by `qtools calibrate --study` (`make calibrate`) from the per-fine-tune results in "
+              "`calibration/results/` (`--from-cache` refits from them alone). Truth is the threshold of real "
+              "quantized models (`qtools quantize` + `qtools validate`); every verdict is validate's: accuracy "
+              f">= {min_accuracy:.0%} and no critical error.", ""]
+    lines += ["## Goals", "", tabulate([[n, m, "yes" if ok else "no"] for n, m, ok in g],
+                                      headers=["goal", "measured", "met"], tablefmt="github"), ""]
+    rows = []
+    by_fam: dict = {}
+    for r in usable + excluded:
+        by_fam.setdefault(family(r), []).append(r)
+    for f in fams:
+        rs = by_fam.get(f["name"], [])
+        use = [r for r in rs if r in usable]
+        acc = [r["behaviour"]["16"]["accuracy"] for r in use]
+        th: dict = {}
+        for r in use:
+            th[_bits(truth(r))] = th.get(_bits(truth(r)), 0) + 1
+        rows.append([f["name"], f.get("task", "demo"), suites.get(f.get("task", "demo"), "-"), len(rs), len(use),
+                     f"{min(acc):.1%}-{max(acc):.1%}" if acc else "-",
+                     ", ".join(f"{k}: {v}" for k, v in sorted(th.items(), key=lambda kv: bits_rank(
+                         None if kv[0] == "none" else int(kv[0]))))])
+    lines += ["## Fine-tunes", "",
+              f"{a['n']} usable of {a['n'] + a['excluded']} measured: a fine-tune is used when its float16 model "
+              "passes its suite at the family's bar (95%) with no critical error; the others are listed, not used.",
+              "", tabulate(rows, headers=["family", "task", "suite", "measured", "usable", "float16 accuracy (usable)",
+                                          "true thresholds"], tablefmt="github"), ""]
+    fr = a["fake_vs_real"]
+    lines += ["## Fake against real quantization", "",
+              f"Of {fr['n']} fine-tunes, fake quantization (the values `mx.quantize` stores, run in float16) gives the "
+              f"real quantized models' threshold for {fr['same']}; the real threshold is higher for {fr['real_higher']} "
+              f"and lower for {fr['real_lower']}.", ""]
+    lines += ["## How reproducible the thresholds are", "",
+              f"The suite's cases resampled ({2000} draws per fine-tune): the measured threshold comes back in "
+              f"{a['reproduce_mean']:.0%} of re-drawn suites on average; {a['reproduce_90']} of {a['n']} fine-tunes "
+              f"reach {GOAL_REPRODUCE:.0%}. The ceiling for any predictor against a re-drawn suite: {a['ceiling']:.0%}.", ""]
+    w, p, c = a["weights"], a["probe"], a["constant"]
+    lines += ["## Held out by family", "",
+              tabulate([
+                  ["constant guess", f"{c['exact']}/{c['n']}", c["optimistic"], "-"],
+                  ["weights tier (upper end of its bracket)", f"{w['held_out']['exact']}/{w['held_out']['n']}",
+                   w["held_out"]["optimistic"], f"{w['held_out']['mean_between']:.2f} bit-widths left to the probe; "
+                                                f"{w['held_out']['settled']} settled alone; "
+                                                f"{w['held_out']['wrongly_lost']} wrongly called lost"],
+                  ["probe, its verdicts", f"{p['raw']['exact']}/{p['raw']['n']}", p["raw"]["optimistic"], "not refitted"],
+                  ["probe, margin fitted without the family", f"{p['held_out']['exact']}/{p['held_out']['n']}",
+                   p["held_out"]["optimistic"], f"final margin: {p['margin']}"],
+              ], headers=["predictor", "exact", "optimistic", "note"], tablefmt="github"), ""]
+    lines += ["Per family (weights tier's bracket fitted without it):", "",
+              tabulate([[f["family"], f"{f['exact']}/{f['n']}", f["optimistic"], f"{f['mean_between']:.2f}",
+                         "-" if not f["bracket"] else f"{f['bracket']['statistic']} ({f['bracket']['aggregate']}) "
+                                                      f"> {f['bracket']['survive']:.4g}; lost <= {f['bracket']['lost']:.4g}"]
+                        for f in w["folds"]],
+                       headers=["held-out family", "exact", "optimistic", "between", "bracket"], tablefmt="github"), ""]
+    if p["cost"]["median"] is not None:
+        lines += [f"The probe's time against the sweep on the same fine-tune (every bit-width quantized and validated, "
+                  f"from the real models' measured times): median {p['cost']['median']:.1%}, worst "
+                  f"{p['cost']['max']:.1%} ({p['cost']['n']} fine-tunes).", ""]
+    br = w["bracket"]
+    if br:
+        lines += ["## The bracket delta-survival reports", "",
+                  f"Fitted on every family: survives at >= a where {br['statistic']} ({br['aggregate']}) > "
+                  f"{br['survive']:.4g} at a and every larger bit-width; rounded away at <= b where it is at most "
+                  f"{br['lost']:.4g}; `qtools probe` checks the bit-widths between.", ""]
+    if excluded:
+        lines += ["## Not used (float16 below the bar)", "",
+                  tabulate([[r["id"], f"{r['behaviour']['16']['accuracy']:.1%}", r["behaviour"]["16"]["critical_errors"]]
+                            for r in excluded], headers=["fine-tune", "float16 accuracy", "critical errors"],
+                           tablefmt="github"), ""]
+    write_text_atomic(Path(path), "\n".join(lines) + "\n")
+    return {**{k: v for k, v in a.items() if k not in ("weights", "probe")},
+            "weights": {k: v for k, v in a["weights"].items() if k != "predictions"},
+            "probe": {k: v for k, v in a["probe"].items() if k != "predictions"},
+            "goals": [{"goal": n, "measured": m, "met": ok} for n, m, ok in g], "goals_met": met}

@@ -1,0 +1,243 @@
+"""The two prediction tiers judged as a user meets them: held out by family, against the real
+quantized models' threshold, beside the constant guess and the ceiling a re-drawn suite allows.
+
+- The weights tier (delta-survival) answers with a bracket that must never be optimistic:
+  "survives at >= a" (the statistic clears `survive`, a value no training fine-tune reached at a
+  bit-width it lost), "rounded away at <= b" (the statistic at most `lost`, below every value a
+  training fine-tune showed where it survived); the bit-widths between are left to the probe.
+- The probe tier: `qtools probe`'s own verdicts, or with a calibrated margin (a bit-width counts
+  as kept only when, besides the verdict, no decision the float model gets right is nearer to
+  flipping than `margin`), chosen so that training families are never predicted optimistically.
+
+Truth is the real quantized models' threshold (`qtools quantize` + `qtools validate`) where it was
+measured, else the fake-quantized one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from ..survival.rule import AGGREGATES, smallest_surviving
+from .fit import STATISTICS, bits_rank, constant_guess, family, folds, rule_input, score_predictions
+from .grid import BITS
+
+
+def truth(r: dict):
+    """A fine-tune's threshold: the real models' where measured, else fake quantization's."""
+    return r["real_min_bits"] if r.get("real") is not None else r["true_min_bits"]
+
+
+def _steps(a, b, bits_list=BITS) -> int:
+    """Supported bit-widths strictly between b (rounded away; None: none) and a (survives; None: 16)."""
+    lo, hi = (0 if b is None else b), bits_rank(a)
+    return sum(1 for x in bits_list if lo < x < hi)
+
+
+# ----------------------------------------------------------------------------- weights tier
+
+@dataclass(frozen=True)
+class Bracket:
+    """delta-survival's never-optimistic answer: survives at >= a, rounded away at <= b."""
+    statistic: str
+    aggregate: str
+    survive: float  # a bit-width (and every larger one) with the statistic above this is kept
+    lost: float  # a bit-width (and every smaller one) with the statistic at most this is lost
+
+    def values(self, r: dict, bits_list=BITS) -> dict:
+        return {b: rule_input(r, b, self.statistic, self.aggregate) for b in bits_list}
+
+    def predict(self, r: dict, bits_list=BITS) -> tuple:
+        """(a, b): a the smallest bit-width settled as kept (None: none), b the largest settled as
+        lost (None: none)."""
+        v = self.values(r, bits_list)
+        a = smallest_surviving(bits_list, lambda x: v[x] is not None and v[x] > self.survive)
+        b = None
+        for x in sorted(bits_list):
+            if v[x] is None or v[x] > self.lost or (a is not None and x >= a):
+                break
+            b = x
+        return a, b
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _finite(x) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def fit_bracket_on(train: list, stat: str, agg: str, bits_list=BITS) -> Bracket | None:
+    """The tightest bracket on `stat` never optimistic (nor wrongly lost) on `train`: survive above
+    the largest value seen at a bit-width lost, lost at most below the smallest seen where kept."""
+    lost_vals, kept_vals = [], []
+    for r in train:
+        t = bits_rank(truth(r))
+        for b in bits_list:
+            v = rule_input(r, b, stat, agg)
+            if _finite(v):
+                (kept_vals if b >= t else lost_vals).append(v)
+    if not lost_vals or not kept_vals:
+        return None
+    survive = max(lost_vals)
+    lost = min(kept_vals)
+    lost = math.nextafter(lost, -math.inf)  # strictly below every kept value
+    return Bracket(stat, agg, survive, lost)
+
+
+def judge_brackets(pairs, bits_list=BITS) -> dict:
+    """Scores of (bracket prediction (a, b), truth) pairs: optimistic (a below the truth), exact
+    (a is the truth), settled (exact with nothing left between: no probe needed), wrongly lost
+    (b at or above the truth), and the mean number of bit-widths handed to the probe."""
+    n = len(pairs)
+    opt = exact = settled = wrong_lost = 0
+    width = 0
+    for (a, b), t in pairs:
+        ta, tt = bits_rank(a), bits_rank(t)
+        opt += ta < tt
+        exact += ta == tt
+        steps = _steps(a, b, bits_list)
+        settled += ta == tt and steps == 0
+        wrong_lost += b is not None and b >= tt
+        width += steps
+    return {"n": n, "optimistic": opt, "exact": exact, "settled": settled, "wrongly_lost": wrong_lost,
+            "exact_rate": exact / n if n else 0.0, "mean_between": width / n if n else 0.0}
+
+
+def choose_bracket(train: list, bits_list=BITS) -> Bracket | None:
+    """Statistic and aggregate chosen across train's families (each held out in turn from a
+    bracket fitted on the others): fewest optimistic, then fewest wrongly lost, then the fewest
+    bit-widths left between; then fitted on all of train."""
+    best = None
+    inner = folds(train)
+    for stat in STATISTICS:
+        for agg in AGGREGATES:
+            if fit_bracket_on(train, stat, agg, bits_list) is None:
+                continue
+            pairs = []
+            for _, rest, held in inner:
+                br = fit_bracket_on(rest, stat, agg, bits_list) if len(inner) > 1 else None
+                if br is None:
+                    continue
+                pairs += [(br.predict(r, bits_list), truth(r)) for r in held]
+            s = judge_brackets(pairs, bits_list)
+            key = (-s["optimistic"], -s["wrongly_lost"], -s["mean_between"], s["exact"])
+            if best is None or key > best[0]:
+                best = (key, stat, agg)
+    return None if best is None else fit_bracket_on(train, best[1], best[2], bits_list)
+
+
+def weights_tier(results: list, bits_list=BITS) -> dict:
+    """The bracket judged leave-one-family-out (statistic, aggregate and bounds all refitted
+    without the held-out family), and the bracket fitted on every family."""
+    pairs, rows, predictions = [], [], {}
+    for name, train, test in folds(results):
+        br = choose_bracket(train, bits_list)
+        fold = [((None, None) if br is None else br.predict(r, bits_list), truth(r)) for r in test]
+        for r, (p, _t) in zip(test, fold):
+            predictions[r["id"]] = p
+        pairs += fold
+        rows.append({"family": name, "bracket": br.to_dict() if br else None, **judge_brackets(fold, bits_list)})
+    final = choose_bracket(results, bits_list)
+    return {"held_out": judge_brackets(pairs, bits_list), "folds": rows, "predictions": predictions,
+            "bracket": final.to_dict() if final else None}
+
+
+# ----------------------------------------------------------------------------- probe tier
+
+def probe_keeps(r: dict, b, margin: float | None) -> bool:
+    """Whether the probe calls bit-width b kept: its verdict passes and, with a margin, no decision
+    the float model gets right is within `margin` of flipping at b."""
+    p = r["probe"]
+    s = p["by_bits"].get(str(b))
+    if s is None or s.get("verdict") != "pass":
+        return False
+    if margin is None:
+        return True
+    cases = p["cases"]
+    right = cases["float"]["correct"]
+    m = [x for x, ok in zip(cases[str(b)]["margin"], right) if ok == "1" and x is not None]
+    return not m or min(m) >= margin
+
+
+def probe_predict(r: dict, margin: float | None, bits_list=BITS):
+    return smallest_surviving(bits_list, lambda b: probe_keeps(r, b, margin))
+
+
+def _probed(results):
+    return [r for r in results if r.get("probe") and "error" not in r["probe"]]
+
+
+def fit_margin(train: list, bits_list=BITS) -> float | None:
+    """The smallest margin under which no training fine-tune is predicted optimistically (None:
+    the probe's verdicts alone never are); most exact among those."""
+    train = _probed(train)
+    if all(bits_rank(probe_predict(r, None, bits_list)) >= bits_rank(truth(r)) for r in train):
+        return None
+    cands = sorted({x for r in train for b in bits_list if str(b) in r["probe"]["cases"]
+                    for x in r["probe"]["cases"][str(b)]["margin"] if x is not None} | {0.0})
+    best = None
+    for m in cands:
+        preds = [(probe_predict(r, m, bits_list), truth(r)) for r in train]
+        s = score_predictions(preds, bits_list)
+        if s["optimistic"]:
+            continue
+        if best is None or s["exact"] > best[1]:
+            best = (m, s["exact"])
+    return None if best is None else best[0]
+
+
+def probe_tier(results: list, bits_list=BITS) -> dict:
+    """The probe's verdicts as they are, and with a margin fitted leave-one-family-out; its cost
+    against the sweep's on the same fine-tune (every bit-width quantized and validated, estimated
+    from the real models measured)."""
+    res = _probed(results)
+    raw = score_predictions([(probe_predict(r, None, bits_list), truth(r)) for r in res], bits_list)
+    pairs, rows, preds = [], [], {}
+    for name, train, test in folds(res):
+        m = fit_margin(train, bits_list)
+        fold = [(probe_predict(r, m, bits_list), truth(r)) for r in test]
+        for r, (p, _t) in zip(test, fold):
+            preds[r["id"]] = p
+        pairs += fold
+        rows.append({"family": name, "margin": m, **score_predictions(fold, bits_list)})
+    ratios = []
+    for r in res:
+        real = [v["seconds"] for v in r["real"].values()] if r.get("real") else []
+        if real:
+            ratios.append(r["probe"]["seconds"] / (sum(real) / len(real) * len(bits_list)))
+    ratios.sort()
+    return {"n": len(res), "errors": len(results) - len(res) - sum(1 for r in results if not r.get("probe")),
+            "raw": raw, "held_out": score_predictions(pairs, bits_list), "folds": rows, "predictions": preds,
+            "margin": fit_margin(res, bits_list),
+            "cost": {"median": ratios[len(ratios) // 2] if ratios else None,
+                     "max": ratios[-1] if ratios else None, "n": len(ratios)}}
+
+
+# ----------------------------------------------------------------------------- the study
+
+def constant_tier(results: list, bits_list=BITS) -> dict:
+    """The constant guess (the training families' most common true threshold), held out by family."""
+    pairs = []
+    for _name, train, test in folds(results):
+        guess = constant_guess([{**r, "true_min_bits": truth(r)} for r in train])
+        pairs += [(guess, truth(r)) for r in test]
+    return score_predictions(pairs, bits_list)
+
+
+def fake_vs_real(results: list) -> dict:
+    """How often fake quantization's threshold is the real models' (and which way they differ)."""
+    both = [r for r in results if r.get("real") is not None]
+    same = sum(bits_rank(r["true_min_bits"]) == bits_rank(r["real_min_bits"]) for r in both)
+    real_higher = sum(bits_rank(r["real_min_bits"]) > bits_rank(r["true_min_bits"]) for r in both)
+    return {"n": len(both), "same": same, "real_higher": real_higher, "real_lower": len(both) - same - real_higher}
+
+
+def summary_by_family(results: list) -> dict:
+    out = {}
+    for r in results:
+        f = out.setdefault(family(r), {"n": 0, "thresholds": {}})
+        f["n"] += 1
+        t = str(truth(r))
+        f["thresholds"][t] = f["thresholds"].get(t, 0) + 1
+    return out

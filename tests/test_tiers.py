@@ -1,0 +1,112 @@
+"""The study's two tiers (qtools/calibrate/tiers.py) on synthetic fine-tunes whose answers are
+known, and a study refitted from its results directory alone."""
+
+import io
+import json
+
+from test_calibrate import family_result, moving_families
+
+from qtools.calibrate import run, tiers
+from qtools.calibrate.grid import BITS
+
+
+def with_probe(r, keeps_down_to, margins_at: dict, real=None):
+    """r with a probe whose verdict passes at keeps_down_to and above, and per bit-width the
+    margins of its 4 decisions (all right at float)."""
+    by_bits = {str(b): {"verdict": "pass" if b >= keeps_down_to else "fail"} for b in BITS}
+    cases = {"float": {"correct": "1111", "margin": [2.0] * 4}}
+    for b in BITS:
+        cases[str(b)] = {"correct": "1111", "critical": "0000", "margin": [margins_at.get(b, 2.0)] * 4}
+    r["probe"] = {"predicted_min_bits": keeps_down_to, "by_bits": by_bits, "cases": cases, "seconds": 1.0}
+    if real is not None:
+        r["real"], r["real_min_bits"] = real, r["true_min_bits"] if "t" not in real else real["t"]
+    return r
+
+
+def test_truth_is_the_real_models_threshold_where_measured():
+    r = family_result(0, "ga", 4, 12.0)
+    assert tiers.truth(r) == 4
+    r["real"], r["real_min_bits"] = {"4": {}}, 5
+    assert tiers.truth(r) == 5
+    r["real_min_bits"] = None  # measured: nothing survives
+    assert tiers.truth(r) is None
+
+
+def test_bracket_held_out_settles_a_statistic_that_follows_the_family():
+    """delta_to_noise crosses 10 at each fine-tune's threshold, whatever its family: fitted on two
+    families, the bracket settles the third exactly, never optimistic, nothing left to the probe."""
+    results = moving_families()
+    w = tiers.weights_tier(results)
+    assert w["held_out"] == {"n": 9, "optimistic": 0, "exact": 9, "settled": 9, "wrongly_lost": 0,
+                             "exact_rate": 1.0, "mean_between": 0.0}
+    for r in results:
+        a, b = w["predictions"][r["id"]]
+        assert a == r["true_min_bits"] and b == max(x for x in BITS if x < a)
+
+
+def test_bracket_is_never_optimistic_on_what_it_was_fitted_on_and_leaves_overlap_between():
+    """Two fine-tunes show the same statistic at a bit-width one keeps and the other loses: no
+    threshold separates them, so the bracket leaves that bit-width to the probe for both."""
+    results = moving_families()
+    odd = family_result(20, "gd", 5, 40.0)  # loses 4 bits at a value above what one of ga's keeps it at (12)
+    for d in (odd["summary"]["4"], odd["layers"][0]["by_bits"]["4"]):
+        d["delta_to_noise"] = 13.0
+    results.append(odd)
+    br = tiers.fit_bracket_on(results, "delta_to_noise", "weighted")
+    preds = [(br.predict(r), r["true_min_bits"]) for r in results]
+    s = tiers.judge_brackets(preds)
+    assert s["optimistic"] == 0 and s["wrongly_lost"] == 0
+    a, b = br.predict(odd)
+    assert a == 5 and b == 3  # 4 bits is left between
+    assert s["mean_between"] > 0
+
+
+def test_judge_brackets_counts():
+    pairs = [((4, 3), 4), ((4, 2), 4), ((5, None), 6), ((None, 6), None), ((6, 5), 5)]
+    s = tiers.judge_brackets(pairs)
+    assert (s["optimistic"], s["exact"], s["settled"], s["wrongly_lost"]) == (1, 3, 1, 1)
+    # left between: none; 3; 2 3 4; 8 (no bit-width settled as kept); none
+    assert s["mean_between"] == (0 + 1 + 3 + 1 + 0) / 5
+
+
+def test_probe_margin_removes_the_optimism_of_thin_verdicts():
+    """The probe's verdict passes one bit-width below the threshold on every family, but there
+    its decisions are within 0.1 of flipping; at the threshold they are 1.0 away. A margin
+    fitted on the other families never lets the held-out one through one bit-width too low."""
+    results = []
+    for r in moving_families():
+        t = r["true_min_bits"]
+        results.append(with_probe(r, t - 1, {t - 1: 0.1, t: 1.0}))
+    p = tiers.probe_tier(results)
+    assert p["raw"]["optimistic"] == 9 and p["raw"]["exact"] == 0
+    assert p["held_out"] == {"n": 9, "exact": 9, "optimistic": 0, "pessimistic": 0, "exact_rate": 1.0,
+                             "worst_optimistic_steps": 0}
+    assert all(0.1 < f["margin"] <= 1.0 for f in p["folds"])
+
+
+def test_probe_needs_no_margin_when_its_verdicts_are_never_optimistic():
+    results = [with_probe(r, r["true_min_bits"], {}) for r in moving_families()]
+    p = tiers.probe_tier(results)
+    assert p["margin"] is None and p["held_out"]["exact"] == 9 and p["raw"]["exact"] == 9
+
+
+def test_a_study_refits_from_its_results_directory_alone(tmp_path):
+    """No base, adapter or work directory: the per-fine-tune results (what the repository keeps)
+    are the whole study; families are matched by name, runs by their recipe."""
+    grid = [dict(rank=8, keys=["self_attn.q_proj"], lr=1e-3, seed=1, checkpoints=[200],
+                 scale_multipliers={"200": [2.0]})]
+    fams = [{"name": n, "base": {}, "task": "demo", "bar": 0.95} for n in ("ga", "gb")]
+    results_dir = tmp_path / "results"
+    for k, fam in enumerate(("ga", "gb")):
+        for i, ft in enumerate(run._run_ids(fam, grid[0])):
+            r = family_result(10 * k + i, fam, 4 + k, 12.0)
+            r.update(id=ft, format=run.CACHE_FORMAT, tensors=[])
+            (results_dir / fam).mkdir(parents=True, exist_ok=True)
+            (results_dir / f"{ft}.json").write_text(json.dumps(r))
+    from pathlib import Path
+
+    suite = Path(__file__).resolve().parents[1] / "suites" / "demo.jsonl"
+    got = run.run_grid(suite, tmp_path / "work", fams, grid, from_cache=True, log=io.StringIO(),
+                       results_dir=results_dir)
+    assert sorted(r["id"] for r in got) == sorted(ft for f in ("ga", "gb") for ft in run._run_ids(f, grid[0]))
+    assert not (tmp_path / "work" / "bases").exists() or not any((tmp_path / "work" / "bases").iterdir())
