@@ -434,3 +434,26 @@ def test_quantized_base_is_dequantized_like_mlx_lm_fuse(tmp_path):
     assert via_base["summary"]["8"]["cosine"] > 0.9
     for key in ("delta_retention", "cosine"):
         assert via_base["summary"]["4"][key] == pytest.approx(via_adapter["summary"]["4"][key], rel=0.05, abs=0.02)
+
+
+def test_the_calibrated_bracket_is_reported_and_leaves_the_rest_to_the_probe(trio, tmp_path, monkeypatch):
+    """With a study's bracket in the rule file, delta-survival says what the weights settle
+    (survives at >= a, rounded away at <= b) and which bit-widths it hands the probe."""
+    import qtools.survival.rule as R
+
+    _, adapter, fused = trio
+    before = survival_json(fused, "--adapter", adapter, "--bits", 2, 3, 4, 5, 6, 8)
+    assert "bracket" not in before  # the shipped rule file has no bracket yet
+    cos = {b: before["summary"][str(b)]["cosine"] for b in (2, 3, 4, 5, 6, 8)}
+    assert cos[2] < cos[3] < cos[4] < cos[5] < cos[6] < cos[8]
+    rule = json.loads(R.RULE_FILE.read_text())
+    rule["bracket"] = {"statistic": "cosine", "aggregate": "weighted", "survive": (cos[5] + cos[6]) / 2,
+                       "lost": (cos[3] + cos[4]) / 2}
+    path = tmp_path / "rule.json"
+    path.write_text(json.dumps(rule))
+    monkeypatch.setattr(R, "RULE_FILE", path)
+    rep = survival_json(fused, "--adapter", adapter, "--bits", 2, 3, 4, 5, 6, 8)
+    assert rep["bracket"]["survives_at"] == 6 and rep["bracket"]["rounded_away_at"] == 3
+    assert rep["bracket"]["probe"] == [4, 5]
+    res = run("delta-survival", fused, "--adapter", adapter, "--bits", 2, 3, 4, 5, 6, 8)
+    assert "survives at >= 6, rounded away at <= 3, probe between: qtools probe MODEL --bits 4 5" in res.output

@@ -16,9 +16,8 @@ measured, else the fake-quantized one.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
-from ..survival.rule import AGGREGATES, smallest_surviving
+from ..survival.rule import AGGREGATES, Bracket, smallest_surviving
 from .fit import STATISTICS, bits_rank, constant_guess, family, folds, rule_input, score_predictions
 from .grid import BITS
 
@@ -36,31 +35,9 @@ def _steps(a, b, bits_list=BITS) -> int:
 
 # ----------------------------------------------------------------------------- weights tier
 
-@dataclass(frozen=True)
-class Bracket:
-    """delta-survival's never-optimistic answer: survives at >= a, rounded away at <= b."""
-    statistic: str
-    aggregate: str
-    survive: float  # a bit-width (and every larger one) with the statistic above this is kept
-    lost: float  # a bit-width (and every smaller one) with the statistic at most this is lost
-
-    def values(self, r: dict, bits_list=BITS) -> dict:
-        return {b: rule_input(r, b, self.statistic, self.aggregate) for b in bits_list}
-
-    def predict(self, r: dict, bits_list=BITS) -> tuple:
-        """(a, b): a the smallest bit-width settled as kept (None: none), b the largest settled as
-        lost (None: none)."""
-        v = self.values(r, bits_list)
-        a = smallest_surviving(bits_list, lambda x: v[x] is not None and v[x] > self.survive)
-        b = None
-        for x in sorted(bits_list):
-            if v[x] is None or v[x] > self.lost or (a is not None and x >= a):
-                break
-            b = x
-        return a, b
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+def predict_bracket(br: Bracket, r: dict, bits_list=BITS) -> tuple:
+    """Bracket.settle on a result's (memoized) statistics."""
+    return br.settle(lambda b: rule_input(r, b, br.statistic, br.aggregate), bits_list)
 
 
 def _finite(x) -> bool:
@@ -119,7 +96,7 @@ def choose_bracket(train: list, bits_list=BITS) -> Bracket | None:
                 br = fit_bracket_on(rest, stat, agg, bits_list) if len(inner) > 1 else None
                 if br is None:
                     continue
-                pairs += [(br.predict(r, bits_list), truth(r)) for r in held]
+                pairs += [(predict_bracket(br, r, bits_list), truth(r)) for r in held]
             s = judge_brackets(pairs, bits_list)
             key = (-s["optimistic"], -s["wrongly_lost"], -s["mean_between"], s["exact"])
             if best is None or key > best[0]:
@@ -133,7 +110,7 @@ def weights_tier(results: list, bits_list=BITS) -> dict:
     pairs, rows, predictions = [], [], {}
     for name, train, test in folds(results):
         br = choose_bracket(train, bits_list)
-        fold = [((None, None) if br is None else br.predict(r, bits_list), truth(r)) for r in test]
+        fold = [((None, None) if br is None else predict_bracket(br, r, bits_list), truth(r)) for r in test]
         for r, (p, _t) in zip(test, fold):
             predictions[r["id"]] = p
         pairs += fold

@@ -110,6 +110,14 @@ def delta_survival_cmd(model, adapter, base, bits, group_size, as_json, output, 
     tag = " (PROVISIONAL: confirm with make validate)" if rule.get("provisional") else ""
     agg = rule.get("aggregate", "weighted").replace("_", " ")
     click.echo(f"\nRule: survives when {rule['statistic']} ({agg}) >= {rule['min']:.4g}{tag}; {rule['evidence']}")
+    br = report.get("bracket")
+    if br is not None:
+        a, b = br["survives_at"], br["rounded_away_at"]
+        parts = [f"survives at >= {a}" if a is not None else "no bit-width settled as surviving",
+                 f"rounded away at <= {b}" if b is not None else "none settled as rounded away"]
+        between = " ".join(str(x) for x in br["probe"])
+        parts.append(f"probe between: qtools probe MODEL --bits {between}" if between else "nothing left to the probe")
+        click.echo(f"Bracket (never optimistic on the calibration's held-out families): {', '.join(parts)}")
     if pm is None:
         click.echo("Predicted minimum bit-width: none of the requested bit-widths keeps the delta.")
     else:

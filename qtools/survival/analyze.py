@@ -23,7 +23,7 @@ from ..io.adapters import Adapter, LowRankDelta
 from ..io.fused import FusedView
 from ..io.modeldir import PROVENANCE, read_provenance
 from ..io.weights import FLOAT_DTYPES, SafetensorsModel
-from .rule import Rule
+from .rule import Bracket, Rule
 
 SNR_CAP = 1e9
 KIND_PATTERNS = [
@@ -525,6 +525,11 @@ def analyze(
         report["threshold"] = rule.to_dict()
         report["verdict"] = verdict
         report["predicted_min_bits"] = predicted
+        bracket = Bracket.load()
+        if bracket is not None and summary[str(max(bits))].get(bracket.statistic) is not None:
+            a, b = bracket.predict(summary, layers, bits)
+            report["bracket"] = {"survives_at": a, "rounded_away_at": b, "rule": bracket.to_dict(),
+                                 "probe": [x for x in bits if (b is None or x > b) and (a is None or x < a)]}
         report["weakest_layers"] = _weakest_layers(layers, bits, rule.statistic)
     for t in tensors:
         for k in ("_n", "_w2", "_d2"):
