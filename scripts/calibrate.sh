@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# Calibrate delta-survival against behaviour: build the families' bases (one shared pretraining
-# per recipe), train a grid of fine-tunes on each, measure each one's behavioural threshold,
-# judge the rule leave-one-family-out, write docs/calibration.md and qtools/survival/calibration.json.
-# Resumable (cached per fine-tune in models/calibration). TASK=agent (or access): the same
-# families on that task (qtools/demo/tasks.py), measured on suites/<task>.jsonl.
+# The calibration study (docs/calibration.md): build the families' bases (one shared pretraining per
+# recipe), train a grid of fine-tunes on each, measure each usable one's threshold with fake and
+# real quantized models and the probe, judge both tiers leave-one-family-out; writes
+# docs/calibration.md and qtools/survival/calibration.json (rule and bracket).
+# Resumable: each fine-tune's result is kept in calibration/results/ (committed: a session cut
+# short loses nothing measured), models and adapters in models/calibration. FROM_CACHE=1 refits
+# from calibration/results alone (under a minute). TASK=demo|agent|access: the earlier
+# calibration (five recipes on one task, fake quantization only) instead of the study.
 set -euo pipefail
 QTOOLS=${QTOOLS:-.venv/bin/qtools}
-"$QTOOLS" calibrate --suite "${SUITE:-suites/demo.jsonl}" --jobs "${JOBS:-2}" ${TASK:+--task "$TASK"}
+if [ -n "${TASK:-}" ]; then
+  exec "$QTOOLS" calibrate --suite "${SUITE:-suites/demo.jsonl}" --jobs "${JOBS:-2}" --task "$TASK" \
+    ${FROM_CACHE:+--from-cache}
+fi
+exec "$QTOOLS" calibrate --study --jobs "${JOBS:-2}" ${FAMILY:+--family $FAMILY} ${FROM_CACHE:+--from-cache}

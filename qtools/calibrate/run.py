@@ -182,7 +182,7 @@ def _run_one(args) -> list[dict]:
      opts) = args
     log = sys.stderr
     results_dir = Path(opts["results"]) if opts.get("results") else None
-    if results_dir is not None and base_dir is None:  # refit from the results alone
+    if results_dir is not None and (from_cache or base_dir is None):  # refit from the results alone
         return _stored_results(results_dir, family, run, bits_list, min_accuracy, opts["bar"], log)
     run_dir = Path(run_dir)
     suite_obj = load_suite(suite_path)
