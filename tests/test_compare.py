@@ -259,3 +259,26 @@ def test_a_retention_log_with_wrongly_typed_fields_is_one_error(logs, tmp_path, 
                                "kl": {"mean": 0.1}, "created": "2026-01-01T00:00:00", **change}))
     line = one_error(run("compare", *logs, ret))
     assert line.startswith(f"Error: {ret}: field {next(iter(change))!r} is ")
+
+
+def test_compare_says_what_each_tier_has_earned_and_the_bracket(logs, tmp_path, monkeypatch):
+    """Beside the prediction's agreement with behaviour: delta-survival's bracket, and what each
+    tier earned held out by family in the study (the rule file's "study"), or that it was not judged."""
+    import qtools.survival.rule as R
+
+    surv = tmp_path / "survival.json"
+    surv.write_text(json.dumps(dict(SURVIVAL, bracket={"survives_at": 6, "rounded_away_at": 3, "probe": [4, 5]})))
+    monkeypatch.setattr(R, "RULE_FILE", tmp_path / "none.json")
+    r = run("compare", *logs, "--survival", surv)
+    assert r.exit_code == 0, r.output
+    assert "bracket: survives at >= 6, rounded away at <= 3" in r.output
+    assert "not judged by the calibration study yet" in r.output
+    study = {"weights_held_out": {"n": 70, "exact": 50, "optimistic": 0, "mean_between": 1.4},
+             "probe_held_out": {"n": 70, "exact": 67, "optimistic": 0}, "constant_held_out": {"n": 70, "exact": 20,
+                                                                                           "optimistic": 30},
+             "goals_met": False}
+    (tmp_path / "rule.json").write_text(json.dumps({"statistic": "cosine", "min": 0.5, "study": study}))
+    monkeypatch.setattr(R, "RULE_FILE", tmp_path / "rule.json")
+    r = run("compare", *logs, "--survival", surv)
+    assert "PROVISIONAL" in r.output and "weights bracket 50/70 exact, 0 optimistic, 1.4 bit-widths" in r.output
+    assert "probe 67/70 exact, 0 optimistic; constant guess 20/70 exact, 30 optimistic" in r.output

@@ -288,6 +288,7 @@ def compare_suite(logs: list, surv: dict | None, c: Criteria, retention: list | 
         "not_monotone": [log["model"] for log in failing_bigger],
         "recommendation_above_failures": monotone,
         "predicted_min_bits": surv.get("predicted_min_bits") if surv else None,
+        "bracket": surv.get("bracket") if surv else None,
         "survival_agreement": agreement,
         "min_category": c.min_category,
     }
@@ -371,6 +372,13 @@ def format_comparison(result: dict) -> str:
                              a["predicted"], a["observed"], agree])
             out.append(tabulate(rows, headers=["bits", "model", "delta_retention", *extra, "predicted", "observed", "agree"],
                                 tablefmt="github"))
+            if comp.get("bracket"):
+                a, b = comp["bracket"]["survives_at"], comp["bracket"]["rounded_away_at"]
+                out.append(f"delta-survival's bracket: survives at >= {a if a is not None else '(none settled)'}, "
+                           f"rounded away at <= {b if b is not None else '(none settled)'}")
+            from ..survival.rule import tier_evidence
+
+            out.append(tier_evidence())
         out.append("")
     return "\n".join(out).rstrip()
 

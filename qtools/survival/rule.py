@@ -137,6 +137,22 @@ class Bracket:
         return self.settle(lambda b: rule.value(summary, layers, b), bits)
 
 
+def tier_evidence(path: str | Path | None = None) -> str:
+    """What each prediction tier has earned, held out by family in the calibration study (the rule
+    file's "study"), in one line for compare and the reports."""
+    try:
+        st = json.loads(Path(path or RULE_FILE).read_text())["study"]
+        w, p, c = st["weights_held_out"], st["probe_held_out"], st["constant_held_out"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return ("What the tiers have earned: not judged by the calibration study yet (make calibrate); "
+                "confirm every prediction with make sweep.")
+    flag = "" if st.get("goals_met") else " PROVISIONAL (docs/calibration.md: goals not met);"
+    return (f"What the tiers have earned, held out by family (docs/calibration.md):{flag} weights bracket "
+            f"{w['exact']}/{w['n']} exact, {w['optimistic']} optimistic, {w['mean_between']:.1f} bit-widths left to "
+            f"the probe; probe {p['exact']}/{p['n']} exact, {p['optimistic']} optimistic; constant guess "
+            f"{c['exact']}/{c['n']} exact, {c['optimistic']} optimistic.")
+
+
 PROVISIONAL = Rule("subspace_snr", "weighted", 1.0, True,
                    "not yet calibrated against behaviour (see README: Prediction threshold)")
 FALLBACK = Rule("cosine", "weighted", 0.5, True,
