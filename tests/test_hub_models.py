@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
 from qtools.cli import cli
-from qtools.demo.model import qwen3_config
-from qtools.demo.tokenizer import build_tokenizer, save_tokenizer
+from qtools.demo.model import build_model, qwen3_config, qwen3_moe_config, save_model_dir
+from qtools.demo.tokenizer import build_tokenizer
 
 BITS = ("2", "3", "4", "5", "6", "8")
 
@@ -29,48 +29,17 @@ def survival(*args):
 
 
 def moe_config(vocab, eos, layers=2, experts=4):
-    return {
-        "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"],
-        "hidden_size": 64, "num_hidden_layers": layers, "intermediate_size": 128,
-        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32,
-        "num_experts": experts, "num_experts_per_tok": 2, "decoder_sparse_step": 1, "mlp_only_layers": [],
-        "moe_intermediate_size": 64, "norm_topk_prob": True, "rms_norm_eps": 1e-6, "vocab_size": vocab,
-        "rope_theta": 10000.0, "tie_word_embeddings": True, "max_position_embeddings": 512,
-        "eos_token_id": eos, "torch_dtype": "bfloat16",
-    }
+    return qwen3_moe_config(64, layers, vocab, eos, num_experts=experts, num_experts_per_tok=2,
+                            moe_intermediate_size=64, intermediate_size=128)
 
 
 def save_hub(path, config, seed, shards=3):
     """A random-init mlx-lm model written as the Hub ships it: bfloat16, sharded with
     model.safetensors.index.json, experts un-stacked (mlx-lm's sanitize() stacks them on load)."""
-    from mlx_lm.utils import _get_classes
-
-    model_cls, args_cls = _get_classes(config)
     mx.random.seed(seed)
-    model = model_cls(args_cls.from_dict(config))
-    weights = {}
-    for k, v in tree_flatten(model.parameters()):
-        if ".switch_mlp." in k:  # (E, out, in) -> experts.E.<proj>.weight
-            pre, leaf = k.split(".switch_mlp.")
-            for e in range(v.shape[0]):
-                weights[f"{pre}.experts.{e}.{leaf}"] = v[e]
-        else:
-            weights[k] = v
-    weights.pop("lm_head.weight", None)
-    weights = {k: v.astype(mx.bfloat16) for k, v in weights.items()}
     path.mkdir(parents=True)
-    names = sorted(weights)
-    weight_map = {}
-    for i, part in enumerate(np.array_split(np.array(names, dtype=object), shards)):
-        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        mx.save_safetensors(str(path / fname), {n: weights[n] for n in part}, metadata={"format": "pt"})
-        weight_map.update({n: fname for n in part})
-    total = sum(v.nbytes for v in weights.values())
-    (path / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    (path / "config.json").write_text(json.dumps(config))
-    tok = build_tokenizer()
-    save_tokenizer(tok, path)
+    save_model_dir(build_model(config), config, build_tokenizer(), path, dtype=config["torch_dtype"], layout="hub",
+                   shards=shards)
     return path
 
 

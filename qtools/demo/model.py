@@ -1,10 +1,13 @@
-"""Tiny Qwen3 model directories for the demo and for tests.
+"""Tiny Qwen3 (dense and MoE) model directories for the demo, the calibration study and tests.
 
 `make_tiny_model` and `make_tiny_adapter` are fixtures other tests use: they
 write, in well under a second, a random-init mlx-lm model dir (with the demo
 tokenizer) and a random LoRA/DoRA adapter dir in mlx-lm's own format.
+`save_model_dir(..., layout="hub")` writes a model as the Hugging Face Hub ships
+it instead (shards with an index, MoE experts one tensor each).
 """
 
+import importlib
 import json
 from pathlib import Path
 
@@ -40,21 +43,85 @@ def qwen3_config(hidden_size, num_layers, vocab_size, eos_token_id, intermediate
     }
 
 
+def qwen3_moe_config(hidden_size, num_layers, vocab_size, eos_token_id, num_experts=8, num_experts_per_tok=2,
+                     moe_intermediate_size=None, intermediate_size=None, head_dim=32, tie_word_embeddings=True,
+                     dtype="bfloat16"):
+    """Qwen3-30B-A3B's architecture at a tiny size: every layer a sparse MoE block (a router
+    `mlp.gate` over `num_experts` SwiGLU experts, the top `num_experts_per_tok` mixed with
+    renormalised weights). intermediate_size only sizes the dense MLP of an mlp_only layer
+    (none here); the experts are moe_intermediate_size wide (hidden_size by default)."""
+    return {
+        **qwen3_config(hidden_size, num_layers, vocab_size, eos_token_id, intermediate_size=intermediate_size,
+                       head_dim=head_dim, tie_word_embeddings=tie_word_embeddings, dtype=dtype),
+        "model_type": "qwen3_moe",
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "num_experts": num_experts,
+        "num_experts_per_tok": num_experts_per_tok,
+        "moe_intermediate_size": moe_intermediate_size or hidden_size,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "norm_topk_prob": True,
+    }
+
+
 def build_model(config):
-    from mlx_lm.models import qwen3
+    """The mlx-lm model class of config's model_type (qwen3, qwen3_moe), randomly initialised."""
+    arch = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
+    return arch.Model(arch.ModelArgs.from_dict(config))
 
-    return qwen3.Model(qwen3.ModelArgs.from_dict(config))
+
+def layout_of(path) -> str:
+    """The layout save_model_dir wrote a directory in: "hub" when sharded with an index, else "mlx"."""
+    return "hub" if (Path(path) / "model.safetensors.index.json").is_file() else "mlx"
 
 
-def save_model_dir(model, config, tokenizer, path, dtype="float16"):
-    """Write config.json, model.safetensors (in `dtype`) and the tokenizer files."""
+def hub_weights(weights: dict) -> dict:
+    """mlx-lm's weights under the Hub's names: each stacked switch_mlp tensor (E, out, in) as E
+    tensors experts.E.<proj>.weight, which mlx-lm's sanitize() stacks again on load."""
+    out = {}
+    for name, w in weights.items():
+        if ".switch_mlp." in name:
+            pre, leaf = name.split(".switch_mlp.")
+            out.update({f"{pre}.experts.{e}.{leaf}": w[e] for e in range(w.shape[0])})
+        else:
+            out[name] = w
+    return out
+
+
+def _save_hub_shards(weights: dict, path: Path, shards: int) -> None:
+    """model-0000i-of-0000n.safetensors (names sorted, split into `shards` runs) and
+    model.safetensors.index.json, as the Hub's PyTorch exports are laid out."""
+    names = sorted(weights)
+    shards = min(shards, len(names))
+    weight_map = {}
+    for i, part in enumerate(np.array_split(np.array(names, dtype=object), shards)):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        mx.save_safetensors(str(path / fname), {n: weights[n] for n in part}, metadata={"format": "pt"})
+        weight_map.update({n: fname for n in part})
+    total = sum(w.nbytes for w in weights.values())
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def save_model_dir(model, config, tokenizer, path, dtype="float16", layout="mlx", shards=3):
+    """Write config.json, the weights (in `dtype`) and the tokenizer files.
+
+    layout "mlx": one model.safetensors as mlx-lm saves a small model. "hub": as the Hugging
+    Face Hub ships Qwen3-30B-A3B: `shards` files with model.safetensors.index.json, the MoE
+    experts un-stacked (hub_weights), so readers meet the layout users download.
+    """
+    if layout not in ("mlx", "hub"):
+        raise QtoolsError(f"layout {layout!r} is not supported: use mlx or hub")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     target = _DTYPES[dtype]
     weights = {k: v.astype(target) for k, v in tree_flatten(model.parameters())}
     if config.get("tie_word_embeddings", True):
         weights.pop("lm_head.weight", None)
-    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
+    if layout == "hub":
+        _save_hub_shards(hub_weights(weights), path, shards)
+    else:
+        mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
     save_tokenizer(tokenizer, path)
     with open(path / "config.json", "w") as f:
         json.dump(config, f, indent=2)

@@ -9,6 +9,8 @@ features: the quantization step of every group is set by its outlier.
 Adapter: standard mlx-lm LoRA (`linear_to_lora_layers` + `trainer.train`) at
 a fine-tuning learning rate, on deterministic object labels: it only moves the
 decision boundary, so its delta is a tenth of the 4-bit step or less.
+The calibration study also builds qwen3_moe bases (arch="qwen3_moe": Qwen3-30B-A3B's
+architecture, tiny), saved as the Hub ships them (layout="hub") when asked.
 """
 
 import contextlib
@@ -21,8 +23,9 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 
+from .. import QtoolsError
 from . import data
-from .model import adapter_config, build_model, qwen3_config, save_model_dir
+from .model import adapter_config, build_model, layout_of, qwen3_config, qwen3_moe_config, save_model_dir
 from .tokenizer import build_tokenizer
 
 # The demo's recipe; its measured thresholds are in qtools/demo/__init__.py.
@@ -35,6 +38,15 @@ MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 ALL_LINEAR = ATTENTION + MLP
 ADAPTER = dict(rank=8, scale=4.0, keys=ALL_LINEAR, num_layers=4, iters=100, batch_size=16,
                lr=2e-4, seed=0)
+# LoRA keys of a qwen3_moe layer: the router is a plain Linear; the experts' projections are
+# stacked SwitchLinear layers (mlx-lm's linear_to_lora_layers makes them LoRASwitchLinear).
+MOE_ATTN_ROUTER = ATTENTION + ("mlp.gate",)
+MOE_EXPERTS = ("mlp.switch_mlp.gate_proj", "mlp.switch_mlp.up_proj", "mlp.switch_mlp.down_proj")
+MOE_ALL = MOE_ATTN_ROUTER + MOE_EXPERTS
+# Base architectures (model_type -> config builder) and the dtype each layout is saved in: the
+# Hub ships Qwen3 (dense and MoE) in bfloat16; the demo's mlx layout is float16.
+ARCHS = {"qwen3": qwen3_config, "qwen3_moe": qwen3_moe_config}
+LAYOUT_DTYPE = {"mlx": "float16", "hub": "bfloat16"}
 
 
 def encode_examples(tok, examples):
@@ -102,11 +114,14 @@ def add_outlier_channels(model, config, gain, seed, group_size=64):
     The gain is folded in exactly: q/k/v and gate/up columns are multiplied where
     the preceding RMSNorm weight is divided; o_proj columns where the matching
     v_proj rows are divided; down_proj columns where the matching up_proj rows are.
+    A qwen3_moe layer's router reads the same normed hidden state as its experts, so
+    its columns get the hidden gain too (same logits, same top-k), and each expert
+    gets its own intermediate channels.
     """
     if gain == 1.0:
         return model
     rng = np.random.default_rng(seed + 100)
-    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    hidden = config["hidden_size"]
     hd, nh, nkv = config["head_dim"], config["num_attention_heads"], config["num_key_value_heads"]
 
     def gains(n):
@@ -121,11 +136,21 @@ def add_outlier_channels(model, config, gain, seed, group_size=64):
         for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
             lin.weight = lin.weight * g_hidden[None, :]
         layer.post_attention_layernorm.weight = layer.post_attention_layernorm.weight / g_hidden
-        for lin in (mlp.gate_proj, mlp.up_proj):
-            lin.weight = lin.weight * g_hidden[None, :]
-        g_inter = gains(inter)
-        mlp.down_proj.weight = mlp.down_proj.weight * g_inter[None, :]
-        mlp.up_proj.weight = mlp.up_proj.weight / g_inter[:, None]
+        if hasattr(mlp, "switch_mlp"):  # a sparse MoE block: weights (experts, out, in)
+            mlp.gate.weight = mlp.gate.weight * g_hidden[None, :]
+            experts = mlp.switch_mlp
+            for lin in (experts.gate_proj, experts.up_proj):
+                lin.weight = lin.weight * g_hidden[None, None, :]
+            n_experts, inter = experts.up_proj.weight.shape[:2]
+            g_inter = mx.stack([gains(inter) for _ in range(n_experts)])
+            experts.down_proj.weight = experts.down_proj.weight * g_inter[:, None, :]
+            experts.up_proj.weight = experts.up_proj.weight / g_inter[:, :, None]
+        else:
+            for lin in (mlp.gate_proj, mlp.up_proj):
+                lin.weight = lin.weight * g_hidden[None, :]
+            g_inter = gains(mlp.up_proj.weight.shape[0])
+            mlp.down_proj.weight = mlp.down_proj.weight * g_inter[None, :]
+            mlp.up_proj.weight = mlp.up_proj.weight / g_inter[:, None]
         # One dim of each kv head: its v_proj row, and the o_proj column of every
         # query head that reads it.
         g_v, g_o = np.ones(nkv * hd, np.float32), np.ones(nh * hd, np.float32)
@@ -141,9 +166,13 @@ def add_outlier_channels(model, config, gain, seed, group_size=64):
     return model
 
 
-def _pretrain(hidden_size, num_layers, intermediate_size, seed, iters, batch_size, lr, task="demo"):
+def _pretrain(hidden_size, num_layers, intermediate_size, seed, iters, batch_size, lr, task="demo",
+              arch="qwen3", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=None, dtype="float16"):
     """(model, config, raw tokenizer): the base pretrained on the task's soft-label data, rounded to
-    float16 (held in float32), before any outlier gain."""
+    `dtype` (held in float32), before any outlier gain. Trained in float32 (which MLX's CPU GatherMM,
+    a MoE's expert matmul, needs anyway)."""
+    if arch not in ARCHS:
+        raise QtoolsError(f"arch {arch!r} is not supported: use one of {', '.join(ARCHS)}")
     tok_raw = build_tokenizer(task=task)
     with tempfile.TemporaryDirectory() as tmp:
         # Write the tokenizer once so the HF wrapper (chat template) can load it.
@@ -152,49 +181,60 @@ def _pretrain(hidden_size, num_layers, intermediate_size, seed, iters, batch_siz
         from .tokenizer import save_tokenizer
         save_tokenizer(tok_raw, tmp)
         tok = load_tokenizer(Path(tmp))
-    config = qwen3_config(hidden_size, num_layers, tok_raw.get_vocab_size(),
-                          tok_raw.token_to_id("<|im_end|>"), intermediate_size=intermediate_size)
+    moe = {} if arch == "qwen3" else dict(num_experts=num_experts, num_experts_per_tok=num_experts_per_tok,
+                                          moe_intermediate_size=moe_intermediate_size)
+    config = ARCHS[arch](hidden_size, num_layers, tok_raw.get_vocab_size(), tok_raw.token_to_id("<|im_end|>"),
+                         intermediate_size=intermediate_size, dtype=dtype, **moe)
     mx.random.seed(seed)
     model = build_model(config)
     model.set_dtype(mx.float32)
     examples = encode_examples(tok, data.base_examples(seed, task=task))
     _train(model, examples, iters, batch_size, lr, seed, warmup=max(1, iters // 20))
-    # Round to the stored float16 first, so the outlier gain multiplies the weights
+    # Round to the stored dtype first, so the outlier gain multiplies the weights
     # the model will hold.
-    model.set_dtype(mx.float16)
+    model.set_dtype(getattr(mx, dtype))
     model.set_dtype(mx.float32)
     return model, config, tok_raw
 
 
 def train_base(out_dir, hidden_size, num_layers, intermediate_size, seed, iters, batch_size, lr,
-               outlier_gain=1.0, task="demo"):
-    """Pretrain the base on the task's soft-label data, add the outlier channels, save float16."""
+               outlier_gain=1.0, task="demo", arch="qwen3", num_experts=8, num_experts_per_tok=2,
+               moe_intermediate_size=None, layout="mlx"):
+    """Pretrain the base on the task's soft-label data, add the outlier channels, save it in
+    `layout` (float16 for mlx, bfloat16 for hub)."""
+    dtype = LAYOUT_DTYPE[layout]
     model, config, tok_raw = _pretrain(hidden_size, num_layers, intermediate_size, seed, iters, batch_size, lr,
-                                       task)
+                                       task, arch, num_experts, num_experts_per_tok, moe_intermediate_size, dtype)
     add_outlier_channels(model, config, outlier_gain, seed)
-    save_model_dir(model, config, tok_raw, out_dir, dtype="float16")
+    save_model_dir(model, config, tok_raw, out_dir, dtype=dtype, layout=layout)
     return out_dir
 
 
 def pretrain_base(out_dir, hidden_size, num_layers, intermediate_size, seed, iters, batch_size, lr, task="demo",
+                  arch="qwen3", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=None, layout="mlx",
                   **_):
     """train_base without the outlier gain: the expensive part, shared by bases that differ
     only in gain (with_outlier_gain makes each; the gain does not change the function)."""
+    dtype = LAYOUT_DTYPE[layout]
     model, config, tok_raw = _pretrain(hidden_size, num_layers, intermediate_size, seed, iters, batch_size, lr,
-                                       task)
-    save_model_dir(model, config, tok_raw, out_dir, dtype="float16")
+                                       task, arch, num_experts, num_experts_per_tok, moe_intermediate_size, dtype)
+    save_model_dir(model, config, tok_raw, out_dir, dtype=dtype, layout=layout)
     return out_dir
 
 
 def with_outlier_gain(pretrained_dir, out_dir, outlier_gain, seed, task="demo"):
-    """The base train_base(..., outlier_gain) saves, from pretrain_base's output (same seed):
-    bit-identical, since pretrain_base stores exactly the float16 values the gain multiplies."""
-    config = json.loads((Path(pretrained_dir) / "config.json").read_text())
-    model = build_model(config)
-    model.load_weights(str(Path(pretrained_dir) / "model.safetensors"))
+    """The base train_base(..., outlier_gain) saves, from pretrain_base's output (same seed), in
+    the same layout and dtype: bit-identical, since pretrain_base stores exactly the values the
+    gain multiplies."""
+    from mlx_lm.utils import load_model
+
+    pretrained_dir = Path(pretrained_dir)
+    config = json.loads((pretrained_dir / "config.json").read_text())
+    model, _ = load_model(pretrained_dir)  # mlx-lm's sanitize() stacks a Hub layout's experts
     model.set_dtype(mx.float32)
     add_outlier_channels(model, config, outlier_gain, seed)
-    save_model_dir(model, config, build_tokenizer(task=task), out_dir, dtype="float16")
+    save_model_dir(model, config, build_tokenizer(task=task), out_dir, dtype=config["torch_dtype"],
+                   layout=layout_of(pretrained_dir))
     return out_dir
 
 
