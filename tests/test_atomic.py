@@ -139,3 +139,18 @@ def test_an_interrupt_between_the_renames_keeps_the_old_output(tmp_path, monkeyp
             (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in out.iterdir()) == ["new.txt"]  # the renames finished first
     assert _leftovers(tmp_path) == []
+
+
+def test_gzipped_json_records_are_deterministic_and_read_back(tmp_path):
+    """A .gz record (the calibration study's per-fine-tune results, kept under version control):
+    the same object gives the same bytes, and it reads back; a damaged one reads as None."""
+    from qtools.io.atomic import read_json_or_none, write_json_atomic
+
+    obj = {"id": "a/b", "x": [1.5, None, "s"], "n": {"k": 2}}
+    a, b = tmp_path / "a.json.gz", tmp_path / "b.json.gz"
+    write_json_atomic(a, obj)
+    write_json_atomic(b, obj)
+    assert a.read_bytes() == b.read_bytes() and a.read_bytes()[:2] == b"\x1f\x8b"
+    assert read_json_or_none(a) == obj
+    a.write_bytes(a.read_bytes()[:10])
+    assert read_json_or_none(a) is None

@@ -2,12 +2,12 @@
 known, and a study refitted from its results directory alone."""
 
 import io
-import json
 
 from test_calibrate import family_result, moving_families
 
 from qtools.calibrate import run, tiers
 from qtools.calibrate.grid import BITS
+from qtools.io.atomic import write_json_atomic
 
 
 def with_probe(r, keeps_down_to, margins_at: dict, real=None):
@@ -102,7 +102,7 @@ def test_a_study_refits_from_its_results_directory_alone(tmp_path):
             r = family_result(10 * k + i, fam, 4 + k, 12.0)
             r.update(id=ft, format=run.CACHE_FORMAT, tensors=[])
             (results_dir / fam).mkdir(parents=True, exist_ok=True)
-            (results_dir / f"{ft}.json").write_text(json.dumps(r))
+            write_json_atomic(results_dir / f"{ft}.json.gz", r)
     from pathlib import Path
 
     suite = Path(__file__).resolve().parents[1] / "suites" / "demo.jsonl"

@@ -53,7 +53,7 @@ def run_grid(suite_path, work_dir, families=None, grid=None, bits_list=BITS, gro
     each fine-tune with the base quantized and the delta kept exactly (what sets the threshold;
     doubles the measuring time). from_cache: train and measure nothing; use what is cached (a
     refit, or a calibration cut short). results_dir: each fine-tune's result is kept there
-    (<family>/<run>-it<iters>-x<scale>.json; small: a results directory under version control
+    (<family>/<run>-it<iters>-x<scale>.json.gz, ~40 KB: a results directory under version control
     carries a study across machines) instead of beside its adapter in work_dir. truth: also
     measure each usable fine-tune with real quantized models (truth.real_threshold) and the
     probe (truth.probe_prediction). A family's "bar" is the float16 accuracy (and no critical
@@ -215,7 +215,7 @@ def _run_one(args) -> list[dict]:
     results = []
     base_weights = None  # loaded once per run, when a fine-tune first needs them
     for ft_id, cfg, adapter in expand_run(run_dir, run, family):
-        cached = adapter / "result.json" if results_dir is None else results_dir / f"{ft_id}.json"
+        cached = adapter / "result.json" if results_dir is None else results_dir / f"{ft_id}.json.gz"
         res = _cached(cached, ft_id, log)
         if res is not None:
             res = _refreshed(res, bits_list, min_accuracy, opts["bar"])
@@ -314,7 +314,7 @@ def _stored_results(results_dir: Path, family: str, run: dict, bits_list, min_ac
     """The run's fine-tunes found in results_dir, refreshed (_refreshed)."""
     out = []
     for ft_id in _run_ids(family, run):
-        res = _cached(results_dir / f"{ft_id}.json", ft_id, log)
+        res = _cached(results_dir / f"{ft_id}.json.gz", ft_id, log)
         if res is not None:
             out.append(_refreshed(res, bits_list, min_accuracy, bar))
     return out

@@ -342,18 +342,26 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> Path:
-    """Write `obj` as JSON to `path` through a temporary file and a rename."""
+    """Write `obj` as JSON to `path` through a temporary file and a rename; a name ending in .gz is
+    gzipped (compact, no timestamp: the same object gives the same bytes, as a committed record needs)."""
     import json
 
+    if Path(path).suffix == ".gz":
+        import gzip
+
+        data = gzip.compress(json.dumps(obj, separators=(",", ":")).encode(), mtime=0)
+        return write_atomic(path, lambda f: f.write(data))
     return write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def read_json_or_none(path: str | os.PathLike):
-    """A JSON file written by qtools as a cache or record: None when it is missing, unreadable or
-    not JSON (the caller rebuilds it), never a traceback."""
+    """A JSON file written by qtools as a cache or record (gzipped when its name ends in .gz): None
+    when it is missing, unreadable or not JSON (the caller rebuilds it), never a traceback."""
+    import gzip
     import json
 
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
+        raw = Path(path).read_bytes()
+        return json.loads(gzip.decompress(raw) if Path(path).suffix == ".gz" else raw)
+    except (OSError, EOFError, UnicodeDecodeError, ValueError):
         return None
