@@ -110,3 +110,49 @@ def test_a_study_refits_from_its_results_directory_alone(tmp_path):
                        results_dir=results_dir)
     assert sorted(r["id"] for r in got) == sorted(ft for f in ("ga", "gb") for ft in run._run_ids(f, grid[0]))
     assert not (tmp_path / "work" / "bases").exists() or not any((tmp_path / "work" / "bases").iterdir())
+
+
+def _fake_real(monkeypatch, passing: set):
+    """truth.real_behaviour replaced by one that passes exactly at the bit-widths in `passing`."""
+    from qtools.calibrate import truth
+
+    measured = []
+
+    def real_behaviour(fused, suite_path, bits, group_size, out_dir):
+        measured.append(bits)
+        ok = bits in passing
+        return {"accuracy": 0.95 if ok else 0.5, "critical_errors": 0, "format_compliance": 1.0,
+                "bits_per_weight": bits + 0.5, "cases": {"correct": "1", "critical": "0"}, "seconds": 1.0}
+
+    monkeypatch.setattr(truth, "real_behaviour", real_behaviour)
+    return measured
+
+
+def test_real_threshold_measures_the_fake_threshold_and_the_one_below(monkeypatch):
+    from qtools.calibrate.truth import real_threshold
+
+    measured = _fake_real(monkeypatch, {5, 6, 8})
+    real, t = real_threshold("m", "s", BITS, 64, 0.8, 5, "out")
+    assert t == 5 and measured == [5, 4] and set(real) == {"5", "4"}
+
+
+def test_real_threshold_walks_up_where_real_models_fail_above_the_fake_threshold(monkeypatch):
+    from qtools.calibrate.truth import real_threshold
+
+    measured = _fake_real(monkeypatch, {8})
+    _real, t = real_threshold("m", "s", BITS, 64, 0.8, 5, "out")
+    assert t == 8 and measured == [5, 6, 8]
+    measured = _fake_real(monkeypatch, set())
+    _real, t = real_threshold("m", "s", BITS, 64, 0.8, 5, "out")
+    assert t is None and measured == [5, 6, 8]
+
+
+def test_real_threshold_walks_down_where_real_models_pass_below_it(monkeypatch):
+    from qtools.calibrate.truth import real_threshold
+
+    measured = _fake_real(monkeypatch, {3, 4, 5, 6, 8})
+    _real, t = real_threshold("m", "s", BITS, 64, 0.8, 5, "out")
+    assert t == 3 and measured == [5, 4, 3, 2]
+    measured = _fake_real(monkeypatch, set(BITS))
+    _real, t = real_threshold("m", "s", BITS, 64, 0.8, None, "out")  # fake: nothing survives
+    assert t == 2 and measured == [8, 6, 5, 4, 3, 2]
