@@ -2,6 +2,7 @@
 known, and a study refitted from its results directory alone."""
 
 import io
+import json
 
 from test_calibrate import family_result, moving_families
 
@@ -156,3 +157,41 @@ def test_real_threshold_walks_down_where_real_models_pass_below_it(monkeypatch):
     measured = _fake_real(monkeypatch, set(BITS))
     _real, t = real_threshold("m", "s", BITS, 64, 0.8, None, "out")  # fake: nothing survives
     assert t == 2 and measured == [8, 6, 5, 4, 3, 2]
+
+
+def test_the_study_refits_from_its_results_byte_for_byte(tmp_path):
+    """`make calibrate FROM_CACHE=1`: the study's report and rule file from calibration/results
+    alone, the same bytes twice; the report names its goals and stays PROVISIONAL while they fail."""
+    from pathlib import Path
+
+    from qtools.calibrate.grid import study_families, study_grid
+
+    results_dir = tmp_path / "results"
+    fams = [f["name"] for f in study_families()][:3]
+    k = 0
+    for fi, fam in enumerate(fams):
+        for run_ in study_grid()[:2]:
+            for ft in run._run_ids(fam, run_):
+                t = (4, 5, 6)[fi]
+                r = with_probe(family_result(k, fam, t, 12.0 + k % 5, n=288), t, {})
+                r["real"] = {str(t): {"accuracy": 0.96, "critical_errors": 0, "seconds": 10.0,
+                                      "cases": {"correct": "1" * 288, "critical": "0" * 288}}}
+                r["real_min_bits"] = t
+                r["probe"]["seconds"] = 30.0
+                r.update(id=ft, format=run.CACHE_FORMAT)
+                r["behaviour"]["16"]["accuracy"] = 0.97
+                write_json_atomic(results_dir / f"{ft}.json.gz", r)
+                k += 1
+    suite = Path(__file__).resolve().parents[1] / "suites" / "demo.jsonl"
+    outs = []
+    for i in range(2):
+        docs, rule = tmp_path / f"docs{i}", tmp_path / f"rule{i}.json"
+        res = run.calibrate(suite, rule, tmp_path / "work", docs, families=fams, study=True, from_cache=True,
+                            results_dir=results_dir, log=io.StringIO())
+        outs.append(((docs / "calibration.md").read_bytes(), rule.read_bytes()))
+    assert outs[0] == outs[1]
+    text = outs[0][0].decode()
+    assert "PROVISIONAL" in text and "at least 64 usable fine-tunes" in text
+    assert res["study"]["n"] == k and res["fine_tunes"] == k
+    rule = json.loads(outs[0][1])
+    assert rule["provisional"] and rule["bracket"]["statistic"] and rule["study"]["weights_held_out"]["n"] == k

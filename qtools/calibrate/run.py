@@ -283,7 +283,8 @@ def _refreshed(res: dict, bits_list, min_accuracy, bar) -> dict:
     under the current min_accuracy and bar."""
     from ..survival.analyze import reaggregate
 
-    res["summary"], res["layers"] = reaggregate(res["tensors"], bits_list)
+    if res.get("tensors"):  # re-pooled from the per-tensor statistics; a result without them keeps its own
+        res["summary"], res["layers"] = reaggregate(res["tensors"], bits_list)
     res["true_min_bits"] = _threshold(res["behaviour"], bits_list, min_accuracy)
     res["float16_passes"] = passes(res["behaviour"]["16"], min_accuracy)
     res["usable"] = passes(res["behaviour"]["16"], bar) and res["behaviour"]["16"]["critical_errors"] == 0
