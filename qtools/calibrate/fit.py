@@ -221,7 +221,7 @@ def _case_bits(beh: dict, key: str, field: str):
     return np.frombuffer(beh[key]["cases"][field].encode(), dtype=np.uint8) - ord("0")
 
 
-def threshold_distribution(res: dict, bits_list=BITS, min_accuracy: float = DEFAULT_MIN_ACCURACY, size_factor: int = 1,
+def thresholddistribution(res: dict, bits_list=BITS, min_accuracy: float = DEFAULT_MIN_ACCURACY, size_factor: int = 1,
                            draws: int = BOOTSTRAP_DRAWS) -> dict:
     """{threshold: probability} when the suite is re-drawn: its cases resampled with replacement
     (size_factor times as many), one draw judging every bit-width as one suite would.
@@ -250,12 +250,12 @@ def threshold_distribution(res: dict, bits_list=BITS, min_accuracy: float = DEFA
     return {int(v): f / draws for v, f in zip(values, freq)}
 
 
-def _distribution(r, bits_list, min_accuracy, size_factor):
+def distribution(r, bits_list, min_accuracy, size_factor):
     """threshold_distribution, memoized on the result (deterministic: seeded by its id)."""
     memo = r.setdefault("_dists", {})
     key = (tuple(bits_list), min_accuracy, size_factor)
     if key not in memo:
-        memo[key] = threshold_distribution(r, bits_list, min_accuracy, size_factor)
+        memo[key] = thresholddistribution(r, bits_list, min_accuracy, size_factor)
     return memo[key]
 
 
@@ -270,7 +270,7 @@ def reliability(results, test, rule, guess, min_accuracy, bits_list=BITS, size_f
     pred_rule = rule if callable(rule) else (lambda r: predict(r, rule, bits_list))
     pred_const = guess if callable(guess) else (lambda r: guess)
     for f in size_factors:
-        dists = {r["id"]: _distribution(r, bits_list, min_accuracy, f) for r in results}
+        dists = {r["id"]: distribution(r, bits_list, min_accuracy, f) for r in results}
         ceiling_all = sum(max(d.values()) for d in dists.values()) / len(dists)
         ceiling_test = sum(max(dists[i].values()) for i in test_ids) / len(test_ids)
         out["size_factors"][f] = {"ceiling": float(ceiling_all), "ceiling_held_out": float(ceiling_test)}
@@ -338,7 +338,7 @@ def leave_one_family_out(results, min_accuracy, bits_list=BITS) -> dict:
         guess = constant_guess(train)
         for r in test:
             pred_rule[r["id"]], pred_const[r["id"]] = predict(r, rule, bits_list), guess
-        ceiling = sum(max(_distribution(r, bits_list, min_accuracy, 1).values()) for r in test) / len(test)
+        ceiling = sum(max(distribution(r, bits_list, min_accuracy, 1).values()) for r in test) / len(test)
         rows.append({"family": name, "rule": rule, "train": train_score, "held_out": score(test, rule, bits_list),
                      "guess": guess, "constant": score_predictions([(guess, r["true_min_bits"]) for r in test],
                                                                    bits_list),

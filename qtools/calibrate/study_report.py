@@ -9,7 +9,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from ..io.atomic import write_text_atomic
-from .fit import _distribution, bits_rank, family
+from .fit import distribution, bits_rank, family
 from .grid import BITS
 from .tiers import constant_tier, fake_vs_real, probe_tier, truth, weights_tier
 
@@ -23,8 +23,8 @@ GOAL_USABLE = 64
 
 def analyse(usable: list, excluded: list, min_accuracy: float) -> dict:
     """Every number the report shows."""
-    rep = [_distribution(r, BITS, min_accuracy, 1).get(bits_rank(r["true_min_bits"]), 0.0) for r in usable]
-    ceiling = [max(_distribution(r, BITS, min_accuracy, 1).values()) for r in usable]
+    rep = [distribution(r, BITS, min_accuracy, 1).get(bits_rank(r["true_min_bits"]), 0.0) for r in usable]
+    ceiling = [max(distribution(r, BITS, min_accuracy, 1).values()) for r in usable]
     thresholds: dict = {}
     for r in usable:
         thresholds[truth(r)] = thresholds.get(truth(r), 0) + 1
