@@ -9,7 +9,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from ..io.atomic import write_text_atomic
-from .fit import distribution, bits_rank, family
+from .fit import bits_rank, distribution, family
 from .grid import BITS
 from .tiers import constant_tier, fake_vs_real, probe_tier, truth, weights_tier
 
