@@ -188,7 +188,8 @@ def test_the_study_refits_from_its_results_byte_for_byte(tmp_path):
         docs, rule = tmp_path / f"docs{i}", tmp_path / f"rule{i}.json"
         res = run.calibrate(suite, rule, tmp_path / "work", docs, families=fams, study=True, from_cache=True,
                             results_dir=results_dir, log=io.StringIO())
-        outs.append(((docs / "calibration.md").read_bytes(), rule.read_bytes()))
+        outs.append(((docs / "study.md").read_bytes(), (tmp_path / "rule.json").read_bytes()))
+        assert not rule.exists() and not res["rule_replaced"]  # 24 usable: delta-survival's rule is kept
     assert outs[0] == outs[1]
     text = outs[0][0].decode()
     assert "PROVISIONAL" in text and "at least 64 usable fine-tunes" in text

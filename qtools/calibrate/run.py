@@ -36,6 +36,9 @@ from .report import write_report
 # Where the study's per-fine-tune results are kept: in the repository, so a study carries across
 # sessions and machines, and a refit (--from-cache) needs nothing else.
 STUDY_RESULTS = Path("calibration") / "results"
+# The study's fitted rule and bracket with their evidence, beside its results (calibration/rule.json);
+# delta-survival's rule file gets them once the study has the fine-tunes its goals ask for.
+STUDY_RULE = "rule.json"
 
 # What a cached result.json holds (2: the weight statistic is named delta_retention; 3: it
 # records its family); an entry of another format is measured again, not migrated.
@@ -380,7 +383,9 @@ def calibrate(suite_path, rule_file, work_dir="models/calibration", docs_dir="do
         results_dir = STUDY_RESULTS
     # What the hours of work end by writing is checked before them (writable, never the suite).
     docs = Path(docs_dir)
-    for out in (docs / "calibration.md", docs / "calibration.png", Path(rule_file)):
+    outs = (docs / "study.md", Path(results_dir).parent / STUDY_RULE, Path(rule_file)) if study else (
+        docs / "calibration.md", docs / "calibration.png", Path(rule_file))
+    for out in outs:
         check_writable(check_output(out, [suite_path]), file=True)
     check_writable(Path(work_dir) / "bases")
     results = run_grid(suite_path, work_dir, fams, grid, min_accuracy=min_accuracy, jobs=jobs, exact_delta=exact_delta,
@@ -393,7 +398,8 @@ def calibrate(suite_path, rule_file, work_dir="models/calibration", docs_dir="do
     docs.mkdir(parents=True, exist_ok=True)
     suites = {family_task(f): str(family_suite(f, work_dir, suite_path)) for f in fams}
     if study:
-        return _study_outputs(usable, excluded, fams, docs, rule_file, min_accuracy, suites, len(results))
+        return _study_outputs(usable, excluded, fams, docs, rule_file, min_accuracy, suites, len(results),
+                              Path(results_dir).parent / STUDY_RULE)
     s = study(usable, min_accuracy)
     write_report(usable, s, docs / "calibration.md", docs / "calibration.png", min_accuracy, excluded, fams,
                  suites=suites)
@@ -403,26 +409,33 @@ def calibrate(suite_path, rule_file, work_dir="models/calibration", docs_dir="do
             "reliability": s["reliability"], "rule_file": str(rule_file)}
 
 
-def _study_outputs(usable, excluded, fams, docs: Path, rule_file, min_accuracy, suites, n) -> dict:
+def _study_outputs(usable, excluded, fams, docs: Path, rule_file, min_accuracy, suites, n, study_rule: Path) -> dict:
     """The study's report (study_report) and rule file: the point rule fitted on the real
     thresholds, and the bracket delta-survival reports; provisional unless every goal is met."""
     from dataclasses import replace
 
     from .fit import fit
-    from .study_report import write_study_report
+    from .study_report import GOAL_USABLE, write_study_report
     from .tiers import truth
 
-    a = write_study_report(usable, excluded, fams, docs / "calibration.md", min_accuracy, suites)
+    a = write_study_report(usable, excluded, fams, docs / "study.md", min_accuracy, suites)
     rule, train = fit([{**r, "true_min_bits": truth(r)} for r in usable])
     w, p, c = a["weights"], a["probe"], a["constant"]
-    evidence = (f"docs/calibration.md (the study): {len(usable)} usable fine-tunes of {len(a['families'])} families; "
+    evidence = (f"docs/study.md: {len(usable)} usable fine-tunes of {len(a['families'])} families; "
                 f"held out by family the bracket is optimistic for {w['held_out']['optimistic']}/{w['held_out']['n']}, "
                 f"exact for {w['held_out']['exact']}, leaves {w['held_out']['mean_between']:.2f} bit-widths to the probe; "
                 f"probe exact {p['held_out']['exact']}/{p['held_out']['n']}, optimistic {p['held_out']['optimistic']}; "
                 f"constant guess exact {c['exact']}/{c['n']}")
     rule = replace(rule, provisional=not a["goals_met"], evidence=evidence)
-    write_json_atomic(rule_file, {**rule.to_dict(), "bracket": w["bracket"], "study": {
+    record = {**rule.to_dict(), "bracket": w["bracket"], "study": {
         "weights_held_out": w["held_out"], "probe_held_out": p["held_out"], "probe_margin": p["margin"],
-        "constant_held_out": c, "goals_met": a["goals_met"]}})
+        "constant_held_out": c, "goals_met": a["goals_met"], "usable": len(usable)}}
+    write_json_atomic(study_rule, record)
+    # delta-survival's rule changes only on a study of the size its goals ask: a few fine-tunes of a
+    # study cut short would replace a rule fitted on more
+    replaced = len(usable) >= GOAL_USABLE
+    if replaced:
+        write_json_atomic(rule_file, record)
     return {"rule": rule.to_dict(), "train": train, "held_out": w["held_out"], "fine_tunes": n,
-            "families": [f["name"] for f in fams], "constant": c, "study": a, "rule_file": str(rule_file)}
+            "families": [f["name"] for f in fams], "constant": c, "study": a,
+            "rule_file": str(rule_file if replaced else study_rule), "rule_replaced": replaced}

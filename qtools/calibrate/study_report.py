@@ -1,4 +1,4 @@
-"""docs/calibration.md for the study (`qtools calibrate --study`): the fine-tunes, how reliable
+"""docs/study.md for the study (`qtools calibrate --study`): the fine-tunes, how reliable
 their thresholds are, both tiers held out by family against the constant guess and the ceiling,
 and which goals are met."""
 
@@ -77,7 +77,7 @@ def write_study_report(usable: list, excluded: list, fams: list, path, min_accur
     a = analyse(usable, excluded, min_accuracy)
     g = goals(a)
     met = all(ok for _, _, ok in g)
-    lines = ["# Calibration: the study", ""]
+    lines = ["# The calibration study", ""]
     lines += [("All goals are met." if met else "**PROVISIONAL**: the goals marked no below are not met; "
                "until they are, confirm every prediction with `make sweep`."), ""]
     lines += ["Written by `qtools calibrate --study` (`make calibrate`) from the per-fine-tune results in "

@@ -51,7 +51,9 @@ def calibrate_cmd(suite, work_dir, docs_dir, min_accuracy, jobs, families, task,
     if "study" in res:
         for g in res["study"]["goals"]:
             click.echo(f"{'met    ' if g['met'] else 'NOT MET'}  {g['goal']}: {g['measured']}")
-        click.echo(f"Report: {docs_dir}/calibration.md; rule and bracket: {res['rule_file']}")
+        click.echo(f"Report: {docs_dir}/study.md; rule and bracket: {res['rule_file']}"
+                   + ("" if res["rule_replaced"] else " (delta-survival's rule file unchanged: the study has fewer "
+                                                      "usable fine-tunes than its goal)"))
         return
     r, t, h = res["rule"], res["train"], res["held_out"]
     click.echo(f"Rule: {r['statistic']} ({r['aggregate']}) >= {r['min']:.4g}")

@@ -97,7 +97,7 @@ class Rule:
 
 @dataclass(frozen=True)
 class Bracket:
-    """The weights tier's never-optimistic answer (`make calibrate` fits it: docs/calibration.md):
+    """The weights tier's never-optimistic answer (`make calibrate` fits it: docs/study.md):
     a bit-width survives, with every larger one, where the statistic is above `survive` (no
     calibration fine-tune lost a bit-width at a value that high); it is rounded away, with every
     smaller one, where the statistic is at most `lost` (below every value at which one survived).
@@ -146,8 +146,8 @@ def tier_evidence(path: str | Path | None = None) -> str:
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         return ("What the tiers have earned: not judged by the calibration study yet (make calibrate); "
                 "confirm every prediction with make sweep.")
-    flag = "" if st.get("goals_met") else " PROVISIONAL (docs/calibration.md: goals not met);"
-    return (f"What the tiers have earned, held out by family (docs/calibration.md):{flag} weights bracket "
+    flag = "" if st.get("goals_met") else " PROVISIONAL (docs/study.md: goals not met);"
+    return (f"What the tiers have earned, held out by family (docs/study.md):{flag} weights bracket "
             f"{w['exact']}/{w['n']} exact, {w['optimistic']} optimistic, {w['mean_between']:.1f} bit-widths left to "
             f"the probe; probe {p['exact']}/{p['n']} exact, {p['optimistic']} optimistic; constant guess "
             f"{c['exact']}/{c['n']} exact, {c['optimistic']} optimistic.")
