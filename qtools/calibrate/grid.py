@@ -77,16 +77,17 @@ def study_grid() -> list[dict]:
     4 runs x 4 scales = 16 fine-tunes a family. Modules are named for dense models (keys_for maps
     them onto qwen3_moe)."""
     runs = [
-        dict(rank=8, keys=ALL_LINEAR, lr=1e-3, seed=1, checkpoints=[200]),
+        dict(rank=8, keys=ALL_LINEAR, lr=1e-3, seed=1, checkpoints=[200], scales=[0.75, 1.5, 2.0]),
         # attention alone learns slower (on qwen3_moe at lr 1e-3, 200 iterations: 99.3% but one
-        # VETO->APPROVE; at 2e-3: 92.7%, 11): trained longer, not harder
-        dict(rank=16, keys=ATTENTION, lr=1e-3, seed=3, checkpoints=[300]),
-        dict(rank=16, keys=MLP, lr=1e-3, seed=2, checkpoints=[200]),
-        dict(rank=4, keys=ALL_LINEAR, lr=1.5e-3, seed=4, checkpoints=[200]),
+        # VETO->APPROVE; at 2e-3: 92.7%, 11): trained longer, not harder. The first run's x1.5 and
+        # x2 overshoot (agent: float16 at 73-94%, below the bar): the others vary the scale nearer 1.
+        dict(rank=16, keys=ATTENTION, lr=1e-3, seed=3, checkpoints=[300], scales=[0.75, 0.9, 1.25]),
+        dict(rank=16, keys=MLP, lr=1e-3, seed=2, checkpoints=[300], scales=[0.75, 0.9, 1.25]),
+        dict(rank=4, keys=ALL_LINEAR, lr=1.5e-3, seed=4, checkpoints=[300], scales=[0.75, 0.9, 1.25]),
     ]
     for r in runs:
         r["keys"] = list(r["keys"])
-        r["scale_multipliers"] = {str(c): [0.75, 1.5, 2.0] for c in r["checkpoints"]}
+        r["scale_multipliers"] = {str(c): r.pop("scales") for c in r["checkpoints"]}
     return runs
 
 
