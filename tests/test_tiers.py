@@ -196,3 +196,15 @@ def test_the_study_refits_from_its_results_byte_for_byte(tmp_path):
     assert res["study"]["n"] == k and res["fine_tunes"] == k
     rule = json.loads(outs[0][1])
     assert rule["provisional"] and rule["bracket"]["statistic"] and rule["study"]["weights_held_out"]["n"] == k
+
+
+def test_a_gap_between_kept_and_lost_values_is_left_to_the_probe():
+    """Where training separates kept from lost values with a gap, a value inside the gap is one no
+    training fine-tune showed: neither settled as kept nor as lost (before, the bracket claimed
+    survival anywhere above the largest lost value, the boldest choice the gap allowed)."""
+    results = moving_families()  # delta_to_noise: kept from 12, lost up to 5.5
+    br = tiers.fit_bracket_on(results, "delta_to_noise", "weighted")
+    assert br.lost == 5.5 and 11.9 < br.survive < 12.0
+    new = family_result(30, "gz", 5, 8.0)  # at 5 bits (kept) a value inside the gap: 8
+    a, b = tiers.predict_bracket(br, new)
+    assert a == 6 and b == 4  # 5 bits left to the probe; 6 bits (32) settled as kept

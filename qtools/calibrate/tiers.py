@@ -45,8 +45,11 @@ def _finite(x) -> bool:
 
 
 def fit_bracket_on(train: list, stat: str, agg: str, bits_list=BITS) -> Bracket | None:
-    """The tightest bracket on `stat` never optimistic (nor wrongly lost) on `train`: survive above
-    the largest value seen at a bit-width lost, lost at most below the smallest seen where kept."""
+    """The bracket on `stat` never optimistic (nor wrongly lost) on `train`, and no bolder than train
+    shows: kept from the smallest value seen where kept, or above the largest seen where lost if that
+    is higher; lost up to the largest value seen where lost, or below the smallest seen where kept if
+    that is lower. Where kept and lost values overlap, the overlap is left to the probe; where a gap
+    separates them, so is the gap (a held-out fine-tune there is one train never showed)."""
     lost_vals, kept_vals = [], []
     for r in train:
         t = bits_rank(truth(r))
@@ -56,10 +59,8 @@ def fit_bracket_on(train: list, stat: str, agg: str, bits_list=BITS) -> Bracket 
                 (kept_vals if b >= t else lost_vals).append(v)
     if not lost_vals or not kept_vals:
         return None
-    survive = max(lost_vals)
-    lost = min(kept_vals)
-    lost = math.nextafter(lost, -math.inf)  # strictly below every kept value
-    return Bracket(stat, agg, survive, lost)
+    below_kept = math.nextafter(min(kept_vals), -math.inf)  # strictly below every kept value
+    return Bracket(stat, agg, survive=max(max(lost_vals), below_kept), lost=min(max(lost_vals), below_kept))
 
 
 def judge_brackets(pairs, bits_list=BITS) -> dict:
