@@ -272,7 +272,7 @@ def test_compare_says_what_each_tier_has_earned_and_the_bracket(logs, tmp_path, 
     r = run("compare", *logs, "--survival", surv)
     assert r.exit_code == 0, r.output
     assert "bracket: survives at >= 6, rounded away at <= 3" in r.output
-    assert "not judged by the calibration study yet" in r.output
+    assert "delta-survival's rule is not the calibration study's yet" in r.output
     study = {"weights_held_out": {"n": 70, "exact": 50, "optimistic": 0, "mean_between": 1.4},
              "probe_held_out": {"n": 70, "exact": 67, "optimistic": 0}, "constant_held_out": {"n": 70, "exact": 20,
                                                                                            "optimistic": 30},

@@ -144,8 +144,9 @@ def tier_evidence(path: str | Path | None = None) -> str:
         st = json.loads(Path(path or RULE_FILE).read_text())["study"]
         w, p, c = st["weights_held_out"], st["probe_held_out"], st["constant_held_out"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        return ("What the tiers have earned: not judged by the calibration study yet (make calibrate); "
-                "confirm every prediction with make sweep.")
+        return ("What the tiers have earned: delta-survival's rule is not the calibration study's yet (the study, "
+                "docs/study.md, replaces it once it has its 64 usable fine-tunes); confirm every prediction with "
+                "make sweep.")
     flag = "" if st.get("goals_met") else " PROVISIONAL (docs/study.md: goals not met);"
     return (f"What the tiers have earned, held out by family (docs/study.md):{flag} weights bracket "
             f"{w['exact']}/{w['n']} exact, {w['optimistic']} optimistic, {w['mean_between']:.1f} bit-widths left to "
