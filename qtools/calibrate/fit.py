@@ -221,7 +221,7 @@ def _case_bits(beh: dict, key: str, field: str):
     return np.frombuffer(beh[key]["cases"][field].encode(), dtype=np.uint8) - ord("0")
 
 
-def thresholddistribution(res: dict, bits_list=BITS, min_accuracy: float = DEFAULT_MIN_ACCURACY, size_factor: int = 1,
+def threshold_distribution(res: dict, bits_list=BITS, min_accuracy: float = DEFAULT_MIN_ACCURACY, size_factor: int = 1,
                            draws: int = BOOTSTRAP_DRAWS) -> dict:
     """{threshold: probability} when the suite is re-drawn: its cases resampled with replacement
     (size_factor times as many), one draw judging every bit-width as one suite would.
@@ -255,7 +255,7 @@ def distribution(r, bits_list, min_accuracy, size_factor):
     memo = r.setdefault("_dists", {})
     key = (tuple(bits_list), min_accuracy, size_factor)
     if key not in memo:
-        memo[key] = thresholddistribution(r, bits_list, min_accuracy, size_factor)
+        memo[key] = threshold_distribution(r, bits_list, min_accuracy, size_factor)
     return memo[key]
 
 
