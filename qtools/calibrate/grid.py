@@ -200,7 +200,9 @@ def expand_run(run_dir: Path, run: dict, family: str | None = None) -> list[tupl
                 c["iters"] = it
                 (ad / "adapter_config.json").write_text(json.dumps(c, indent=2))
             conf = {k: run[k] for k in ("rank", "lr", "seed")}
-            conf.update(keys=run["keys"], iters=it, scale=cfg["lora_parameters"]["scale"] * mult)
+            # the keys the adapter was trained on (a qwen3_moe family maps the run's: keys_for)
+            conf.update(keys=cfg["lora_parameters"].get("keys", run["keys"]), iters=it,
+                        scale=cfg["lora_parameters"]["scale"] * mult)
             if family is not None:
                 conf["family"] = family
             prefix = f"{family}/" if family is not None else ""
