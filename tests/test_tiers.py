@@ -208,3 +208,18 @@ def test_a_gap_between_kept_and_lost_values_is_left_to_the_probe():
     new = family_result(30, "gz", 5, 8.0)  # at 5 bits (kept) a value inside the gap: 8
     a, b = tiers.predict_bracket(br, new)
     assert a == 6 and b == 4  # 5 bits left to the probe; 6 bits (32) settled as kept
+
+
+def test_a_fine_tunes_config_names_the_keys_its_adapter_was_trained_on(tmp_path):
+    """On qwen3_moe a run's dense keys are mapped (grid.keys_for): the result records the adapter's."""
+    from qtools.calibrate.grid import ATTENTION, MOE_ATTN_ROUTER, expand_run, keys_for
+    from qtools.demo.model import adapter_config
+
+    assert keys_for(ATTENTION, {"arch": "qwen3_moe"}) == list(MOE_ATTN_ROUTER)
+    run_ = dict(rank=4, keys=list(ATTENTION), lr=1e-3, seed=1, checkpoints=[10], scale_multipliers={})
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "adapter_config.json").write_text(json.dumps(adapter_config(2, 4, 4.0, list(MOE_ATTN_ROUTER))))
+    (run_dir / "0000010_adapters.safetensors").write_bytes(b"")
+    [(_id, conf, _ad)] = expand_run(run_dir, run_, "moe")
+    assert conf["keys"] == list(MOE_ATTN_ROUTER)
