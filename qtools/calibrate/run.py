@@ -388,6 +388,8 @@ def calibrate(suite_path, rule_file, work_dir="models/calibration", docs_dir="do
     for out in outs:
         check_writable(check_output(out, [suite_path]), file=True)
     check_writable(Path(work_dir) / "bases")
+    if results_dir is not None:
+        check_writable(Path(results_dir))  # each fine-tune's result is written there as it completes
     results = run_grid(suite_path, work_dir, fams, grid, min_accuracy=min_accuracy, jobs=jobs, exact_delta=exact_delta,
                        from_cache=from_cache, log=log, results_dir=results_dir, truth=study)
     usable = [r for r in results if r["usable"]]
