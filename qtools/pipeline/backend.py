@@ -136,17 +136,23 @@ def cpu_float32_quantized(net) -> int:
 
 def prepare_for_cpu(net, model_dir) -> None:
     """Say what the CPU backend costs (one stderr line); make a float MoE runnable on it and its
-    quantized matmuls run in float32."""
+    quantized matmuls run in float32; where MLX links a reference BLAS, its float matmuls by
+    numpy's (numpy_blas_linears: 7-15x faster on a batch, docs/speed.md)."""
     cpu_backend_note(model_dir)
     cpu_float32_experts(net)
     cpu_float32_quantized(net)
+    if blas_is_reference():
+        numpy_blas_linears(net)
 
 
-# numpy's BLAS where it pays: a weight of at least NUMPY_MIN_WEIGHT elements (a smaller one stays in
-# cache, where MLX's own is fast enough) and work for its copies; products with fewer rows than
-# NUMPY_MANY_ROWS (a generation step's few tokens) run on one BLAS thread (compat.numpy_blas_threads).
-NUMPY_MIN_WEIGHT = 1 << 20
-NUMPY_MIN_MACS = 1 << 22
+# numpy's BLAS where it pays: a product of at least NUMPY_MIN_MACS multiply-adds (below it, the
+# copies cost more than MLX's reference sgemm). Measured here (float16 x, weight 256x128): 16 rows
+# 0.36 ms by MLX, 0.13 by numpy; 288 rows 4.6 against 0.66; 8192 rows 133 against 13; one row 0.06
+# against 0.09. NUMPY_MIN_WEIGHT (any weight) is the tests' switch back to MLX's own. Products with
+# fewer rows than NUMPY_MANY_ROWS (a generation step's few tokens) run on one BLAS thread
+# (compat.numpy_blas_threads).
+NUMPY_MIN_WEIGHT = 1
+NUMPY_MIN_MACS = 1 << 18
 NUMPY_MANY_ROWS = 64
 NUMPY_SLICE = 1 << 24  # weight elements cast to float32 at once
 
