@@ -223,3 +223,22 @@ def test_a_fine_tunes_config_names_the_keys_its_adapter_was_trained_on(tmp_path)
     (run_dir / "0000010_adapters.safetensors").write_bytes(b"")
     [(_id, conf, _ad)] = expand_run(run_dir, run_, "moe")
     assert conf["keys"] == list(MOE_ATTN_ROUTER)
+
+
+def test_scale_inversions_name_the_stronger_scale_with_the_higher_threshold():
+    """One adapter at three LoRA scales: x0.5 keeps 4 bits, x1 loses it (threshold 5), x2 keeps it.
+    x1 against x0.5 is an inversion (stronger, yet higher); x2 against either is not."""
+    weak = family_result(0, "ga", 4, 12.0)  # x0.5: keeps 4 bits
+    strong = family_result(1, "ga", 5, 30.0)  # x1: loses 4 bits
+    same = family_result(2, "ga", 4, 40.0)  # x2: keeps 4 bits like the weakest: no inversion
+    for r, x in ((weak, "0.5"), (strong, "1"), (same, "2")):
+        r["id"] = f"ga/r8_attn-it300-x{x}"
+    inv = tiers.scale_inversions([strong, weak, same])
+    assert [(x["weaker"], x["stronger"], x["weaker_threshold"], x["stronger_threshold"]) for x in inv] == [(0.5, 1.0, 4, 5)]
+    # at 4 bits: subspace_snr, cosine and delta_to_step the same for both (8 finite values with the
+    # aggregates), x1's delta_to_noise lower (it crosses 10 at its threshold): only those 2 could
+    # separate them
+    assert inv[0]["statistics"] == 8 and inv[0]["separating"] == 2
+    other = family_result(3, "ga", 5, 30.0)
+    other["id"] = "ga/r16_mlp-it300-x2"  # another adapter: never paired with these
+    assert len(tiers.scale_inversions([weak, strong, same, other])) == 1

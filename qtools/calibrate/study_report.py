@@ -11,7 +11,7 @@ from tabulate import tabulate
 from ..io.atomic import write_text_atomic
 from .fit import bits_rank, distribution, family
 from .grid import BITS
-from .tiers import constant_tier, fake_vs_real, probe_tier, truth, weights_tier
+from .tiers import constant_tier, fake_vs_real, probe_tier, scale_inversions, truth, weights_tier
 
 GOAL_PROBE_EXACT = 0.95
 GOAL_PROBE_COST = 0.05
@@ -38,6 +38,7 @@ def analyse(usable: list, excluded: list, min_accuracy: float) -> dict:
         "weights": weights_tier(usable),
         "probe": probe_tier(usable),
         "constant": constant_tier(usable),
+        "inversions": scale_inversions(usable),
     }
 
 
@@ -137,6 +138,24 @@ def write_study_report(usable: list, excluded: list, fams: list, path, min_accur
         lines += [f"The probe's time against the sweep on the same fine-tune (every bit-width quantized and validated, "
                   f"from the real models' measured times): median {p['cost']['median']:.1%}, worst "
                   f"{p['cost']['max']:.1%} ({p['cost']['n']} fine-tunes).", ""]
+    opt = [(rid, pred[0], truth(r)) for r in usable for rid, pred in [(r["id"], w["predictions"].get(r["id"]))]
+           if pred is not None and bits_rank(pred[0]) < bits_rank(truth(r))]
+    inv = a["inversions"]
+    lines += ["## What the weights cannot see", "",
+              f"Held out, the weights bracket is optimistic for {len(opt)} fine-tune(s)"
+              + (": " + "; ".join(f"{i} (survives at >= {_bits(p)}, truly {_bits(t)})" for i, p, t in opt) if opt else "")
+              + ".", "",
+              f"Scale inversions: {len(inv)} pair(s) of one adapter at two LoRA scales where the stronger delta has the "
+              "higher real threshold. A weights rule that keeps a bit-width where its statistic is high enough "
+              "is wrong on one of the pair unless the statistic is lower for the stronger delta at the weaker's "
+              "threshold; the last column counts the statistics (x aggregates) that are. Where it is 0, no rule the "
+              "study can fit sees the difference: only running the model (the probe) does.", ""]
+    if inv:
+        lines += [tabulate([[x["adapter"], f"x{x['weaker']:g}: {_bits(x['weaker_threshold'])}",
+                             f"x{x['stronger']:g}: {_bits(x['stronger_threshold'])}",
+                             f"{x['separating']}/{x['statistics']}"] for x in inv],
+                           headers=["adapter", "weaker scale: threshold", "stronger scale: threshold",
+                                    "statistics lower for the stronger"], tablefmt="github"), ""]
     br = w["bracket"]
     if br:
         lines += ["## The bracket delta-survival reports", "",

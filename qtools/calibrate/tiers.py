@@ -211,6 +211,36 @@ def fake_vs_real(results: list) -> dict:
     return {"n": len(both), "same": same, "real_higher": real_higher, "real_lower": len(both) - same - real_higher}
 
 
+def scale_inversions(results: list) -> list[dict]:
+    """What no weight statistic can see: pairs of one trained adapter at two LoRA scales where the
+    stronger one (a larger delta, further above every quantization step: each statistic of the
+    delta's survival at least as good) has the higher threshold. A weights rule monotone in its
+    statistic is wrong on one of the two. Truth here is the real threshold."""
+    by_adapter: dict = {}
+    for r in results:
+        adapter, _, scale = r["id"].rpartition("-x")
+        try:
+            by_adapter.setdefault(adapter, []).append((float(scale), r))
+        except ValueError:
+            continue
+    out = []
+    for adapter, rs in sorted(by_adapter.items()):
+        rs.sort(key=lambda sr: sr[0])
+        for i, (s1, weak) in enumerate(rs):
+            for s2, strong in rs[i + 1:]:
+                if bits_rank(truth(strong)) > bits_rank(truth(weak)):
+                    # at the weaker's threshold (kept by it, lost by the stronger): the statistics
+                    # whose value is lower for the stronger, the only ones that could tell them apart
+                    b = truth(weak)
+                    vals = [(rule_input(weak, b, st, ag), rule_input(strong, b, st, ag))
+                            for st in STATISTICS for ag in AGGREGATES]
+                    vals = [(w, x) for w, x in vals if _finite(w) and _finite(x)]
+                    out.append({"adapter": adapter, "weaker": s1, "stronger": s2,
+                                "weaker_threshold": b, "stronger_threshold": truth(strong),
+                                "separating": sum(x < w for w, x in vals), "statistics": len(vals)})
+    return out
+
+
 def summary_by_family(results: list) -> dict:
     out = {}
     for r in results:
