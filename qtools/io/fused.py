@@ -42,7 +42,7 @@ from .. import QtoolsError
 from .adapters import check_adapter_dir
 from .modeldir import check_model_dir
 from .shards import plan_files
-from .weights import SafetensorsModel, TensorInfo, count_nonfinite_raw, dtype_code, mx_dtype
+from .weights import SafetensorsModel, TensorIndex, TensorInfo, count_nonfinite_raw, dtype_code, mx_dtype
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -258,7 +258,7 @@ def as_numpy(arr):
     return out if out.flags.c_contiguous else np.ascontiguousarray(out)
 
 
-class FusedView:
+class FusedView(TensorIndex):
     """The fused model, tensor by tensor (see the module docstring for the API).
 
     Reads like a SafetensorsModel (tensors, names, info, raw, release, config, path), so
@@ -332,17 +332,8 @@ class FusedView:
     def quantization(self):
         return None
 
-    def names(self) -> list[str]:
-        return list(self.tensors)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise QtoolsError(f"{self.label}: the fused model has no tensor named {name!r}") from None
+    def _no_tensor(self, name: str) -> str:
+        return f"{self.label}: the fused model has no tensor named {name!r}"
 
     def _take(self, name: str):
         """The lazy value of `name`, dropped from the view (the view keeps no reference to it)."""

@@ -170,7 +170,29 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
     return out
 
 
-class SafetensorsModel:
+class TensorIndex:
+    """names(), `name in` and info() over self.tensors ({name: TensorInfo}): what a tensor reader
+    (SafetensorsModel, io.fused.FusedView) answers before reading anything."""
+
+    tensors: dict
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise QtoolsError(self._no_tensor(name)) from None
+
+    def _no_tensor(self, name: str) -> str:
+        raise NotImplementedError
+
+
+class SafetensorsModel(TensorIndex):
     """All tensors of a model directory (single file or sharded with an index)."""
 
     def __init__(self, path: str | os.PathLike, stack_experts: bool = False):
@@ -234,17 +256,8 @@ class SafetensorsModel:
     def quantization(self) -> dict | None:
         return self.config.get("quantization") or self.config.get("quantization_config")
 
-    def names(self) -> list[str]:
-        return list(self.tensors)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise QtoolsError(f"{self.path}: no tensor named {name!r}") from None
+    def _no_tensor(self, name: str) -> str:
+        return f"{self.path}: no tensor named {name!r}"
 
     def is_stack(self, name: str) -> bool:
         """Whether `name` is a stacked expert tensor (stack_experts), assembled by raw() from its experts."""
