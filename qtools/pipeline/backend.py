@@ -136,13 +136,13 @@ def cpu_float32_quantized(net) -> int:
 
 def prepare_for_cpu(net, model_dir) -> None:
     """Say what the CPU backend costs (one stderr line); make a float MoE runnable on it and its
-    quantized matmuls run in float32; where MLX links a reference BLAS, its float matmuls by
-    numpy's (numpy_blas_linears: 7-15x faster on a batch, docs/speed.md)."""
+    quantized matmuls run in float32. (Its float matmuls stay MLX's: numpy's BLAS, which the
+    streamed probe uses, forces an evaluation per product, and a generation loop of small products
+    gained nothing from it: 32 s against MLX's 36 s for a study fine-tune's float and 4-bit answers
+    on a loaded machine, 60 s with two BLAS threads.)"""
     cpu_backend_note(model_dir)
     cpu_float32_experts(net)
     cpu_float32_quantized(net)
-    if blas_is_reference():
-        numpy_blas_linears(net)
 
 
 # numpy's BLAS where it pays: a product of at least NUMPY_MIN_MACS multiply-adds (below it, the
