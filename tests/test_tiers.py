@@ -186,11 +186,17 @@ def test_the_study_refits_from_its_results_byte_for_byte(tmp_path):
     outs = []
     for i in range(2):
         docs, rule = tmp_path / f"docs{i}", tmp_path / f"rule{i}.json"
+        in_place = json.dumps({"statistic": "cosine", "aggregate": "weighted", "min": 0.5, "held_out": {"n": 35}})
+        rule.write_text(in_place)  # a rule fitted on 35 fine-tunes
         res = run.calibrate(suite, rule, tmp_path / "work", docs, families=fams, study=True, from_cache=True,
                             results_dir=results_dir, log=io.StringIO())
         outs.append(((docs / "study.md").read_bytes(), (tmp_path / "rule.json").read_bytes()))
-        assert not rule.exists() and not res["rule_replaced"]  # 24 usable: delta-survival's rule is kept
+        assert rule.read_text() == in_place and not res["rule_replaced"]  # 24 usable: delta-survival's rule is kept
     assert outs[0] == outs[1]
+    rule.write_text(json.dumps({"statistic": "cosine", "held_out": {"n": 20}}))  # fitted on fewer: replaced
+    res = run.calibrate(suite, rule, tmp_path / "work", docs, families=fams, study=True, from_cache=True,
+                        results_dir=results_dir, log=io.StringIO())
+    assert res["rule_replaced"] and rule.read_bytes() == outs[0][1] and run.fitted_on(rule) == k
     text = outs[0][0].decode()
     assert "PROVISIONAL" in text and "at least 64 usable fine-tunes" in text
     assert res["study"]["n"] == k and res["fine_tunes"] == k

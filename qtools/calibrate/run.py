@@ -411,13 +411,25 @@ def calibrate(suite_path, rule_file, work_dir="models/calibration", docs_dir="do
             "reliability": s["reliability"], "rule_file": str(rule_file)}
 
 
+def fitted_on(rule_file) -> int:
+    """How many fine-tunes the rule in rule_file was fitted on (a study's usable ones, or the one-task
+    calibration's held-out count); 0 where there is no readable rule."""
+    d = read_json_or_none(Path(rule_file))
+    if not isinstance(d, dict):
+        return 0
+    try:
+        return int(d["study"]["usable"]) if "study" in d else int(d["held_out"]["n"])
+    except (KeyError, TypeError, ValueError):
+        return 0
+
+
 def _study_outputs(usable, excluded, fams, docs: Path, rule_file, min_accuracy, suites, n, study_rule: Path) -> dict:
     """The study's report (study_report) and rule file: the point rule fitted on the real
     thresholds, and the bracket delta-survival reports; provisional unless every goal is met."""
     from dataclasses import replace
 
     from .fit import fit
-    from .study_report import GOAL_USABLE, write_study_report
+    from .study_report import write_study_report
     from .tiers import truth
 
     a = write_study_report(usable, excluded, fams, docs / "study.md", min_accuracy, suites)
@@ -433,9 +445,9 @@ def _study_outputs(usable, excluded, fams, docs: Path, rule_file, min_accuracy, 
         "weights_held_out": w["held_out"], "probe_held_out": p["held_out"], "probe_margin": p["margin"],
         "constant_held_out": c, "goals_met": a["goals_met"], "usable": len(usable)}}
     write_json_atomic(study_rule, record)
-    # delta-survival's rule changes only on a study of the size its goals ask: a few fine-tunes of a
-    # study cut short would replace a rule fitted on more
-    replaced = len(usable) >= GOAL_USABLE
+    # delta-survival's rule changes only for one fitted on at least as many fine-tunes: a few
+    # fine-tunes of a study cut short never replace a rule fitted on more
+    replaced = len(usable) >= fitted_on(rule_file)
     if replaced:
         write_json_atomic(rule_file, record)
     return {"rule": rule.to_dict(), "train": train, "held_out": w["held_out"], "fine_tunes": n,

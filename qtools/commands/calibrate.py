@@ -53,7 +53,7 @@ def calibrate_cmd(suite, work_dir, docs_dir, min_accuracy, jobs, families, task,
             click.echo(f"{'met    ' if g['met'] else 'NOT MET'}  {g['goal']}: {g['measured']}")
         click.echo(f"Report: {docs_dir}/study.md; rule and bracket: {res['rule_file']}"
                    + ("" if res["rule_replaced"] else " (delta-survival's rule file unchanged: the study has fewer "
-                                                      "usable fine-tunes than its goal)"))
+                                                      "usable fine-tunes than its rule was fitted on)"))
         return
     r, t, h = res["rule"], res["train"], res["held_out"]
     click.echo(f"Rule: {r['statistic']} ({r['aggregate']}) >= {r['min']:.4g}")
