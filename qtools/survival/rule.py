@@ -145,8 +145,8 @@ def tier_evidence(path: str | Path | None = None) -> str:
         w, p, c = st["weights_held_out"], st["probe_held_out"], st["constant_held_out"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         return ("What the tiers have earned: delta-survival's rule is not the calibration study's yet (the study, "
-                "docs/study.md, replaces it once it has as many usable fine-tunes as the rule in place was fitted on); confirm every prediction with "
-                "make sweep.")
+                "docs/study.md, replaces it once it has as many usable fine-tunes as the rule in place was fitted "
+                "on); confirm every prediction with make sweep.")
     flag = "" if st.get("goals_met") else " PROVISIONAL (docs/study.md: goals not met);"
     return (f"What the tiers have earned, held out by family (docs/study.md):{flag} weights bracket "
             f"{w['exact']}/{w['n']} exact, {w['optimistic']} optimistic, {w['mean_between']:.1f} bit-widths left to "
