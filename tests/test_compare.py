@@ -282,3 +282,22 @@ def test_compare_says_what_each_tier_has_earned_and_the_bracket(logs, tmp_path, 
     r = run("compare", *logs, "--survival", surv)
     assert "PROVISIONAL" in r.output and "weights bracket 50/70 exact, 0 optimistic, 1.4 bit-widths" in r.output
     assert "probe 67/70 exact, 0 optimistic; constant guess 20/70 exact, 30 optimistic" in r.output
+
+
+def test_bit_widths_the_bracket_leaves_to_the_probe_are_neither_agreement_nor_disagreement(logs, tmp_path):
+    """A delta-survival report whose verdict is its bracket's: kept at >= 6, lost at <= 3, 4 and 5
+    left to the probe (None): compare shows them as such, not as a prediction that failed."""
+    from qtools.pipeline.compare import compare
+
+    surv = tmp_path / "survival.json"
+    surv.write_text(json.dumps(dict(SURVIVAL, predicted_min_bits=6,
+                                    verdict={"3": False, "4": None, "5": None, "6": True, "8": True},
+                                    bracket={"survives_at": 6, "rounded_away_at": 3, "probe": [4, 5]})))
+    rows = {a["bits"]: a for a in compare(logs, surv)["comparisons"][0]["survival_agreement"]}
+    assert rows[4]["predicted"] == rows[5]["predicted"] == "left to the probe"
+    assert rows[4]["agree"] is None and rows[5]["agree"] is None
+    assert rows[6]["predicted"] == "survives" and rows[3]["predicted"] == "rounded away"
+    assert rows[8]["agree"] is True and rows[3]["agree"] is True  # 3 bits fails (2 critical errors)
+    r = run("compare", *logs, "--survival", surv)
+    assert r.exit_code == 0, r.output
+    assert "left to the probe" in r.output

@@ -44,18 +44,23 @@ def test_json_report_has_the_documented_shape(trio):
     assert rep["model"] == str(fused) and rep["group_size"] == 64 and rep["bits"] == [3, 4, 5]
     for b in ("3", "4", "5"):
         assert SUMMARY_KEYS <= set(rep["summary"][b])
-    # the verdict is the rule applied to the reported statistics, the prediction the smallest
-    # bit-width from which every verdict up is "survives"
+    # the point rule's verdict is the rule applied to the reported statistics, its prediction the
+    # smallest bit-width from which every verdict up is "survives" (beside a bracket, under
+    # point_prediction; the report's own verdict and prediction are then the bracket's)
     rule = rep["threshold"]
+    point = rep.get("point_prediction", rep)
+    assert ("point_prediction" in rep) == ("bracket" in rep)
     for b in ("3", "4", "5"):
         if rule["aggregate"] == "weakest_layer":
             value = min(L["by_bits"][b][rule["statistic"]] for L in rep["layers"])
         else:
             value = rep["summary"][b][rule["statistic"]]
-        assert rep["verdict"][b] == (value >= rule["min"])
-    up = [b for b in (5, 4, 3) if rep["verdict"][str(b)]]
-    first_dead = next((b for b in (5, 4, 3) if not rep["verdict"][str(b)]), 2)
-    assert rep["predicted_min_bits"] == (min([b for b in up if b > first_dead], default=None))
+        assert point["verdict"][b] == (value >= rule["min"])
+    up = [b for b in (5, 4, 3) if point["verdict"][str(b)]]
+    first_dead = next((b for b in (5, 4, 3) if not point["verdict"][str(b)]), 2)
+    assert point["predicted_min_bits"] == (min([b for b in up if b > first_dead], default=None))
+    if "bracket" in rep:
+        assert rep["predicted_min_bits"] == rep["bracket"]["survives_at"]
     names = {t["name"] for t in rep["tensors"]}
     assert "model.layers.0.self_attn.q_proj.weight" in names
     assert "model.embed_tokens.weight" in names  # embeddings are quantized by mlx-lm too
@@ -154,8 +159,15 @@ def test_provenance_is_used_when_no_source_is_given(trio):
     assert "subspace_snr" in rep["summary"]["4"]
 
 
-def test_human_output_names_the_prediction_and_provisional_threshold(trio):
+def test_human_output_names_the_prediction_and_provisional_threshold(trio, tmp_path, monkeypatch):
+    """A rule file without a bracket: the point rule's prediction and the two evaluations to confirm it."""
+    import qtools.survival.rule as R
+
     _, adapter, fused = trio
+    rule = {"statistic": "delta_retention", "aggregate": "weighted", "min": 0.9901, "provisional": True,
+            "evidence": "the one-task calibration's rule"}
+    monkeypatch.setattr(R, "RULE_FILE", tmp_path / "rule.json")
+    R.RULE_FILE.write_text(json.dumps(rule))
     res = run("delta-survival", fused, "--adapter", adapter, "--bits", 4, 5, 6)
     assert res.exit_code == 0, res.output
     assert "Predicted minimum bit-width" in res.output
@@ -442,18 +454,30 @@ def test_the_calibrated_bracket_is_reported_and_leaves_the_rest_to_the_probe(tri
     import qtools.survival.rule as R
 
     _, adapter, fused = trio
-    before = survival_json(fused, "--adapter", adapter, "--bits", 2, 3, 4, 5, 6, 8)
-    assert "bracket" not in before  # the shipped rule file has no bracket yet
-    cos = {b: before["summary"][str(b)]["cosine"] for b in (2, 3, 4, 5, 6, 8)}
-    assert cos[2] < cos[3] < cos[4] < cos[5] < cos[6] < cos[8]
     rule = json.loads(R.RULE_FILE.read_text())
-    rule["bracket"] = {"statistic": "cosine", "aggregate": "weighted", "survive": (cos[5] + cos[6]) / 2,
-                       "lost": (cos[3] + cos[4]) / 2}
+    rule.pop("bracket", None)
+    rule.pop("study", None)
     path = tmp_path / "rule.json"
     path.write_text(json.dumps(rule))
     monkeypatch.setattr(R, "RULE_FILE", path)
+    before = survival_json(fused, "--adapter", adapter, "--bits", 2, 3, 4, 5, 6, 8)
+    assert "bracket" not in before and "point_prediction" not in before  # a rule file without a bracket
+    cos = {b: before["summary"][str(b)]["cosine"] for b in (2, 3, 4, 5, 6, 8)}
+    assert cos[2] < cos[3] < cos[4] < cos[5] < cos[6] < cos[8]
+    rule["bracket"] = {"statistic": "cosine", "aggregate": "weighted", "survive": (cos[5] + cos[6]) / 2,
+                       "lost": (cos[3] + cos[4]) / 2}
+    rule["study"] = {"weights_held_out": {"n": 35, "optimistic": 1}, "point_held_out": {"n": 35, "optimistic": 7}}
+    path.write_text(json.dumps(rule))
     rep = survival_json(fused, "--adapter", adapter, "--bits", 2, 3, 4, 5, 6, 8)
     assert rep["bracket"]["survives_at"] == 6 and rep["bracket"]["rounded_away_at"] == 3
     assert rep["bracket"]["probe"] == [4, 5]
+    # the prediction is the bracket's: kept from 6, lost up to 3, 4 and 5 neither (the probe's)
+    assert rep["predicted_min_bits"] == 6
+    assert rep["verdict"] == {"2": False, "3": False, "4": None, "5": None, "6": True, "8": True}
+    assert rep["point_prediction"] == {"predicted_min_bits": before["predicted_min_bits"],
+                                       "verdict": before["verdict"]}
     res = run("delta-survival", fused, "--adapter", adapter, "--bits", 2, 3, 4, 5, 6, 8)
     assert "survives at >= 6, rounded away at <= 3, probe between: qtools probe MODEL --bits 4 5" in res.output
+    assert "held out by family in the study: optimistic for 1/35" in res.output
+    assert "Predicted minimum bit-width: 6" in res.output and "optimistic for 7/35; use the bracket" in res.output
+    assert "Confirm: qtools probe MODEL --bits 4 5" in res.output

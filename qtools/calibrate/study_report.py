@@ -9,7 +9,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from ..io.atomic import write_text_atomic
-from .fit import bits_rank, distribution, family
+from .fit import bits_rank, distribution, family, leave_one_family_out
 from .grid import BITS
 from .tiers import constant_tier, fake_vs_real, probe_tier, scale_inversions, truth, weights_tier
 
@@ -39,6 +39,8 @@ def analyse(usable: list, excluded: list, min_accuracy: float) -> dict:
         "probe": probe_tier(usable),
         "constant": constant_tier(usable),
         "inversions": scale_inversions(usable),
+        # the point rule delta-survival printed before the bracket (one bit-width, not a bracket)
+        "point": leave_one_family_out([{**r, "true_min_bits": truth(r)} for r in usable], min_accuracy)["held_out"],
     }
 
 
@@ -124,6 +126,8 @@ def write_study_report(usable: list, excluded: list, fams: list, path, min_accur
                    w["held_out"]["optimistic"], f"{w['held_out']['mean_between']:.2f} bit-widths left to the probe; "
                                                 f"{w['held_out']['settled']} settled alone; "
                                                 f"{w['held_out']['wrongly_lost']} wrongly called lost"],
+                  ["weights tier's point rule (its single guess)", f"{a['point']['exact']}/{a['point']['n']}",
+                   a["point"]["optimistic"], "what delta-survival predicted before the bracket"],
                   ["probe, its verdicts", f"{p['raw']['exact']}/{p['raw']['n']}", p["raw"]["optimistic"], "not refitted"],
                   ["probe, margin fitted without the family", f"{p['held_out']['exact']}/{p['held_out']['n']}",
                    p["held_out"]["optimistic"], f"final margin: {p['margin']}"],

@@ -40,7 +40,8 @@ def _summary_table(report, with_delta):
             row += [_fmt(s.get("delta_to_step")), _fmt(s.get("delta_retention")), _fmt(s.get("cosine")),
                     _fmt(s.get("sign_agreement")), _fmt(s.get("codes_changed"), ".4f"),
                     _fmt(s.get("subspace_snr"), ".2f"),
-                    "survives" if v else ("rounded away" if v is not None else "-")]
+                    "survives" if v else ("rounded away" if v is not None else
+                                          "probe" if str(b) in report.get("verdict", {}) else "-")]
         rows.append(row)
     headers = ["bits", "bits/w", "rmse", "rel rmse", "step (median)"]
     if with_delta:
@@ -117,15 +118,47 @@ def delta_survival_cmd(model, adapter, base, bits, group_size, as_json, output, 
                  f"rounded away at <= {b}" if b is not None else "none settled as rounded away"]
         between = " ".join(str(x) for x in br["probe"])
         parts.append(f"probe between: qtools probe MODEL --bits {between}" if between else "nothing left to the probe")
-        click.echo(f"Bracket (never optimistic on the calibration's held-out families): {', '.join(parts)}")
+        click.echo(f"Bracket ({_bracket_record()}): {', '.join(parts)}")
+        point = report["point_prediction"]["predicted_min_bits"]
+        click.echo(f"The point rule's single guess: {point if point is not None else 'none of the requested bit-widths'}"
+                   f"{_point_record()}")
     if pm is None:
-        click.echo("Predicted minimum bit-width: none of the requested bit-widths keeps the delta.")
+        click.echo("Predicted minimum bit-width: " + ("none settled by the weights: run the probe on the bit-widths above"
+                                                      if br is not None else
+                                                      "none of the requested bit-widths keeps the delta."))
     else:
-        click.echo(f"Predicted minimum bit-width: {pm} ({report['bits_per_weight'][str(pm)]:.2f} bits/weight)")
+        click.echo(f"Predicted minimum bit-width: {pm} ({report['bits_per_weight'][str(pm)]:.2f} bits/weight)"
+                   + (" (the bracket's)" if br is not None else ""))
         above = [b for b in SUPPORTED_BITS if b > pm]
-        if rule.get("provisional") and above:
+        if br is not None and br["probe"]:
+            click.echo(f"Confirm: qtools probe MODEL --bits {' '.join(str(x) for x in br['probe'])} (the bit-widths the "
+                       f"weights leave open), then make sweep on the smallest the probe keeps and the one above")
+        elif rule.get("provisional") and above:
             # the calibration places the threshold within one bit-width: two evaluations settle it
             click.echo(f'Confirm: make sweep BITS="{pm} {above[0]}" (the predicted bit-width and the one above)')
+
+
+def _study_record() -> dict:
+    from ..survival.rule import RULE_FILE
+
+    try:
+        return json.loads(RULE_FILE.read_text()).get("study") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _bracket_record() -> str:
+    w = _study_record().get("weights_held_out")
+    if not w:
+        return "not yet judged held out"
+    return f"held out by family in the study: optimistic for {w['optimistic']}/{w['n']}, docs/study.md"
+
+
+def _point_record() -> str:
+    p = _study_record().get("point_held_out")
+    if not p:
+        return ""
+    return f" (held out by family: optimistic for {p['optimistic']}/{p['n']}; use the bracket)"
 
 
 @click.command("quant-error")

@@ -130,16 +130,16 @@ def survival_at(surv: dict | None, bits) -> dict | None:
     return surv.get("summary", {}).get(str(bits))
 
 
-def predicted_survives(surv: dict, bits: int) -> bool:
-    """delta-survival's verdict at `bits`; at a bit-width it did not judge, whether `bits`
-    is at or above the predicted minimum."""
+def predicted_survives(surv: dict, bits: int) -> bool | None:
+    """delta-survival's verdict at `bits` (None: its bracket leaves `bits` to the probe); at a
+    bit-width it did not judge, whether `bits` is at or above the predicted minimum."""
     verdict = surv.get("verdict") or {}
     if str(bits) in verdict:
         v = verdict[str(bits)]
         if v is not None and not isinstance(v, bool):
             raise QtoolsError(f"the delta-survival report's verdict at {bits} bits is {v!r}, not true or false: "
                               "it was written by an older qtools; run delta-survival again")
-        return bool(v)
+        return v
     p = surv.get("predicted_min_bits")
     return p is not None and bits >= p
 
@@ -274,9 +274,9 @@ def compare_suite(logs: list, surv: dict | None, c: Criteria, retention: list | 
                 "delta_retention": s.get("delta_retention"), "cosine": s.get("cosine"),
                 "statistic": label,
                 "statistic_value": _rule_value(surv, log["bits"], rule) if stat else None,
-                "predicted": "survives" if pred else "rounded away",
+                "predicted": "survives" if pred else "left to the probe" if pred is None else "rounded away",
                 "observed": "survives" if held else ("fails (float fails too)" if ref_fails else "fails"),
-                "agree": None if (ref_fails and not held) else pred == held,
+                "agree": None if (ref_fails and not held) or pred is None else pred == held,
             })
     return {
         "suite": logs[0]["suite"],

@@ -530,6 +530,13 @@ def analyze(
             a, b = bracket.predict(summary, layers, bits)
             report["bracket"] = {"survives_at": a, "rounded_away_at": b, "rule": bracket.to_dict(),
                                  "probe": [x for x in bits if (b is None or x > b) and (a is None or x < a)]}
+            # The weights tier's answer is the bracket's (the study judges it: docs/study.md): kept
+            # at >= a, rounded away at <= b, the bit-widths between neither (None: the probe's). The
+            # point rule's single guess is kept beside it; held out it is optimistic far more often.
+            report["point_prediction"] = {"predicted_min_bits": predicted, "verdict": verdict}
+            report["predicted_min_bits"] = a
+            report["verdict"] = {str(x): True if a is not None and x >= a else False if b is not None and x <= b
+                                 else None for x in bits}
         report["weakest_layers"] = _weakest_layers(layers, bits, rule.statistic)
     for t in tensors:
         for k in ("_n", "_w2", "_d2"):
