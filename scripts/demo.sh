@@ -20,9 +20,18 @@ else
   BASE="$MODELS/demo_base" ADAPTER="$MODELS/demo_adapter" OUT="$FUSED" FORCE=1 scripts/fuse.sh
 fi
 
-echo "== 3/5 predict: delta-survival from the weights alone"
+echo "== 3/5 predict: delta-survival from the weights alone, the probe on what they leave open"
 mkdir -p "$LOGS"
 FROM="$FUSED" BITS="" scripts/survival.sh  # every supported bit-width
+# The bit-widths the weights' bracket settles neither way, and the largest it calls rounded away:
+# one teacher-forced pass decides them.
+OPEN=$(.venv/bin/python -c 'import json, sys; r = json.load(open(sys.argv[1]))
+print(" ".join(str(b) for b in (r.get("bracket") or {}).get("check", [])))' "$LOGS/survival.json")
+rm -f "$LOGS/probe.json"
+if [ -n "$OPEN" ]; then
+  # shellcheck disable=SC2086  # OPEN is a list of words
+  .venv/bin/qtools probe "$FUSED" --suite "$SUITE" --bits $OPEN --output "$LOGS/probe.json"
+fi
 
 echo "== 4/5 prove: quantize + validate 8 6 5 4 3 2 (one model in memory at a time)"
 rm -f "$LOGS"/*-demo.json

@@ -470,7 +470,7 @@ def test_the_calibrated_bracket_is_reported_and_leaves_the_rest_to_the_probe(tri
     path.write_text(json.dumps(rule))
     rep = survival_json(fused, "--adapter", adapter, "--bits", 2, 3, 4, 5, 6, 8)
     assert rep["bracket"]["survives_at"] == 6 and rep["bracket"]["rounded_away_at"] == 3
-    assert rep["bracket"]["probe"] == [4, 5]
+    assert rep["bracket"]["probe"] == [4, 5] and rep["bracket"]["check"] == [3, 4, 5]
     # the prediction is the bracket's: kept from 6, lost up to 3, 4 and 5 neither (the probe's)
     assert rep["predicted_min_bits"] == 6
     assert rep["verdict"] == {"2": False, "3": False, "4": None, "5": None, "6": True, "8": True}
@@ -480,4 +480,4 @@ def test_the_calibrated_bracket_is_reported_and_leaves_the_rest_to_the_probe(tri
     assert "survives at >= 6, rounded away at <= 3, probe between: qtools probe MODEL --bits 4 5" in res.output
     assert "held out by family in the study: optimistic for 1/35" in res.output
     assert "Predicted minimum bit-width: 6" in res.output and "optimistic for 7/35; use the bracket" in res.output
-    assert "Confirm: qtools probe MODEL --bits 4 5" in res.output
+    assert "Confirm: qtools probe MODEL --bits 3 4 5" in res.output

@@ -248,3 +248,12 @@ def test_scale_inversions_name_the_stronger_scale_with_the_higher_threshold():
     other = family_result(3, "ga", 5, 30.0)
     other["id"] = "ga/r16_mlp-it300-x2"  # another adapter: never paired with these
     assert len(tiers.scale_inversions([weak, strong, same, other])) == 1
+
+
+def test_the_probe_says_how_far_the_study_calibrated_it(tmp_path):
+    from qtools.survival.rule import probe_evidence
+
+    assert "not yet calibrated" in probe_evidence(tmp_path / "none.json")
+    path = tmp_path / "rule.json"
+    path.write_text(json.dumps({"study": {"probe_held_out": {"n": 35, "exact": 34, "optimistic": 0}}}))
+    assert "exact for 34/35 fine-tunes, optimistic for 0" in probe_evidence(path)

@@ -123,16 +123,18 @@ def delta_survival_cmd(model, adapter, base, bits, group_size, as_json, output, 
         click.echo(f"The point rule's single guess: {point if point is not None else 'none of the requested bit-widths'}"
                    f"{_point_record()}")
     if pm is None:
-        click.echo("Predicted minimum bit-width: " + ("none settled by the weights: run the probe on the bit-widths above"
+        check = " ".join(str(x) for x in (br or {}).get("check", []))
+        click.echo("Predicted minimum bit-width: " + (f"none settled by the weights: qtools probe MODEL --bits {check}"
                                                       if br is not None else
                                                       "none of the requested bit-widths keeps the delta."))
     else:
         click.echo(f"Predicted minimum bit-width: {pm} ({report['bits_per_weight'][str(pm)]:.2f} bits/weight)"
                    + (" (the bracket's)" if br is not None else ""))
         above = [b for b in SUPPORTED_BITS if b > pm]
-        if br is not None and br["probe"]:
-            click.echo(f"Confirm: qtools probe MODEL --bits {' '.join(str(x) for x in br['probe'])} (the bit-widths the "
-                       f"weights leave open), then make sweep on the smallest the probe keeps and the one above")
+        if br is not None and br.get("check"):
+            click.echo(f"Confirm: qtools probe MODEL --bits {' '.join(str(x) for x in br['check'])} (the bit-widths the "
+                       f"weights leave open and the largest they call rounded away), then make sweep on the smallest "
+                       f"the probe keeps and the one above")
         elif rule.get("provisional") and above:
             # the calibration places the threshold within one bit-width: two evaluations settle it
             click.echo(f'Confirm: make sweep BITS="{pm} {above[0]}" (the predicted bit-width and the one above)')

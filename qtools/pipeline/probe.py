@@ -42,7 +42,7 @@ from .. import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, BadValue, QtoolsError, ver
 from ..io.modeldir import check_model_dir, load_tokenizer, quantization_info, read_config, text_config
 from ..io.suite import Suite, load_suite
 from ..io.weights import check_model_finite
-from ..survival.rule import smallest_surviving
+from ..survival.rule import probe_evidence, smallest_surviving
 from . import backend, runner
 from .retention import DEFAULT_TOP_K, kl_same_top, kl_stats, tail_logp, topk_rows
 from .scoring import (
@@ -424,9 +424,7 @@ def probe(model, suite, bits=(), group_size: int | None = None, min_accuracy: fl
                     f"{group_size}, in the weights' dtype, the model's own quant_predicate honoured)") +
                    "; decision token: tool-call marker vs best other token, or the labels' first tokens; "
                    f"KL over the reference's top-{DEFAULT_TOP_K} tokens plus a tail bucket"),
-        "rule": {"provisional": True,
-                 "evidence": "validate's own criteria applied to the decision tokens; not yet calibrated "
-                             "against measured sweeps across model families"},
+        "rule": {"provisional": True, "evidence": probe_evidence()},
         "answers": ("the reference model's greedy answers: " + str(Path(reference).resolve())) if reference
                    else "the model's own greedy answers (mlx-lm's BatchGenerator, all cases in one batch)",
         "execution": ("loaded whole" if quant["quantized"] else

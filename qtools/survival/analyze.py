@@ -528,8 +528,12 @@ def analyze(
         bracket = Bracket.load()
         if bracket is not None and summary[str(max(bits))].get(bracket.statistic) is not None:
             a, b = bracket.predict(summary, layers, bits)
+            between = [x for x in bits if (b is None or x > b) and (a is None or x < a)]
+            # what to run the probe on: the bit-widths between, and the largest called rounded away,
+            # whose side of the bracket is extrapolated from the study's fine-tunes (the demo's keeps
+            # 5 bits where the study's bracket calls 5 lost: docs/study.md)
             report["bracket"] = {"survives_at": a, "rounded_away_at": b, "rule": bracket.to_dict(),
-                                 "probe": [x for x in bits if (b is None or x > b) and (a is None or x < a)]}
+                                 "probe": between, "check": sorted(([b] if b is not None else []) + between)}
             # The weights tier's answer is the bracket's (the study judges it: docs/study.md): kept
             # at >= a, rounded away at <= b, the bit-widths between neither (None: the probe's). The
             # point rule's single guess is kept beside it; held out it is optimistic far more often.

@@ -154,6 +154,18 @@ def tier_evidence(path: str | Path | None = None) -> str:
             f"{c['exact']}/{c['n']} exact, {c['optimistic']} optimistic.")
 
 
+def probe_evidence(path: str | Path | None = None) -> str:
+    """How far the probe's verdicts are calibrated: held out by family in the study (the rule file's
+    "study"), or not yet."""
+    base = "validate's own criteria applied to the decision tokens"
+    try:
+        p = json.loads(Path(path or RULE_FILE).read_text())["study"]["probe_held_out"]
+        return (f"{base}; held out by family in the calibration study (docs/study.md) the threshold it gives is "
+                f"exact for {p['exact']}/{p['n']} fine-tunes, optimistic for {p['optimistic']}")
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return f"{base}; not yet calibrated against measured sweeps across model families"
+
+
 PROVISIONAL = Rule("subspace_snr", "weighted", 1.0, True,
                    "not yet calibrated against behaviour (see README: Prediction threshold)")
 FALLBACK = Rule("cosine", "weighted", 0.5, True,
