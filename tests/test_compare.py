@@ -292,8 +292,11 @@ def test_bit_widths_the_bracket_leaves_to_the_probe_are_neither_agreement_nor_di
     surv = tmp_path / "survival.json"
     surv.write_text(json.dumps(dict(SURVIVAL, predicted_min_bits=6,
                                     verdict={"3": False, "4": None, "5": None, "6": True, "8": True},
-                                    bracket={"survives_at": 6, "rounded_away_at": 3, "probe": [4, 5]})))
+                                    bracket={"survives_at": 6, "rounded_away_at": 3, "probe": [4, 5],
+                                             "rule": {"statistic": "cosine", "aggregate": "weighted",
+                                                      "survive": 0.85, "lost": 0.4}})))
     rows = {a["bits"]: a for a in compare(logs, surv)["comparisons"][0]["survival_agreement"]}
+    assert rows[4]["statistic"] == "cosine" and rows[4]["statistic_value"] == 0.5  # the bracket's statistic
     assert rows[4]["predicted"] == rows[5]["predicted"] == "left to the probe"
     assert rows[4]["agree"] is None and rows[5]["agree"] is None
     assert rows[6]["predicted"] == "survives" and rows[3]["predicted"] == "rounded away"

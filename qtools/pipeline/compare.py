@@ -255,7 +255,9 @@ def compare_suite(logs: list, surv: dict | None, c: Criteria, retention: list | 
     agreement = []
     if surv:
         behaviour_c = Criteria(c.min_accuracy, c.max_critical, None, None, c.min_category)
-        rule = surv.get("threshold") or {}
+        # the statistic the prediction comes from: the bracket's where the report has one
+        br = (surv.get("bracket") or {}).get("rule")
+        rule = {**br, "min": br["survive"]} if br else surv.get("threshold") or {}
         stat = rule.get("statistic")
         # the value the rule judges (weakest layer or |D|^2-weighted), not always the summary's
         label = stat if rule.get("aggregate", "weighted") == "weighted" else \
