@@ -39,7 +39,7 @@ def test_bracket_held_out_settles_a_statistic_that_follows_the_family():
     results = moving_families()
     w = tiers.weights_tier(results)
     assert w["held_out"] == {"n": 9, "optimistic": 0, "exact": 9, "settled": 9, "wrongly_lost": 0,
-                             "exact_rate": 1.0, "mean_between": 0.0}
+                             "exact_rate": 1.0, "mean_between": 0.0, "mean_lost": 3.0}
     for r in results:
         a, b = w["predictions"][r["id"]]
         assert a == r["true_min_bits"] and b == max(x for x in BITS if x < a)
@@ -257,3 +257,26 @@ def test_the_probe_says_how_far_the_study_calibrated_it(tmp_path):
     path = tmp_path / "rule.json"
     path.write_text(json.dumps({"study": {"probe_held_out": {"n": 35, "exact": 34, "optimistic": 0}}}))
     assert "exact for 34/35 fine-tunes, optimistic for 0" in probe_evidence(path)
+
+
+def test_a_bracket_may_judge_its_rounded_away_side_on_another_statistic(tmp_path):
+    """The survive side on one statistic, the lost side on another: each settles its own end, and
+    the rule file keeps both (a rule file without lost_statistic judges both sides on one)."""
+    from qtools.survival.rule import Bracket
+
+    kept_stat = {2: 0.1, 3: 0.2, 4: 0.5, 5: 0.9, 6: 0.95, 8: 0.99}
+    lost_stat = {2: 1.0, 3: 2.0, 4: 9.0, 5: 20.0, 6: 30.0, 8: 40.0}
+    br = Bracket("cosine", "weighted", survive=0.8, lost=2.5, lost_statistic="delta_to_noise",
+                 lost_aggregate="weighted")
+    assert br.settle(kept_stat.get, BITS, lost_stat.get) == (5, 3)
+    assert br.settle(kept_stat.get, BITS) == (5, 4)  # one statistic: 0.5 <= 2.5 at 4 bits
+    path = tmp_path / "rule.json"
+    path.write_text(json.dumps({"bracket": br.to_dict()}))
+    assert Bracket.load(path) == br and br.lost_side == ("delta_to_noise", "weighted")
+    path.write_text(json.dumps({"bracket": {"statistic": "cosine", "aggregate": "weighted", "survive": 0.8,
+                                            "lost": 0.3}}))
+    assert Bracket.load(path).lost_side == ("cosine", "weighted")
+    r = family_result(0, "ga", 4, 12.0)
+    one = tiers.fit_bracket_on([r, family_result(1, "gb", 5, 12.0)], "delta_to_noise", "weighted",
+                               lost_side=("delta_to_noise", "weighted"))
+    assert one.lost_statistic is None  # the same statistic on both sides is recorded once

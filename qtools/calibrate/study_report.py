@@ -71,6 +71,11 @@ def goals(a: dict) -> list[tuple[str, str, bool]]:
     return out
 
 
+def _bracket_text(br: dict) -> str:
+    lost = ("" if not br.get("lost_statistic") else f"{br['lost_statistic']} ({br['lost_aggregate']}) ")
+    return f"{br['statistic']} ({br['aggregate']}) > {br['survive']:.4g}; lost: {lost}<= {br['lost']:.4g}"
+
+
 def _bits(b) -> str:
     return "none" if b is None else str(b)
 
@@ -134,8 +139,7 @@ def write_study_report(usable: list, excluded: list, fams: list, path, min_accur
               ], headers=["predictor", "exact", "optimistic", "note"], tablefmt="github"), ""]
     lines += ["Per family (weights tier's bracket fitted without it):", "",
               tabulate([[f["family"], f"{f['exact']}/{f['n']}", f["optimistic"], f"{f['mean_between']:.2f}",
-                         "-" if not f["bracket"] else f"{f['bracket']['statistic']} ({f['bracket']['aggregate']}) "
-                                                      f"> {f['bracket']['survive']:.4g}; lost <= {f['bracket']['lost']:.4g}"]
+                         "-" if not f["bracket"] else _bracket_text(f["bracket"])]
                         for f in w["folds"]],
                        headers=["held-out family", "exact", "optimistic", "between", "bracket"], tablefmt="github"), ""]
     if p["cost"]["median"] is not None:
@@ -162,10 +166,13 @@ def write_study_report(usable: list, excluded: list, fams: list, path, min_accur
                                     "statistics lower for the stronger"], tablefmt="github"), ""]
     br = w["bracket"]
     if br:
+        lost_stat, lost_agg = br.get("lost_statistic") or br["statistic"], br.get("lost_aggregate") or br["aggregate"]
         lines += ["## The bracket delta-survival reports", "",
                   f"Fitted on every family: survives at >= a where {br['statistic']} ({br['aggregate']}) > "
-                  f"{br['survive']:.4g} at a and every larger bit-width; rounded away at <= b where it is at most "
-                  f"{br['lost']:.4g}; `qtools probe` checks the bit-widths between.", ""]
+                  f"{br['survive']:.4g} at a and every larger bit-width; rounded away at <= b where {lost_stat} "
+                  f"({lost_agg}) is at most {br['lost']:.4g}; `qtools probe` checks the bit-widths between, and b. "
+                  "Each side's statistic is chosen across the families, each held out in turn: the survive side's "
+                  "for the fewest optimistic answers, the rounded-away side's for the fewest wrongly lost.", ""]
     if excluded:
         lines += ["## Not used (float16 below the bar)", "",
                   tabulate([[r["id"], f"{r['behaviour']['16']['accuracy']:.1%}", r["behaviour"]["16"]["critical_errors"]]

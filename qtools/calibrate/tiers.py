@@ -37,19 +37,19 @@ def _steps(a, b, bits_list=BITS) -> int:
 
 def predict_bracket(br: Bracket, r: dict, bits_list=BITS) -> tuple:
     """Bracket.settle on a result's (memoized) statistics."""
-    return br.settle(lambda b: rule_input(r, b, br.statistic, br.aggregate), bits_list)
+    lost_stat, lost_agg = br.lost_side
+    return br.settle(lambda b: rule_input(r, b, br.statistic, br.aggregate), bits_list,
+                     lambda b: rule_input(r, b, lost_stat, lost_agg))
 
 
 def _finite(x) -> bool:
     return x is not None and math.isfinite(x)
 
 
-def fit_bracket_on(train: list, stat: str, agg: str, bits_list=BITS) -> Bracket | None:
-    """The bracket on `stat` never optimistic (nor wrongly lost) on `train`, and no bolder than train
-    shows: kept from the smallest value seen where kept, or above the largest seen where lost if that
-    is higher; lost up to the largest value seen where lost, or below the smallest seen where kept if
-    that is lower. Where kept and lost values overlap, the overlap is left to the probe; where a gap
-    separates them, so is the gap (a held-out fine-tune there is one train never showed)."""
+def _bounds(train: list, stat: str, agg: str, bits_list=BITS) -> tuple | None:
+    """(survive, lost) on one statistic: kept from the smallest value seen where kept, or above the
+    largest seen where lost if that is higher; lost up to the largest value seen where lost, or
+    below the smallest seen where kept if that is lower."""
     lost_vals, kept_vals = [], []
     for r in train:
         t = bits_rank(truth(r))
@@ -60,16 +60,31 @@ def fit_bracket_on(train: list, stat: str, agg: str, bits_list=BITS) -> Bracket 
     if not lost_vals or not kept_vals:
         return None
     below_kept = math.nextafter(min(kept_vals), -math.inf)  # strictly below every kept value
-    return Bracket(stat, agg, survive=max(max(lost_vals), below_kept), lost=min(max(lost_vals), below_kept))
+    return max(max(lost_vals), below_kept), min(max(lost_vals), below_kept)
+
+
+def fit_bracket_on(train: list, stat: str, agg: str, bits_list=BITS, lost_side: tuple | None = None) -> Bracket | None:
+    """The bracket on `stat` never optimistic (nor wrongly lost) on `train`, and no bolder than train
+    shows (_bounds). Where kept and lost values overlap, the overlap is left to the probe; where a
+    gap separates them, so is the gap (a held-out fine-tune there is one train never showed).
+    lost_side: (statistic, aggregate) of the rounded-away side, when another than `stat`'s."""
+    s = _bounds(train, stat, agg, bits_list)
+    lost_side = None if lost_side == (stat, agg) else lost_side
+    w = s if lost_side is None else _bounds(train, *lost_side, bits_list)
+    if s is None or w is None:
+        return None
+    return Bracket(stat, agg, survive=s[0], lost=w[1], lost_statistic=lost_side[0] if lost_side else None,
+                   lost_aggregate=lost_side[1] if lost_side else None)
 
 
 def judge_brackets(pairs, bits_list=BITS) -> dict:
     """Scores of (bracket prediction (a, b), truth) pairs: optimistic (a below the truth), exact
     (a is the truth), settled (exact with nothing left between: no probe needed), wrongly lost
-    (b at or above the truth), and the mean number of bit-widths handed to the probe."""
+    (b at or above the truth), the mean number of bit-widths handed to the probe, and the mean
+    number settled as rounded away."""
     n = len(pairs)
     opt = exact = settled = wrong_lost = 0
-    width = 0
+    width = lost = 0
     for (a, b), t in pairs:
         ta, tt = bits_rank(a), bits_rank(t)
         opt += ta < tt
@@ -78,16 +93,19 @@ def judge_brackets(pairs, bits_list=BITS) -> dict:
         settled += ta == tt and steps == 0
         wrong_lost += b is not None and b >= tt
         width += steps
+        lost += sum(1 for x in bits_list if b is not None and x <= b)
     return {"n": n, "optimistic": opt, "exact": exact, "settled": settled, "wrongly_lost": wrong_lost,
-            "exact_rate": exact / n if n else 0.0, "mean_between": width / n if n else 0.0}
+            "exact_rate": exact / n if n else 0.0, "mean_between": width / n if n else 0.0,
+            "mean_lost": lost / n if n else 0.0}
 
 
 def choose_bracket(train: list, bits_list=BITS) -> Bracket | None:
-    """Statistic and aggregate chosen across train's families (each held out in turn from a
-    bracket fitted on the others): fewest optimistic, then fewest wrongly lost, then the fewest
-    bit-widths left between; then fitted on all of train."""
-    best = None
+    """Each side's statistic and aggregate chosen across train's families (each held out in turn
+    from a one-statistic bracket fitted on the others): the survive side's fewest optimistic, then
+    most exact, then fewest bit-widths left between; the rounded-away side's fewest wrongly lost,
+    then most bit-widths settled as lost. Then fitted on all of train."""
     inner = folds(train)
+    scores = {}
     for stat in STATISTICS:
         for agg in AGGREGATES:
             if fit_bracket_on(train, stat, agg, bits_list) is None:
@@ -98,11 +116,12 @@ def choose_bracket(train: list, bits_list=BITS) -> Bracket | None:
                 if br is None:
                     continue
                 pairs += [(predict_bracket(br, r, bits_list), truth(r)) for r in held]
-            s = judge_brackets(pairs, bits_list)
-            key = (-s["optimistic"], -s["wrongly_lost"], -s["mean_between"], s["exact"])
-            if best is None or key > best[0]:
-                best = (key, stat, agg)
-    return None if best is None else fit_bracket_on(train, best[1], best[2], bits_list)
+            scores[(stat, agg)] = judge_brackets(pairs, bits_list)
+    if not scores:
+        return None
+    survive = max(scores, key=lambda c: (-scores[c]["optimistic"], scores[c]["exact"], -scores[c]["mean_between"]))
+    lost = max(scores, key=lambda c: (-scores[c]["wrongly_lost"], scores[c]["mean_lost"]))
+    return fit_bracket_on(train, *survive, bits_list, lost_side=lost)
 
 
 def weights_tier(results: list, bits_list=BITS) -> dict:

@@ -100,41 +100,52 @@ class Bracket:
     """The weights tier's never-optimistic answer (`make calibrate` fits it: docs/study.md):
     a bit-width survives, with every larger one, where the statistic is above `survive` (no
     calibration fine-tune lost a bit-width at a value that high); it is rounded away, with every
-    smaller one, where the statistic is at most `lost` (below every value at which one survived).
-    The bit-widths between are left to `qtools probe`."""
+    smaller one, where the lost side's statistic (lost_statistic, lost_aggregate: the survive
+    side's unless the study chose another) is at most `lost` (below every value at which one
+    survived). The bit-widths between are left to `qtools probe`."""
     statistic: str
     aggregate: str
     survive: float
     lost: float
+    lost_statistic: str | None = None
+    lost_aggregate: str | None = None
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> Bracket | None:
         """The rule file's bracket; None when it has none (not calibrated by the study) or is unreadable."""
         try:
             d = json.loads(Path(path or RULE_FILE).read_text())["bracket"]
-            return cls(d["statistic"], d["aggregate"], float(d["survive"]), float(d["lost"]))
+            return cls(d["statistic"], d["aggregate"], float(d["survive"]), float(d["lost"]),
+                       d.get("lost_statistic"), d.get("lost_aggregate"))
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
             return None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def settle(self, value_at, bits) -> tuple:
-        """(a, b) over `bits` from value_at(b) (the statistic, None where absent): a the smallest
-        bit-width settled as kept (None: none), b the largest settled as rounded away (None: none)."""
+    @property
+    def lost_side(self) -> tuple[str, str]:
+        """(statistic, aggregate) the rounded-away side is judged on."""
+        return self.lost_statistic or self.statistic, self.lost_aggregate or self.aggregate
+
+    def settle(self, value_at, bits, lost_value_at=None) -> tuple:
+        """(a, b) over `bits` from value_at(b) (the statistic, None where absent) and lost_value_at(b)
+        (the lost side's; value_at when not given): a the smallest bit-width settled as kept (None:
+        none), b the largest settled as rounded away (None: none)."""
         v = {x: value_at(x) for x in bits}
+        w = v if lost_value_at is None else {x: lost_value_at(x) for x in bits}
         a = smallest_surviving(bits, lambda x: v[x] is not None and v[x] > self.survive)
         b = None
         for x in sorted(bits):
-            if v[x] is None or v[x] > self.lost or (a is not None and x >= a):
+            if w[x] is None or w[x] > self.lost or (a is not None and x >= a):
                 break
             b = x
         return a, b
 
     def predict(self, summary: dict, layers: list, bits) -> tuple:
         """settle() on a delta-survival report's statistics."""
-        rule = Rule(self.statistic, self.aggregate)
-        return self.settle(lambda b: rule.value(summary, layers, b), bits)
+        rule, lost = Rule(self.statistic, self.aggregate), Rule(*self.lost_side)
+        return self.settle(lambda b: rule.value(summary, layers, b), bits, lambda b: lost.value(summary, layers, b))
 
 
 def tier_evidence(path: str | Path | None = None) -> str:
