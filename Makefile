@@ -53,7 +53,7 @@ bench-scale: $(STAMP) ## Time + peak memory of fuse, delta-survival, ... on a Qw
 demo: $(STAMP) ## The built-in demo: tiny model + LoRA, fuse, predict, sweep 8..2 bits, validate, compare
 	scripts/demo.sh
 
-calibrate: $(STAMP) ## The study: 6 families x 20 fine-tunes, fake + real quantized truth, weights bracket and probe judged leave-one-family-out (hours; resumable, results kept in calibration/results; FROM_CACHE=1 refits) -> docs/study.md
+calibrate: $(STAMP) ## The study: 6 families x 24 fine-tunes, fake + real quantized truth, weights bracket and probe judged leave-one-family-out (hours; resumable, results kept in calibration/results; FROM_CACHE=1 refits) -> docs/study.md
 	scripts/calibrate.sh
 
 # A variable's value if given on the command line or in the environment, else $(2):
