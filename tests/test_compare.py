@@ -304,3 +304,22 @@ def test_bit_widths_the_bracket_leaves_to_the_probe_are_neither_agreement_nor_di
     r = run("compare", *logs, "--survival", surv)
     assert r.exit_code == 0, r.output
     assert "left to the probe" in r.output
+
+
+def test_a_probe_report_among_the_logs_is_judged_against_the_sweep(logs, tmp_path):
+    """`make demo` writes the probe's report beside the validate logs: compare shows the probe's
+    verdict per bit-width it probed beside the validated model's (before: "not a qtools validate log")."""
+    from qtools.pipeline.compare import compare
+
+    probe = tmp_path / "probe.json"
+    probe.write_text(json.dumps({"qtools_probe": 1, "suite": "demo", "predicted_min_bits": 4,
+                                 "created": "2026-01-01T00:00:00",
+                                 "by_bits": {"4": {"verdict": "pass"}, "5": {"verdict": "pass"},
+                                             "3": {"verdict": "fail"}}}))
+    rows = {a["bits"]: a for a in compare([*logs, probe])["comparisons"][0]["probe_agreement"]}
+    assert set(rows) == {3, 4, 5}  # the bit-widths it probed, each with its validated model
+    assert rows[5]["agree"] and rows[3]["agree"]  # 3 bits fails validate (2 critical errors)
+    assert rows[4]["predicted"] == "survives" and rows[4]["observed"] == "fails" and not rows[4]["agree"]
+    r = run("compare", *logs, probe)
+    assert r.exit_code == 0, r.output
+    assert "the probe predicted the fine-tune survives down to 4 bits" in r.output

@@ -43,10 +43,16 @@ def _is_survival(obj) -> bool:
     return isinstance(obj, dict) and "summary" in obj and "predicted_min_bits" in obj
 
 
-def load_inputs(paths, survival: str | Path | None = None, retention: list | None = None) -> tuple[list, dict | None]:
+def _is_probe(obj) -> bool:
+    return isinstance(obj, dict) and "qtools_probe" in obj and isinstance(obj.get("by_bits"), dict)
+
+
+def load_inputs(paths, survival: str | Path | None = None, retention: list | None = None,
+                probes: list | None = None) -> tuple[list, dict | None]:
     """Read validate logs (and a survival JSON, given or found among them).
 
-    `qtools retention` logs found among the paths are appended to `retention` when given.
+    `qtools retention` logs found among the paths are appended to `retention` when given, and
+    `qtools probe` reports to `probes`.
     """
     logs, surv = [], None
     if survival is not None:
@@ -66,6 +72,9 @@ def load_inputs(paths, survival: str | Path | None = None, retention: list | Non
         elif _is_retention(obj):
             if retention is not None:
                 retention.append(check_log(obj, p, "retention"))
+        elif _is_probe(obj):
+            if probes is not None:
+                probes.append(obj)
         elif isinstance(obj, dict) and "qtools_retention" in obj:
             raise QtoolsError(f"{p} has no logit_retention: it was written by an older qtools; "
                               "run `qtools retention` again")
@@ -296,11 +305,32 @@ def compare_suite(logs: list, surv: dict | None, c: Criteria, retention: list | 
     }
 
 
+def probe_agreement(comp: dict, logs: list, probes: list, c: Criteria) -> list:
+    """Per bit-width a `qtools probe` report predicted (the latest report on this suite), its verdict
+    beside the validated quantized model's."""
+    if not probes:
+        return []
+    probe = max(probes, key=lambda p: p.get("created", ""))
+    out = []
+    behaviour_c = Criteria(c.min_accuracy, c.max_critical, None, None, c.min_category)
+    for log in logs:
+        pred = (probe.get("by_bits") or {}).get(str(log.get("bits")))
+        if not log.get("quantized") or log.get("mixed") or not isinstance(pred, dict):
+            continue
+        held = not model_verdict(log, behaviour_c)
+        kept = pred.get("verdict") == "pass"
+        out.append({"bits": log["bits"], "model": log["model"], "predicted": "survives" if kept else "fails",
+                    "observed": "survives" if held else "fails", "agree": kept == held,
+                    "predicted_min_bits": probe.get("predicted_min_bits")})
+    return out
+
+
 def compare(paths, survival=None, criteria: Criteria | None = None) -> dict:
     """Compare validate logs (grouped by suite); returns the full result."""
     criteria = criteria or Criteria()
     retention: list = []
-    logs, surv = load_inputs(paths, survival, retention)
+    probes: list = []
+    logs, surv = load_inputs(paths, survival, retention, probes)
     check_categories(logs, criteria)
     by_suite: dict = {}
     for log in logs:
@@ -310,7 +340,10 @@ def compare(paths, survival=None, criteria: Criteria | None = None) -> dict:
             by_suite[key] = log
     suites = []
     for name in dict.fromkeys(s for s, _ in by_suite):
-        suites.append(compare_suite([v for (s, _), v in by_suite.items() if s == name], surv, criteria, retention))
+        comp = compare_suite([v for (s, _), v in by_suite.items() if s == name], surv, criteria, retention)
+        comp["probe_agreement"] = probe_agreement(comp, [v for (s, _), v in by_suite.items() if s == name],
+                                                  [p for p in probes if p.get("suite") == name], criteria)
+        suites.append(comp)
     return {
         "criteria": asdict(criteria),
         "survival_model": surv.get("model") if surv else None,
@@ -381,6 +414,13 @@ def format_comparison(result: dict) -> str:
             from ..survival.rule import tier_evidence
 
             out.append(tier_evidence())
+        if comp.get("probe_agreement"):
+            out.append("")
+            out.append(f"the probe predicted the fine-tune survives down to "
+                       f"{comp['probe_agreement'][0]['predicted_min_bits']} bits (of the bit-widths it probed):")
+            out.append(tabulate([[a["bits"], a["model"], a["predicted"], a["observed"], "yes" if a["agree"] else "NO"]
+                                 for a in comp["probe_agreement"]],
+                                headers=["bits", "model", "predicted", "observed", "agree"], tablefmt="github"))
         out.append("")
     return "\n".join(out).rstrip()
 
