@@ -466,7 +466,8 @@ def test_the_calibrated_bracket_is_reported_and_leaves_the_rest_to_the_probe(tri
     assert cos[2] < cos[3] < cos[4] < cos[5] < cos[6] < cos[8]
     rule["bracket"] = {"statistic": "cosine", "aggregate": "weighted", "survive": (cos[5] + cos[6]) / 2,
                        "lost": (cos[3] + cos[4]) / 2}
-    rule["study"] = {"weights_held_out": {"n": 35, "optimistic": 1}, "point_held_out": {"n": 35, "optimistic": 7}}
+    rule["study"] = {"weights_held_out": {"n": 35, "exact": 9, "optimistic": 1},
+                     "point_held_out": {"n": 35, "exact": 15, "optimistic": 7}}
     path.write_text(json.dumps(rule))
     rep = survival_json(fused, "--adapter", adapter, "--bits", 2, 3, 4, 5, 6, 8)
     assert rep["bracket"]["survives_at"] == 6 and rep["bracket"]["rounded_away_at"] == 3

@@ -280,3 +280,20 @@ def test_a_bracket_may_judge_its_rounded_away_side_on_another_statistic(tmp_path
     one = tiers.fit_bracket_on([r, family_result(1, "gb", 5, 12.0)], "delta_to_noise", "weighted",
                                lost_side=("delta_to_noise", "weighted"))
     assert one.lost_statistic is None  # the same statistic on both sides is recorded once
+
+
+def test_an_incomplete_study_record_reads_as_not_yet_judged(tmp_path):
+    """A rule file whose "study" lacks a tier's scores: every reader says the tier is not judged
+    yet (one reader, rule.study_record + rule.held_out), none raises."""
+    from qtools.survival.rule import held_out, probe_evidence, study_record, tier_evidence
+
+    path = tmp_path / "rule.json"
+    path.write_text(json.dumps({"study": {"weights_held_out": {"n": 35}, "probe_held_out": {"n": "x"},
+                                          "constant_held_out": {"n": 35, "exact": 8, "optimistic": 16}}}))
+    st = study_record(path)
+    assert held_out(st, "weights_held_out") is None and held_out(st, "probe_held_out") is None
+    assert held_out(st, "constant_held_out") == {"n": 35, "exact": 8, "optimistic": 16}
+    assert "not the calibration study's yet" in tier_evidence(path)
+    assert "not yet calibrated" in probe_evidence(path)
+    path.write_text("[1, 2]")
+    assert study_record(path) == {}

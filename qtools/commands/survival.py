@@ -140,25 +140,20 @@ def delta_survival_cmd(model, adapter, base, bits, group_size, as_json, output, 
             click.echo(f'Confirm: make sweep BITS="{pm} {above[0]}" (the predicted bit-width and the one above)')
 
 
-def _study_record() -> dict:
-    from ..survival.rule import RULE_FILE
-
-    try:
-        return json.loads(RULE_FILE.read_text()).get("study") or {}
-    except (OSError, ValueError, AttributeError):
-        return {}
-
-
 def _bracket_record() -> str:
-    w = _study_record().get("weights_held_out")
-    if not w:
+    from ..survival.rule import held_out, study_record
+
+    w = held_out(study_record(), "weights_held_out")
+    if w is None:
         return "not yet judged held out"
     return f"held out by family in the study: optimistic for {w['optimistic']}/{w['n']}, docs/study.md"
 
 
 def _point_record() -> str:
-    p = _study_record().get("point_held_out")
-    if not p:
+    from ..survival.rule import held_out, study_record
+
+    p = held_out(study_record(), "point_held_out")
+    if p is None:
         return ""
     return f" (held out by family: optimistic for {p['optimistic']}/{p['n']}; use the bracket)"
 

@@ -305,7 +305,7 @@ def compare_suite(logs: list, surv: dict | None, c: Criteria, retention: list | 
     }
 
 
-def probe_agreement(comp: dict, logs: list, probes: list, c: Criteria) -> list:
+def probe_agreement(logs: list, probes: list, c: Criteria) -> list:
     """Per bit-width a `qtools probe` report predicted (the latest report on this suite), its verdict
     beside the validated quantized model's."""
     if not probes:
@@ -340,9 +340,9 @@ def compare(paths, survival=None, criteria: Criteria | None = None) -> dict:
             by_suite[key] = log
     suites = []
     for name in dict.fromkeys(s for s, _ in by_suite):
-        comp = compare_suite([v for (s, _), v in by_suite.items() if s == name], surv, criteria, retention)
-        comp["probe_agreement"] = probe_agreement(comp, [v for (s, _), v in by_suite.items() if s == name],
-                                                  [p for p in probes if p.get("suite") == name], criteria)
+        suite_logs = [v for (s, _), v in by_suite.items() if s == name]
+        comp = compare_suite(suite_logs, surv, criteria, retention)
+        comp["probe_agreement"] = probe_agreement(suite_logs, [p for p in probes if p.get("suite") == name], criteria)
         suites.append(comp)
     return {
         "criteria": asdict(criteria),

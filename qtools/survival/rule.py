@@ -148,20 +148,36 @@ class Bracket:
         return self.settle(lambda b: rule.value(summary, layers, b), bits, lambda b: lost.value(summary, layers, b))
 
 
+def study_record(path: str | Path | None = None) -> dict:
+    """The rule file's "study": what the calibration study judged held out by family ({} when the
+    rule file has none, or is unreadable)."""
+    try:
+        st = json.loads(Path(path or RULE_FILE).read_text())["study"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return {}
+    return st if isinstance(st, dict) else {}
+
+
+def held_out(study: dict, key: str) -> dict | None:
+    """One tier's held-out scores in a study record ("weights_held_out", "probe_held_out",
+    "constant_held_out", "point_held_out"): n, exact, optimistic; None when not recorded."""
+    d = study.get(key)
+    return d if isinstance(d, dict) and all(isinstance(d.get(k), int) for k in ("n", "exact", "optimistic")) else None
+
+
 def tier_evidence(path: str | Path | None = None) -> str:
     """What each prediction tier has earned, held out by family in the calibration study (the rule
     file's "study"), in one line for compare and the reports."""
-    try:
-        st = json.loads(Path(path or RULE_FILE).read_text())["study"]
-        w, p, c = st["weights_held_out"], st["probe_held_out"], st["constant_held_out"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+    st = study_record(path)
+    w, p, c = (held_out(st, k) for k in ("weights_held_out", "probe_held_out", "constant_held_out"))
+    if w is None or p is None or c is None:
         return ("What the tiers have earned: delta-survival's rule is not the calibration study's yet (the study, "
                 "docs/study.md, replaces it once it has as many usable fine-tunes as the rule in place was fitted "
                 "on); confirm every prediction with make sweep.")
     flag = "" if st.get("goals_met") else " PROVISIONAL (docs/study.md: goals not met);"
     return (f"What the tiers have earned, held out by family (docs/study.md):{flag} weights bracket "
-            f"{w['exact']}/{w['n']} exact, {w['optimistic']} optimistic, {w['mean_between']:.1f} bit-widths left to "
-            f"the probe; probe {p['exact']}/{p['n']} exact, {p['optimistic']} optimistic; constant guess "
+            f"{w['exact']}/{w['n']} exact, {w['optimistic']} optimistic, {w.get('mean_between', 0):.1f} bit-widths "
+            f"left to the probe; probe {p['exact']}/{p['n']} exact, {p['optimistic']} optimistic; constant guess "
             f"{c['exact']}/{c['n']} exact, {c['optimistic']} optimistic.")
 
 
@@ -169,12 +185,11 @@ def probe_evidence(path: str | Path | None = None) -> str:
     """How far the probe's verdicts are calibrated: held out by family in the study (the rule file's
     "study"), or not yet."""
     base = "validate's own criteria applied to the decision tokens"
-    try:
-        p = json.loads(Path(path or RULE_FILE).read_text())["study"]["probe_held_out"]
-        return (f"{base}; held out by family in the calibration study (docs/study.md) the threshold it gives is "
-                f"exact for {p['exact']}/{p['n']} fine-tunes, optimistic for {p['optimistic']}")
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+    p = held_out(study_record(path), "probe_held_out")
+    if p is None:
         return f"{base}; not yet calibrated against measured sweeps across model families"
+    return (f"{base}; held out by family in the calibration study (docs/study.md) the threshold it gives is "
+            f"exact for {p['exact']}/{p['n']} fine-tunes, optimistic for {p['optimistic']}")
 
 
 PROVISIONAL = Rule("subspace_snr", "weighted", 1.0, True,
