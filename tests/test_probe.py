@@ -360,3 +360,15 @@ def test_probe_from_base_and_adapter_equals_the_probe_of_the_fused_model(tmp_pat
             assert ca["by_bits"] == cb["by_bits"], name
     r = run("--base", base, "--suite", suite)
     assert r.exit_code == 2 and "give MODEL, or --base and --adapter" in r.output
+
+
+def test_activations_in_float32_when_asked(fam):
+    """compute_dtype=mx.float32 casts every streamed weight to float32 after fake quantization
+    (it raised a TypeError comparing the dtype with None): the same decisions at 8 bits."""
+    import mlx.core as mx
+
+    _d, model, suite = fam
+    f16 = P.probe(model, suite, bits=[2, 8], progress=False)
+    f32 = P.probe(model, suite, bits=[2, 8], progress=False, compute_dtype=mx.float32)
+    assert "activations in float32" in f32["execution"]
+    assert [c["by_bits"]["8"]["got"] for c in f32["cases"]] == [c["by_bits"]["8"]["got"] for c in f16["cases"]]

@@ -78,7 +78,7 @@ class _Unit:
         out = dict(base)
         # an expert's values are computed from the stored dtype, then cast to float32 by its matmul:
         # as the whole tensor's are when the compute dtype is the stored one or float32
-        per_expert = self.per_expert if s.compute_dtype in (None, mx.float32) else {}
+        per_expert = self.per_expert if s.compute_dtype is None or s.compute_dtype == mx.float32 else {}
         deferred = {}
         if precision is not None:
             pre, todo = self.path + ".", {}
