@@ -372,3 +372,31 @@ def test_activations_in_float32_when_asked(fam):
     f32 = P.probe(model, suite, bits=[2, 8], progress=False, compute_dtype=mx.float32)
     assert "activations in float32" in f32["execution"]
     assert [c["by_bits"]["8"]["got"] for c in f32["cases"]] == [c["by_bits"]["8"]["got"] for c in f16["cases"]]
+
+
+def test_scoring_chunks_are_cut_to_their_own_sequences(fam, monkeypatch):
+    """Scoring sorts the sequences by length and cuts each chunk a layer runs on to its longest
+    sequence (no chunk computes a longer one's padding): the log-probs stay those of the whole
+    model loaded and run on the padded batch."""
+    import qtools.pipeline.stream as S
+
+    _d, model, _s = fam
+    seqs = [(list(range(3, 3 + n)), 1) for n in (12, 3, 7, 5)]
+    net = runner.load_model(model)[0]
+    whole = [rows for _lp, rows, _top in runner.score_batches(net, seqs)]
+    monkeypatch.setattr(S, "CHUNK_TOKENS", 24)
+    widths = []
+    chunks = S.StreamedModel.chunks
+
+    def spy(self, a, b, x, split):
+        out = chunks(self, a, b, x, split)
+        if split:
+            widths.append([w for *_rows, w in out])
+        return out
+
+    monkeypatch.setattr(S.StreamedModel, "chunks", spy)
+    got = {i: rows for _k, i, _lp, rows, _top in StreamedModel(model).score(seqs, [None])}
+    # sorted lengths 3 5 7 12, 24 tokens a chunk: (3, 5, 7) cut to 7, then (12)
+    assert widths and all(w == [7, 12] for w in widths)
+    for i, rows in enumerate(whole):
+        assert got[i].shape == rows.shape and np.allclose(got[i], rows, atol=2e-2)

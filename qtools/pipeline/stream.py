@@ -23,7 +23,9 @@ Teacher-forced scoring of many precisions at once (`score`): the batch holds one
 every sequence per precision (float, then each bit-width); every unit reads its float
 weights once and runs each copy at its precision (dequantize(quantize(w)) with the model's
 own quant_predicate, as fakequant does), so one read of the model serves every bit-width.
-The last layer's output is kept; the head then runs per chunk of sequences, the model's
+The sequences are sorted by length and a layer runs on chunks of them, each cut to its
+longest sequence: no chunk computes another's padding (attention is causal, so the padding
+after a sequence never changes it). The last layer's output is kept; the head then runs per chunk of sequences, the model's
 own top (final norm, head, logit scaling) replaying the kept hidden states, so the
 (batch, length, vocab) logits never exist at once.
 """
@@ -134,12 +136,13 @@ class _Unit:
                     if holding:
                         self.held.update(precision=precision, pairs=(pairs, deferred))
                 self.load(module, pairs, deferred)
-                for c0, c1 in s.chunks(a, b, x, split):
-                    if (c0, c1) == (0, x.shape[0]):
+                for c0, c1, w in s.chunks(a, b, x, split):
+                    if (c0, c1, w) == (0, x.shape[0], x.shape[1] if x.ndim > 1 else None):
                         y = orig(module, *args, **kwargs)
                     else:
-                        y = orig(module, x[c0:c1], *[_cut(v, x, c0, c1) for v in args[1:]],
-                                 **{k: _cut(v, x, c0, c1) for k, v in kwargs.items()})
+                        y = orig(module, x[c0:c1, :w], *[_cut(v, x, c0, c1, w) for v in args[1:]],
+                                 **{k: _cut(v, x, c0, c1, w) for k, v in kwargs.items()})
+                        y = _widen(y, x.shape[1]) if w is not None else y
                     if self.kind == "layer" or (self.kind == "embed" and method == "__call__"):
                         _eval_out(y, args[1:], kwargs)  # so this precision's weights can go now
                     outs.append(y)
@@ -172,13 +175,31 @@ def _is_float(v) -> bool:
     return mx.issubdtype(v.dtype, mx.floating)
 
 
-def _cut(v, x, c0: int, c1: int):
-    """An argument cut with the batch when it has the batch's leading dimension (a mask array)."""
+def _cut(v, x, c0: int, c1: int, w: int | None = None):
+    """An argument cut with the batch when it has the batch's leading dimension (a mask array),
+    and to the chunk's width w when it spans the sequence in its last two (a causal mask)."""
     import mlx.core as mx
 
-    if isinstance(v, mx.array) and v.ndim >= 3 and v.shape[0] == x.shape[0]:
-        return v[c0:c1]
+    if not isinstance(v, mx.array):
+        return v
+    if v.ndim >= 3 and v.shape[0] == x.shape[0]:
+        v = v[c0:c1]
+    if w is not None and v.ndim >= 2 and v.shape[-1] == v.shape[-2] == x.shape[1]:
+        v = v[..., :w, :w]
     return v
+
+
+def _widen(y, width: int):
+    """A chunk's layer output, run on its sequences' own width, padded back to the batch's: the
+    positions after every sequence of the chunk (zeros) are never read (attention is causal, and
+    the chunk is cut to the same width at every layer)."""
+    import mlx.core as mx
+
+    if not isinstance(y, mx.array) or y.ndim < 2:
+        raise QtoolsError(f"internal: a layer's output of type {type(y).__name__} cannot be cut to its chunk's width")
+    if y.shape[1] == width:
+        return y
+    return mx.pad(y, [(0, 0), (0, width - y.shape[1])] + [(0, 0)] * (y.ndim - 2))
 
 
 def _eval_out(y, args, kwargs) -> None:
@@ -255,6 +276,7 @@ class StreamedModel:
         self.on_layer = None  # called after each layer while scoring (progress)
         self.captured = None
         self._replay = None
+        self._lengths = None  # while scoring: each sequence's length, in batch order (ascending)
         backend.cpu_float32_experts(net, lazy=True)  # MLX's CPU GatherMM: float32 only
         # MLX's Linux CPU wheels link a reference BLAS: a layer's matmuls go to numpy's instead.
         self.numpy_blas = blas == "numpy" or (blas == "auto" and backend.blas_is_reference())
@@ -362,12 +384,23 @@ class StreamedModel:
         per = batch // n
         return [(p, i * per, (i + 1) * per) for i, p in enumerate(self.precisions)]
 
-    @staticmethod
-    def chunks(a: int, b: int, x, split: bool) -> list:
+    def chunks(self, a: int, b: int, x, split: bool) -> list:
+        """(first row, end row, width or None) of the chunks rows a..b (one precision's copy) run in:
+        while scoring, consecutive sequences (sorted by length) of at most CHUNK_TOKENS tokens, each
+        chunk cut to its longest sequence, so no layer computes the padding of a longer one."""
         if not split or x.ndim < 2:
-            return [(a, b)]
-        step = max(1, CHUNK_TOKENS // max(1, x.shape[1]))
-        return [(c, min(c + step, b)) for c in range(a, b, step)]
+            return [(a, b, None)]
+        lengths = self._lengths
+        if lengths is None or len(lengths) != b - a:
+            step = max(1, CHUNK_TOKENS // max(1, x.shape[1]))
+            return [(c, min(c + step, b), None) for c in range(a, b, step)]
+        out, c0 = [], a
+        for r in range(a, b):  # lengths ascend: a chunk's width is its last sequence's length
+            if r > c0 and (r - c0 + 1) * lengths[r - a] > CHUNK_TOKENS:
+                out.append((c0, r, lengths[r - 1 - a]))
+                c0 = r
+        out.append((c0, b, lengths[b - 1 - a]))
+        return out
 
     def replayed(self):
         rows, width = self._replay[1], self._replay[2]
@@ -393,7 +426,9 @@ class StreamedModel:
 
         n = len(seqs)
         width = max(len(t) for t, _ in seqs)
-        ids = mx.array([t + [0] * (width - len(t)) for t, _ in seqs])
+        order = sorted(range(n), key=lambda i: len(seqs[i][0]))  # by length: chunks cut to their own width
+        ids = mx.array([seqs[i][0] + [0] * (width - len(seqs[i][0])) for i in order])
+        self._lengths = [len(seqs[i][0]) for i in order]
         self.set_precisions(precisions)
         bar = progress_bar(None, f"layers x {len(precisions)} precisions", enabled=progress,
                            total=sum(u.kind == "layer" for u in self.units))
@@ -407,19 +442,20 @@ class StreamedModel:
             if self.captured is None:
                 raise QtoolsError(f"{self.path}: the model's last layer was never reached")
             self.mode = "replay"
-            indexed = [(t, s, i) for i, (t, s) in enumerate(seqs)]
+            indexed = [(*seqs[i], row, i) for row, i in enumerate(order)]  # (tokens, start, batch row, index)
             for k, precision in enumerate(precisions):
                 for batch in batches(indexed, vocab_hint, HEAD_TOKENS):
                     lo, hi = batch[0][2], batch[-1][2] + 1
-                    w = max(len(t) for t, _s, _i in batch)
+                    w = max(len(t) for t, *_ in batch)
                     self._replay = (precision, (k * n + lo, k * n + hi), w)
                     logp = log_softmax(self.net(ids[lo:hi, :w]))
                     mx.eval(logp)
-                    for j, (tokens, start, i) in enumerate(batch):
+                    for j, (tokens, start, _row, i) in enumerate(batch):
                         rows = logp[j, start:len(tokens) - 1]
                         yield k, i, rows, np.array(rows), np.array(mx.argmax(rows, axis=-1))
         finally:
             self.mode, self.captured, self._replay, self.on_layer = "run", None, None, None
+            self._lengths = None
             self.precisions = [None]
             self._release_held()
             if bar is not None:
