@@ -153,15 +153,23 @@ def test_a_pass_below_a_failure_is_flagged_with_the_smallest_model_above_every_f
 
 
 def test_agreement_shows_the_value_the_rule_judges():
-    """With a weakest-layer rule the table shows the weakest layer's value, not the model's."""
-    from qtools.pipeline.compare import _rule_value
+    """With a weakest-layer rule the table shows the weakest layer's value, not the model's; the
+    statistic is the bracket's survive side where the report has a bracket, else the point rule's."""
+    from qtools.pipeline.compare import _judged
+    from qtools.survival.rule import Rule
 
     surv = {"summary": {"4": {"delta_retention": 0.96}},
             "layers": [{"layer": 0, "by_bits": {"4": {"delta_retention": 0.99}}},
                        {"layer": 1, "by_bits": {"4": {"delta_retention": 0.93}}}]}
-    assert _rule_value(surv, 4, {"statistic": "delta_retention", "aggregate": "weakest_layer", "min": 0.97}) == 0.93
-    assert _rule_value(surv, 4, {"statistic": "delta_retention", "aggregate": "weighted", "min": 0.97}) == 0.96
-    assert _rule_value(surv, 3, {"statistic": "delta_retention", "min": 0.97}) is None
+    assert Rule("delta_retention", "weakest_layer").value(surv["summary"], surv["layers"], 4) == 0.93
+    assert Rule("delta_retention", "weighted").value(surv["summary"], surv["layers"], 4) == 0.96
+    assert Rule("delta_retention").value(surv["summary"], surv["layers"], 3) is None
+    point = {**surv, "threshold": {"statistic": "delta_retention", "aggregate": "weakest_layer", "min": 0.97}}
+    assert _judged(point) == ("delta_retention", "weakest_layer")
+    bracket = {"rule": {"statistic": "sign_agreement", "aggregate": "weighted", "survive": 0.8, "lost": 0.5,
+                        "lost_statistic": "delta_snr", "lost_aggregate": "weakest_layer"}}
+    assert _judged({**point, "bracket": bracket}) == ("sign_agreement", "weighted")
+    assert _judged(surv) is None
 
 
 def test_a_survival_report_with_string_verdicts_is_refused(logs, tmp_path):

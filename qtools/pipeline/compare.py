@@ -194,11 +194,17 @@ def retention_for(model: str, suite: str, retention: list) -> dict | None:
     return max(same, key=lambda r: r.get("created", "")) if same else None
 
 
-def _rule_value(surv: dict, bits, rule: dict):
-    """The value the report's rule judges at `bits` (None where the report has none)."""
-    from ..survival.rule import Rule
+def _judged(surv: dict):
+    """The (statistic, aggregate) delta-survival's prediction judges: its bracket's survive side
+    where the report has a bracket, else its point rule's (None: neither)."""
+    rule = (surv.get("bracket") or {}).get("rule") or surv.get("threshold") or {}
+    return (rule["statistic"], rule.get("aggregate", "weighted")) if rule.get("statistic") else None
 
-    return Rule.from_dict(rule).value(surv.get("summary") or {}, surv.get("layers") or [], bits)
+
+def held(log: dict, c: Criteria) -> bool:
+    """Whether a validated model kept the behaviour: validate's criteria (accuracy, critical
+    errors, each category's floor), without compare's limits on size and speed."""
+    return not model_verdict(log, Criteria(c.min_accuracy, c.max_critical, None, None, c.min_category))
 
 
 def compare_suite(logs: list, surv: dict | None, c: Criteria, retention: list | None = None) -> dict:
@@ -263,31 +269,29 @@ def compare_suite(logs: list, surv: dict | None, c: Criteria, retention: list | 
 
     agreement = []
     if surv:
-        behaviour_c = Criteria(c.min_accuracy, c.max_critical, None, None, c.min_category)
-        # the statistic the prediction comes from: the bracket's where the report has one
-        br = (surv.get("bracket") or {}).get("rule")
-        rule = {**br, "min": br["survive"]} if br else surv.get("threshold") or {}
-        stat = rule.get("statistic")
-        # the value the rule judges (weakest layer or |D|^2-weighted), not always the summary's
-        label = stat if rule.get("aggregate", "weighted") == "weighted" else \
-            f"{stat} ({rule['aggregate'].replace('_', ' ')})"
+        from ..survival.rule import Rule
+
+        # the value the prediction judges (weakest layer or |D|^2-weighted), not always the summary's
+        judged = _judged(surv)
+        rule = Rule(*judged) if judged else None
+        label = None if rule is None else rule.statistic if rule.aggregate == "weighted" else \
+            f"{rule.statistic} ({rule.aggregate.replace('_', ' ')})"
         # If the float model itself fails, a failing quantized model proves nothing.
         refs = [log for log in logs if not log.get("quantized")]
-        ref_fails = bool(refs) and all(model_verdict(r, behaviour_c) for r in refs)
-        for log in logs:
-            if not log.get("quantized") or log.get("mixed"):
-                continue
+        ref_fails = bool(refs) and not any(held(r, c) for r in refs)
+        for log in _uniform(logs):
             pred = predicted_survives(surv, log["bits"])
-            held = not model_verdict(log, behaviour_c)
+            kept = held(log, c)
             s = survival_at(surv, log["bits"]) or {}
             agreement.append({
                 "model": log["model"], "bits": log["bits"],
                 "delta_retention": s.get("delta_retention"), "cosine": s.get("cosine"),
                 "statistic": label,
-                "statistic_value": _rule_value(surv, log["bits"], rule) if stat else None,
+                "statistic_value": None if rule is None else
+                rule.value(surv.get("summary") or {}, surv.get("layers") or [], log["bits"]),
                 "predicted": "survives" if pred else "left to the probe" if pred is None else "rounded away",
-                "observed": "survives" if held else ("fails (float fails too)" if ref_fails else "fails"),
-                "agree": None if (ref_fails and not held) or pred is None else pred == held,
+                "observed": "survives" if kept else ("fails (float fails too)" if ref_fails else "fails"),
+                "agree": None if (ref_fails and not kept) or pred is None else pred == kept,
             })
     return {
         "suite": logs[0]["suite"],
@@ -305,6 +309,11 @@ def compare_suite(logs: list, surv: dict | None, c: Criteria, retention: list | 
     }
 
 
+def _uniform(logs: list) -> list:
+    """The uniformly quantized models among the logs: the ones a prediction per bit-width is about."""
+    return [log for log in logs if log.get("quantized") and not log.get("mixed")]
+
+
 def probe_agreement(logs: list, probes: list, c: Criteria) -> list:
     """Per bit-width a `qtools probe` report predicted (the latest report on this suite), its verdict
     beside the validated quantized model's."""
@@ -312,15 +321,13 @@ def probe_agreement(logs: list, probes: list, c: Criteria) -> list:
         return []
     probe = max(probes, key=lambda p: p.get("created", ""))
     out = []
-    behaviour_c = Criteria(c.min_accuracy, c.max_critical, None, None, c.min_category)
-    for log in logs:
+    for log in _uniform(logs):
         pred = (probe.get("by_bits") or {}).get(str(log.get("bits")))
-        if not log.get("quantized") or log.get("mixed") or not isinstance(pred, dict):
+        if not isinstance(pred, dict):
             continue
-        held = not model_verdict(log, behaviour_c)
-        kept = pred.get("verdict") == "pass"
-        out.append({"bits": log["bits"], "model": log["model"], "predicted": "survives" if kept else "fails",
-                    "observed": "survives" if held else "fails", "agree": kept == held,
+        kept, predicted = held(log, c), pred.get("verdict") == "pass"
+        out.append({"bits": log["bits"], "model": log["model"], "predicted": "survives" if predicted else "fails",
+                    "observed": "survives" if kept else "fails", "agree": predicted == kept,
                     "predicted_min_bits": probe.get("predicted_min_bits")})
     return out
 
