@@ -608,3 +608,25 @@ def test_the_report_names_each_tasks_suite_and_critical_confusion(tmp_path):
     res = CliRunner().invoke(cli, ["calibrate", "--task", "agent", "--family", "g4", "--work-dir", str(tmp_path / "w")])
     assert res.exit_code == 2 and "unknown family g4" in res.output and "agent-g4" in res.output
     assert not (tmp_path / "w").exists()
+
+
+def test_a_threshold_one_critical_case_decides_is_listed_as_unsettled_with_its_range():
+    """docs/study.md lists the thresholds the suite does not settle: the re-drawn thresholds, how
+    often a 2x and 4x suite would reproduce them, and what the threshold turns on."""
+    from qtools.calibrate.study_report import unsettled
+
+    coin = with_cases(0, 5, 20.0, critical_at=5)
+    clean = with_cases(1, 4, 20.0)
+    for r, name, t in ((coin, "fam/coin", 6), (clean, "fam/clean", 4)):
+        r["id"], r["true_min_bits"] = name, t
+        for v in r["behaviour"].values():
+            v["accuracy"] = v["cases"]["correct"].count("1") / 64
+            v["critical_errors"] = v["cases"]["critical"].count("1")
+    u = unsettled([coin, clean], 0.8)
+    assert [x["id"] for x in u["unsettled"]] == ["fam/coin"]
+    x = u["unsettled"][0]
+    # in a 64-case re-draw the critical case is missed 36.6% of the time: 6 for 63%, else 5
+    assert set(x["distribution"]) == {5, 6} and x["distribution"][6] < 0.9
+    assert x["larger"][2] < 0.9 < x["larger"][4]  # 1 - (63/64)^128 = 0.867, ^256 = 0.982
+    assert x["below"] == "5: 98.4%, 1 critical; 6: 100.0%, 0 critical"
+    assert u["reproduce_90_larger"] == {2: 1, 4: 2}

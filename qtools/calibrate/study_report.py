@@ -33,6 +33,7 @@ def analyse(usable: list, excluded: list, min_accuracy: float) -> dict:
         "thresholds": thresholds,
         "reproduce_mean": sum(rep) / len(rep) if rep else 0.0,
         "reproduce_90": sum(p >= GOAL_REPRODUCE for p in rep),
+        **unsettled(usable, min_accuracy),
         "ceiling": sum(ceiling) / len(ceiling) if ceiling else 0.0,
         "fake_vs_real": fake_vs_real(usable),
         "weights": weights_tier(usable),
@@ -42,6 +43,37 @@ def analyse(usable: list, excluded: list, min_accuracy: float) -> dict:
         # the point rule delta-survival printed before the bracket (one bit-width, not a bracket)
         "point": leave_one_family_out([{**r, "true_min_bits": truth(r)} for r in usable], min_accuracy)["held_out"],
     }
+
+
+def unsettled(usable: list, min_accuracy: float, sizes=(2, 4)) -> dict:
+    """The fine-tunes whose threshold fewer than GOAL_REPRODUCE of re-drawn suites reproduce, each
+    with its re-drawn thresholds, how often a suite `sizes` times as large would reproduce it
+    (its cases drawn from these: each case failing at the rate it did) and what it turns on; and
+    how many fine-tunes such larger suites would settle."""
+    def reproduced(r, f):
+        return distribution(r, BITS, min_accuracy, f).get(bits_rank(r["true_min_bits"]), 0.0)
+
+    return {
+        "reproduce_90_larger": {f: sum(reproduced(r, f) >= GOAL_REPRODUCE for r in usable) for f in sizes},
+        "unsettled": [{"id": r["id"], "threshold": r["true_min_bits"],
+                       "distribution": distribution(r, BITS, min_accuracy, 1),
+                       "larger": {f: reproduced(r, f) for f in sizes}, "below": _below(r)}
+                      for r in usable if reproduced(r, 1) < GOAL_REPRODUCE],
+    }
+
+
+def _below(r: dict) -> str:
+    """What the measured threshold turns on: accuracy and critical errors at the bit-width below it
+    (its fail) and at it (its pass), fake-quantized as the bootstrap re-draws them."""
+    t = r["true_min_bits"]
+    ranked = sorted(BITS)
+    if t is None or t not in ranked:
+        return "-"
+    out = []
+    for b in ranked[max(0, ranked.index(t) - 1):ranked.index(t) + 1]:
+        s = r["behaviour"][str(b)]
+        out.append(f"{b}: {s['accuracy']:.1%}, {s['critical_errors']} critical")
+    return "; ".join(out)
 
 
 def goals(a: dict) -> list[tuple[str, str, bool]]:
@@ -123,6 +155,20 @@ def write_study_report(usable: list, excluded: list, fams: list, path, min_accur
               f"The suite's cases resampled ({2000} draws per fine-tune): the measured threshold comes back in "
               f"{a['reproduce_mean']:.0%} of re-drawn suites on average; {a['reproduce_90']} of {a['n']} fine-tunes "
               f"reach {GOAL_REPRODUCE:.0%}. The ceiling for any predictor against a re-drawn suite: {a['ceiling']:.0%}.", ""]
+    if a["unsettled"]:
+        big = a["reproduce_90_larger"]
+        lines += [f"Were the suite twice as large, its cases failing at the rates these did (2x as many drawn from "
+                  f"the same cases), {big[2]} of {a['n']} would reach {GOAL_REPRODUCE:.0%}; four times as large, "
+                  f"{big[4]}. The thresholds this suite does not settle: one critical error "
+                  "or an accuracy near the line at the bit-width below decides them, and a re-drawn suite misses "
+                  "it. Read each as the range its re-drawn thresholds span.", "",
+                  tabulate([[u["id"], _bits(u["threshold"]),
+                             ", ".join(f"{_bits(None if k == bits_rank(None) else k)}: {v:.0%}"
+                                       for k, v in sorted(u["distribution"].items(), reverse=True)),
+                             f"{u['larger'][2]:.0%}", f"{u['larger'][4]:.0%}", u["below"]] for u in a["unsettled"]],
+                           headers=["fine-tune", "measured threshold", "re-drawn suites' thresholds",
+                                    "reproduced at 2x", "at 4x", "fake-quantized at the bit-width below, and at it"],
+                           tablefmt="github"), ""]
     w, p, c = a["weights"], a["probe"], a["constant"]
     lines += ["## Held out by family", "",
               tabulate([
