@@ -428,7 +428,7 @@ def _study_outputs(usable, excluded, fams, docs: Path, rule_file, min_accuracy, 
     thresholds, and the bracket delta-survival reports; provisional unless every goal is met."""
     from dataclasses import replace
 
-    from .fit import fit
+    from .fit import constant_guess, fit
     from .study_report import write_study_report
     from .tiers import truth
 
@@ -443,7 +443,9 @@ def _study_outputs(usable, excluded, fams, docs: Path, rule_file, min_accuracy, 
     rule = replace(rule, provisional=not a["goals_met"], evidence=evidence)
     record = {**rule.to_dict(), "bracket": w["bracket"], "study": {
         "weights_held_out": w["held_out"], "probe_held_out": p["held_out"], "probe_margin": p["margin"],
-        "constant_held_out": c, "point_held_out": a["point"], "goals_met": a["goals_met"], "usable": len(usable)}}
+        "constant_held_out": c, "point_held_out": a["point"], "goals_met": a["goals_met"], "usable": len(usable),
+        # what a guess without the weights or the model says, for fine-tunes outside the study
+        "constant_guess": constant_guess([{**r, "true_min_bits": truth(r)} for r in usable])}}
     write_json_atomic(study_rule, record)
     # delta-survival's rule changes only for one fitted on at least as many fine-tunes: a few
     # fine-tunes of a study cut short never replace a rule fitted on more

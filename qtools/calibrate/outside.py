@@ -1,0 +1,82 @@
+"""One fine-tune outside the study, judged as a user meets the tiers (scripts/outside.sh): the
+real sweep's threshold beside delta-survival's bracket, the bracket with the probe of its check
+set (what `make demo` answers), the probe of every bit-width, the point rule and the constant
+guess. `python -m qtools.calibrate.outside LOGS PROBE_ALL` prints one markdown row."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ..survival.rule import smallest_surviving, study_record
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def real_threshold(logs: list) -> tuple:
+    """(the sweep's threshold: the smallest bit-width passing with every larger one passing, None
+    when none does; the float model's log)."""
+    quantized = {log["bits"]: log["verdict"] == "pass" for log in logs if log.get("quantized") and not log.get("mixed")}
+    ref = next((log for log in logs if not log.get("quantized")), None)
+    return smallest_surviving(sorted(quantized), lambda b: quantized[b]), ref
+
+
+def with_probe(survival: dict, probe: dict | None, bits: list):
+    """The answer of the bracket with the probe of its check set: a bit-width survives where the
+    bracket settles it as kept, or the probe passes it; otherwise (rounded away, or not probed) not."""
+    verdict = survival.get("verdict") or {}
+    by_bits = (probe or {}).get("by_bits") or {}
+
+    def kept(b):
+        v = verdict.get(str(b))
+        if v is True:
+            return True
+        p = by_bits.get(str(b))
+        return v is None and isinstance(p, dict) and p.get("verdict") == "pass"
+
+    return smallest_surviving(bits, kept)
+
+
+def judge(log_dir, probe_all_path) -> dict:
+    log_dir = Path(log_dir)
+    logs = [d for p in sorted(log_dir.glob("*.json")) if (d := _read(p)) and "qtools_log" in d]
+    survival = _read(log_dir / "survival.json") or {}
+    probe = _read(log_dir / "probe.json")
+    probe_all = _read(Path(probe_all_path)) or {}
+    bits = sorted(log["bits"] for log in logs if log.get("quantized") and not log.get("mixed"))
+    truth, ref = real_threshold(logs)
+    br = survival.get("bracket") or {}
+    const = study_record().get("constant_guess")
+    return {
+        "fine_tune": log_dir.name,
+        "float16": None if ref is None else f"{ref['correct']}/{ref['total']}",
+        "real": truth,
+        "bracket": (br.get("survives_at"), br.get("rounded_away_at")),
+        "check": br.get("check", []),
+        "bracket_probe": with_probe(survival, probe, bits),
+        "probe_all": probe_all.get("predicted_min_bits"),
+        "point": (survival.get("point_prediction") or {}).get("predicted_min_bits"),
+        "constant": const,
+    }
+
+
+def _b(x) -> str:
+    return "none" if x is None else str(x)
+
+
+def row(j: dict) -> str:
+    a, b = j["bracket"]
+    return (f"| {j['fine_tune']} | {j['float16']} | {_b(j['real'])} | >= {_b(a)}, <= {_b(b)} "
+            f"(probe {' '.join(map(str, j['check'])) or '-'}) | {_b(j['bracket_probe'])} | {_b(j['probe_all'])} | "
+            f"{_b(j['point'])} | {_b(j['constant'])} |")
+
+
+if __name__ == "__main__":
+    print(row(judge(*sys.argv[1:3])))

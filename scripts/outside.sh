@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Fine-tunes the calibration study never saw, judged as the demo is: for each FAMILY:SEED in
+# PAIRS (a demo-task calibration family, qtools demo-models --family; the demo's adapter recipe
+# trained with that seed), build the base and adapter, fuse, ask delta-survival (the study's
+# bracket) and the probe (its check set, as make demo does, and every bit-width), prove with the
+# real sweep 8 6 5 4 3 2 and compare. Logs in logs/outside/FAMILY-sSEED/, one summary line per
+# fine-tune on stdout (docs/outside.md). Reuses what is built; FORCE=1 rebuilds.
+set -euo pipefail
+QTOOLS=${QTOOLS:-.venv/bin/qtools}
+PY=${PY:-.venv/bin/python}
+PAIRS=${PAIRS:-g12:1 g36:1 g24:2}
+SUITE=${SUITE:-suites/demo.jsonl}
+root=${OUTSIDE_MODELS:-models/outside}
+for pair in $PAIRS; do
+  fam=${pair%%:*} seed=${pair##*:}
+  m="$root/$fam" logs="logs/outside/$fam-s$seed"
+  echo "== $fam, adapter seed $seed"
+  "$QTOOLS" demo-models --family "$fam" --seed "$seed" --output "$m" --suite '' ${FORCE:+--force}
+  mkdir -p "$logs"
+  "$QTOOLS" fuse "$m/${fam}_base" --adapter "$m/${fam}_adapter" --output "$m/fused_f16" --force
+  FROM="$m/fused_f16" BITS="" LOGS="$logs" scripts/survival.sh >/dev/null
+  open=$("$PY" -c 'import json, sys; r = json.load(open(sys.argv[1]))
+print(" ".join(str(b) for b in (r.get("bracket") or {}).get("check", [])))' "$logs/survival.json")
+  rm -f "$logs/probe.json"
+  if [ -n "$open" ]; then
+    # shellcheck disable=SC2086  # a list of words
+    "$QTOOLS" probe "$m/fused_f16" --suite "$SUITE" --bits $open --output "$logs/probe.json" >/dev/null
+  fi
+  # every bit-width, beside the logs (compare reads one probe report: the check set's)
+  "$QTOOLS" probe "$m/fused_f16" --suite "$SUITE" --bits 2 3 4 5 6 8 --output "logs/outside/$fam-s$seed.probe-all.json" >/dev/null
+  rm -f "$logs"/*-demo.json
+  FROM="$m/fused_f16" PREFIX="$m/fused" BITS="8 6 5 4 3 2" SUITE="$SUITE" BATCH=1 LOGS="$logs" FORCE=1 \
+    scripts/sweep.sh >/dev/null
+  LOGS="$logs" scripts/compare.sh > "$logs/compare.txt" || true
+  "$PY" -m qtools.calibrate.outside "$logs" "logs/outside/$fam-s$seed.probe-all.json"
+done

@@ -1,0 +1,45 @@
+"""scripts/outside.sh's judge: a fine-tune outside the study, the tiers' answers beside the sweep's."""
+
+import json
+
+from qtools.calibrate.outside import judge, real_threshold, row, with_probe
+
+BITS = [2, 3, 4, 5, 6, 8]
+
+
+def _log(bits, verdict, quantized=True):
+    return {"qtools_log": 1, "model": f"m{bits}", "bits": bits, "quantized": quantized, "mixed": False,
+            "verdict": verdict, "correct": 63, "total": 64}
+
+
+def test_real_threshold_needs_every_larger_bit_width_passing():
+    logs = [_log(16, "pass", quantized=False), *(_log(b, v) for b, v in
+                                                 zip(BITS, ["fail", "fail", "pass", "fail", "pass", "pass"]))]
+    assert real_threshold(logs)[0] == 6  # 4 passes, 5 does not: 6
+    assert real_threshold(logs)[1]["bits"] == 16
+
+
+def test_the_bracket_settles_and_the_probe_decides_what_it_leaves():
+    surv = {"verdict": {"2": False, "3": False, "4": None, "5": None, "6": True, "8": True}}
+    probe = {"by_bits": {"4": {"verdict": "fail"}, "5": {"verdict": "pass"}, "3": {"verdict": "pass"}}}
+    # 3 is rounded away by the bracket: the probe's pass there is not asked for
+    assert with_probe(surv, probe, BITS) == 5
+    assert with_probe(surv, None, BITS) == 6  # nothing probed: only what the bracket settles
+    # a bit-width the bracket settles as kept is kept, probed or not
+    assert with_probe({"verdict": {**surv["verdict"], "5": True}}, {"by_bits": {}}, BITS) == 5
+
+
+def test_judge_reads_a_fine_tunes_logs(tmp_path):
+    d = tmp_path / "g12-s1"
+    d.mkdir()
+    for i, (b, v) in enumerate(zip([16, *BITS], ["pass", "fail", "fail", "fail", "pass", "pass", "pass"])):
+        (d / f"{i}-demo.json").write_text(json.dumps(_log(b, v, quantized=b != 16)))
+    (d / "survival.json").write_text(json.dumps({
+        "verdict": {"2": None, "3": None, "4": None, "5": None, "6": True, "8": True},
+        "bracket": {"survives_at": 6, "rounded_away_at": None, "check": [2, 3, 4, 5]},
+        "point_prediction": {"predicted_min_bits": 8}}))
+    (d / "probe.json").write_text(json.dumps({"by_bits": {"5": {"verdict": "pass"}, "4": {"verdict": "fail"}}}))
+    (tmp_path / "all.json").write_text(json.dumps({"predicted_min_bits": 5}))
+    j = judge(d, tmp_path / "all.json")
+    assert (j["real"], j["bracket"], j["bracket_probe"], j["probe_all"], j["point"]) == (5, (6, None), 5, 5, 8)
+    assert j["float16"] == "63/64" and row(j).startswith("| g12-s1 | 63/64 | 5 | >= 6, <= none (probe 2 3 4 5) | 5 | 5 | 8 |")
