@@ -25,9 +25,9 @@ weights once and runs each copy at its precision (dequantize(quantize(w)) with t
 own quant_predicate, as fakequant does), so one read of the model serves every bit-width.
 The sequences are sorted by length and a layer runs on chunks of them, each cut to its
 longest sequence: no chunk computes another's padding (attention is causal, so the padding
-after a sequence never changes it). The last layer's output is kept; the head then runs per chunk of sequences, the model's
-own top (final norm, head, logit scaling) replaying the kept hidden states, so the
-(batch, length, vocab) logits never exist at once.
+after a sequence never changes it). The last layer's output is kept; the head then runs per
+chunk of sequences, the model's own top (final norm, head, logit scaling) replaying the kept
+hidden states, so the (batch, length, vocab) logits never exist at once.
 """
 
 from __future__ import annotations
@@ -417,7 +417,8 @@ class StreamedModel:
     def score(self, seqs, precisions: list, vocab_hint: int = 32768, progress: bool = False):
         """Teacher-forced log-probs of every (tokens, first scored position) at every precision,
         from one read of the weights: yields (precision index, sequence index, scored rows'
-        log-probs as an mlx array, as numpy, their top token), precision by precision."""
+        log-probs as an mlx array, as numpy, their top token), precision by precision, each
+        precision's sequences shortest first."""
         import mlx.core as mx
         import numpy as np
 
