@@ -331,3 +331,24 @@ def test_a_probe_report_among_the_logs_is_judged_against_the_sweep(logs, tmp_pat
     r = run("compare", *logs, probe)
     assert r.exit_code == 0, r.output
     assert "the probe predicted the fine-tune survives down to 4 bits" in r.output
+
+
+def test_where_the_float_model_fails_the_probe_is_not_judged_by_the_failures(tmp_path):
+    """A fine-tune whose float16 model fails its suite (one critical error, logs/outside/g36-s1):
+    a quantized model failing proves nothing against the probe (as against delta-survival), and a
+    probe that keeps no bit-width says so instead of "down to None bits"."""
+    from qtools.pipeline.compare import compare
+
+    paths = write_logs(tmp_path, [log("fused_f16", 16, 0.98, quantized=False, critical=1),
+                                  log("fused_8bit", 8, 0.98, critical=1), log("fused_6bit", 6, 1.0)], "demo")
+    probe = tmp_path / "probe.json"
+    probe.write_text(json.dumps({"qtools_probe": 1, "suite": "demo", "predicted_min_bits": None,
+                                 "created": "2026-01-01T00:00:00",
+                                 "by_bits": {"8": {"verdict": "fail"}, "6": {"verdict": "pass"}}}))
+    rows = {a["bits"]: a for a in compare([*paths, probe])["comparisons"][0]["probe_agreement"]}
+    assert rows[8]["observed"] == "fails (float fails too)" and rows[8]["agree"] is None
+    assert rows[6]["observed"] == "survives" and rows[6]["agree"] is True
+    out = run("compare", *paths, probe).output
+    assert "the probe keeps none of the bit-widths it probed" in out
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("|")]
+    assert ["8", "fused_8bit", "fails", "fails (float fails too)", "n/a"] in cells

@@ -277,8 +277,7 @@ def compare_suite(logs: list, surv: dict | None, c: Criteria, retention: list | 
         label = None if rule is None else rule.statistic if rule.aggregate == "weighted" else \
             f"{rule.statistic} ({rule.aggregate.replace('_', ' ')})"
         # If the float model itself fails, a failing quantized model proves nothing.
-        refs = [log for log in logs if not log.get("quantized")]
-        ref_fails = bool(refs) and not any(held(r, c) for r in refs)
+        ref_fails = _float_fails(logs, c)
         for log in _uniform(logs):
             pred = predicted_survives(surv, log["bits"])
             kept = held(log, c)
@@ -309,6 +308,13 @@ def compare_suite(logs: list, surv: dict | None, c: Criteria, retention: list | 
     }
 
 
+def _float_fails(logs: list, c: Criteria) -> bool:
+    """Whether the float model's log (every one, if several) fails the suite: then a failing quantized
+    model proves nothing about a prediction."""
+    refs = [log for log in logs if not log.get("quantized")]
+    return bool(refs) and not any(held(r, c) for r in refs)
+
+
 def _uniform(logs: list) -> list:
     """The uniformly quantized models among the logs: the ones a prediction per bit-width is about."""
     return [log for log in logs if log.get("quantized") and not log.get("mixed")]
@@ -321,13 +327,15 @@ def probe_agreement(logs: list, probes: list, c: Criteria) -> list:
         return []
     probe = max(probes, key=lambda p: p.get("created", ""))
     out = []
+    fails_float = _float_fails(logs, c)
     for log in _uniform(logs):
         pred = (probe.get("by_bits") or {}).get(str(log.get("bits")))
         if not isinstance(pred, dict):
             continue
         kept, predicted = held(log, c), pred.get("verdict") == "pass"
         out.append({"bits": log["bits"], "model": log["model"], "predicted": "survives" if predicted else "fails",
-                    "observed": "survives" if kept else "fails", "agree": predicted == kept,
+                    "observed": "survives" if kept else ("fails (float fails too)" if fails_float else "fails"),
+                    "agree": None if fails_float and not kept else predicted == kept,
                     "predicted_min_bits": probe.get("predicted_min_bits")})
     return out
 
@@ -401,9 +409,7 @@ def format_comparison(result: dict) -> str:
             out.append("recommendation: none (no model meets all criteria)")
         if comp["survival_agreement"]:
             out.append("")
-            pmb = comp["predicted_min_bits"]
-            out.append(f"delta-survival predicted the fine-tune survives down to "
-                       f"{pmb if pmb is not None else '(no tested bit-width)'} bits:")
+            out.append(_down_to("delta-survival", comp["predicted_min_bits"], "it judged") + ":")
             stat = comp["survival_agreement"][0]["statistic"]
             extra = [stat] if stat and stat != "delta_retention" else []
             rows = []
@@ -423,13 +429,21 @@ def format_comparison(result: dict) -> str:
             out.append(tier_evidence())
         if comp.get("probe_agreement"):
             out.append("")
-            out.append(f"the probe predicted the fine-tune survives down to "
-                       f"{comp['probe_agreement'][0]['predicted_min_bits']} bits (of the bit-widths it probed):")
-            out.append(tabulate([[a["bits"], a["model"], a["predicted"], a["observed"], "yes" if a["agree"] else "NO"]
+            pmb = comp["probe_agreement"][0]["predicted_min_bits"]
+            out.append(_down_to("the probe", pmb, "it probed") + ("" if pmb is None else " (of the bit-widths it probed)")
+                       + ":")
+            out.append(tabulate([[a["bits"], a["model"], a["predicted"], a["observed"],
+                                  "n/a" if a["agree"] is None else "yes" if a["agree"] else "NO"]
                                  for a in comp["probe_agreement"]],
                                 headers=["bits", "model", "predicted", "observed", "agree"], tablefmt="github"))
         out.append("")
     return "\n".join(out).rstrip()
+
+
+def _down_to(who: str, bits, which: str) -> str:
+    if bits is None:
+        return f"{who} keeps none of the bit-widths {which}"
+    return f"{who} predicted the fine-tune survives down to {bits} bits"
 
 
 def plot_formats() -> list:
