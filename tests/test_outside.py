@@ -20,13 +20,13 @@ def test_real_threshold_needs_every_larger_bit_width_passing():
 
 
 def test_the_bracket_settles_and_the_probe_decides_what_it_leaves():
-    surv = {"verdict": {"2": False, "3": False, "4": None, "5": None, "6": True, "8": True}}
-    probe = {"by_bits": {"4": {"verdict": "fail"}, "5": {"verdict": "pass"}, "3": {"verdict": "pass"}}}
-    # 3 is rounded away by the bracket: the probe's pass there is not asked for
-    assert with_probe(surv, probe, BITS) == 5
+    # survives at >= 6, rounded away at <= 4: the probe checks 5 and 4 (the largest called lost)
+    surv = {"verdict": {"2": False, "3": False, "4": False, "5": None, "6": True, "8": True}}
+    assert with_probe(surv, {"by_bits": {"4": {"verdict": "pass"}, "5": {"verdict": "pass"}}}, BITS) == 4
+    assert with_probe(surv, {"by_bits": {"4": {"verdict": "fail"}, "5": {"verdict": "pass"}}}, BITS) == 5
     assert with_probe(surv, None, BITS) == 6  # nothing probed: only what the bracket settles
-    # a bit-width the bracket settles as kept is kept, probed or not
-    assert with_probe({"verdict": {**surv["verdict"], "5": True}}, {"by_bits": {}}, BITS) == 5
+    # a bit-width the bracket settles as kept is kept, whatever the probe says
+    assert with_probe(surv, {"by_bits": {"6": {"verdict": "fail"}, "5": {"verdict": "pass"}}}, BITS) == 5
 
 
 def test_judge_reads_a_fine_tunes_logs(tmp_path):

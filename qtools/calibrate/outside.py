@@ -29,17 +29,18 @@ def real_threshold(logs: list) -> tuple:
 
 
 def with_probe(survival: dict, probe: dict | None, bits: list):
-    """The answer of the bracket with the probe of its check set: a bit-width survives where the
-    bracket settles it as kept, or the probe passes it; otherwise (rounded away, or not probed) not."""
+    """The answer of the bracket with the probe of its check set (the bit-widths between, and the
+    largest it calls rounded away, which the probe may overrule): a bit-width survives where the
+    bracket settles it as kept, or else where the probe passes it; one neither probed nor kept
+    does not."""
     verdict = survival.get("verdict") or {}
     by_bits = (probe or {}).get("by_bits") or {}
 
     def kept(b):
-        v = verdict.get(str(b))
-        if v is True:
+        if verdict.get(str(b)) is True:
             return True
         p = by_bits.get(str(b))
-        return v is None and isinstance(p, dict) and p.get("verdict") == "pass"
+        return isinstance(p, dict) and p.get("verdict") == "pass"
 
     return smallest_surviving(bits, kept)
 
