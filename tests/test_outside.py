@@ -29,17 +29,28 @@ def test_the_bracket_settles_and_the_probe_decides_what_it_leaves():
     assert with_probe(surv, {"by_bits": {"6": {"verdict": "fail"}, "5": {"verdict": "pass"}}}, BITS) == 5
 
 
-def test_judge_reads_a_fine_tunes_logs(tmp_path):
+def test_judge_reads_a_fine_tunes_logs(tmp_path, monkeypatch):
+    """The weights tier is asked again from survival.json's statistics with the rule file's bracket
+    and point rule (here fixed), the check set read from the probe of every bit-width."""
+    from qtools.survival.rule import Bracket, Rule
+
+    monkeypatch.setattr(Bracket, "load", classmethod(lambda cls, path=None: Bracket("sign_agreement", "weighted",
+                                                                                    0.8, 0.3)))
+    monkeypatch.setattr(Rule, "load", classmethod(lambda cls, available=None, path=None: Rule("sign_agreement",
+                                                                                              "weighted", 0.6)))
     d = tmp_path / "g12-s1"
     d.mkdir()
     for i, (b, v) in enumerate(zip([16, *BITS], ["pass", "fail", "fail", "fail", "pass", "pass", "pass"])):
         (d / f"{i}-demo.json").write_text(json.dumps(_log(b, v, quantized=b != 16)))
+    agreement = dict(zip(BITS, [0.1, 0.25, 0.5, 0.7, 0.85, 0.95]))
     (d / "survival.json").write_text(json.dumps({
-        "verdict": {"2": None, "3": None, "4": None, "5": None, "6": True, "8": True},
-        "bracket": {"survives_at": 6, "rounded_away_at": None, "check": [2, 3, 4, 5]},
-        "point_prediction": {"predicted_min_bits": 8}}))
-    (d / "probe.json").write_text(json.dumps({"by_bits": {"5": {"verdict": "pass"}, "4": {"verdict": "fail"}}}))
-    (tmp_path / "all.json").write_text(json.dumps({"predicted_min_bits": 5}))
+        "summary": {str(b): {"sign_agreement": v} for b, v in agreement.items()}, "layers": []}))
+    # survives at >= 6 (above 0.8), rounded away at <= 3 (at most 0.3): the probe checks 3 4 5
+    (tmp_path / "all.json").write_text(json.dumps({"predicted_min_bits": 5, "by_bits": {
+        "2": {"verdict": "pass"}, "3": {"verdict": "fail"}, "4": {"verdict": "fail"}, "5": {"verdict": "pass"},
+        "6": {"verdict": "pass"}, "8": {"verdict": "pass"}}}))
     j = judge(d, tmp_path / "all.json")
-    assert (j["real"], j["bracket"], j["bracket_probe"], j["probe_all"], j["point"]) == (5, (6, None), 5, 5, 8)
-    assert j["float16"] == "63/64" and row(j).startswith("| g12-s1 | 63/64 | 5 | >= 6, <= none (probe 2 3 4 5) | 5 | 5 | 8 |")
+    assert (j["real"], j["bracket"], j["check"], j["bracket_probe"], j["probe_all"], j["point"]) == \
+        (5, (6, 3), [3, 4, 5], 5, 5, 5)
+    assert j["float16"] == "63/64" and j["float16_passes"]
+    assert row(j).startswith("| g12-s1 | 63/64 | 5 | >= 6, <= 3 (probe 3 4 5) | 5 | 5 | 5 |")

@@ -46,25 +46,35 @@ def with_probe(survival: dict, probe: dict | None, bits: list):
 
 
 def judge(log_dir, probe_all_path) -> dict:
+    """The fine-tune's sweep (its validate logs in log_dir) beside what each tier answers. The weights
+    tier is asked again from the statistics of log_dir/survival.json with the rule file in place (a
+    refitted study judges every outside fine-tune alike), and the bracket's check set is read from
+    the probe of every bit-width (a bit-width's verdict does not depend on the others probed with it)."""
+    from ..survival.analyze import bracket_answer
+    from ..survival.rule import Bracket, Rule
+
     log_dir = Path(log_dir)
     logs = [d for p in sorted(log_dir.glob("*.json")) if (d := _read(p)) and "qtools_log" in d]
     survival = _read(log_dir / "survival.json") or {}
-    probe = _read(log_dir / "probe.json")
     probe_all = _read(Path(probe_all_path)) or {}
     bits = sorted(log["bits"] for log in logs if log.get("quantized") and not log.get("mixed"))
     truth, ref = real_threshold(logs)
-    br = survival.get("bracket") or {}
-    const = study_record().get("constant_guess")
+    summary, layers = survival.get("summary") or {}, survival.get("layers") or []
+    answer = bracket_answer(Bracket.load(), summary, layers, bits) or {}
+    by_bits = probe_all.get("by_bits") or {}
+    checked = {"by_bits": {str(b): by_bits[str(b)] for b in answer.get("check", []) if str(b) in by_bits}}
+    point = Rule.load(available=summary.get(str(max(bits))) if bits else None)
     return {
         "fine_tune": log_dir.name,
         "float16": None if ref is None else f"{ref['correct']}/{ref['total']}",
+        "float16_passes": ref is not None and ref.get("verdict") == "pass",
         "real": truth,
-        "bracket": (br.get("survives_at"), br.get("rounded_away_at")),
-        "check": br.get("check", []),
-        "bracket_probe": with_probe(survival, probe, bits),
+        "bracket": (answer.get("survives_at"), answer.get("rounded_away_at")),
+        "check": answer.get("check", []),
+        "bracket_probe": with_probe(answer, checked, bits) if answer else None,
         "probe_all": probe_all.get("predicted_min_bits"),
-        "point": (survival.get("point_prediction") or {}).get("predicted_min_bits"),
-        "constant": const,
+        "point": point.predict(summary, layers, bits)[0] if bits else None,
+        "constant": study_record().get("constant_guess"),
     }
 
 
@@ -74,7 +84,8 @@ def _b(x) -> str:
 
 def row(j: dict) -> str:
     a, b = j["bracket"]
-    return (f"| {j['fine_tune']} | {j['float16']} | {_b(j['real'])} | >= {_b(a)}, <= {_b(b)} "
+    f16 = j["float16"] if j["float16_passes"] else f"{j['float16']}, fails: not judged"
+    return (f"| {j['fine_tune']} | {f16} | {_b(j['real'])} | >= {_b(a)}, <= {_b(b)} "
             f"(probe {' '.join(map(str, j['check'])) or '-'}) | {_b(j['bracket_probe'])} | {_b(j['probe_all'])} | "
             f"{_b(j['point'])} | {_b(j['constant'])} |")
 

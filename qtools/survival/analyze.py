@@ -525,22 +525,15 @@ def analyze(
         report["threshold"] = rule.to_dict()
         report["verdict"] = verdict
         report["predicted_min_bits"] = predicted
-        bracket = Bracket.load()
-        if bracket is not None and summary[str(max(bits))].get(bracket.statistic) is not None:
-            a, b = bracket.predict(summary, layers, bits)
-            between = [x for x in bits if (b is None or x > b) and (a is None or x < a)]
-            # what to run the probe on: the bit-widths between, and the largest called rounded away,
-            # whose side of the bracket is extrapolated from the study's fine-tunes (the demo's keeps
-            # 5 bits where the study's bracket calls 5 lost: docs/study.md)
-            report["bracket"] = {"survives_at": a, "rounded_away_at": b, "rule": bracket.to_dict(),
-                                 "probe": between, "check": sorted(([b] if b is not None else []) + between)}
+        answer = bracket_answer(Bracket.load(), summary, layers, bits)
+        if answer is not None:
+            report["bracket"] = {k: answer[k] for k in ("survives_at", "rounded_away_at", "rule", "probe", "check")}
             # The weights tier's answer is the bracket's (the study judges it: docs/study.md): kept
             # at >= a, rounded away at <= b, the bit-widths between neither (None: the probe's). The
             # point rule's single guess is kept beside it; held out it is optimistic far more often.
             report["point_prediction"] = {"predicted_min_bits": predicted, "verdict": verdict}
-            report["predicted_min_bits"] = a
-            report["verdict"] = {str(x): True if a is not None and x >= a else False if b is not None and x <= b
-                                 else None for x in bits}
+            report["predicted_min_bits"] = answer["survives_at"]
+            report["verdict"] = answer["verdict"]
         report["weakest_layers"] = _weakest_layers(layers, bits, rule.statistic)
     for t in tensors:
         for k in ("_n", "_w2", "_d2"):
@@ -548,6 +541,22 @@ def analyze(
     report["tensors"] = tensors
     report["elapsed_s"] = time.perf_counter() - t0
     return report
+
+
+def bracket_answer(bracket, summary: dict, layers: list, bits) -> dict | None:
+    """The weights tier's answer from a report's statistics (summary, layers): survives at >= a,
+    rounded away at <= b, each bit-width's verdict (True, False, None: left to the probe) and what
+    to run the probe on: the bit-widths between, and the largest called rounded away, whose side
+    of the bracket is extrapolated from the study's fine-tunes (the demo's keeps 5 bits where the
+    study's bracket calls 5 lost: docs/study.md). None without a bracket, or without its statistic."""
+    if bracket is None or (summary.get(str(max(bits))) or {}).get(bracket.statistic) is None:
+        return None
+    a, b = bracket.predict(summary, layers, bits)
+    between = [x for x in bits if (b is None or x > b) and (a is None or x < a)]
+    return {"survives_at": a, "rounded_away_at": b, "rule": bracket.to_dict(), "probe": between,
+            "check": sorted(([b] if b is not None else []) + between),
+            "verdict": {str(x): True if a is not None and x >= a else False if b is not None and x <= b else None
+                        for x in bits}}
 
 
 def _weakest_layers(layers: list[dict], bits: list[int], stat: str, k: int = 5) -> list[dict]:
