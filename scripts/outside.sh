@@ -34,3 +34,5 @@ print(" ".join(str(b) for b in (r.get("bracket") or {}).get("check", [])))' "$lo
   LOGS="$logs" scripts/compare.sh > "$logs/compare.txt" || true
   "$PY" -m qtools.calibrate.outside "$logs" "logs/outside/$fam-s$seed.probe-all.json"
 done
+echo "== every fine-tune judged so far (docs/outside.md)"
+"$PY" -m qtools.calibrate.outside --all logs/outside

@@ -54,3 +54,33 @@ def test_judge_reads_a_fine_tunes_logs(tmp_path, monkeypatch):
         (5, (6, 3), [3, 4, 5], 5, 5, 5)
     assert j["float16"] == "63/64" and j["float16_passes"]
     assert row(j).startswith("| g12-s1 | 63/64 | 5 | >= 6, <= 3 (probe 3 4 5) | 5 | 5 | 5 |")
+
+
+def test_every_outside_fine_tune_in_one_table_and_a_tally(tmp_path, monkeypatch):
+    from qtools.calibrate.outside import judge_all, tally
+    from qtools.survival.rule import Bracket, Rule
+
+    monkeypatch.setattr(Bracket, "load", classmethod(lambda cls, path=None: Bracket("sign_agreement", "weighted",
+                                                                                    0.8, 0.3)))
+    monkeypatch.setattr(Rule, "load", classmethod(lambda cls, available=None, path=None: Rule("sign_agreement",
+                                                                                              "weighted", 0.6)))
+    agreement = dict(zip(BITS, [0.1, 0.25, 0.5, 0.7, 0.85, 0.95]))
+    for name, float_verdict, real in (("a-s1", "pass", 4), ("b-s2", "fail", 6)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "f16.json").write_text(json.dumps(_log(16, float_verdict, quantized=False)))
+        for b in BITS:
+            (d / f"{b}.json").write_text(json.dumps(_log(b, "pass" if b >= real else "fail")))
+        (d / "survival.json").write_text(json.dumps({"summary": {str(b): {"sign_agreement": v}
+                                                                 for b, v in agreement.items()}}))
+        (tmp_path / f"{name}.probe-all.json").write_text(json.dumps(
+            {"predicted_min_bits": real, "by_bits": {str(b): {"verdict": "pass" if b >= real else "fail"}
+                                                     for b in BITS}}))
+    judged = judge_all(tmp_path)
+    assert [j["fine_tune"] for j in judged] == ["a-s1", "b-s2"]
+    text = tally(judged)
+    assert text.startswith("Of 2 fine-tunes, 1 pass float16")
+    # a-s1, truly 4: bracket >= 6 pessimistic, its check 3 4 5 probed: 4; point rule (0.6) 5; constant none
+    assert "| weights bracket (upper end) | 0 | 0 | 1 |" in text
+    assert "| bracket + probe of its check set | 1 | 0 | 0 |" in text
+    assert "| point rule | 0 | 0 | 1 |" in text

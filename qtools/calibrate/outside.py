@@ -90,5 +90,37 @@ def row(j: dict) -> str:
             f"{_b(j['point'])} | {_b(j['constant'])} |")
 
 
+HEADER = ("| fine-tune | float16 | real threshold | weights bracket | bracket + probe of its check set | "
+          "probe, every bit-width | point rule | constant guess |\n|---|---|---|---|---|---|---|---|")
+PREDICTORS = (("weights bracket (upper end)", lambda j: j["bracket"][0]),
+              ("bracket + probe of its check set", lambda j: j["bracket_probe"]),
+              ("probe, every bit-width", lambda j: j["probe_all"]),
+              ("point rule", lambda j: j["point"]), ("constant guess", lambda j: j["constant"]))
+
+
+def tally(judged: list) -> str:
+    """Each predictor's exact / optimistic / pessimistic count over the fine-tunes whose float16 passes."""
+    from .fit import bits_rank
+
+    used = [j for j in judged if j["float16_passes"]]
+    lines = [f"Of {len(judged)} fine-tunes, {len(used)} pass float16 (the others are not judged):", "",
+             "| predictor | exact | optimistic | pessimistic |", "|---|---|---|---|"]
+    for name, get in PREDICTORS:
+        r = [(bits_rank(get(j)), bits_rank(j["real"])) for j in used]
+        lines.append(f"| {name} | {sum(p == t for p, t in r)} | {sum(p < t for p, t in r)} | "
+                     f"{sum(p > t for p, t in r)} |")
+    return "\n".join(lines)
+
+
+def judge_all(root) -> list:
+    """judge() of every fine-tune scripts/outside.sh left under root (DIR with DIR.probe-all.json)."""
+    return [judge(d, d.parent / f"{d.name}.probe-all.json") for d in sorted(Path(root).iterdir())
+            if d.is_dir() and (d.parent / f"{d.name}.probe-all.json").exists()]
+
+
 if __name__ == "__main__":
-    print(row(judge(*sys.argv[1:3])))
+    if sys.argv[1] == "--all":  # the table and tally of docs/outside.md
+        judged = judge_all(sys.argv[2] if len(sys.argv) > 2 else "logs/outside")
+        print("\n".join([HEADER, *map(row, judged), "", tally(judged)]))
+    else:
+        print(row(judge(*sys.argv[1:3])))
