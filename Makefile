@@ -28,7 +28,7 @@ $(if $(filter $(GROUP),$(VALID_GROUPS)),,$(error GROUP=$(GROUP) is not supported
 
 export FORCE GROUP LOGS
 
-.PHONY: help install test demo fuse quantize validate sweep survival compare bench bench-scale calibrate clean
+.PHONY: help install test demo fuse quantize validate sweep survival compare bench bench-scale calibrate outside clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -52,6 +52,9 @@ bench-scale: $(STAMP) ## Time + peak memory of fuse, delta-survival, ... on a Qw
 
 demo: $(STAMP) ## The built-in demo: tiny model + LoRA, fuse, predict, sweep 8..2 bits, validate, compare
 	scripts/demo.sh
+
+outside: $(STAMP) ## Fine-tunes the study never saw (PAIRS="g12:1 g36:1 g24:2": demo-task family:seed), each judged as make demo is: bracket, probe, point rule, constant guess against its real sweep -> logs/outside (docs/outside.md; ~10 min each)
+	scripts/outside.sh
 
 calibrate: $(STAMP) ## The study: 6 families x 24 fine-tunes, fake + real quantized truth, weights bracket and probe judged leave-one-family-out (hours; resumable, results kept in calibration/results; FROM_CACHE=1 refits) -> docs/study.md
 	scripts/calibrate.sh
