@@ -4,7 +4,9 @@ Each subcommand lives in qtools/commands/<name>.py and is imported only when
 used, so `qtools --help` stays fast.
 """
 
+import errno
 import importlib
+import sys
 
 import click
 
@@ -50,6 +52,25 @@ class LazyGroup(click.Group):
             raise _error("interrupted") from None
         except VerdictFailed:
             ctx.exit(EXIT_VERDICT_FAILED)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """click's standalone main, but an interrupt outside a command (click parsing its arguments,
+        or exiting after it) is the same `Error: interrupted` as one inside, not click's "Aborted!"."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except click.exceptions.Abort:
+            _error("interrupted").show()
+            sys.exit(EXIT_ERROR)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except OSError as exc:
+            if exc.errno != errno.EPIPE:
+                raise
+            sys.exit(1)  # stdout closed early (`qtools ... | head`): as click's standalone main
+        sys.exit(rv if isinstance(rv, int) else 0)  # ctx.exit(code) returns its code here
 
     @staticmethod
     def _load(name):

@@ -170,3 +170,20 @@ def test_a_library_value_error_names_the_option():
     with pytest.raises(BadValue) as info:
         check_recipe_args("gptq", 3, None)
     assert isinstance(info.value, QtoolsError) and info.value.option == "--bits"
+
+
+def test_an_interrupt_outside_a_command_is_one_error_line(monkeypatch, capsys):
+    """A Ctrl-C or SIGTERM while click parses the arguments (or exits after the command) was
+    click's "Aborted!"; it is `Error: interrupted`, exit 1, as inside a command (test_faults)."""
+    import pytest
+
+    from qtools.cli import LazyGroup, main
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LazyGroup, "make_context", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        main(["fuse", "--help"])
+    assert exc.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "Error: interrupted"
