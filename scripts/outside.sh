@@ -2,7 +2,7 @@
 # Fine-tunes the calibration study never saw, judged as the demo is: for each FAMILY:SEED in
 # PAIRS (a demo-task calibration family, qtools demo-models --family; the demo's adapter recipe
 # trained with that seed), build the base and adapter, fuse, ask delta-survival (the study's
-# bracket) and the probe (its check set, as make demo does, and every bit-width), prove with the
+# bracket) and the probe (every bit-width; the bracket's check set read from it), prove with the
 # real sweep 8 6 5 4 3 2 and compare. Logs in logs/outside/FAMILY-sSEED/, one summary line per
 # fine-tune on stdout (docs/outside.md). Reuses what is built; FORCE=1 rebuilds.
 set -euo pipefail
@@ -19,20 +19,14 @@ for pair in $PAIRS; do
   mkdir -p "$logs"
   "$QTOOLS" fuse "$m/${fam}_base" --adapter "$m/${fam}_adapter" --output "$m/fused_f16" --force
   FROM="$m/fused_f16" BITS="" LOGS="$logs" scripts/survival.sh >/dev/null
-  open=$("$PY" -c 'import json, sys; r = json.load(open(sys.argv[1]))
-print(" ".join(str(b) for b in (r.get("bracket") or {}).get("check", [])))' "$logs/survival.json")
-  rm -f "$logs/probe.json"
-  if [ -n "$open" ]; then
-    # shellcheck disable=SC2086  # a list of words
-    "$QTOOLS" probe "$m/fused_f16" --suite "$SUITE" --bits $open --output "$logs/probe.json" >/dev/null
-  fi
-  # every bit-width, beside the logs (compare reads one probe report: the check set's)
-  "$QTOOLS" probe "$m/fused_f16" --suite "$SUITE" --bits 2 3 4 5 6 8 --output "logs/outside/$fam-s$seed.probe-all.json" >/dev/null
+  # every bit-width in one pass: the probe alone, and (read for the bracket's check set) the
+  # bracket with the probe, as make demo answers; compare judges it bit-width by bit-width
+  "$QTOOLS" probe "$m/fused_f16" --suite "$SUITE" --bits 2 3 4 5 6 8 --output "$logs/probe.json" >/dev/null
   rm -f "$logs"/*-demo.json
   FROM="$m/fused_f16" PREFIX="$m/fused" BITS="8 6 5 4 3 2" SUITE="$SUITE" BATCH=1 LOGS="$logs" FORCE=1 \
     scripts/sweep.sh >/dev/null
-  LOGS="$logs" scripts/compare.sh > "$logs/compare.txt" || true
-  "$PY" -m qtools.calibrate.outside "$logs" "logs/outside/$fam-s$seed.probe-all.json"
+  LOGS="$logs" scripts/compare.sh > "$logs/compare.txt"
+  "$PY" -m qtools.calibrate.outside "$logs"
 done
 echo "== every fine-tune judged so far (docs/outside.md)"
 "$PY" -m qtools.calibrate.outside --all logs/outside

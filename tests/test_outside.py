@@ -46,10 +46,10 @@ def test_judge_reads_a_fine_tunes_logs(tmp_path, monkeypatch):
     (d / "survival.json").write_text(json.dumps({
         "summary": {str(b): {"sign_agreement": v} for b, v in agreement.items()}, "layers": []}))
     # survives at >= 6 (above 0.8), rounded away at <= 3 (at most 0.3): the probe checks 3 4 5
-    (tmp_path / "all.json").write_text(json.dumps({"predicted_min_bits": 5, "by_bits": {
+    (d / "probe.json").write_text(json.dumps({"predicted_min_bits": 5, "by_bits": {
         "2": {"verdict": "pass"}, "3": {"verdict": "fail"}, "4": {"verdict": "fail"}, "5": {"verdict": "pass"},
         "6": {"verdict": "pass"}, "8": {"verdict": "pass"}}}))
-    j = judge(d, tmp_path / "all.json")
+    j = judge(d)
     assert (j["real"], j["bracket"], j["check"], j["bracket_probe"], j["probe_all"], j["point"]) == \
         (5, (6, 3), [3, 4, 5], 5, 5, 5)
     assert j["float16"] == "63/64" and j["float16_passes"]
@@ -73,7 +73,7 @@ def test_every_outside_fine_tune_in_one_table_and_a_tally(tmp_path, monkeypatch)
             (d / f"{b}.json").write_text(json.dumps(_log(b, "pass" if b >= real else "fail")))
         (d / "survival.json").write_text(json.dumps({"summary": {str(b): {"sign_agreement": v}
                                                                  for b, v in agreement.items()}}))
-        (tmp_path / f"{name}.probe-all.json").write_text(json.dumps(
+        (d / "probe.json").write_text(json.dumps(
             {"predicted_min_bits": real, "by_bits": {str(b): {"verdict": "pass" if b >= real else "fail"}
                                                      for b in BITS}}))
     judged = judge_all(tmp_path)
@@ -84,3 +84,14 @@ def test_every_outside_fine_tune_in_one_table_and_a_tally(tmp_path, monkeypatch)
     assert "| weights bracket (upper end) | 0 | 0 | 1 |" in text
     assert "| bracket + probe of its check set | 1 | 0 | 0 |" in text
     assert "| point rule | 0 | 0 | 1 |" in text
+
+
+def test_nothing_to_judge_is_one_error_line(tmp_path, capsys):
+    from qtools.calibrate.outside import main
+
+    assert main([str(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip() == (f"Error: {tmp_path}: no qtools validate logs to judge against "
+                                               "(scripts/outside.sh writes them)")
+    assert main(["--all", str(tmp_path / "nowhere")]) == 1
+    assert capsys.readouterr().err.strip().startswith("Error: ")
+    assert main([]) == 1

@@ -1,22 +1,21 @@
 """One fine-tune outside the study, judged as a user meets the tiers (scripts/outside.sh): the
 real sweep's threshold beside delta-survival's bracket, the bracket with the probe of its check
 set (what `make demo` answers), the probe of every bit-width, the point rule and the constant
-guess. `python -m qtools.calibrate.outside LOGS PROBE_ALL` prints one markdown row."""
+guess. `python -m qtools.calibrate.outside LOGS` prints one markdown row, `--all [ROOT]` the
+table and tally of every fine-tune under ROOT (logs/outside)."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
+from .. import QtoolsError
+from ..io.atomic import read_json_or_none
 from ..survival.rule import smallest_surviving, study_record
 
 
 def _read(path: Path) -> dict | None:
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    d = read_json_or_none(path)
     return d if isinstance(d, dict) else None
 
 
@@ -45,18 +44,21 @@ def with_probe(survival: dict, probe: dict | None, bits: list):
     return smallest_surviving(bits, kept)
 
 
-def judge(log_dir, probe_all_path) -> dict:
+def judge(log_dir) -> dict:
     """The fine-tune's sweep (its validate logs in log_dir) beside what each tier answers. The weights
     tier is asked again from the statistics of log_dir/survival.json with the rule file in place (a
     refitted study judges every outside fine-tune alike), and the bracket's check set is read from
-    the probe of every bit-width (a bit-width's verdict does not depend on the others probed with it)."""
+    log_dir/probe.json, the probe of every bit-width (a bit-width's verdict does not depend on the
+    others probed with it: one probe serves both columns)."""
     from ..survival.analyze import bracket_answer
     from ..survival.rule import Bracket, Rule
 
     log_dir = Path(log_dir)
     logs = [d for p in sorted(log_dir.glob("*.json")) if (d := _read(p)) and "qtools_log" in d]
+    if not logs:
+        raise QtoolsError(f"{log_dir}: no qtools validate logs to judge against (scripts/outside.sh writes them)")
     survival = _read(log_dir / "survival.json") or {}
-    probe_all = _read(Path(probe_all_path)) or {}
+    probe_all = _read(log_dir / "probe.json") or {}
     bits = sorted(log["bits"] for log in logs if log.get("quantized") and not log.get("mixed"))
     truth, ref = real_threshold(logs)
     summary, layers = survival.get("summary") or {}, survival.get("layers") or []
@@ -113,14 +115,26 @@ def tally(judged: list) -> str:
 
 
 def judge_all(root) -> list:
-    """judge() of every fine-tune scripts/outside.sh left under root (DIR with DIR.probe-all.json)."""
-    return [judge(d, d.parent / f"{d.name}.probe-all.json") for d in sorted(Path(root).iterdir())
-            if d.is_dir() and (d.parent / f"{d.name}.probe-all.json").exists()]
+    """judge() of every fine-tune scripts/outside.sh left under root (a directory with its probe.json)."""
+    if not Path(root).is_dir():
+        raise QtoolsError(f"{root} is not a directory of judged fine-tunes (make outside writes logs/outside)")
+    return [judge(d) for d in sorted(Path(root).iterdir()) if (d / "probe.json").exists()]
+
+
+def main(argv: list) -> int:
+    try:
+        if argv[:1] == ["--all"]:  # the table and tally of docs/outside.md
+            judged = judge_all(argv[1] if len(argv) > 1 else "logs/outside")
+            print("\n".join([HEADER, *map(row, judged), "", tally(judged)]))
+        elif len(argv) == 1:
+            print(row(judge(argv[0])))
+        else:
+            raise QtoolsError("usage: python -m qtools.calibrate.outside LOGS | --all [ROOT]")
+    except QtoolsError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--all":  # the table and tally of docs/outside.md
-        judged = judge_all(sys.argv[2] if len(sys.argv) > 2 else "logs/outside")
-        print("\n".join([HEADER, *map(row, judged), "", tally(judged)]))
-    else:
-        print(row(judge(*sys.argv[1:3])))
+    sys.exit(main(sys.argv[1:]))

@@ -390,10 +390,7 @@ class StreamedModel:
         chunk cut to its longest sequence, so no layer computes the padding of a longer one."""
         if not split or x.ndim < 2:
             return [(a, b, None)]
-        lengths = self._lengths
-        if lengths is None or len(lengths) != b - a:
-            step = max(1, CHUNK_TOKENS // max(1, x.shape[1]))
-            return [(c, min(c + step, b), None) for c in range(a, b, step)]
+        lengths = self._lengths  # split only while scoring, which sets them
         out, c0 = [], a
         for r in range(a, b):  # lengths ascend: a chunk's width is its last sequence's length
             if r > c0 and (r - c0 + 1) * lengths[r - a] > CHUNK_TOKENS:
