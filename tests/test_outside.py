@@ -20,13 +20,14 @@ def test_real_threshold_needs_every_larger_bit_width_passing():
 
 
 def test_the_bracket_settles_and_the_probe_decides_what_it_leaves():
-    # survives at >= 6, rounded away at <= 4: the probe checks 5 and 4 (the largest called lost)
-    surv = {"verdict": {"2": False, "3": False, "4": False, "5": None, "6": True, "8": True}}
-    assert with_probe(surv, {"by_bits": {"4": {"verdict": "pass"}, "5": {"verdict": "pass"}}}, BITS) == 4
-    assert with_probe(surv, {"by_bits": {"4": {"verdict": "fail"}, "5": {"verdict": "pass"}}}, BITS) == 5
-    assert with_probe(surv, None, BITS) == 6  # nothing probed: only what the bracket settles
-    # a bit-width the bracket settles as kept is kept, whatever the probe says
-    assert with_probe(surv, {"by_bits": {"6": {"verdict": "fail"}, "5": {"verdict": "pass"}}}, BITS) == 5
+    # survives at >= 6, rounded away at <= 4: the probe checks 4, 5 and 6 (5 between, both ends)
+    surv = {"survives_at": 6, "rounded_away_at": 4, "check": [4, 5, 6]}
+    ok = {"verdict": "pass"}
+    assert with_probe(surv, {"by_bits": {"4": ok, "5": ok, "6": ok}}, BITS) == 4
+    assert with_probe(surv, {"by_bits": {"4": {"verdict": "fail"}, "5": ok, "6": ok}}, BITS) == 5
+    assert with_probe(surv, None, BITS) == 8  # nothing probed: only 8, above the check set, is kept
+    # the end the bracket settles as kept is checked too: where the probe fails it, it is lost
+    assert with_probe(surv, {"by_bits": {"6": {"verdict": "fail"}, "5": ok, "4": ok}}, BITS) == 8
 
 
 def test_judge_reads_a_fine_tunes_logs(tmp_path, monkeypatch):
@@ -45,15 +46,15 @@ def test_judge_reads_a_fine_tunes_logs(tmp_path, monkeypatch):
     agreement = dict(zip(BITS, [0.1, 0.25, 0.5, 0.7, 0.85, 0.95]))
     (d / "survival.json").write_text(json.dumps({
         "summary": {str(b): {"sign_agreement": v} for b, v in agreement.items()}, "layers": []}))
-    # survives at >= 6 (above 0.8), rounded away at <= 3 (at most 0.3): the probe checks 3 4 5
+    # survives at >= 6 (above 0.8), rounded away at <= 3 (at most 0.3): the probe checks 3 4 5 6
     (d / "probe.json").write_text(json.dumps({"predicted_min_bits": 5, "by_bits": {
         "2": {"verdict": "pass"}, "3": {"verdict": "fail"}, "4": {"verdict": "fail"}, "5": {"verdict": "pass"},
         "6": {"verdict": "pass"}, "8": {"verdict": "pass"}}}))
     j = judge(d)
     assert (j["real"], j["bracket"], j["check"], j["bracket_probe"], j["probe_all"], j["point"]) == \
-        (5, (6, 3), [3, 4, 5], 5, 5, 5)
+        (5, (6, 3), [3, 4, 5, 6], 5, 5, 5)
     assert j["float16"] == "63/64" and j["float16_passes"]
-    assert row(j).startswith("| g12-s1 | 63/64 | 5 | >= 6, <= 3 (probe 3 4 5) | 5 | 5 | 5 |")
+    assert row(j).startswith("| g12-s1 | 63/64 | 5 | >= 6, <= 3 (probe 3 4 5 6) | 5 | 5 | 5 |")
 
 
 def test_every_outside_fine_tune_in_one_table_and_a_tally(tmp_path, monkeypatch):
@@ -80,7 +81,7 @@ def test_every_outside_fine_tune_in_one_table_and_a_tally(tmp_path, monkeypatch)
     assert [j["fine_tune"] for j in judged] == ["a-s1", "b-s2"]
     text = tally(judged)
     assert text.startswith("Of 2 fine-tunes, 1 pass float16")
-    # a-s1, truly 4: bracket >= 6 pessimistic, its check 3 4 5 probed: 4; point rule (0.6) 5; constant none
+    # a-s1, truly 4: bracket >= 6 pessimistic, its check 3 4 5 6 probed: 4; point rule (0.6) 5; constant none
     assert "| weights bracket (upper end) | 0 | 0 | 1 |" in text
     assert "| bracket + probe of its check set | 1 | 0 | 0 |" in text
     assert "| point rule | 0 | 0 | 1 |" in text

@@ -471,7 +471,7 @@ def test_the_calibrated_bracket_is_reported_and_leaves_the_rest_to_the_probe(tri
     path.write_text(json.dumps(rule))
     rep = survival_json(fused, "--adapter", adapter, "--bits", 2, 3, 4, 5, 6, 8)
     assert rep["bracket"]["survives_at"] == 6 and rep["bracket"]["rounded_away_at"] == 3
-    assert rep["bracket"]["probe"] == [4, 5] and rep["bracket"]["check"] == [3, 4, 5]
+    assert rep["bracket"]["probe"] == [4, 5] and rep["bracket"]["check"] == [3, 4, 5, 6]
     # the prediction is the bracket's: kept from 6, lost up to 3, 4 and 5 neither (the probe's)
     assert rep["predicted_min_bits"] == 6
     assert rep["verdict"] == {"2": False, "3": False, "4": None, "5": None, "6": True, "8": True}

@@ -38,8 +38,8 @@ def test_bracket_held_out_settles_a_statistic_that_follows_the_family():
     families, the bracket settles the third exactly, never optimistic, nothing left to the probe."""
     results = moving_families()
     w = tiers.weights_tier(results)
-    assert w["held_out"] == {"n": 9, "optimistic": 0, "exact": 9, "settled": 9, "wrongly_lost": 0,
-                             "exact_rate": 1.0, "mean_between": 0.0, "mean_lost": 3.0}
+    assert w["held_out"] == {"n": 9, "optimistic": 0, "exact": 9, "settled": 9, "wrongly_lost": 0, "lost_above": 0,
+                             "exact_rate": 1.0, "mean_between": 0.0, "mean_check": 2.0, "mean_lost": 3.0}
     for r in results:
         a, b = w["predictions"][r["id"]]
         assert a == r["true_min_bits"] and b == max(x for x in BITS if x < a)
@@ -68,6 +68,38 @@ def test_judge_brackets_counts():
     assert (s["optimistic"], s["exact"], s["settled"], s["wrongly_lost"]) == (1, 3, 1, 1)
     # left between: none; 3; 2 3 4; 8 (no bit-width settled as kept); none
     assert s["mean_between"] == (0 + 1 + 3 + 1 + 0) / 5
+    # the probe runs these and both ends: 3 4; 2 3 4; 2 3 4 5; 6 8; 5 6
+    assert s["mean_check"] == (2 + 3 + 4 + 2 + 2) / 5
+    # (6, 5) calls the threshold itself lost (the probe of 5 keeps it); only b above the truth is beyond it
+    assert s["lost_above"] == 0 and tiers.judge_brackets([((8, 6), 5)])["lost_above"] == 1
+
+
+def test_the_rounded_away_side_is_chosen_for_answers_the_probe_can_correct():
+    """A side that calls the threshold itself lost, leaving one bit-width between, beats one never
+    wrong leaving three; one that calls a bit-width above the threshold lost (the probe of b keeps
+    it, the answer is pessimistic) loses to both."""
+    at_truth = tiers.judge_brackets([((6, 4), 4)])  # 5 between; 4 called lost, the probe keeps it
+    never_wrong = tiers.judge_brackets([((8, 2), 4)])  # 3 4 5 6 between
+    above = tiers.judge_brackets([((6, 5), 4)])  # nothing between; 5 called lost: the answer 5
+    assert at_truth["wrongly_lost"] == 1 and never_wrong["wrongly_lost"] == 0
+    ranked = sorted([("above", above), ("never_wrong", never_wrong), ("at_truth", at_truth)],
+                    key=lambda kv: tiers.lost_side_key(kv[1], False))
+    assert [k for k, _ in ranked] == ["at_truth", "never_wrong", "above"]
+
+
+def test_the_bracket_with_the_probe_of_its_check_set_is_not_optimistic_where_the_bracket_is():
+    """Held out, the bracket settles 6 as kept where the truth is 8: the probe of its check set,
+    which includes 6, fails 6, and the answer is 8 (kept by the bracket, above its check set)."""
+    from qtools.survival.rule import answer_with_probe, check_set
+
+    assert check_set(BITS, 6, 4) == [4, 5, 6] and check_set(BITS, None, 5) == [5, 6, 8]
+    assert check_set(BITS, 3, None) == [2, 3]
+    r = with_probe(family_result(0, "ga", 8, 12.0), 8, {})
+    out = tiers.bracket_probe_tier([r], {"predictions": {r["id"]: (6, 4)}})
+    assert (out["exact"], out["optimistic"], out["mean_check"]) == (1, 0, 3.0)
+    # the probe overrules b too: it keeps 4, and 5 and 6, so the answer is 4; below b nothing survives
+    assert answer_with_probe(BITS, 6, [4, 5, 6], lambda b: b >= 2) == 4
+    assert answer_with_probe(BITS, 6, [4, 5, 6], lambda b: b >= 5) == 5
 
 
 def test_probe_margin_removes_the_optimism_of_thin_verdicts():

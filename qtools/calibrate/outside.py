@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .. import QtoolsError
 from ..io.atomic import read_json_or_none
-from ..survival.rule import smallest_surviving, study_record
+from ..survival.rule import answer_with_probe, smallest_surviving, study_record
 
 
 def _read(path: Path) -> dict | None:
@@ -28,20 +28,15 @@ def real_threshold(logs: list) -> tuple:
 
 
 def with_probe(survival: dict, probe: dict | None, bits: list):
-    """The answer of the bracket with the probe of its check set (the bit-widths between, and the
-    largest it calls rounded away, which the probe may overrule): a bit-width survives where the
-    bracket settles it as kept, or else where the probe passes it; one neither probed nor kept
-    does not."""
-    verdict = survival.get("verdict") or {}
+    """The answer of the bracket with the probe of its check set (rule.answer_with_probe: a checked
+    bit-width survives where the probe passes it, an unchecked one where the bracket keeps it)."""
     by_bits = (probe or {}).get("by_bits") or {}
 
-    def kept(b):
-        if verdict.get(str(b)) is True:
-            return True
+    def passes(b):
         p = by_bits.get(str(b))
         return isinstance(p, dict) and p.get("verdict") == "pass"
 
-    return smallest_surviving(bits, kept)
+    return answer_with_probe(bits, survival.get("survives_at"), survival.get("check") or [], passes)
 
 
 def judge(log_dir) -> dict:

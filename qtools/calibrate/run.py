@@ -438,11 +438,14 @@ def _study_outputs(usable, excluded, fams, docs: Path, rule_file, min_accuracy, 
     evidence = (f"docs/study.md: {len(usable)} usable fine-tunes of {len(a['families'])} families; "
                 f"held out by family the bracket is optimistic for {w['held_out']['optimistic']}/{w['held_out']['n']}, "
                 f"exact for {w['held_out']['exact']}, leaves {w['held_out']['mean_between']:.2f} bit-widths to the probe; "
+                f"with the probe of its check set exact {a['bracket_probe']['exact']}/{a['bracket_probe']['n']}, "
+                f"optimistic {a['bracket_probe']['optimistic']}; "
                 f"probe exact {p['held_out']['exact']}/{p['held_out']['n']}, optimistic {p['held_out']['optimistic']}; "
                 f"constant guess exact {c['exact']}/{c['n']}")
     rule = replace(rule, provisional=not a["goals_met"], evidence=evidence)
     record = {**rule.to_dict(), "bracket": w["bracket"], "study": {
         "weights_held_out": w["held_out"], "probe_held_out": p["held_out"], "probe_margin": p["margin"],
+        "bracket_probe_held_out": a["bracket_probe"],
         "constant_held_out": c, "point_held_out": a["point"], "goals_met": a["goals_met"], "usable": len(usable),
         # what a guess without the weights or the model says, for fine-tunes outside the study
         "constant_guess": constant_guess([{**r, "true_min_bits": truth(r)} for r in usable])}}

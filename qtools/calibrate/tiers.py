@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 
-from ..survival.rule import AGGREGATES, Bracket, smallest_surviving
+from ..survival.rule import AGGREGATES, Bracket, answer_with_probe, check_set, smallest_surviving
 from .fit import STATISTICS, bits_rank, constant_guess, family, folds, rule_input, score_predictions
 from .grid import BITS
 
@@ -80,11 +80,12 @@ def fit_bracket_on(train: list, stat: str, agg: str, bits_list=BITS, lost_side: 
 def judge_brackets(pairs, bits_list=BITS) -> dict:
     """Scores of (bracket prediction (a, b), truth) pairs: optimistic (a below the truth), exact
     (a is the truth), settled (exact with nothing left between: no probe needed), wrongly lost
-    (b at or above the truth), the mean number of bit-widths handed to the probe, and the mean
-    number settled as rounded away."""
+    (b at or above the truth), lost above the truth (b above it: the probe, which checks b, keeps b
+    and never sees the truth), the mean number of bit-widths left between, the mean size of the
+    check set the probe runs (rule.check_set) and the mean number settled as rounded away."""
     n = len(pairs)
-    opt = exact = settled = wrong_lost = 0
-    width = lost = 0
+    opt = exact = settled = wrong_lost = above = 0
+    width = checked = lost = 0
     for (a, b), t in pairs:
         ta, tt = bits_rank(a), bits_rank(t)
         opt += ta < tt
@@ -92,35 +93,55 @@ def judge_brackets(pairs, bits_list=BITS) -> dict:
         steps = _steps(a, b, bits_list)
         settled += ta == tt and steps == 0
         wrong_lost += b is not None and b >= tt
+        above += b is not None and b > tt
         width += steps
+        checked += len(check_set(bits_list, a, b))
         lost += sum(1 for x in bits_list if b is not None and x <= b)
     return {"n": n, "optimistic": opt, "exact": exact, "settled": settled, "wrongly_lost": wrong_lost,
-            "exact_rate": exact / n if n else 0.0, "mean_between": width / n if n else 0.0,
-            "mean_lost": lost / n if n else 0.0}
+            "lost_above": above, "exact_rate": exact / n if n else 0.0, "mean_between": width / n if n else 0.0,
+            "mean_check": checked / n if n else 0.0, "mean_lost": lost / n if n else 0.0}
+
+
+def _inner_pairs(inner, fit_one, bits_list=BITS) -> list:
+    """(bracket prediction, truth) of each inner fold's held-out family, from fit_one(rest)."""
+    pairs = []
+    for _, rest, held in inner:
+        br = fit_one(rest) if len(inner) > 1 else None
+        if br is not None:
+            pairs += [(predict_bracket(br, r, bits_list), truth(r)) for r in held]
+    return pairs
+
+
+def lost_side_key(s: dict, same_as_survive: bool) -> tuple:
+    """How a rounded-away side ranks (smallest first) from its held-out judge_brackets scores: fewest
+    rounded away above the truth, then fewest bit-widths left between, then the survive side's own
+    statistic. Calling the threshold itself lost does not count against it: the probe checks b."""
+    return s["lost_above"], s["mean_between"], not same_as_survive
 
 
 def choose_bracket(train: list, bits_list=BITS) -> Bracket | None:
-    """Each side's statistic and aggregate chosen across train's families (each held out in turn
-    from a one-statistic bracket fitted on the others): the survive side's fewest optimistic, then
-    most exact, then fewest bit-widths left between; the rounded-away side's fewest wrongly lost,
-    then most bit-widths settled as lost. Then fitted on all of train."""
+    """Each side's statistic and aggregate chosen across train's families, each held out in turn.
+    The survive side from one-statistic brackets fitted on the others: fewest optimistic, then most
+    exact, then fewest bit-widths left between. Then the rounded-away side, paired with it: fewest
+    rounded away above the truth (b above it: an answer the probe of the check set, which confirms
+    b, cannot correct), then fewest bit-widths left between (b at the truth costs nothing: the
+    probe keeps it). Then fitted on all of train."""
     inner = folds(train)
     scores = {}
     for stat in STATISTICS:
         for agg in AGGREGATES:
             if fit_bracket_on(train, stat, agg, bits_list) is None:
                 continue
-            pairs = []
-            for _, rest, held in inner:
-                br = fit_bracket_on(rest, stat, agg, bits_list) if len(inner) > 1 else None
-                if br is None:
-                    continue
-                pairs += [(predict_bracket(br, r, bits_list), truth(r)) for r in held]
-            scores[(stat, agg)] = judge_brackets(pairs, bits_list)
+            scores[(stat, agg)] = judge_brackets(
+                _inner_pairs(inner, lambda rest: fit_bracket_on(rest, stat, agg, bits_list), bits_list), bits_list)
     if not scores:
         return None
     survive = max(scores, key=lambda c: (-scores[c]["optimistic"], scores[c]["exact"], -scores[c]["mean_between"]))
-    lost = max(scores, key=lambda c: (-scores[c]["wrongly_lost"], scores[c]["mean_lost"]))
+    lost_scores = {}
+    for side in scores:
+        pairs = _inner_pairs(inner, lambda rest: fit_bracket_on(rest, *survive, bits_list, lost_side=side), bits_list)
+        lost_scores[side] = judge_brackets(pairs, bits_list)
+    lost = min(lost_scores, key=lambda c: lost_side_key(lost_scores[c], c == survive))
     return fit_bracket_on(train, *survive, bits_list, lost_side=lost)
 
 
@@ -209,6 +230,21 @@ def probe_tier(results: list, bits_list=BITS) -> dict:
             "margin": fit_margin(res, bits_list),
             "cost": {"median": ratios[len(ratios) // 2] if ratios else None,
                      "max": ratios[-1] if ratios else None, "n": len(ratios)}}
+
+
+def bracket_probe_tier(results: list, weights: dict, bits_list=BITS) -> dict:
+    """What a user gets from both tiers together, held out by family: the weights bracket (its
+    held-out predictions, weights_tier's) with the probe's verdicts on its check set alone
+    (rule.answer_with_probe), scored against the truth; and the mean size of the check set beside
+    the probe of every bit-width."""
+    pairs, checked = [], 0
+    for r in _probed(results):
+        a, b = weights["predictions"][r["id"]]
+        check = check_set(bits_list, a, b)
+        checked += len(check)
+        pairs.append((answer_with_probe(bits_list, a, check, lambda x, r=r: probe_keeps(r, x, None)), truth(r)))
+    out = score_predictions(pairs, bits_list)
+    return {**out, "mean_check": checked / len(pairs) if pairs else 0.0, "bits": len(bits_list)}
 
 
 # ----------------------------------------------------------------------------- the study

@@ -133,7 +133,7 @@ def delta_survival_cmd(model, adapter, base, bits, group_size, as_json, output, 
         above = [b for b in SUPPORTED_BITS if b > pm]
         if br is not None and br.get("check"):
             click.echo(f"Confirm: qtools probe MODEL --bits {' '.join(str(x) for x in br['check'])} (the bit-widths the "
-                       f"weights leave open and the largest they call rounded away), then make sweep on the smallest "
+                       f"weights leave open and both ends of the bracket), then make sweep on the smallest "
                        f"the probe keeps and the one above")
         elif rule.get("provisional") and above:
             # the calibration places the threshold within one bit-width: two evaluations settle it

@@ -23,7 +23,7 @@ from ..io.adapters import Adapter, LowRankDelta
 from ..io.fused import FusedView
 from ..io.modeldir import PROVENANCE, read_provenance
 from ..io.weights import FLOAT_DTYPES, SafetensorsModel
-from .rule import Bracket, Rule
+from .rule import Bracket, Rule, check_set
 
 SNR_CAP = 1e9
 KIND_PATTERNS = [
@@ -546,15 +546,15 @@ def analyze(
 def bracket_answer(bracket, summary: dict, layers: list, bits) -> dict | None:
     """The weights tier's answer from a report's statistics (summary, layers): survives at >= a,
     rounded away at <= b, each bit-width's verdict (True, False, None: left to the probe) and what
-    to run the probe on: the bit-widths between, and the largest called rounded away, whose side
-    of the bracket is extrapolated from the study's fine-tunes (the demo's keeps 5 bits where the
-    study's bracket calls 5 lost: docs/study.md). None without a bracket, or without its statistic."""
+    to run the probe on (rule.check_set: the bit-widths between, and both ends, which are
+    extrapolated from the study's fine-tunes: the demo's keeps 5 bits where the study's bracket
+    calls 5 lost, docs/study.md). None without a bracket, or without its statistic."""
     if bracket is None or (summary.get(str(max(bits))) or {}).get(bracket.statistic) is None:
         return None
     a, b = bracket.predict(summary, layers, bits)
     between = [x for x in bits if (b is None or x > b) and (a is None or x < a)]
     return {"survives_at": a, "rounded_away_at": b, "rule": bracket.to_dict(), "probe": between,
-            "check": sorted(([b] if b is not None else []) + between),
+            "check": check_set(bits, a, b),
             "verdict": {str(x): True if a is not None and x >= a else False if b is not None and x <= b else None
                         for x in bits}}
 

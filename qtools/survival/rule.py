@@ -148,6 +148,23 @@ class Bracket:
         return self.settle(lambda b: rule.value(summary, layers, b), bits, lambda b: lost.value(summary, layers, b))
 
 
+def check_set(bits, a, b) -> list:
+    """The bit-widths `qtools probe` runs after a bracket (a: the smallest settled as kept, b: the
+    largest settled as rounded away; None: none): those between, and both ends. The ends are
+    extrapolated from the study's fine-tunes (held out, one survive end was optimistic and some
+    rounded-away ends were the threshold itself: docs/study.md), so the probe confirms them; the
+    bit-widths above a and below b it does not run."""
+    return [x for x in sorted(bits) if (b is None or x >= b) and (a is None or x <= a)]
+
+
+def answer_with_probe(bits, a, check, passes) -> int | None:
+    """The answer of a bracket with the probe of its check set: a checked bit-width survives where
+    the probe passes it (passes(x)), whichever side of the bracket it was on; an unchecked one
+    where the bracket settles it as kept (at a or above); none below b survives."""
+    checked = set(check)
+    return smallest_surviving(bits, lambda x: passes(x) if x in checked else a is not None and x >= a)
+
+
 def study_record(path: str | Path | None = None) -> dict:
     """The rule file's "study": what the calibration study judged held out by family ({} when the
     rule file has none, or is unreadable)."""
@@ -170,6 +187,7 @@ def tier_evidence(path: str | Path | None = None) -> str:
     file's "study"), in one line for compare and the reports."""
     st = study_record(path)
     w, p, c = (held_out(st, k) for k in ("weights_held_out", "probe_held_out", "constant_held_out"))
+    bp = held_out(st, "bracket_probe_held_out")
     if w is None or p is None or c is None:
         return ("What the tiers have earned: delta-survival's rule is not the calibration study's yet (the study, "
                 "docs/study.md, replaces it once it has as many usable fine-tunes as the rule in place was fitted "
@@ -177,7 +195,10 @@ def tier_evidence(path: str | Path | None = None) -> str:
     flag = "" if st.get("goals_met") else " PROVISIONAL (docs/study.md: goals not met);"
     return (f"What the tiers have earned, held out by family (docs/study.md):{flag} weights bracket "
             f"{w['exact']}/{w['n']} exact, {w['optimistic']} optimistic, {w.get('mean_between', 0):.1f} bit-widths "
-            f"left to the probe; probe {p['exact']}/{p['n']} exact, {p['optimistic']} optimistic; constant guess "
+            f"left to the probe"
+            + ("" if bp is None else f" (bracket + probe of its check set {bp['exact']}/{bp['n']} exact, "
+               f"{bp['optimistic']} optimistic)")
+            + f"; probe {p['exact']}/{p['n']} exact, {p['optimistic']} optimistic; constant guess "
             f"{c['exact']}/{c['n']} exact, {c['optimistic']} optimistic.")
 
 
