@@ -478,7 +478,7 @@ def test_the_calibrated_bracket_is_reported_and_leaves_the_rest_to_the_probe(tri
     assert rep["point_prediction"] == {"predicted_min_bits": before["predicted_min_bits"],
                                        "verdict": before["verdict"]}
     res = run("delta-survival", fused, "--adapter", adapter, "--bits", 2, 3, 4, 5, 6, 8)
-    assert "survives at >= 6, rounded away at <= 3, probe between: qtools probe MODEL --bits 4 5" in res.output
+    assert "survives at >= 6, rounded away at <= 3, probe between: 4 5\n" in res.output
     assert "held out by family in the study: optimistic for 1/35" in res.output
     assert "Predicted minimum bit-width: 6" in res.output and "optimistic for 7/35; use the bracket" in res.output
-    assert "Confirm: qtools probe MODEL --bits 3 4 5" in res.output
+    assert "Confirm: qtools probe MODEL --bits 3 4 5 6 (" in res.output  # both ends of the bracket too

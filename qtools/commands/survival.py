@@ -117,7 +117,7 @@ def delta_survival_cmd(model, adapter, base, bits, group_size, as_json, output, 
         parts = [f"survives at >= {a}" if a is not None else "no bit-width settled as surviving",
                  f"rounded away at <= {b}" if b is not None else "none settled as rounded away"]
         between = " ".join(str(x) for x in br["probe"])
-        parts.append(f"probe between: qtools probe MODEL --bits {between}" if between else "nothing left to the probe")
+        parts.append(f"probe between: {between}" if between else "nothing left between")
         click.echo(f"Bracket ({_bracket_record()}): {', '.join(parts)}")
         point = report["point_prediction"]["predicted_min_bits"]
         click.echo(f"The point rule's single guess: {point if point is not None else 'none of the requested bit-widths'}"
