@@ -23,8 +23,8 @@ fi
 echo "== 3/5 predict: delta-survival from the weights alone, the probe on what they leave open"
 mkdir -p "$LOGS"
 FROM="$FUSED" BITS="" scripts/survival.sh  # every supported bit-width
-# The bit-widths the weights' bracket settles neither way, and the largest it calls rounded away:
-# one teacher-forced pass decides them.
+# The bit-widths the weights' bracket settles neither way, and both its ends (the smallest it keeps,
+# the largest it calls rounded away): one teacher-forced pass decides them.
 OPEN=$(.venv/bin/python -c 'import json, sys; r = json.load(open(sys.argv[1]))
 print(" ".join(str(b) for b in (r.get("bracket") or {}).get("check", [])))' "$LOGS/survival.json")
 rm -f "$LOGS/probe.json"
