@@ -329,3 +329,13 @@ def test_an_incomplete_study_record_reads_as_not_yet_judged(tmp_path):
     assert "not yet calibrated" in probe_evidence(path)
     path.write_text("[1, 2]")
     assert study_record(path) == {}
+
+
+def test_an_optimistic_answer_on_the_stronger_of_an_unseparated_inversion_is_named_as_such():
+    from qtools.calibrate.study_report import _blind
+
+    inv = [{"adapter": "ga/r8_all-it200", "weaker": 0.75, "stronger": 1.0, "weaker_threshold": 4,
+            "stronger_threshold": 8, "separating": 0, "statistics": 16}]
+    assert "x0.75 keeps 4 bits" in _blind("ga/r8_all-it200-x1", inv)
+    assert _blind("ga/r8_all-it200-x0.75", inv) == ""  # the weaker one is not
+    assert _blind("ga/r8_all-it200-x1", [{**inv[0], "separating": 2}]) == ""  # a statistic could tell them apart

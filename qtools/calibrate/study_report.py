@@ -112,6 +112,18 @@ def _bracket_text(br: dict) -> str:
     return f"{br['statistic']} ({br['aggregate']}) > {br['survive']:.4g}; lost: {lost}<= {br['lost']:.4g}"
 
 
+def _blind(fine_tune: str, inversions: list) -> str:
+    """Where an optimistic fine-tune is the stronger of a scale inversion no statistic separates:
+    no weights rule monotone in its statistic is right on both of the pair."""
+    for x in inversions:
+        if x["separating"] == 0 and fine_tune == f"{x['adapter']}-x{x['stronger']:g}":
+            b = _bits(x["weaker_threshold"])
+            return (f"; the stronger of a scale inversion: x{x['weaker']:g} keeps {b} bits with every statistic at {b} "
+                    f"bits at most this one's, so a rule monotone in its statistic that keeps x{x['weaker']:g}'s {b} "
+                    "bits keeps this one's too, and every larger bit-width")
+    return ""
+
+
 def _bits(b) -> str:
     return "none" if b is None else str(b)
 
@@ -204,8 +216,9 @@ def write_study_report(usable: list, excluded: list, fams: list, path, min_accur
     inv = a["inversions"]
     lines += ["## What the weights cannot see", "",
               f"Held out, the weights bracket is optimistic for {len(opt)} fine-tune(s)"
-              + (": " + "; ".join(f"{i} (survives at >= {_bits(p)}, truly {_bits(t)})" for i, p, t in opt) if opt else "")
-              + ".", "",
+              + (": " + "; ".join(f"{i} (survives at >= {_bits(p)}, truly {_bits(t)}{_blind(i, inv)})"
+                                  for i, p, t in opt) if opt else "")
+              + ". The probe of the bracket's check set, which includes its survive end, overrules it.", "",
               f"Scale inversions: {len(inv)} pair(s) of one adapter at two LoRA scales where the stronger delta has the "
               "higher real threshold. A weights rule that keeps a bit-width where its statistic is high enough "
               "is wrong on one of the pair unless the statistic is lower for the stronger delta at the weaker's "
