@@ -339,3 +339,17 @@ def test_an_optimistic_answer_on_the_stronger_of_an_unseparated_inversion_is_nam
     assert "x0.75 keeps 4 bits" in _blind("ga/r8_all-it200-x1", inv)
     assert _blind("ga/r8_all-it200-x0.75", inv) == ""  # the weaker one is not
     assert _blind("ga/r8_all-it200-x1", [{**inv[0], "separating": 2}]) == ""  # a statistic could tell them apart
+
+
+def test_the_probes_cost_is_split_into_its_float_answers_and_one_pass_per_precision():
+    """A probe of float + 6 bit-widths: 2 s loading, 6 s of float answers, 14 s scoring (2 s per
+    precision), against real bit-widths of 4 s each (24 s for a 6-bit-width sweep): 22/24 of the
+    sweep; its float answers 1.5 bit-widths' worth, each pass 0.5; the probe of a check set of 3
+    (bracket (6, 4)): 2 + 6 + 2 x 4 = 16 s, 16/24."""
+    r = with_probe(family_result(0, "ga", 5, 12.0), 5, {}, real={"5": {"seconds": 3.0}, "4": {"seconds": 5.0}})
+    r["probe"]["by_bits"]["float"] = {"verdict": "pass"}
+    r["probe"]["seconds"] = 22.0
+    r["probe"]["seconds_parts"] = {"load": 2.0, "generate": 6.0, "score": 14.0, "total": 22.0}
+    cost = tiers.probe_tier([r])["cost"]
+    assert cost["median"] == 22.0 / 24.0 and cost["generate"] == 1.5 and cost["score_per_precision"] == 0.5
+    assert tiers.bracket_probe_tier([r], {"predictions": {r["id"]: (6, 4)}})["cost_median"] == 16.0 / 24.0

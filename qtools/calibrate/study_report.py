@@ -208,9 +208,19 @@ def write_study_report(usable: list, excluded: list, fams: list, path, min_accur
                         for f in w["folds"]],
                        headers=["held-out family", "exact", "optimistic", "between", "bracket"], tablefmt="github"), ""]
     if p["cost"]["median"] is not None:
+        cost = p["cost"]
         lines += [f"The probe's time against the sweep on the same fine-tune (every bit-width quantized and validated, "
-                  f"from the real models' measured times): median {p['cost']['median']:.1%}, worst "
-                  f"{p['cost']['max']:.1%} ({p['cost']['n']} fine-tunes).", ""]
+                  f"from the real models' measured times): median {cost['median']:.1%}, worst "
+                  f"{cost['max']:.1%} ({cost['n']} fine-tunes)."]
+        if cost.get("score_per_precision") is not None:
+            lines += [f"Where it goes, in units of one bit-width's quantize + validate (medians): the float model's own "
+                      f"answers {cost['generate']:.2f}, each precision's teacher-forced pass {cost['score_per_precision']:.2f}. "
+                      f"On these tiny models on a CPU a pass over the suite costs what generating its answers does (no "
+                      f"memory-bound decoding to save), so the float answers alone are {cost['generate'] / len(BITS):.0%} "
+                      f"of a {len(BITS)}-bit-width sweep: no probe that runs the model here reaches "
+                      f"{GOAL_PROBE_COST:.0%}. The probe of the bracket's check set alone, estimated from the same parts: "
+                      f"median {bp['cost_median']:.0%} of the sweep."]
+        lines += [""]
     opt = [(rid, pred[0], truth(r)) for r in usable for rid, pred in [(r["id"], w["predictions"].get(r["id"]))]
            if pred is not None and bits_rank(pred[0]) < bits_rank(truth(r))]
     inv = a["inversions"]

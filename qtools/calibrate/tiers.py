@@ -219,17 +219,35 @@ def probe_tier(results: list, bits_list=BITS) -> dict:
             preds[r["id"]] = p
         pairs += fold
         rows.append({"family": name, "margin": m, **score_predictions(fold, bits_list)})
-    ratios = []
+    ratios, per_precision, generate = [], [], []
     for r in res:
-        real = [v["seconds"] for v in r["real"].values()] if r.get("real") else []
-        if real:
-            ratios.append(r["probe"]["seconds"] / (sum(real) / len(real) * len(bits_list)))
+        one = _one_bit_width_seconds(r)
+        if one:
+            ratios.append(r["probe"]["seconds"] / (one * len(bits_list)))
+            parts = r["probe"].get("seconds_parts") or {}
+            if "score" in parts and "generate" in parts:  # the float model and each bit-width: one copy each
+                per_precision.append(parts["score"] / len(r["probe"]["by_bits"]) / one)
+                generate.append(parts["generate"] / one)
     ratios.sort()
     return {"n": len(res), "errors": len(results) - len(res) - sum(1 for r in results if not r.get("probe")),
             "raw": raw, "held_out": score_predictions(pairs, bits_list), "folds": rows, "predictions": preds,
             "margin": fit_margin(res, bits_list),
             "cost": {"median": ratios[len(ratios) // 2] if ratios else None,
-                     "max": ratios[-1] if ratios else None, "n": len(ratios)}}
+                     "max": ratios[-1] if ratios else None, "n": len(ratios),
+                     # in units of one bit-width's quantize + validate: what one precision's
+                     # teacher-forced pass costs, and the float model's own answers
+                     "score_per_precision": _median(per_precision), "generate": _median(generate)}}
+
+
+def _median(xs: list):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else None
+
+
+def _one_bit_width_seconds(r: dict):
+    """The mean seconds of one real bit-width (qtools quantize + qtools validate) measured on r."""
+    real = [v["seconds"] for v in r["real"].values()] if r.get("real") else []
+    return sum(real) / len(real) if real else None
 
 
 def bracket_probe_tier(results: list, weights: dict, bits_list=BITS) -> dict:
@@ -237,14 +255,20 @@ def bracket_probe_tier(results: list, weights: dict, bits_list=BITS) -> dict:
     held-out predictions, weights_tier's) with the probe's verdicts on its check set alone
     (rule.answer_with_probe), scored against the truth; and the mean size of the check set beside
     the probe of every bit-width."""
-    pairs, checked = [], 0
+    pairs, checked, cost = [], 0, []
     for r in _probed(results):
         a, b = weights["predictions"][r["id"]]
         check = check_set(bits_list, a, b)
         checked += len(check)
         pairs.append((answer_with_probe(bits_list, a, check, lambda x, r=r: probe_keeps(r, x, None)), truth(r)))
+        parts, one = r["probe"].get("seconds_parts") or {}, _one_bit_width_seconds(r)
+        if one and "score" in parts:  # its scoring pass is one copy of the batch per precision
+            probed = len(r["probe"]["by_bits"])
+            cost.append((parts["total"] - parts["score"] + parts["score"] * (1 + len(check)) / probed)
+                        / (one * len(bits_list)))
     out = score_predictions(pairs, bits_list)
-    return {**out, "mean_check": checked / len(pairs) if pairs else 0.0, "bits": len(bits_list)}
+    return {**out, "mean_check": checked / len(pairs) if pairs else 0.0, "bits": len(bits_list),
+            "cost_median": _median(cost)}
 
 
 # ----------------------------------------------------------------------------- the study
