@@ -162,6 +162,12 @@ def write_study_report(usable: list, excluded: list, fams: list, path, min_accur
               "passes its suite at the family's bar (95%) with no critical error; the others are listed, not used.",
               "", tabulate(rows, headers=["family", "task", "suite", "measured", "usable", "float16 accuracy (usable)",
                                           "true thresholds"], tablefmt="github"), ""]
+    spent = sum(r.get("seconds") or 0.0 for r in usable + excluded)
+    lines += [f"Measuring took {spent / 3600:.1f} h summed over the {len(usable) + len(excluded)} fine-tunes (each "
+              "result's seconds: float16 and fake-quantized behaviour, delta-survival, the probe and the real "
+              "models; two at a time on this 2-core machine). Training the adapters and pretraining the bases come "
+              "on top and are not in the results (README: about 10 h from nothing here with `JOBS=2`). From its "
+              "results (`FROM_CACHE=1`) the study refits byte for byte.", ""]
     fr = a["fake_vs_real"]
     lines += ["## Fake against real quantization", "",
               f"Of {fr['n']} fine-tunes, fake quantization (the values `mx.quantize` stores, run in float16) gives the "
