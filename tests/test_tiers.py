@@ -353,3 +353,13 @@ def test_the_probes_cost_is_split_into_its_float_answers_and_one_pass_per_precis
     cost = tiers.probe_tier([r])["cost"]
     assert cost["median"] == 22.0 / 24.0 and cost["generate"] == 1.5 and cost["score_per_precision"] == 0.5
     assert tiers.bracket_probe_tier([r], {"predictions": {r["id"]: (6, 4)}})["cost_median"] == 16.0 / 24.0
+
+
+def test_the_weights_ceiling_is_the_best_bracket_fitted_and_judged_on_the_same_fine_tunes():
+    """delta_to_noise follows every family's threshold: fitted on all, it is exact for all; the
+    ceiling names it (subspace_snr, the same on every family, cannot be)."""
+    results = moving_families()
+    c = tiers.weights_ceiling(results)
+    assert c["statistic"] == "delta_to_noise" and c["exact"] == len(results) and c["optimistic"] == 0
+    sub = tiers.fit_bracket_on(results, "subspace_snr", "weighted")
+    assert tiers.judge_brackets([(tiers.predict_bracket(sub, r), r["true_min_bits"]) for r in results])["exact"] < c["exact"]

@@ -112,6 +112,17 @@ def _bracket_text(br: dict) -> str:
     return f"{br['statistic']} ({br['aggregate']}) > {br['survive']:.4g}; lost: {lost}<= {br['lost']:.4g}"
 
 
+def _ceiling_text(c: dict | None, n: int) -> list:
+    if not c:
+        return []
+    return [f"The most the weights can do: a bracket on one statistic, fitted on all {n} fine-tunes and judged on the "
+            f"same ones (its survive bound the lowest never optimistic on them), is exact for at most "
+            f"{c['exact']}/{c['n']} ({c['statistic']}, {c['aggregate']}; {c['mean_between']:.2f} left between). "
+            f"{GOAL_WEIGHTS_EXACT:.0%} exact and never optimistic is beyond any such bracket on these fine-tunes: where "
+            "fine-tunes keep and lose a bit-width at the same values of every statistic (the scale inversions "
+            "below), only running the model tells them apart.", ""]
+
+
 def _blind(fine_tune: str, inversions: list) -> str:
     """Where an optimistic fine-tune is the stronger of a scale inversion no statistic separates:
     no weights rule monotone in its statistic is right on both of the pair."""
@@ -235,6 +246,7 @@ def write_study_report(usable: list, excluded: list, fams: list, path, min_accur
               + (": " + "; ".join(f"{i} (survives at >= {_bits(p)}, truly {_bits(t)}{_blind(i, inv)})"
                                   for i, p, t in opt) if opt else "")
               + ". The probe of the bracket's check set, which includes its survive end, overrules it.", "",
+              *_ceiling_text(w.get("ceiling"), a["n"]),
               f"Scale inversions: {len(inv)} pair(s) of one adapter at two LoRA scales where the stronger delta has the "
               "higher real threshold. A weights rule that keeps a bit-width where its statistic is high enough "
               "is wrong on one of the pair unless the statistic is lower for the stronger delta at the weaker's "
