@@ -352,3 +352,37 @@ def test_where_the_float_model_fails_the_probe_is_not_judged_by_the_failures(tmp
     assert "the probe keeps none of the bit-widths it probed" in out
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("|")]
     assert ["8", "fused_8bit", "fails", "fails (float fails too)", "n/a"] in cells
+
+
+def test_the_bracket_with_the_probe_of_its_check_set_is_the_answer_and_the_sweep_judges_it(logs, tmp_path):
+    """Kept at >= 6, lost at <= 3 by the weights, the check set 3 4 5 6: with the probe's verdicts
+    on it the answer is 5, what the sweep keeps (5 bits at 90%, 4 at 60%). A probe that fails 6,
+    the bracket's own survive end, overrules it (the answer 8: did not hold); a probe that left 3
+    out gives no answer."""
+    from qtools.pipeline.compare import compare
+
+    surv = tmp_path / "survival.json"
+    surv.write_text(json.dumps(dict(SURVIVAL, predicted_min_bits=6,
+                                    verdict={"3": False, "4": None, "5": None, "6": True, "8": True},
+                                    bracket={"survives_at": 6, "rounded_away_at": 3, "probe": [4, 5],
+                                             "check": [3, 4, 5, 6],
+                                             "rule": {"statistic": "cosine", "aggregate": "weighted",
+                                                      "survive": 0.85, "lost": 0.4}})))
+
+    def probe_file(name, verdicts):
+        p = tmp_path / name
+        p.write_text(json.dumps({"qtools_probe": 1, "suite": "demo", "created": "2026-01-01T00:00:00",
+                                 "by_bits": {str(b): {"verdict": v} for b, v in verdicts.items()}}))
+        return p
+
+    right = probe_file("probe.json", {3: "fail", 4: "fail", 5: "pass", 6: "pass"})
+    bp = compare([*logs, right], surv)["comparisons"][0]["bracket_probe"]
+    assert (bp["answer"], bp["sweep"], bp["unprobed"]) == (5, 5, [])
+    out = run("compare", *logs, right, "--survival", surv).output
+    assert "the probe of its check set (3 4 5 6), the answer to act on: 5 bits; the sweep: 5 bits (held)" in out
+    wrong = probe_file("probe.json", {3: "fail", 4: "fail", 5: "pass", 6: "fail"})
+    assert compare([*logs, wrong], surv)["comparisons"][0]["bracket_probe"]["answer"] == 8
+    assert "8 bits; the sweep: 5 bits (did NOT hold)" in run("compare", *logs, wrong, "--survival", surv).output
+    partial = probe_file("probe.json", {4: "fail", 5: "pass", 6: "pass"})
+    out = run("compare", *logs, partial, "--survival", surv).output
+    assert "not given: the probe did not check 3 (qtools probe MODEL --bits 3 4 5 6)" in out

@@ -340,6 +340,29 @@ def probe_agreement(logs: list, probes: list, c: Criteria) -> list:
     return out
 
 
+def bracket_with_probe(logs: list, surv: dict | None, probes: list, c: Criteria) -> dict | None:
+    """The answer a user acts on: delta-survival's bracket with the probe's verdicts on its check
+    set (rule.answer_with_probe), beside the sweep's threshold (the smallest uniformly quantized
+    model kept with every larger one). None without a bracket or a probe report; where the probe
+    left part of the check set out, those bit-widths are named and there is no answer."""
+    from ..survival.rule import answer_with_probe, smallest_surviving
+
+    br = (surv or {}).get("bracket")
+    if not br or not probes or not isinstance(br.get("check"), list):
+        return None
+    probe = max(probes, key=lambda p: p.get("created", ""))
+    by_bits = probe.get("by_bits") or {}
+    missing = [b for b in br["check"] if not isinstance(by_bits.get(str(b)), dict)]
+    bits = sorted(int(b) for b in (surv.get("verdict") or {}))
+    answer = None if missing else answer_with_probe(
+        bits, br.get("survives_at"), br["check"], lambda b: by_bits[str(b)].get("verdict") == "pass")
+    uniform = {log["bits"]: held(log, c) for log in _uniform(logs)}
+    swept = set(bits) <= set(uniform)
+    return {"check": br["check"], "unprobed": missing, "answer": answer,
+            "sweep": smallest_surviving(sorted(uniform), lambda b: uniform[b]) if swept else None,
+            "swept": swept, "float_fails": _float_fails(logs, c)}
+
+
 def compare(paths, survival=None, criteria: Criteria | None = None) -> dict:
     """Compare validate logs (grouped by suite); returns the full result."""
     criteria = criteria or Criteria()
@@ -357,7 +380,9 @@ def compare(paths, survival=None, criteria: Criteria | None = None) -> dict:
     for name in dict.fromkeys(s for s, _ in by_suite):
         suite_logs = [v for (s, _), v in by_suite.items() if s == name]
         comp = compare_suite(suite_logs, surv, criteria, retention)
-        comp["probe_agreement"] = probe_agreement(suite_logs, [p for p in probes if p.get("suite") == name], criteria)
+        suite_probes = [p for p in probes if p.get("suite") == name]
+        comp["probe_agreement"] = probe_agreement(suite_logs, suite_probes, criteria)
+        comp["bracket_probe"] = bracket_with_probe(suite_logs, surv, suite_probes, criteria)
         suites.append(comp)
     return {
         "criteria": asdict(criteria),
@@ -436,8 +461,29 @@ def format_comparison(result: dict) -> str:
                                   "n/a" if a["agree"] is None else "yes" if a["agree"] else "NO"]
                                  for a in comp["probe_agreement"]],
                                 headers=["bits", "model", "predicted", "observed", "agree"], tablefmt="github"))
+        bp = comp.get("bracket_probe")
+        if bp:
+            out.append("")
+            out.append(_bracket_probe_line(bp))
         out.append("")
     return "\n".join(out).rstrip()
+
+
+def _bracket_probe_line(bp: dict) -> str:
+    """The answer of the bracket with the probe of its check set, and whether the sweep bears it out."""
+    check = " ".join(str(b) for b in bp["check"])
+    head = f"delta-survival's bracket with the probe of its check set ({check}), the answer to act on: "
+    if bp["unprobed"]:
+        return head + (f"not given: the probe did not check {' '.join(str(b) for b in bp['unprobed'])} "
+                       f"(qtools probe MODEL --bits {check})")
+    said = "none of the bit-widths keeps the fine-tune" if bp["answer"] is None else f"{bp['answer']} bits"
+    if not bp["swept"]:
+        return head + said + " (not every bit-width swept: not judged)"
+    if bp["float_fails"]:
+        return head + said + " (the float model fails the suite: not judged)"
+    truth = "none" if bp["sweep"] is None else f"{bp['sweep']} bits"
+    held_up = bp["answer"] == bp["sweep"]
+    return head + said + f"; the sweep: {truth} ({'held' if held_up else 'did NOT hold'})"
 
 
 def _down_to(who: str, bits, which: str) -> str:
