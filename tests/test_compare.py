@@ -386,3 +386,17 @@ def test_the_bracket_with_the_probe_of_its_check_set_is_the_answer_and_the_sweep
     partial = probe_file("probe.json", {4: "fail", 5: "pass", 6: "pass"})
     out = run("compare", *logs, partial, "--survival", surv).output
     assert "not given: the probe did not check 3 (qtools probe MODEL --bits 3 4 5 6)" in out
+
+
+def test_a_survival_report_with_a_corrupt_bracket_is_one_error_line(logs, tmp_path):
+    """The bracket's ends and check set are bit-widths: a report holding anything else is refused
+    on load (before: compare met it as a TypeError, a traceback)."""
+    surv = tmp_path / "survival.json"
+    surv.write_text(json.dumps(dict(SURVIVAL, bracket={"survives_at": "6", "rounded_away_at": 3,
+                                                       "check": [3, 4, 5, 6]})))
+    probe = tmp_path / "probe.json"
+    probe.write_text(json.dumps({"qtools_probe": 1, "suite": "demo", "created": "2026-01-01T00:00:00",
+                                 "by_bits": {str(b): {"verdict": "pass"} for b in (3, 4, 5, 6)}}))
+    r = run("compare", *logs, probe, "--survival", surv)
+    assert r.exit_code != 0 and r.output.startswith("Error: ") and "bracket" in r.output
+    assert "Traceback" not in r.output

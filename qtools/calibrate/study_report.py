@@ -103,7 +103,6 @@ def goals(a: dict) -> list[tuple[str, str, bool]]:
          f"{w['mean_between']:.2f} between (the probe runs {w['mean_check']:.2f} of {len(BITS)}: these and both "
          "ends, which it confirms)", w["n"] > 0 and w["mean_between"] <= GOAL_WEIGHTS_BETWEEN),
     ]
-
     return out
 
 

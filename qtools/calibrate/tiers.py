@@ -16,6 +16,7 @@ measured, else the fake-quantized one.
 from __future__ import annotations
 
 import math
+import statistics
 
 from ..survival.rule import AGGREGATES, Bracket, answer_with_probe, check_set, smallest_surviving
 from .fit import STATISTICS, bits_rank, constant_guess, family, folds, rule_input, score_predictions
@@ -146,9 +147,9 @@ def choose_bracket(train: list, bits_list=BITS) -> Bracket | None:
 
 
 def weights_ceiling(results: list, bits_list=BITS) -> dict | None:
-    """The most a never-optimistic bracket on one statistic can be exact: fitted on every fine-tune
-    and judged on the same ones (no family held out, so no better held out), over every statistic
-    and aggregate; the best one's scores with its statistic."""
+    """The most a never-optimistic bracket on one statistic can be exact on the fine-tunes it was
+    fitted on (no family held out; its survive bound is the lowest never optimistic on them), over
+    every statistic and aggregate; the best one's scores with its statistic."""
     best = None
     for stat in STATISTICS:
         for agg in AGGREGATES:
@@ -244,20 +245,19 @@ def probe_tier(results: list, bits_list=BITS) -> dict:
             if "score" in parts and "generate" in parts:  # the float model and each bit-width: one copy each
                 per_precision.append(parts["score"] / len(r["probe"]["by_bits"]) / one)
                 generate.append(parts["generate"] / one)
-    ratios.sort()
     return {"n": len(res), "errors": len(results) - len(res) - sum(1 for r in results if not r.get("probe")),
             "raw": raw, "held_out": score_predictions(pairs, bits_list), "folds": rows, "predictions": preds,
             "margin": fit_margin(res, bits_list),
-            "cost": {"median": ratios[len(ratios) // 2] if ratios else None,
-                     "max": ratios[-1] if ratios else None, "n": len(ratios),
+            "cost": {"median": _median(ratios),
+                     "max": max(ratios) if ratios else None, "n": len(ratios),
                      # in units of one bit-width's quantize + validate: what one precision's
                      # teacher-forced pass costs, and the float model's own answers
                      "score_per_precision": _median(per_precision), "generate": _median(generate)}}
 
 
 def _median(xs: list):
-    xs = sorted(xs)
-    return xs[len(xs) // 2] if xs else None
+    """The upper median (the study's medians all are), None for none."""
+    return statistics.median_high(xs) if xs else None
 
 
 def _one_bit_width_seconds(r: dict):

@@ -106,12 +106,17 @@ SURVIVAL_REPORT = {
     "layers": (lambda v: v is None or (isinstance(v, list) and all(_layer(x) for x in v)),
                "a list of layers with their statistics by bits"),
     "model": (lambda v: v is None or isinstance(v, str), "a name"),
+    "bracket": (lambda v: v is None or (isinstance(v, dict) and _opt(_int)(v.get("survives_at"))
+                                        and _opt(_int)(v.get("rounded_away_at"))
+                                        and isinstance(v.get("check", []), list) and all(map(_int, v.get("check", [])))),
+                "an object {survives_at, rounded_away_at: a bit-width or null, check: a list of bit-widths}"),
 }
 # kind -> (schema, the fields it may lack or hold null in, what it is called)
 KINDS = {
     "validate": (VALIDATE_LOG, {"mixed", "load_s", "first_gen_s", "tokens_per_s", "created"}, "qtools validate log"),
     "retention": (RETENTION_LOG, {"suite", "created"}, "qtools retention log"),
-    "survival": (SURVIVAL_REPORT, {"verdict", "threshold", "layers", "model"}, "`qtools delta-survival --json` report"),
+    "survival": (SURVIVAL_REPORT, {"verdict", "threshold", "layers", "model", "bracket"},
+                 "`qtools delta-survival --json` report"),
 }
 
 
