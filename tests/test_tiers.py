@@ -363,3 +363,38 @@ def test_the_weights_ceiling_is_the_best_bracket_fitted_and_judged_on_the_same_f
     assert c["statistic"] == "delta_to_noise" and c["exact"] == len(results) and c["optimistic"] == 0
     sub = tiers.fit_bracket_on(results, "subspace_snr", "weighted")
     assert tiers.judge_brackets([(tiers.predict_bracket(sub, r), r["true_min_bits"]) for r in results])["exact"] < c["exact"]
+
+
+def _every_statistic(i, fam, threshold, scale):
+    """A fine-tune of family `fam` whose every statistic (both aggregates) is scale * bits."""
+    from qtools.calibrate.fit import STATISTICS
+
+    r = family_result(i, fam, threshold, 20.0)
+    for b in BITS:
+        for d in (r["summary"][str(b)], r["layers"][0]["by_bits"][str(b)]):
+            d.update({s: scale * b for s in STATISTICS})
+    return r
+
+
+def test_no_monotone_weights_rule_keeps_a_bit_width_another_lost_with_every_statistic_higher():
+    """weak keeps 4 bits with every statistic at 4 bits below strong's, which loses 4 and 5: any rule
+    keeping more where every statistic (and the bit-width) is higher keeps strong's 4 bits if it
+    keeps weak's, so never optimistic it cannot be exact for weak. In another family, strong bounds
+    only one rule for both families, not one per family."""
+    weak, strong = _every_statistic(0, "ga", 4, 1.0), _every_statistic(1, "gb", 6, 2.0)
+    one = tiers.monotone_ceiling([weak, strong])
+    assert (one["exact"], one["n"], one["statistics"]) == (1, 2, 16)
+    assert [(x["id"], x["bits"], x["by"]) for x in one["blocked"]] == [(weak["id"], 4, strong["id"])]
+    per = tiers.monotone_ceiling([weak, strong], by_family=True)
+    assert per["exact"] == 2 and per["families"] == {"ga": {"n": 1, "exact": 1}, "gb": {"n": 1, "exact": 1}}
+    # a lost bit-width below the one it would cover bounds nothing: at threshold 4, strong loses
+    # 3 bits with every statistic (6) above weak's at 4 bits (4), yet a rule may keep 4 and not 3
+    strong["true_min_bits"] = 4
+    assert tiers.monotone_ceiling([weak, strong])["exact"] == 2
+
+
+def test_the_best_one_statistic_bracket_never_beats_the_monotone_ceiling():
+    """A one-statistic bracket is a monotone rule: fitted never optimistic on the same fine-tunes,
+    it is exact for at most what monotone_ceiling allows."""
+    results = moving_families() + [_every_statistic(20, "gd", 5, 1.0), _every_statistic(21, "gd", 4, 0.5)]
+    assert tiers.weights_ceiling(results)["exact"] <= tiers.monotone_ceiling(results)["exact"] <= len(results)

@@ -162,6 +162,49 @@ def weights_ceiling(results: list, bits_list=BITS) -> dict | None:
     return best
 
 
+def _covers(w: list, v: list) -> bool:
+    """Every statistic of w at least v's (a NaN or missing one compares with nothing)."""
+    return all(x is not None and y is not None and x >= y for x, y in zip(w, v))
+
+
+def monotone_ceiling(results: list, bits_list=BITS, by_family: bool = False) -> dict:
+    """What the weights cannot see, whatever the rule: the most fine-tunes a rule could be exact for
+    while never optimistic on them, if it keeps a bit-width on its statistics (every STATISTICS x
+    AGGREGATES value) and keeps it wherever they, and the bit-width, are at least as high. Such a
+    rule cannot keep a bit-width where another fine-tune lost one at least as large with every
+    statistic at least as high (it would keep that one too: optimistic), so a fine-tune is exact
+    only if none of its bit-widths from its threshold up is covered so. The rule that keeps what
+    no lost bit-width covers reaches the bound: it is tight. by_family: only lost bit-widths of the
+    fine-tune's own family count, the bound for one rule per family, each never optimistic on its
+    family and fitted knowing its truths (the most a held-out weights tier can reach).
+    Returns n, exact and, per fine-tune it cannot be exact for, the first covered bit-width and
+    the lost one covering it."""
+    feats = [(s, a) for s in STATISTICS for a in AGGREGATES]
+
+    def vec(r, b):
+        v = [rule_input(r, b, s, a) for s, a in feats]
+        return [x if _finite(x) or (x is not None and math.isinf(x)) else None for x in v]
+
+    lost = [(r, b, vec(r, b)) for r in results for b in bits_list if b < bits_rank(truth(r))]
+    blocked = []
+    for r in results:
+        t = bits_rank(truth(r))
+        for b in sorted(x for x in bits_list if x >= t):
+            v = vec(r, b)
+            by = next(((o, ob) for o, ob, w in lost
+                       if ob >= b and (not by_family or family(o) == family(r)) and _covers(w, v)), None)
+            if by is not None:
+                blocked.append({"id": r["id"], "family": family(r), "bits": b, "by": by[0]["id"], "by_bits": by[1]})
+                break
+    fams: dict = {}
+    for r in results:
+        fams.setdefault(family(r), {"n": 0, "exact": 0})["n"] += 1
+    for f in fams:
+        fams[f]["exact"] = fams[f]["n"] - sum(x["family"] == f for x in blocked)
+    return {"n": len(results), "exact": len(results) - len(blocked), "statistics": len(feats), "blocked": blocked,
+            "families": fams}
+
+
 def weights_tier(results: list, bits_list=BITS) -> dict:
     """The bracket judged leave-one-family-out (statistic, aggregate and bounds all refitted
     without the held-out family), and the bracket fitted on every family."""
