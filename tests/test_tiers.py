@@ -398,3 +398,13 @@ def test_the_best_one_statistic_bracket_never_beats_the_monotone_ceiling():
     it is exact for at most what monotone_ceiling allows."""
     results = moving_families() + [_every_statistic(20, "gd", 5, 1.0), _every_statistic(21, "gd", 4, 0.5)]
     assert tiers.weights_ceiling(results)["exact"] <= tiers.monotone_ceiling(results)["exact"] <= len(results)
+
+
+def test_every_one_statistic_bracket_is_judged_held_out_before_any_choosing():
+    """subspace_snr is the same on every family: fitted on thresholds 4 and 5 it keeps 5 bits, optimistic
+    for the family whose threshold is 6; delta_to_noise follows the family and is never optimistic."""
+    results = moving_families()
+    per = tiers.every_statistic_held_out(results)
+    assert len(per) == 16
+    assert per["subspace_snr (weighted)"] == [r["id"] for r in results if r["family"] == "gc"]
+    assert per["delta_to_noise (weighted)"] == []

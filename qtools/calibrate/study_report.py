@@ -14,6 +14,7 @@ from .grid import BITS
 from .tiers import (
     bracket_probe_tier,
     constant_tier,
+    every_statistic_held_out,
     fake_vs_real,
     monotone_ceiling,
     probe_tier,
@@ -51,6 +52,7 @@ def analyse(usable: list, excluded: list, min_accuracy: float) -> dict:
         "bracket_probe": bracket_probe_tier(usable, weights),
         "constant": constant_tier(usable),
         "inversions": scale_inversions(usable),
+        "every_statistic": every_statistic_held_out(usable),
         # whatever the rule: one for all families (what delta-survival ships), one per family
         "monotone": {"one_rule": monotone_ceiling(usable), "per_family": monotone_ceiling(usable, by_family=True)},
         # the point rule delta-survival printed before the bracket (one bit-width, not a bracket)
@@ -161,6 +163,27 @@ def _monotone_text(a: dict) -> list:
             "at least as large with every statistic at least as high.", "",
             tabulate(rows, headers=["family", "weights tier exact (held out)", "at most, any rule for the family",
                                     "e.g. (the first that bounds it)"], tablefmt="github"), ""]
+
+
+def _every_statistic_text(per_stat: dict) -> list:
+    """Which fine-tunes each one-statistic bracket, held out, is optimistic for: whether the tier's
+    optimism is its choosing's or every statistic's."""
+    if not per_stat:
+        return []
+    never = [k for k, v in per_stat.items() if not v]
+    hits: dict = {}
+    for ids in per_stat.values():
+        for i in ids:
+            hits[i] = hits.get(i, 0) + 1
+    text = (f"Before any choosing: held out by family, {len(never)} of the {len(per_stat)} one-statistic brackets "
+            "(each statistic x aggregate, both sides on it) are never optimistic"
+            + (f" ({', '.join(never)})" if never else "") + ".")
+    if hits:
+        text += " The others are optimistic for " + "; ".join(
+            f"{i} ({n} of them)" for i, n in sorted(hits.items(), key=lambda kv: -kv[1])) + "."
+    text += (" Each fits its bound at the most its training families lost at; a family that loses a bit-width at "
+             "values none of them did is beyond it.")
+    return [text, ""]
 
 
 def _blind(fine_tune: str, inversions: list) -> str:
@@ -286,6 +309,7 @@ def write_study_report(usable: list, excluded: list, fams: list, path, min_accur
               + (": " + "; ".join(f"{i} (survives at >= {_bits(p)}, truly {_bits(t)}{_blind(i, inv)})"
                                   for i, p, t in opt) if opt else "")
               + ". The probe of the bracket's check set, which includes its survive end, overrules it.", "",
+              *_every_statistic_text(a["every_statistic"]),
               *_ceiling_text(w.get("ceiling"), a["n"]),
               *_monotone_text(a),
               f"Scale inversions: {len(inv)} pair(s) of one adapter at two LoRA scales where the stronger delta has the "

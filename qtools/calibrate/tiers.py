@@ -205,6 +205,21 @@ def monotone_ceiling(results: list, bits_list=BITS, by_family: bool = False) -> 
             "families": fams}
 
 
+def every_statistic_held_out(results: list, bits_list=BITS) -> dict:
+    """Each one-statistic bracket (STATISTICS x AGGREGATES, both sides on it) held out by family: the
+    fine-tunes it is optimistic for. Whether any is never optimistic, before any choosing."""
+    out = {}
+    for stat in STATISTICS:
+        for agg in AGGREGATES:
+            opt = []
+            for _, train, test in folds(results):
+                br = fit_bracket_on(train, stat, agg, bits_list)
+                opt += [r["id"] for r in test
+                        if br is not None and bits_rank(predict_bracket(br, r, bits_list)[0]) < bits_rank(truth(r))]
+            out[f"{stat} ({agg})"] = opt
+    return out
+
+
 def weights_tier(results: list, bits_list=BITS) -> dict:
     """The bracket judged leave-one-family-out (statistic, aggregate and bounds all refitted
     without the held-out family), and the bracket fitted on every family."""
