@@ -96,3 +96,52 @@ def test_nothing_to_judge_is_one_error_line(tmp_path, capsys):
     assert main(["--all", str(tmp_path / "nowhere")]) == 1
     assert capsys.readouterr().err.strip().startswith("Error: ")
     assert main([]) == 1
+
+
+def test_a_study_familys_fine_tune_is_judged_at_the_studys_bar(tmp_path, monkeypatch):
+    """Validate passes its float16 model at 62/64 (97%); at the study's bar (outside.build: 98%) it
+    is listed, not judged, as the study would leave it out."""
+    from qtools.calibrate.outside import BUILD_FILE
+
+    d = tmp_path / "agent-g24-s7"
+    d.mkdir()
+    (d / "f16.json").write_text(json.dumps({**_log(16, "pass", quantized=False), "correct": 62, "accuracy": 62 / 64,
+                                            "critical_errors": 0}))
+    for b in BITS:
+        (d / f"{b}.json").write_text(json.dumps(_log(b, "pass")))
+    assert judge(d)["float16_passes"]
+    (d / BUILD_FILE).write_text(json.dumps({"family": "agent-g24", "bar": 0.98}))
+    j = judge(d)
+    assert not j["float16_passes"] and "62/64, below the study's bar: not judged" in row(j)
+    (d / BUILD_FILE).write_text(json.dumps({"family": "agent-g24", "bar": 0.95}))
+    assert judge(d)["float16_passes"]
+
+
+def test_build_trains_a_recipe_the_studys_grid_never_ran_on_the_familys_cached_base(tmp_path, monkeypatch):
+    """--build: the study family's base from the study's cache, the outside recipe trained on its task
+    (on qwen3_moe: attention and the router), reused when built alike; anything else one error line."""
+    from qtools.calibrate import outside, run
+    from qtools.calibrate.grid import study_grid
+    from qtools.demo import train
+
+    base = tmp_path / "work" / "bases" / "agent-moe-g24"
+    base.mkdir(parents=True)
+    (base / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "num_hidden_layers": 4}))
+    monkeypatch.setattr(run, "build_base", lambda work, family, log=None: work / "bases" / family["name"])
+    trained = []
+
+    def fake_train(base_dir, out_dir, **recipe):
+        trained.append(recipe)
+        (out_dir / "adapters.safetensors").write_bytes(b"")
+
+    monkeypatch.setattr(train, "train_adapter", fake_train)
+    got = outside.build("agent-moe-g24", 7, tmp_path / "out", work=tmp_path / "work")
+    assert got["base"] == str(base) and got["suite"].endswith("agent.jsonl") and got["bar"] == 0.95
+    assert trained[0]["task"] == "agent" and trained[0]["seed"] == 7 and "mlp.gate" in trained[0]["keys"]
+    assert (trained[0]["rank"], trained[0]["lr"]) not in {(r["rank"], r["lr"]) for r in study_grid()}
+    outside.build("agent-moe-g24", 7, tmp_path / "out", work=tmp_path / "work")
+    assert len(trained) == 1  # the same recipe and seed: reused
+    outside.build("agent-moe-g24", 8, tmp_path / "out", work=tmp_path / "work")
+    assert len(trained) == 2
+    assert outside.main(["--build", "g24", "1", str(tmp_path / "out")]) == 1
+    assert outside.main(["--is-study", "access-g24"]) == 0 and outside.main(["--is-study", "g24"]) == 1

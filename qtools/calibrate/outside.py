@@ -61,10 +61,13 @@ def judge(log_dir) -> dict:
     by_bits = probe_all.get("by_bits") or {}
     checked = {"by_bits": {str(b): by_bits[str(b)] for b in answer.get("check", []) if str(b) in by_bits}}
     point = Rule.load(available=summary.get(str(max(bits))) if bits else None)
+    bar = (_read(log_dir / BUILD_FILE) or {}).get("bar")  # a study family's: as the study uses its fine-tunes
     return {
         "fine_tune": log_dir.name,
         "float16": None if ref is None else f"{ref['correct']}/{ref['total']}",
-        "float16_passes": ref is not None and ref.get("verdict") == "pass",
+        "float16_passes": ref is not None and ref.get("verdict") == "pass" and (
+            bar is None or (ref.get("accuracy", 0.0) >= bar and ref.get("critical_errors", 1) == 0)),
+        "bar": bar,
         "real": truth,
         "bracket": (answer.get("survives_at"), answer.get("rounded_away_at")),
         "check": answer.get("check", []),
@@ -75,13 +78,67 @@ def judge(log_dir) -> dict:
     }
 
 
+# A recipe no run of the study's grid used (its ranks are 4, 8, 16, its rates 1e-3 and 1.5e-3), on
+# attention (on qwen3_moe attention and the router): a fine-tune of a study family that the study
+# never saw, judged on the family's task.
+OUTSIDE_RECIPE = {"rank": 12, "lr": 1.2e-3, "iters": 300}
+RECIPE_FILE = "qtools_outside_recipe.json"
+# what --build printed, kept in the fine-tune's logs (not *.json: compare reads every *.json there)
+BUILD_FILE = "outside.build"
+
+
+def study_family(name: str) -> dict | None:
+    """The study family of that name (grid.study_families), None for any other name."""
+    from .grid import study_families
+
+    return next((f for f in study_families() if f["name"] == name), None)
+
+
+def build(name: str, seed: int, out_dir, work="models/calibration", log=sys.stderr) -> dict:
+    """A fine-tune of study family `name` the study never saw: the family's base (run.build_base,
+    cached in `work` as the study caches it), and OUTSIDE_RECIPE trained with `seed` on the family's
+    task into out_dir/NAME_adapter (reused when built with the same recipe and seed). Returns the
+    base, the adapter, the family's suite and its bar (a float16 model below it is not judged)."""
+    import json
+    import time
+
+    from ..demo.train import ADAPTER, ATTENTION, train_adapter
+    from ..io.atomic import atomic_output_dir, check_writable
+    from ..io.modeldir import read_config
+    from .grid import family_suite, family_task, keys_for
+    from .run import build_base
+
+    family = study_family(name)
+    if family is None:
+        raise QtoolsError(f"{name} is not a study family (qtools.calibrate.grid.study_families)")
+    if seed < 0:
+        raise QtoolsError(f"seed {seed} is negative: use 0 or more")
+    adapter = Path(out_dir) / f"{name}_adapter"
+    check_writable(adapter)
+    base = build_base(Path(work), family, log=log)
+    cfg = read_config(base)
+    recipe = {**OUTSIDE_RECIPE, "seed": seed, "scale": ADAPTER["scale"], "batch_size": ADAPTER["batch_size"],
+              "keys": keys_for(list(ATTENTION), {"arch": cfg.get("model_type")}),
+              "num_layers": cfg["num_hidden_layers"], "task": family_task(family)}
+    if read_json_or_none(adapter / RECIPE_FILE) != recipe or not (adapter / "adapters.safetensors").exists():
+        print(f"[outside] training {name} seed {seed}: {recipe}", file=log, flush=True)
+        tic = time.perf_counter()
+        with atomic_output_dir(adapter, force=True) as tmp:
+            train_adapter(base, tmp, **recipe)
+            (Path(tmp) / RECIPE_FILE).write_text(json.dumps(recipe, indent=1))
+        print(f"[outside] trained in {time.perf_counter() - tic:.0f} s", file=log, flush=True)
+    return {"family": name, "seed": seed, "base": str(base), "adapter": str(adapter),
+            "suite": str(family_suite(family, work)), "bar": family["bar"]}
+
+
 def _b(x) -> str:
     return "none" if x is None else str(x)
 
 
 def row(j: dict) -> str:
     a, b = j["bracket"]
-    f16 = j["float16"] if j["float16_passes"] else f"{j['float16']}, fails: not judged"
+    below = "below the study's bar" if j.get("bar") is not None else "fails"
+    f16 = j["float16"] if j["float16_passes"] else f"{j['float16']}, {below}: not judged"
     return (f"| {j['fine_tune']} | {f16} | {_b(j['real'])} | >= {_b(a)}, <= {_b(b)} "
             f"(probe {' '.join(map(str, j['check'])) or '-'}) | {_b(j['bracket_probe'])} | {_b(j['probe_all'])} | "
             f"{_b(j['point'])} | {_b(j['constant'])} |")
@@ -116,15 +173,29 @@ def judge_all(root) -> list:
     return [judge(d) for d in sorted(Path(root).iterdir()) if (d / "probe.json").exists()]
 
 
+def _seed(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise QtoolsError(f"seed {text!r} is not a whole number") from None
+
+
 def main(argv: list) -> int:
     try:
         if argv[:1] == ["--all"]:  # the table and tally of docs/outside.md
             judged = judge_all(argv[1] if len(argv) > 1 else "logs/outside")
             print("\n".join([HEADER, *map(row, judged), "", tally(judged)]))
+        elif argv[:1] == ["--build"] and len(argv) in (4, 5):  # FAMILY SEED OUT [WORK]: a study family's
+            import json
+
+            print(json.dumps(build(argv[1], _seed(argv[2]), argv[3], *argv[4:])))
+        elif argv[:1] == ["--is-study"] and len(argv) == 2:
+            return 0 if study_family(argv[1]) else 1
         elif len(argv) == 1:
             print(row(judge(argv[0])))
         else:
-            raise QtoolsError("usage: python -m qtools.calibrate.outside LOGS | --all [ROOT]")
+            raise QtoolsError("usage: python -m qtools.calibrate.outside LOGS | --all [ROOT] | "
+                              "--build FAMILY SEED OUT [WORK] | --is-study FAMILY")
     except QtoolsError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 1
