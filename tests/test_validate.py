@@ -195,3 +195,19 @@ def test_validate_bad_models(tmp_path):
     r = run("validate", broken, "--suite", suite)
     assert r.exit_code == 1 and r.output.startswith(f"Error: cannot load model {broken}: ")
     assert "Traceback" not in r.output
+
+
+def test_a_moe_quantized_uniformly_is_not_mixed_for_its_routers_8_bits():
+    """qwen3_moe's own quant_predicate keeps every router (mlp.gate) at 8 bits: that is mlx-lm's
+    uniform 4-bit model, which compare and make outside judge as the sweep's 4 bits. An override
+    the model's predicate does not make is mixed precision."""
+    from qtools.demo.model import qwen3_moe_config
+
+    cfg = qwen3_moe_config(64, 2, 128, 0)
+    routers = {f"model.layers.{i}.mlp.gate": {"group_size": 64, "bits": 8} for i in range(2)}
+    q = V.quantization_info({**cfg, "quantization": {"group_size": 64, "bits": 4, **routers}})
+    assert (q["bits"], q["mixed"]) == (4, False)
+    raised = {**routers, "model.layers.0.self_attn.q_proj": {"group_size": 64, "bits": 6}}
+    assert V.quantization_info({**cfg, "quantization": {"group_size": 64, "bits": 4, **raised}})["mixed"]
+    at_six = {**routers, "model.layers.1.mlp.gate": {"group_size": 64, "bits": 6}}  # not the model's 8
+    assert V.quantization_info({**cfg, "quantization": {"group_size": 64, "bits": 4, **at_six}})["mixed"]

@@ -93,10 +93,25 @@ def quantization_info(config: dict, where: str | Path = "config.json") -> dict:
         dtype = str(config.get("torch_dtype") or config.get("dtype") or "float16")
         return {"quantized": False, "bits": 32 if "32" in dtype else 16, "group_size": None,
                 "mixed": False, "dtype": dtype}
-    layer_bits = {v.get("bits") for v in q.values() if isinstance(v, dict) and "bits" in v}
+    overrides = {p: v for p, v in q.items() if isinstance(v, dict) and "bits" in v}
+    layer_bits = {v.get("bits") for v in overrides.values()}
     # Mixed precision is reported by its lowest bit-width (where the delta dies first).
     return {"quantized": True, "bits": min(layer_bits | {q["bits"]}), "group_size": q.get("group_size"),
-            "mixed": bool(layer_bits - {q["bits"]}), "mode": q.get("mode", "affine")}
+            "mixed": _mixed(config, q, overrides), "mode": q.get("mode", "affine")}
+
+
+def _mixed(config: dict, q: dict, overrides: dict) -> bool:
+    """Whether a layer departs from the model's bit-width other than where the model's own
+    quant_predicate puts it (qwen3_moe's router at 8 bits: mlx-lm's uniform quantization)."""
+    departs = {p: v for p, v in overrides.items() if v.get("bits") != q["bits"]}
+    if not departs:
+        return False
+    from ..survival.predicate import own_choices
+
+    own = own_choices(config, q.get("group_size") or 64)
+    return any(not isinstance(own.get(p), dict) or own[p].get("bits") != v.get("bits")
+               or own[p].get("group_size", q.get("group_size")) != v.get("group_size", q.get("group_size"))
+               for p, v in departs.items())
 
 
 def check_model_dir(model: str | Path, what: str = "model") -> Path:
