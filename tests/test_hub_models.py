@@ -332,7 +332,7 @@ def test_dynamic_recipe_on_a_float_moe_on_the_cpu(moe, tmp_path):
 def test_models_without_a_predicate_skip_the_mlx_lm_import():
     """Dense Qwen3/Llama and types mlx-lm does not know have no quant_predicate; qwen3_moe has
     one, and a remapped type (mistral -> llama) is left to mlx-lm."""
-    from qtools.survival.predicate import _surely_no_predicate
+    from qtools.io.predicate import _surely_no_predicate
 
     assert _surely_no_predicate("qwen3") and _surely_no_predicate("llama")
     assert _surely_no_predicate("no_such_model")

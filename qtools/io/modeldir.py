@@ -106,7 +106,7 @@ def _mixed(config: dict, q: dict, overrides: dict) -> bool:
     departs = {p: v for p, v in overrides.items() if v.get("bits") != q["bits"]}
     if not departs:
         return False
-    from ..survival.predicate import own_choices
+    from .predicate import own_choices
 
     own = own_choices(config, q.get("group_size") or 64)
     return any(not isinstance(own.get(p), dict) or own[p].get("bits") != v.get("bits")

@@ -21,7 +21,7 @@ def quant_plan(model, bits: int, group_size: int = 64) -> dict:
     """{module path: (bits, group size)} of every layer mlx-lm's quantize_model would quantize at
     `bits`, the model's own quant_predicate honoured as mlx-lm honours it (a layer it keeps float is
     left out, one it gives other parameters gets them). Reads shapes only: a lazily built model will do."""
-    from ..survival.predicate import own_predicate
+    from ..io.predicate import own_predicate
 
     own = own_predicate(model)
     plan = {}

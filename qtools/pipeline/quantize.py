@@ -103,7 +103,7 @@ def make_predicate(
 ) -> Callable | None:
     """The quant_predicate for mlx_lm.utils.quantize_model (None = uniform), composed with the
     model's own predicate: what mlx-lm keeps (qwen3_moe's router at 8 bits) is never lowered."""
-    from ..survival.predicate import compose, own_predicate
+    from ..io.predicate import compose, own_predicate
 
     base = None
     if recipe != "uniform":

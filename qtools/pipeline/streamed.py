@@ -155,7 +155,7 @@ def _record_quantize(model, config, group_size, bits, mode, predicate):
     to_quantized (a predicate's dict, else the defaults)."""
     from mlx_lm.utils import quantize_model
 
-    from ..survival.predicate import own_predicate
+    from ..io.predicate import own_predicate
 
     inner = predicate or own_predicate(model)  # quantize_model's own rule when given none
     decided: dict = {}

@@ -368,7 +368,7 @@ def unchanged_by_fine_tune(w1, dtype1: str, w0, dtype0: str, chunk: int = 1 << 2
 def _own_bits(own: dict, name: str, bits: list[int], group_size: int):
     """For a tensor the model's own quant_predicate sets (qwen3_moe's router: 8 bits), the
     (bits, group size) it really gets when the model is quantized at each requested bit-width,
-    or why it is not analysed; (None, None) for the rest (survival.predicate.combine)."""
+    or why it is not analysed; (None, None) for the rest (io.predicate.combine)."""
     choice = own.get(name[: -len(".weight")]) if name.endswith(".weight") else None
     if choice is None:
         return None, None
@@ -394,7 +394,7 @@ def analyze(
     """Analyse every quantizable tensor of a model directory (or of a FusedView: the fused model
     computed on the fly, never written); returns the JSON-able report."""
     from .. import _ext
-    from .predicate import own_choices
+    from ..io.predicate import own_choices
 
     bits = sorted(set(int(b) for b in bits))  # the CLI checked them; the kernel checks them again
     t0 = time.perf_counter()
