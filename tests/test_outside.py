@@ -145,3 +145,13 @@ def test_build_trains_a_recipe_the_studys_grid_never_ran_on_the_familys_cached_b
     assert len(trained) == 2
     assert outside.main(["--build", "g24", "1", str(tmp_path / "out")]) == 1
     assert outside.main(["--is-study", "access-g24"]) == 0 and outside.main(["--is-study", "g24"]) == 1
+
+
+def test_a_float16_model_validate_fails_is_named_as_failing_not_as_below_the_bar(tmp_path):
+    from qtools.calibrate.outside import BUILD_FILE
+
+    d = tmp_path / "agent-moe-g24-s8"
+    d.mkdir()
+    (d / "f16.json").write_text(json.dumps({**_log(16, "fail", quantized=False), "critical_errors": 1}))
+    (d / BUILD_FILE).write_text(json.dumps({"family": "agent-moe-g24", "bar": 0.95}))
+    assert "63/64, fails: not judged" in row(judge(d))

@@ -57,7 +57,7 @@ def judge(log_dir) -> dict:
     bits = sorted(log["bits"] for log in logs if log.get("quantized") and not log.get("mixed"))
     truth, ref = real_threshold(logs)
     summary, layers = survival.get("summary") or {}, survival.get("layers") or []
-    answer = bracket_answer(Bracket.load(), summary, layers, bits) or {}
+    answer = (bracket_answer(Bracket.load(), summary, layers, bits) if bits else None) or {}  # no sweep yet: none
     by_bits = probe_all.get("by_bits") or {}
     checked = {"by_bits": {str(b): by_bits[str(b)] for b in answer.get("check", []) if str(b) in by_bits}}
     point = Rule.load(available=summary.get(str(max(bits))) if bits else None)
@@ -67,7 +67,7 @@ def judge(log_dir) -> dict:
         "float16": None if ref is None else f"{ref['correct']}/{ref['total']}",
         "float16_passes": ref is not None and ref.get("verdict") == "pass" and (
             bar is None or (ref.get("accuracy", 0.0) >= bar and ref.get("critical_errors", 1) == 0)),
-        "bar": bar,
+        "bar": bar if ref is not None and ref.get("verdict") == "pass" else None,  # what failed it, if not validate
         "real": truth,
         "bracket": (answer.get("survives_at"), answer.get("rounded_away_at")),
         "check": answer.get("check", []),
