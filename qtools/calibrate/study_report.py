@@ -179,8 +179,8 @@ def _every_statistic_text(per_stat: dict) -> list:
             "(each statistic x aggregate, both sides on it) are never optimistic"
             + (f" ({', '.join(never)})" if never else "") + ".")
     if hits:
-        text += " The others are optimistic for " + "; ".join(
-            f"{i} ({n} of them)" for i, n in sorted(hits.items(), key=lambda kv: -kv[1])) + "."
+        text += " Where they are optimistic: " + "; ".join(
+            f"{i} ({n} bracket{'s' if n > 1 else ''})" for i, n in sorted(hits.items(), key=lambda kv: -kv[1])) + "."
     text += (" Each fits its bound at the most its training families lost at; a family that loses a bit-width at "
              "values none of them did is beyond it.")
     return [text, ""]
