@@ -62,12 +62,14 @@ def judge(log_dir) -> dict:
     checked = {"by_bits": {str(b): by_bits[str(b)] for b in answer.get("check", []) if str(b) in by_bits}}
     point = Rule.load(available=summary.get(str(max(bits))) if bits else None)
     bar = (_read(log_dir / BUILD_FILE) or {}).get("bar")  # a study family's: as the study uses its fine-tunes
+    validated = ref is not None and ref.get("verdict") == "pass"
+    below_bar = validated and bar is not None and not (ref.get("accuracy", 0.0) >= bar
+                                                       and ref.get("critical_errors", 1) == 0)
     return {
         "fine_tune": log_dir.name,
         "float16": None if ref is None else f"{ref['correct']}/{ref['total']}",
-        "float16_passes": ref is not None and ref.get("verdict") == "pass" and (
-            bar is None or (ref.get("accuracy", 0.0) >= bar and ref.get("critical_errors", 1) == 0)),
-        "bar": bar if ref is not None and ref.get("verdict") == "pass" else None,  # what failed it, if not validate
+        "float16_passes": validated and not below_bar,
+        "below_bar": below_bar,
         "real": truth,
         "bracket": (answer.get("survives_at"), answer.get("rounded_away_at")),
         "check": answer.get("check", []),
@@ -137,7 +139,7 @@ def _b(x) -> str:
 
 def row(j: dict) -> str:
     a, b = j["bracket"]
-    below = "below the study's bar" if j.get("bar") is not None else "fails"
+    below = "below the study's bar" if j.get("below_bar") else "fails"
     f16 = j["float16"] if j["float16_passes"] else f"{j['float16']}, {below}: not judged"
     return (f"| {j['fine_tune']} | {f16} | {_b(j['real'])} | >= {_b(a)}, <= {_b(b)} "
             f"(probe {' '.join(map(str, j['check'])) or '-'}) | {_b(j['bracket_probe'])} | {_b(j['probe_all'])} | "
