@@ -5,7 +5,8 @@
 # and compare. FAMILY is a demo-task calibration family (qtools demo-models --family: the demo's
 # adapter recipe trained with that seed, judged on SUITE) or a study family (agent-moe-g24,
 # access-g24, ...: its cached base, a recipe the study's grid never ran, judged on its task's suite
-# at its bar: python -m qtools.calibrate.outside --build). Logs in logs/outside/FAMILY-sSEED/, one
+# at its bar: python -m qtools.calibrate.outside --build; FAMILY:SEED:all puts that recipe on every
+# linear layer, on qwen3_moe the experts too). Logs in logs/outside/FAMILY-sSEED/, one
 # summary line per fine-tune on stdout (docs/outside.md). Reuses what is built; FORCE=1 rebuilds.
 set -euo pipefail
 QTOOLS=${QTOOLS:-.venv/bin/qtools}
@@ -15,13 +16,14 @@ SUITE=${SUITE:-suites/demo.jsonl}
 root=${OUTSIDE_MODELS:-models/outside}
 field() { "$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"; }
 for pair in $PAIRS; do
-  fam=${pair%%:*} seed=${pair##*:}
-  m="$root/$fam" logs="logs/outside/$fam-s$seed"
-  echo "== $fam, adapter seed $seed"
+  # FAMILY:SEED, or FAMILY:SEED:all for a study family's recipe on every linear layer
+  IFS=: read -r fam seed keys <<<"$pair"
+  m="$root/$fam" logs="logs/outside/$fam-s$seed${keys:+-$keys}"
+  echo "== $fam, adapter seed $seed${keys:+, LoRA on $keys}"
   mkdir -p "$logs"
   if "$PY" -m qtools.calibrate.outside --is-study "$fam"; then
     [ -z "${FORCE:-}" ] || rm -rf "$m/${fam}_adapter"
-    "$PY" -m qtools.calibrate.outside --build "$fam" "$seed" "$m" > "$logs/outside.build.tmp"
+    "$PY" -m qtools.calibrate.outside --build "$fam" "$seed" "$m" "${keys:-}" > "$logs/outside.build.tmp"
     mv "$logs/outside.build.tmp" "$logs/outside.build"  # JSON, not *.json: compare reads those; the judge its bar
     base=$(field "$logs/outside.build" base) adapter=$(field "$logs/outside.build" adapter)
     suite=$(field "$logs/outside.build" suite)

@@ -143,6 +143,9 @@ def test_build_trains_a_recipe_the_studys_grid_never_ran_on_the_familys_cached_b
     assert len(trained) == 1  # the same recipe and seed: reused
     outside.build("agent-moe-g24", 8, tmp_path / "out", work=tmp_path / "work")
     assert len(trained) == 2
+    outside.build("agent-moe-g24", 8, tmp_path / "out", work=tmp_path / "work", keys="all")
+    assert len(trained) == 3 and "mlp.switch_mlp.down_proj" in trained[2]["keys"]  # the experts too
+    assert outside.main(["--build", "agent-moe-g24", "8", str(tmp_path / "out"), "experts"]) == 1
     assert outside.main(["--build", "g24", "1", str(tmp_path / "out")]) == 1
     assert outside.main(["--is-study", "access-g24"]) == 0 and outside.main(["--is-study", "g24"]) == 1
 

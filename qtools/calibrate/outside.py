@@ -81,9 +81,11 @@ def judge(log_dir) -> dict:
 
 
 # A recipe no run of the study's grid used (its ranks are 4, 8, 16, its rates 1e-3 and 1.5e-3), on
-# attention (on qwen3_moe attention and the router): a fine-tune of a study family that the study
-# never saw, judged on the family's task.
+# attention (on qwen3_moe attention and the router) or, with keys "all", every linear layer (on
+# qwen3_moe the experts too): a fine-tune of a study family the study never saw, judged on the
+# family's task.
 OUTSIDE_RECIPE = {"rank": 12, "lr": 1.2e-3, "iters": 300}
+OUTSIDE_KEYS = ("attention", "all")
 RECIPE_FILE = "qtools_outside_recipe.json"
 # what --build printed, kept in the fine-tune's logs (not *.json: compare reads every *.json there)
 BUILD_FILE = "outside.build"
@@ -96,7 +98,7 @@ def study_family(name: str) -> dict | None:
     return next((f for f in study_families() if f["name"] == name), None)
 
 
-def build(name: str, seed: int, out_dir, work="models/calibration", log=sys.stderr) -> dict:
+def build(name: str, seed: int, out_dir, work="models/calibration", log=sys.stderr, keys="attention") -> dict:
     """A fine-tune of study family `name` the study never saw: the family's base (run.build_base,
     cached in `work` as the study caches it), and OUTSIDE_RECIPE trained with `seed` on the family's
     task into out_dir/NAME_adapter (reused when built with the same recipe and seed). Returns the
@@ -104,7 +106,7 @@ def build(name: str, seed: int, out_dir, work="models/calibration", log=sys.stde
     import json
     import time
 
-    from ..demo.train import ADAPTER, ATTENTION, train_adapter
+    from ..demo.train import ADAPTER, ALL_LINEAR, ATTENTION, train_adapter
     from ..io.atomic import atomic_output_dir, check_writable
     from ..io.modeldir import read_config
     from .grid import family_suite, family_task, keys_for
@@ -115,12 +117,14 @@ def build(name: str, seed: int, out_dir, work="models/calibration", log=sys.stde
         raise QtoolsError(f"{name} is not a study family (qtools.calibrate.grid.study_families)")
     if seed < 0:
         raise QtoolsError(f"seed {seed} is negative: use 0 or more")
+    if keys not in OUTSIDE_KEYS:
+        raise QtoolsError(f"keys {keys!r}: use {' or '.join(OUTSIDE_KEYS)}")
     adapter = Path(out_dir) / f"{name}_adapter"
     check_writable(adapter)
     base = build_base(Path(work), family, log=log)
     cfg = read_config(base)
     recipe = {**OUTSIDE_RECIPE, "seed": seed, "scale": ADAPTER["scale"], "batch_size": ADAPTER["batch_size"],
-              "keys": keys_for(list(ATTENTION), {"arch": cfg.get("model_type")}),
+              "keys": keys_for(list(ATTENTION if keys == "attention" else ALL_LINEAR), {"arch": cfg.get("model_type")}),
               "num_layers": cfg["num_hidden_layers"], "task": family_task(family)}
     if read_json_or_none(adapter / RECIPE_FILE) != recipe or not (adapter / "adapters.safetensors").exists():
         print(f"[outside] training {name} seed {seed}: {recipe}", file=log, flush=True)
@@ -187,17 +191,18 @@ def main(argv: list) -> int:
         if argv[:1] == ["--all"]:  # the table and tally of docs/outside.md
             judged = judge_all(argv[1] if len(argv) > 1 else "logs/outside")
             print("\n".join([HEADER, *map(row, judged), "", tally(judged)]))
-        elif argv[:1] == ["--build"] and len(argv) in (4, 5):  # FAMILY SEED OUT [WORK]: a study family's
+        elif argv[:1] == ["--build"] and len(argv) in (4, 5, 6):  # FAMILY SEED OUT [KEYS [WORK]]: a study family's
             import json
 
-            print(json.dumps(build(argv[1], _seed(argv[2]), argv[3], *argv[4:])))
+            keys = argv[4] if len(argv) > 4 and argv[4] else "attention"
+            print(json.dumps(build(argv[1], _seed(argv[2]), argv[3], *argv[5:], keys=keys)))
         elif argv[:1] == ["--is-study"] and len(argv) == 2:
             return 0 if study_family(argv[1]) else 1
         elif len(argv) == 1:
             print(row(judge(argv[0])))
         else:
             raise QtoolsError("usage: python -m qtools.calibrate.outside LOGS | --all [ROOT] | "
-                              "--build FAMILY SEED OUT [WORK] | --is-study FAMILY")
+                              "--build FAMILY SEED OUT [KEYS [WORK]] | --is-study FAMILY")
     except QtoolsError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 1
