@@ -23,8 +23,10 @@ for pair in $PAIRS; do
   mkdir -p "$logs"
   if "$PY" -m qtools.calibrate.outside --is-study "$fam"; then
     [ -z "${FORCE:-}" ] || rm -rf "$m/${fam}_adapter"
-    "$PY" -m qtools.calibrate.outside --build "$fam" "$seed" "$m" "${keys:-}" > "$logs/outside.build.tmp"
-    mv "$logs/outside.build.tmp" "$logs/outside.build"  # JSON, not *.json: compare reads those; the judge its bar
+    # JSON, not *.json (compare reads those); the judge reads the bar from it; written only whole
+    "$PY" -m qtools.calibrate.outside --build "$fam" "$seed" "$m" "${keys:-}" > "$logs/outside.build.tmp" \
+      || { rm -f "$logs/outside.build.tmp"; exit 1; }
+    mv "$logs/outside.build.tmp" "$logs/outside.build"
     base=$(field "$logs/outside.build" base) adapter=$(field "$logs/outside.build" adapter)
     suite=$(field "$logs/outside.build" suite)
   else

@@ -181,9 +181,8 @@ def monotone_ceiling(results: list, bits_list=BITS, by_family: bool = False) -> 
     the lost one covering it."""
     feats = [(s, a) for s in STATISTICS for a in AGGREGATES]
 
-    def vec(r, b):
-        v = [rule_input(r, b, s, a) for s, a in feats]
-        return [x if _finite(x) or (x is not None and math.isinf(x)) else None for x in v]
+    def vec(r, b):  # NaN as missing: it compares with nothing
+        return [None if x is None or math.isnan(x) else x for x in (rule_input(r, b, s, a) for s, a in feats)]
 
     lost = [(r, b, vec(r, b)) for r in results for b in bits_list if b < bits_rank(truth(r))]
     blocked = []
