@@ -408,3 +408,20 @@ def test_every_one_statistic_bracket_is_judged_held_out_before_any_choosing():
     assert len(per) == 16
     assert per["subspace_snr (weighted)"] == [r["id"] for r in results if r["family"] == "gc"]
     assert per["delta_to_noise (weighted)"] == []
+
+
+def test_where_the_weights_tier_is_optimistic_it_says_what_being_right_would_have_refused():
+    """hard (threshold 8) loses 6 bits with every statistic at 12; a monotone rule refusing that
+    refuses low's threshold 4 (statistics 4, another family) and mate's 5 (5, its own family), not
+    high's 5 (15). hard passes at 5 bits, where its statistics (10) are lower than at 6."""
+    hard = _every_statistic(0, "gx", 8, 2.0)
+    low, high, mate = _every_statistic(1, "ga", 4, 1.0), _every_statistic(2, "gb", 5, 3.0), _every_statistic(3, "gx", 5, 1.0)
+    hard["behaviour"]["5"].update(accuracy=1.0, critical_errors=0)
+    hard["behaviour"]["6"].update(accuracy=1.0, critical_errors=1)
+    results = [hard, low, high, mate]
+    preds = {r["id"]: (r["true_min_bits"], None) for r in results}
+    assert tiers.optimistic_covers(results, preds, 0.8) == []
+    preds[hard["id"]] = (6, None)
+    (c,) = tiers.optimistic_covers(results, preds, 0.8)
+    assert (c["id"], c["truth"], c["lost"], c["covered"], c["covered_other_families"]) == (hard["id"], 8, 6, 2, 1)
+    assert c["lost_behaviour"] == {"accuracy": 1.0, "critical_errors": 1} and c["passes_below"] == [5]

@@ -17,6 +17,7 @@ from .tiers import (
     every_statistic_held_out,
     fake_vs_real,
     monotone_ceiling,
+    optimistic_covers,
     probe_tier,
     scale_inversions,
     truth,
@@ -53,6 +54,7 @@ def analyse(usable: list, excluded: list, min_accuracy: float) -> dict:
         "constant": constant_tier(usable),
         "inversions": scale_inversions(usable),
         "every_statistic": every_statistic_held_out(usable),
+        "optimistic_covers": optimistic_covers(usable, weights["predictions"], min_accuracy),
         # whatever the rule: one for all families (what delta-survival ships), one per family
         "monotone": {"one_rule": monotone_ceiling(usable), "per_family": monotone_ceiling(usable, by_family=True)},
         # the point rule delta-survival printed before the bracket (one bit-width, not a bracket)
@@ -110,7 +112,11 @@ def goals(a: dict) -> list[tuple[str, str, bool]]:
         (f"probe at most {GOAL_PROBE_COST:.0%} of the sweep's time",
          "-" if cost is None else f"median {cost:.1%}, worst {a['probe']['cost']['max']:.1%}",
          cost is not None and a["probe"]["cost"]["max"] <= GOAL_PROBE_COST),
-        ("weights tier, held out: never optimistic", f"{w['optimistic']}/{w['n']} optimistic", w["n"] > 0 and w["optimistic"] == 0),
+        ("weights tier, held out: never optimistic", f"{w['optimistic']}/{w['n']} optimistic"
+         + "".join(f"; {c['id']} loses {c['lost']} bits with every statistic at least as high as {c['covered']} "
+                   f"fine-tunes ({c['covered_other_families']} of other families) show at the threshold they keep "
+                   "(below)" for c in a.get("optimistic_covers", [])),
+         w["n"] > 0 and w["optimistic"] == 0),
         (f"weights tier, held out: at least {GOAL_WEIGHTS_EXACT:.0%} exact, or the measurement that shows what the "
          "weights cannot see", f"{w['exact']}/{w['n']}; no rule monotone in the {m['statistics']} statistics, one per family and "
          f"never optimistic on it, is exact for more than {m['exact']}/{m['n']} (below)",
@@ -163,6 +169,26 @@ def _monotone_text(a: dict) -> list:
             "at least as large with every statistic at least as high.", "",
             tabulate(rows, headers=["family", "weights tier exact (held out)", "at most, any rule for the family",
                                     "e.g. (the first that bounds it)"], tablefmt="github"), ""]
+
+
+def _covers_text(covers: list) -> list:
+    """What never being optimistic where the tier was (optimistic_covers) would have cost."""
+    out = []
+    for c in covers:
+        lb = c["lost_behaviour"]
+        below = ", ".join(str(b) for b in c["passes_below"])
+        out += [f"To be right for {c['id']} (truly {_bits(c['truth'])}), a weights rule must refuse its "
+                f"{c['lost']} bits ({lb['accuracy']:.1%}, {lb['critical_errors']} critical). A rule that keeps a "
+                "bit-width wherever the statistics and the bit-width are at least as high as where it keeps one "
+                f"then refuses every bit-width up to {c['lost']} at which every statistic is at most this one's at "
+                f"{c['lost']} bits. Those include the thresholds of {c['covered']} other fine-tunes "
+                f"({c['covered_other_families']} in the families its held-out bracket was fitted on), at which each "
+                f"of them passes: refusing them makes the bracket pessimistic for all {c['covered']}, and nothing "
+                "those families show calls for it."
+                + (f" It passes, fake-quantized, at {below} bits, where no statistic is higher than at "
+                   f"{c['lost']}: its loss at {c['lost']} is not one the delta's survival orders." if below else ""),
+                ""]
+    return out
 
 
 def _every_statistic_text(per_stat: dict) -> list:
@@ -309,6 +335,7 @@ def write_study_report(usable: list, excluded: list, fams: list, path, min_accur
               + (": " + "; ".join(f"{i} (survives at >= {_bits(p)}, truly {_bits(t)}{_blind(i, inv)})"
                                   for i, p, t in opt) if opt else "")
               + ". The probe of the bracket's check set, which includes its survive end, overrules it.", "",
+              *_covers_text(a.get("optimistic_covers", [])),
               *_every_statistic_text(a["every_statistic"]),
               *_ceiling_text(w.get("ceiling"), a["n"]),
               *_monotone_text(a),

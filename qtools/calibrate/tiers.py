@@ -162,6 +162,14 @@ def weights_ceiling(results: list, bits_list=BITS) -> dict | None:
     return best
 
 
+FEATURES = [(s, a) for s in STATISTICS for a in AGGREGATES]
+
+
+def _vector(r: dict, b) -> list:
+    """r's every statistic x aggregate at b bits, NaN as missing (it compares with nothing)."""
+    return [None if x is None or math.isnan(x) else x for x in (rule_input(r, b, s, a) for s, a in FEATURES)]
+
+
 def _covers(w: list, v: list) -> bool:
     """Every statistic of w at least v's (a NaN or missing one compares with nothing)."""
     return all(x is not None and y is not None and x >= y for x, y in zip(w, v))
@@ -179,11 +187,7 @@ def monotone_ceiling(results: list, bits_list=BITS, by_family: bool = False) -> 
     family and fitted knowing its truths (the most a held-out weights tier can reach).
     Returns n, exact and, per fine-tune it cannot be exact for, the first covered bit-width and
     the lost one covering it."""
-    feats = [(s, a) for s in STATISTICS for a in AGGREGATES]
-
-    def vec(r, b):  # NaN as missing: it compares with nothing
-        return [None if x is None or math.isnan(x) else x for x in (rule_input(r, b, s, a) for s, a in feats)]
-
+    vec = _vector
     lost = [(r, b, vec(r, b)) for r in results for b in bits_list if b < bits_rank(truth(r))]
     blocked = []
     for r in results:
@@ -200,7 +204,7 @@ def monotone_ceiling(results: list, bits_list=BITS, by_family: bool = False) -> 
         fams.setdefault(family(r), {"n": 0, "exact": 0})["n"] += 1
     for f in fams:
         fams[f]["exact"] = fams[f]["n"] - sum(x["family"] == f for x in blocked)
-    return {"n": len(results), "exact": len(results) - len(blocked), "statistics": len(feats), "blocked": blocked,
+    return {"n": len(results), "exact": len(results) - len(blocked), "statistics": len(FEATURES), "blocked": blocked,
             "families": fams}
 
 
@@ -216,6 +220,36 @@ def every_statistic_held_out(results: list, bits_list=BITS) -> dict:
                 opt += [r["id"] for r in test
                         if br is not None and bits_rank(predict_bracket(br, r, bits_list)[0]) < bits_rank(truth(r))]
             out[f"{stat} ({agg})"] = opt
+    return out
+
+
+def optimistic_covers(results: list, predictions: dict, min_accuracy: float, bits_list=BITS) -> list[dict]:
+    """What a held-out weights tier would have had to refuse to be right where it is optimistic
+    (predictions: id -> (a, b)). Being right means refusing the bit-width just below the truth,
+    `lost`; a rule monotone in the statistics and the bit-width that refuses it refuses every
+    bit-width no larger with every statistic at most its values there. Per optimistic fine-tune:
+    the fine-tunes whose own threshold is among those (refusing it: pessimistic there), all and of
+    other families (what its held-out tier was fitted on), and the smaller bit-widths at which it
+    passes all the same (fake-quantized) with every statistic at most its values at `lost`: a loss
+    the delta's survival does not order."""
+    from .measure import passes
+
+    out = []
+    for r in results:
+        a, t = predictions.get(r["id"], (None, None))[0], truth(r)
+        below = [b for b in bits_list if b < bits_rank(t)]
+        if bits_rank(a) >= bits_rank(t) or not below:
+            continue
+        lost = max(below)
+        v = _vector(r, lost)
+        covered = [o for o in results if o is not r and truth(o) is not None and truth(o) <= lost
+                   and _covers(v, _vector(o, truth(o)))]
+        beh = r["real"] if r.get("real") and str(lost) in r["real"] else r["behaviour"]
+        out.append({"id": r["id"], "predicted": a, "truth": t, "lost": lost,
+                    "lost_behaviour": {k: beh[str(lost)][k] for k in ("accuracy", "critical_errors")},
+                    "covered": len(covered), "covered_other_families": sum(family(o) != family(r) for o in covered),
+                    "passes_below": [b for b in below if b < lost and passes(r["behaviour"][str(b)], min_accuracy)
+                                     and _covers(v, _vector(r, b))]})
     return out
 
 
