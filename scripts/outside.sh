@@ -14,6 +14,8 @@ PY=${PY:-.venv/bin/python}
 PAIRS=${PAIRS:-g12:1 g36:1 g24:2}
 SUITE=${SUITE:-suites/demo.jsonl}
 root=${OUTSIDE_MODELS:-models/outside}
+# every pair checked before anything is built or a log directory made
+"$PY" -m qtools.calibrate.outside --check-pairs $PAIRS
 field() { "$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"; }
 for pair in $PAIRS; do
   # FAMILY:SEED, or FAMILY:SEED:all for a study family's recipe on every linear layer
@@ -25,7 +27,7 @@ for pair in $PAIRS; do
     [ -z "${FORCE:-}" ] || rm -rf "$m/${fam}_adapter"
     # JSON, not *.json (compare reads those); the judge reads the bar from it; written only whole
     "$PY" -m qtools.calibrate.outside --build "$fam" "$seed" "$m" "${keys:-}" > "$logs/outside.build.tmp" \
-      || { rm -f "$logs/outside.build.tmp"; exit 1; }
+      || { rm -f "$logs/outside.build.tmp"; rmdir "$logs" 2>/dev/null || true; exit 1; }
     mv "$logs/outside.build.tmp" "$logs/outside.build"
     base=$(field "$logs/outside.build" base) adapter=$(field "$logs/outside.build" adapter)
     suite=$(field "$logs/outside.build" suite)

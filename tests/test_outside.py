@@ -158,3 +158,19 @@ def test_a_float16_model_validate_fails_is_named_as_failing_not_as_below_the_bar
     (d / "f16.json").write_text(json.dumps({**_log(16, "fail", quantized=False), "critical_errors": 1}))
     (d / BUILD_FILE).write_text(json.dumps({"family": "agent-moe-g24", "bar": 0.95}))
     assert "63/64, fails: not judged" in row(judge(d))
+
+
+def test_make_outsides_pairs_are_checked_before_anything_is_built(capsys):
+    """An unknown family names both kinds it could be; a missing or negative seed, or layer keys on a
+    demo-task family or unknown ones, are one error line each; sound pairs of both kinds pass."""
+    from qtools.calibrate import outside
+
+    assert outside.main(["--check-pairs", "g12:1", "agent-moe-g24:8", "agent-moe-g24:11:all", "access-g24:7:attention"]) == 0
+    for pair, says in [("nope:1", "the study's agent-g4"), ("g12", "no seed"), ("g12:-2", "negative"),
+                       ("g12:x", "not a whole number"), ("g12:1:all", "only a study family"),
+                       ("agent-g24:1:most", "only a study family")]:
+        capsys.readouterr()
+        assert outside.main(["--check-pairs", "g12:1", pair]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("Error: ") and says in err[0], (pair, err)
+    assert outside.main(["--check-pairs"]) == 1

@@ -186,6 +186,30 @@ def _seed(text: str) -> int:
         raise QtoolsError(f"seed {text!r} is not a whole number") from None
 
 
+def check_pairs(pairs: list) -> None:
+    """Every FAMILY:SEED[:KEYS] of make outside's PAIRS sound before anything is built: a demo-task
+    family (qtools demo-models --family) or a study family, a seed of 0 or more, KEYS (a study
+    family's only) one of OUTSIDE_KEYS."""
+    from .grid import default_families, study_families
+
+    demo, study = [f["name"] for f in default_families()], [f["name"] for f in study_families()]
+    if not pairs:
+        raise QtoolsError("PAIRS is empty: give FAMILY:SEED pairs, e.g. PAIRS=\"g12:1 agent-moe-g24:8\"")
+    for pair in pairs:
+        fam, _, rest = pair.partition(":")
+        seed, _, keys = rest.partition(":")
+        if fam not in demo and fam not in study:
+            raise QtoolsError(f"{pair}: unknown family {fam!r}; the demo task's families are {', '.join(demo)}, the "
+                              f"study's {', '.join(study)}")
+        if not seed:
+            raise QtoolsError(f"{pair}: no seed: write FAMILY:SEED, e.g. {fam}:1")
+        if _seed(seed) < 0:
+            raise QtoolsError(f"{pair}: seed {seed} is negative: use 0 or more")
+        if keys and (fam not in study or keys not in OUTSIDE_KEYS):
+            raise QtoolsError(f"{pair}: {keys!r} after the seed: only a study family takes one, "
+                              f"{' or '.join(OUTSIDE_KEYS)}")
+
+
 def main(argv: list) -> int:
     try:
         if argv[:1] == ["--all"]:  # the table and tally of docs/outside.md
@@ -196,13 +220,15 @@ def main(argv: list) -> int:
 
             keys = argv[4] if len(argv) > 4 and argv[4] else "attention"
             print(json.dumps(build(argv[1], _seed(argv[2]), argv[3], *argv[5:], keys=keys)))
+        elif argv[:1] == ["--check-pairs"]:  # PAIR...: make outside's PAIRS, before any work
+            check_pairs(argv[1:])
         elif argv[:1] == ["--is-study"] and len(argv) == 2:
             return 0 if study_family(argv[1]) else 1
         elif len(argv) == 1:
             print(row(judge(argv[0])))
         else:
             raise QtoolsError("usage: python -m qtools.calibrate.outside LOGS | --all [ROOT] | "
-                              "--build FAMILY SEED OUT [KEYS [WORK]] | --is-study FAMILY")
+                              "--build FAMILY SEED OUT [KEYS [WORK]] | --is-study FAMILY | --check-pairs PAIR...")
     except QtoolsError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 1
