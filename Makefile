@@ -28,7 +28,7 @@ $(if $(filter $(GROUP),$(VALID_GROUPS)),,$(error GROUP=$(GROUP) is not supported
 
 export FORCE GROUP LOGS
 
-.PHONY: help install test demo fuse quantize validate sweep survival compare bench bench-scale calibrate outside clean
+.PHONY: help install test demo fuse quantize validate sweep survival compare bench bench-scale calibrate calibrate-timing outside clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -58,6 +58,9 @@ outside: $(STAMP) ## Fine-tunes the study never saw (PAIRS="g12:1 g36:1 g24:2": 
 
 calibrate: $(STAMP) ## The study: 6 families x 24 fine-tunes, fake + real quantized truth, weights bracket and probe judged leave-one-family-out (hours; resumable, results kept in calibration/results; FROM_CACHE=1 refits) -> docs/study.md
 	scripts/calibrate.sh
+
+calibrate-timing: $(STAMP) ## The probe's cost against the sweep, each study fine-tune timed alone (resumable, ~1 min each; LIMIT=N stops after N) -> calibration/timing; then make calibrate FROM_CACHE=1
+	.venv/bin/python -m qtools.calibrate.timing $(if $(LIMIT),--limit $(LIMIT))
 
 # A variable's value if given on the command line or in the environment, else $(2):
 # lets quantize/sweep/survival keep their own defaults for OUT and BITS.

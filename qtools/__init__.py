@@ -41,3 +41,16 @@ def versions() -> dict:
         except PackageNotFoundError:
             out[pkg] = None
     return out
+
+
+def script_exit(body) -> int:
+    """The exit status of a `python -m qtools...` entry point running body(): its own (None: 0),
+    or, for a QtoolsError, one `Error: ...` line on stderr and EXIT_ERROR."""
+    import sys
+
+    try:
+        rc = body()
+    except QtoolsError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return rc or 0

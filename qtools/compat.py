@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 from pathlib import Path
 
 
@@ -110,6 +111,11 @@ def _openblas():
     return _OPENBLAS[0]
 
 
+# The most BLAS threads numpy_blas_threads lets one process run: set for each of several workers
+# sharing the machine (calibrate JOBS=2), whose BLAS threads would otherwise wait on each other.
+BLAS_THREADS_ENV = "QTOOLS_BLAS_THREADS"
+
+
 @contextlib.contextmanager
 def numpy_blas_threads(n: int):
     """numpy's OpenBLAS runs `n` threads while active (no-op where numpy has another BLAS or on a
@@ -119,6 +125,9 @@ def numpy_blas_threads(n: int):
     if blas is None:
         yield
         return
+    cap = os.environ.get(BLAS_THREADS_ENV, "")
+    if cap.isdigit() and int(cap) > 0:  # a worker among several on the machine: its share of the cores
+        n = min(n, int(cap))
     set_, get = blas
     old = get()
     if old == n:

@@ -79,6 +79,20 @@ def test_numpy_blas_threads_sets_and_restores_openblas_threads():
     assert get() == before
 
 
+def test_a_worker_among_several_runs_no_more_blas_threads_than_its_share(monkeypatch):
+    """QTOOLS_BLAS_THREADS (calibrate JOBS=2 sets it for each worker) caps what a product asks for."""
+    blas = compat._openblas()
+    if blas is None:
+        return  # no OpenBLAS to cap (the test above checks that this is not Linux)
+    _set, get = blas
+    monkeypatch.setenv(compat.BLAS_THREADS_ENV, "1")
+    with compat.numpy_blas_threads(2):
+        assert get() == 1
+    monkeypatch.setenv(compat.BLAS_THREADS_ENV, "2")
+    with compat.numpy_blas_threads(2):
+        assert get() == 2
+
+
 def test_mlx_blas_is_reference_where_mlx_sums_in_order_without_fma():
     """Where it says so, MLX's float32 matmul is the reference sgemm's in-order sum: numpy adding
     the rank's outer products one by one from zero gives the same bits."""

@@ -355,6 +355,56 @@ def test_the_probes_cost_is_split_into_its_float_answers_and_one_pass_per_precis
     assert tiers.bracket_probe_tier([r], {"predictions": {r["id"]: (6, 4)}})["cost_median"] == 16.0 / 24.0
 
 
+def test_the_probes_cost_timed_alone_is_read_beside_the_studys_own(tmp_path):
+    """A fine-tune timed alone (qtools.calibrate.timing's record): its probe 11 s (1 s loading, 3 s
+    float answers, 7 s scoring: 1 s per precision) against real bit-widths of 3 s and 5 s, 4 s
+    each (24 s a sweep): 11/24; the study's own seconds stay as they were. Records are read back by
+    fine-tune id; a half-written one is not."""
+    from qtools.calibrate import timing
+    from qtools.io.atomic import write_json_atomic
+
+    r = with_probe(family_result(0, "ga", 5, 12.0), 5, {}, real={"5": {"seconds": 3.0}, "4": {"seconds": 5.0}})
+    r["probe"]["by_bits"]["float"] = {"verdict": "pass"}
+    r["probe"]["seconds"] = 44.0
+    rec = {"id": r["id"], "family": "ga", "probe_seconds": 11.0, "probed": 7, "real_seconds": {"4": 3.0, "5": 5.0},
+           "probe_parts": {"load": 1.0, "generate": 3.0, "score": 7.0, "total": 11.0}}
+    write_json_atomic(timing.timing_path(tmp_path, r["id"]), rec)
+    (tmp_path / "ga" / "broken.json").write_text('{"id": "ga/x", "probe_sec')
+    assert timing.read_timings(tmp_path) == {r["id"]: rec}
+    r["timed_alone"] = rec
+    p = tiers.probe_tier([r])
+    assert p["cost"]["median"] == 44.0 / 24.0
+    alone = p["cost_alone"]
+    assert (alone["median"], alone["n"], alone["generate"], alone["score_per_precision"]) == (11.0 / 24.0, 1, 0.75, 0.25)
+    # the check set of bracket (6, 4) is 3 bit-widths: 1 + 3 + 1 x 4 = 8 s
+    assert tiers.bracket_probe_tier([r], {"predictions": {r["id"]: (6, 4)}})["cost_median_alone"] == 8.0 / 24.0
+
+
+def test_timing_takes_the_families_in_turn_and_finds_each_adapter():
+    from pathlib import Path
+
+    from qtools.calibrate import timing
+
+    rs = [{"id": f"{f}/run-it300-x{x}", "family": f} for f in ("b", "a") for x in ("1", "0.75")]
+    assert [r["id"] for r in timing._in_turn(rs)] == ["a/run-it300-x0.75", "b/run-it300-x0.75",
+                                                      "a/run-it300-x1", "b/run-it300-x1"]
+    assert timing._adapter_dir(Path("w"), "agent-g24/r8_attn_lr0.0015_s5_it300-it300-x1.25") == Path(
+        "w/agent-g24/r8_attn_lr0.0015_s5_it300/it0300_x1.25")
+
+
+def test_timing_with_nothing_to_time_or_a_bad_limit_is_one_error_line(tmp_path, capsys):
+    from qtools.calibrate import timing
+
+    assert timing.main(["--limit", "x"]) == 1
+    assert capsys.readouterr().err.startswith("Error: usage: python -m qtools.calibrate.timing")
+    try:
+        timing.retime(results_dir=tmp_path / "results", work=tmp_path, timing_dir=tmp_path / "timing")
+    except timing.QtoolsError as exc:
+        assert "no measured study fine-tunes to time" in str(exc)
+    else:
+        raise AssertionError("an empty results directory timed nothing and said nothing")
+
+
 def test_the_weights_ceiling_is_the_best_bracket_fitted_and_judged_on_the_same_fine_tunes():
     """delta_to_noise follows every family's threshold: fitted on all, it is exact for all; the
     ceiling names it (subspace_snr, the same on every family, cannot be)."""

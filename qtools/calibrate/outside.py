@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .. import QtoolsError
+from .. import QtoolsError, script_exit
 from ..io.atomic import read_json_or_none
 from ..survival.rule import answer_with_probe, smallest_surviving, study_record
 
@@ -210,29 +210,28 @@ def check_pairs(pairs: list) -> None:
                               f"{' or '.join(OUTSIDE_KEYS)}")
 
 
-def main(argv: list) -> int:
-    try:
-        if argv[:1] == ["--all"]:  # the table and tally of docs/outside.md
-            judged = judge_all(argv[1] if len(argv) > 1 else "logs/outside")
-            print("\n".join([HEADER, *map(row, judged), "", tally(judged)]))
-        elif argv[:1] == ["--build"] and len(argv) in (4, 5, 6):  # FAMILY SEED OUT [KEYS [WORK]]: a study family's
-            import json
+def _main(argv: list) -> int | None:
+    if argv[:1] == ["--all"]:  # the table and tally of docs/outside.md
+        judged = judge_all(argv[1] if len(argv) > 1 else "logs/outside")
+        print("\n".join([HEADER, *map(row, judged), "", tally(judged)]))
+    elif argv[:1] == ["--build"] and len(argv) in (4, 5, 6):  # FAMILY SEED OUT [KEYS [WORK]]: a study family's
+        import json
 
-            keys = argv[4] if len(argv) > 4 and argv[4] else "attention"
-            print(json.dumps(build(argv[1], _seed(argv[2]), argv[3], *argv[5:], keys=keys)))
-        elif argv[:1] == ["--check-pairs"]:  # PAIR...: make outside's PAIRS, before any work
-            check_pairs(argv[1:])
-        elif argv[:1] == ["--is-study"] and len(argv) == 2:
-            return 0 if study_family(argv[1]) else 1
-        elif len(argv) == 1:
-            print(row(judge(argv[0])))
-        else:
-            raise QtoolsError("usage: python -m qtools.calibrate.outside LOGS | --all [ROOT] | "
-                              "--build FAMILY SEED OUT [KEYS [WORK]] | --is-study FAMILY | --check-pairs PAIR...")
-    except QtoolsError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        keys = argv[4] if len(argv) > 4 and argv[4] else "attention"
+        print(json.dumps(build(argv[1], _seed(argv[2]), argv[3], *argv[5:], keys=keys)))
+    elif argv[:1] == ["--check-pairs"]:  # PAIR...: make outside's PAIRS, before any work
+        check_pairs(argv[1:])
+    elif argv[:1] == ["--is-study"] and len(argv) == 2:
+        return 0 if study_family(argv[1]) else 1
+    elif len(argv) == 1:
+        print(row(judge(argv[0])))
+    else:
+        raise QtoolsError("usage: python -m qtools.calibrate.outside LOGS | --all [ROOT] | "
+                          "--build FAMILY SEED OUT [KEYS [WORK]] | --is-study FAMILY | --check-pairs PAIR...")
+
+
+def main(argv: list) -> int:
+    return script_exit(lambda: _main(argv))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ default families are the demo's; `select_families(task="agent")` (`qtools calibr
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -99,8 +100,20 @@ def run_grid(suite_path, work_dir, families=None, grid=None, bits_list=BITS, gro
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-            chunks = list(pool.map(_run_one, args))
+        from ..compat import BLAS_THREADS_ENV
+
+        # each worker's BLAS on its share of the cores (the spawned workers inherit the variable):
+        # two workers each on every core made the study's probe timings several times too long
+        old = os.environ.get(BLAS_THREADS_ENV)
+        os.environ[BLAS_THREADS_ENV] = str(max(1, (os.cpu_count() or 1) // jobs))
+        try:
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+                chunks = list(pool.map(_run_one, args))
+        finally:
+            if old is None:
+                os.environ.pop(BLAS_THREADS_ENV, None)
+            else:
+                os.environ[BLAS_THREADS_ENV] = old
     else:
         chunks = [_run_one(a) for a in args]
     return [r for chunk in chunks for r in chunk]
@@ -401,7 +414,7 @@ def calibrate(suite_path, rule_file, work_dir="models/calibration", docs_dir="do
     suites = {family_task(f): str(family_suite(f, work_dir, suite_path)) for f in fams}
     if study:
         return _study_outputs(usable, excluded, fams, docs, rule_file, min_accuracy, suites, len(results),
-                              Path(results_dir).parent / STUDY_RULE)
+                              Path(results_dir).parent / STUDY_RULE, Path(results_dir).parent / "timing")
     s = study(usable, min_accuracy)
     write_report(usable, s, docs / "calibration.md", docs / "calibration.png", min_accuracy, excluded, fams,
                  suites=suites)
@@ -423,14 +436,20 @@ def fitted_on(rule_file) -> int:
         return 0
 
 
-def _study_outputs(usable, excluded, fams, docs: Path, rule_file, min_accuracy, suites, n, study_rule: Path) -> dict:
+def _study_outputs(usable, excluded, fams, docs: Path, rule_file, min_accuracy, suites, n, study_rule: Path,
+                   timing_dir: Path) -> dict:
     """The study's report (study_report) and rule file: the point rule fitted on the real
-    thresholds, and the bracket delta-survival reports; provisional unless every goal is met."""
+    thresholds, and the bracket delta-survival reports; provisional unless every goal is met.
+    timing_dir: the fine-tunes timed alone (qtools.calibrate.timing), for the probe's cost."""
     from dataclasses import replace
 
     from .fit import constant_guess, fit
     from .study_report import write_study_report
     from .tiers import truth
+    from .timing import read_timings
+
+    timed = read_timings(timing_dir)
+    usable = [{**r, "timed_alone": timed[r["id"]]} if r["id"] in timed else r for r in usable]
 
     a = write_study_report(usable, excluded, fams, docs / "study.md", min_accuracy, suites)
     rule, train = fit([{**r, "true_min_bits": truth(r)} for r in usable])

@@ -327,23 +327,46 @@ def probe_tier(results: list, bits_list=BITS) -> dict:
             preds[r["id"]] = p
         pairs += fold
         rows.append({"family": name, "margin": m, **score_predictions(fold, bits_list)})
-    ratios, per_precision, generate = [], [], []
-    for r in res:
-        one = _one_bit_width_seconds(r)
-        if one:
-            ratios.append(r["probe"]["seconds"] / (one * len(bits_list)))
-            parts = r["probe"].get("seconds_parts") or {}
-            if "score" in parts and "generate" in parts:  # the float model and each bit-width: one copy each
-                per_precision.append(parts["score"] / len(r["probe"]["by_bits"]) / one)
-                generate.append(parts["generate"] / one)
     return {"n": len(res), "errors": len(results) - len(res) - sum(1 for r in results if not r.get("probe")),
             "raw": raw, "held_out": score_predictions(pairs, bits_list), "folds": rows, "predictions": preds,
             "margin": fit_margin(res, bits_list),
-            "cost": {"median": _median(ratios),
-                     "max": max(ratios) if ratios else None, "n": len(ratios),
-                     # in units of one bit-width's quantize + validate: what one precision's
-                     # teacher-forced pass costs, and the float model's own answers
-                     "score_per_precision": _median(per_precision), "generate": _median(generate)}}
+            "cost": _probe_cost(res, bits_list, alone=False), "cost_alone": _probe_cost(res, bits_list, alone=True)}
+
+
+def _probe_cost(res: list, bits_list, alone: bool) -> dict:
+    """The probe of every bit-width against the sweep (every bit-width quantized and validated, from
+    the real models' mean seconds) on the same fine-tune: as the study measured both (two fine-tunes
+    at a time), or timed alone (r["timed_alone"], qtools.calibrate.timing) where it was."""
+    ratios, per_precision, generate = [], [], []
+    for r in res:
+        sec = _seconds(r, alone)
+        if sec is None:
+            continue
+        total, parts, probed, one = sec
+        ratios.append(total / (one * len(bits_list)))
+        if "score" in parts and "generate" in parts:  # the float model and each bit-width: one copy each
+            per_precision.append(parts["score"] / probed / one)
+            generate.append(parts["generate"] / one)
+    return {"median": _median(ratios), "min": min(ratios) if ratios else None,
+            "max": max(ratios) if ratios else None, "n": len(ratios),
+            # in units of one bit-width's quantize + validate: what one precision's
+            # teacher-forced pass costs, and the float model's own answers
+            "score_per_precision": _median(per_precision), "generate": _median(generate)}
+
+
+def _seconds(r: dict, alone: bool):
+    """(the probe's seconds, their parts, how many precisions it ran, one real bit-width's mean
+    seconds) as the study measured them, or as timed alone; None where not measured so."""
+    if alone:
+        t = r.get("timed_alone")
+        if not t:
+            return None
+        real = list(t["real_seconds"].values())
+        return t["probe_seconds"], t.get("probe_parts") or {}, t["probed"], sum(real) / len(real)
+    one = _one_bit_width_seconds(r)
+    if not one:
+        return None
+    return r["probe"]["seconds"], r["probe"].get("seconds_parts") or {}, len(r["probe"]["by_bits"]), one
 
 
 def _median(xs: list):
@@ -362,20 +385,21 @@ def bracket_probe_tier(results: list, weights: dict, bits_list=BITS) -> dict:
     held-out predictions, weights_tier's) with the probe's verdicts on its check set alone
     (rule.answer_with_probe), scored against the truth; and the mean size of the check set beside
     the probe of every bit-width."""
-    pairs, checked, cost = [], 0, []
+    pairs, checked, cost = [], 0, {False: [], True: []}
     for r in _probed(results):
         a, b = weights["predictions"][r["id"]]
         check = check_set(bits_list, a, b)
         checked += len(check)
         pairs.append((answer_with_probe(bits_list, a, check, lambda x, r=r: probe_keeps(r, x, None)), truth(r)))
-        parts, one = r["probe"].get("seconds_parts") or {}, _one_bit_width_seconds(r)
-        if one and "score" in parts:  # its scoring pass is one copy of the batch per precision
-            probed = len(r["probe"]["by_bits"])
-            cost.append((parts["total"] - parts["score"] + parts["score"] * (1 + len(check)) / probed)
-                        / (one * len(bits_list)))
+        for alone in cost:
+            sec = _seconds(r, alone)
+            if sec is not None and "score" in sec[1]:  # its scoring pass is one copy of the batch per precision
+                _total, parts, probed, one = sec
+                cost[alone].append((parts["total"] - parts["score"] + parts["score"] * (1 + len(check)) / probed)
+                                   / (one * len(bits_list)))
     out = score_predictions(pairs, bits_list)
     return {**out, "mean_check": checked / len(pairs) if pairs else 0.0, "bits": len(bits_list),
-            "cost_median": _median(cost)}
+            "cost_median": _median(cost[False]), "cost_median_alone": _median(cost[True])}
 
 
 # ----------------------------------------------------------------------------- the study
