@@ -103,7 +103,7 @@ def run_grid(suite_path, work_dir, families=None, grid=None, bits_list=BITS, gro
         from ..compat import BLAS_THREADS_ENV
 
         # each worker's BLAS on its share of the cores (the spawned workers inherit the variable):
-        # two workers each on every core made the study's probe timings several times too long
+        # two probes at once, each on both cores, took 36 s each; on one core each, 18 s
         old = os.environ.get(BLAS_THREADS_ENV)
         os.environ[BLAS_THREADS_ENV] = str(max(1, (os.cpu_count() or 1) // jobs))
         try:
@@ -234,7 +234,7 @@ def _run_one(args) -> list[dict]:
         cached = adapter / "result.json" if results_dir is None else results_dir / f"{ft_id}.json.gz"
         res = _cached(cached, ft_id, log)
         if res is not None:
-            res = _refreshed(res, bits_list, min_accuracy, opts["bar"])
+            res = refreshed(res, bits_list, min_accuracy, opts["bar"])
             if not (opts["truth"] and res["usable"] and "probe" not in res):
                 results.append(res)
                 continue
@@ -294,7 +294,7 @@ def _run_one(args) -> list[dict]:
     return results
 
 
-def _refreshed(res: dict, bits_list, min_accuracy, bar) -> dict:
+def refreshed(res: dict, bits_list, min_accuracy, bar) -> dict:
     """A cached result with what the current code derives from it: statistics re-pooled, verdicts
     under the current min_accuracy and bar."""
     from ..survival.analyze import reaggregate
@@ -328,12 +328,12 @@ def _run_ids(family: str, run: dict) -> list[str]:
 
 
 def _stored_results(results_dir: Path, family: str, run: dict, bits_list, min_accuracy, bar, log) -> list[dict]:
-    """The run's fine-tunes found in results_dir, refreshed (_refreshed)."""
+    """The run's fine-tunes found in results_dir, refreshed (refreshed)."""
     out = []
     for ft_id in _run_ids(family, run):
         res = _cached(results_dir / f"{ft_id}.json.gz", ft_id, log)
         if res is not None:
-            out.append(_refreshed(res, bits_list, min_accuracy, bar))
+            out.append(refreshed(res, bits_list, min_accuracy, bar))
     return out
 
 

@@ -154,9 +154,9 @@ def _cost_text(p: dict, bp: dict) -> list:
     if study["median"] is not None:
         lines += [f"As the study measured both, two fine-tunes at a time on this 2-core machine: median "
                   f"{study['median']:.1%}, worst {study['max']:.1%} ({study['n']} fine-tunes). "
-                  + ("The probe's scoring pass multiplies with numpy's BLAS on every core, so beside another job the "
-                     "cores were oversubscribed and its seconds say as much about the neighbour as about the probe; "
-                     "the times above, taken alone, are the ones to read." if alone["n"] else
+                  + ("The probe's streamed model multiplies with numpy's BLAS on every core (its float answers and its "
+                     "scoring pass), so beside another job the cores were oversubscribed and its seconds say as much "
+                     "about the neighbour as about the probe; the times above, taken alone, are the ones to read." if alone["n"] else
                      "" if study["score_per_precision"] is None else _parts_text(study, bp["cost_median"])), ""]
     return lines
 

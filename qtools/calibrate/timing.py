@@ -68,14 +68,14 @@ def retime(results_dir=None, work=WORK_DIR, timing_dir=TIMING_DIR, limit: int | 
     from ..pipeline.fuse import fuse
     from ..pipeline.scoring import DEFAULT_MIN_ACCURACY as MIN_ACCURACY
     from .grid import BITS, STUDY_BAR, family_suite, study_families
-    from .run import _refreshed
+    from .run import refreshed
     from .truth import probe_prediction, real_behaviour
 
     fams = {f["name"]: f for f in study_families()}
     results = []
     for p in sorted(Path(results_dir).glob("*/*.json.gz")):
         with gzip.open(p, "rt") as fh:
-            r = _refreshed(json.load(fh), BITS, MIN_ACCURACY, STUDY_BAR)
+            r = refreshed(json.load(fh), BITS, MIN_ACCURACY, STUDY_BAR)
         if r.get("usable") and r.get("real"):
             results.append(r)
     if not results:
