@@ -234,6 +234,17 @@ def test_the_study_refits_from_its_results_byte_for_byte(tmp_path):
     assert res["study"]["n"] == k and res["fine_tunes"] == k
     rule = json.loads(outs[0][1])
     assert rule["provisional"] and rule["bracket"]["statistic"] and rule["study"]["weights_held_out"]["n"] == k
+    # a fine-tune timed alone (make calibrate-timing, beside the results): the cost goal reads it
+    from qtools.calibrate import timing
+
+    write_json_atomic(timing.timing_path(tmp_path / "timing", ft), {
+        "id": ft, "family": fams[-1], "probe_seconds": 6.0, "probed": 7, "real_seconds": {str(t): 10.0},
+        "probe_parts": {"load": 0.0, "generate": 1.0, "score": 5.0, "total": 6.0}})
+    res = run.calibrate(suite, rule_file := tmp_path / "rule2.json", tmp_path / "work", docs, families=fams,
+                        study=True, from_cache=True, results_dir=results_dir, log=io.StringIO())
+    assert res["study"]["probe"]["cost_alone"]["n"] == 1 and rule_file.exists()
+    text = (docs / "study.md").read_text()
+    assert f"median 10.0%, worst 10.0% (timed alone, 1 of {k} fine-tunes; 50.0% as measured two at a time)" in text
 
 
 def test_a_gap_between_kept_and_lost_values_is_left_to_the_probe():
