@@ -403,11 +403,15 @@ def test_timing_takes_the_families_in_turn_and_finds_each_adapter():
         "w/agent-g24/r8_attn_lr0.0015_s5_it300/it0300_x1.25")
 
 
-def test_timing_with_nothing_to_time_or_a_bad_limit_is_one_error_line(tmp_path, capsys):
+def test_timing_with_nothing_to_time_or_a_bad_limit_is_one_error_line(tmp_path, capsys, monkeypatch):
     from qtools.calibrate import timing
 
     assert timing.main(["--limit", "x"]) == 1
     assert capsys.readouterr().err.startswith("Error: usage: python -m qtools.calibrate.timing")
+    monkeypatch.setattr(run, "STUDY_RESULTS", tmp_path / "nothing")  # the default: the study's results
+    assert timing.main(["--limit", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"Error: {tmp_path / 'nothing'}: no measured study fine-tunes to time (make calibrate writes them)"]
     try:
         timing.retime(results_dir=tmp_path / "results", work=tmp_path, timing_dir=tmp_path / "timing")
     except timing.QtoolsError as exc:

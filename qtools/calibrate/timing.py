@@ -64,13 +64,15 @@ def _in_turn(results: list) -> list:
 
 def retime(results_dir=None, work=WORK_DIR, timing_dir=TIMING_DIR, limit: int | None = None,
            log=sys.stderr) -> int:
-    """Time every usable study fine-tune not timed yet (at most `limit`); returns how many it timed."""
+    """Time every usable study fine-tune of results_dir (the study's: run.STUDY_RESULTS) not timed
+    yet (at most `limit`); returns how many it timed."""
     from ..pipeline.fuse import fuse
     from ..pipeline.scoring import DEFAULT_MIN_ACCURACY as MIN_ACCURACY
     from .grid import BITS, STUDY_BAR, family_suite, study_families
-    from .run import refreshed
+    from .run import STUDY_RESULTS, refreshed
     from .truth import probe_prediction, real_behaviour
 
+    results_dir = STUDY_RESULTS if results_dir is None else results_dir
     fams = {f["name"]: f for f in study_families()}
     results = []
     for p in sorted(Path(results_dir).glob("*/*.json.gz")):
@@ -80,14 +82,14 @@ def retime(results_dir=None, work=WORK_DIR, timing_dir=TIMING_DIR, limit: int | 
             results.append(r)
     if not results:
         raise QtoolsError(f"{results_dir}: no measured study fine-tunes to time (make calibrate writes them)")
-    work, done = Path(work), 0
+    work, done, missing = Path(work), 0, []
     for r in _in_turn(results):
         out = timing_path(timing_dir, r["id"])
         if out.exists() or (limit is not None and done >= limit):
             continue
         adapter, base = _adapter_dir(work, r["id"]), work / "bases" / r["family"]
         if not (adapter / "adapters.safetensors").exists() or not (base / "config.json").exists():
-            print(f"[timing] {r['id']}: no adapter or base under {work}; skipped", file=log, flush=True)
+            missing.append(r["id"])
             continue
         suite = family_suite(fams[r["family"]], work)
         scratch = work / "timing_scratch"
@@ -115,6 +117,9 @@ def retime(results_dir=None, work=WORK_DIR, timing_dir=TIMING_DIR, limit: int | 
         print(f"[timing] {r['id']}: probe {rec['probe_seconds']:.1f} s, one bit-width {one:.1f} s "
               f"({rec['probe_seconds'] / (one * len(BITS)):.0%} of a {len(BITS)}-bit-width sweep)"
               + ("" if rec["same_verdicts"] else "; verdicts differ from the study's"), file=log, flush=True)
+    if missing:
+        print(f"[timing] {len(missing)} fine-tunes have no adapter or base under {work} (e.g. {missing[0]}): "
+              "not timed (their adapters are not kept here)", file=log, flush=True)
     return done
 
 
