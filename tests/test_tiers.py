@@ -490,3 +490,17 @@ def test_where_the_weights_tier_is_optimistic_it_says_what_being_right_would_hav
     (c,) = tiers.optimistic_covers(results, preds, 0.8)
     assert (c["id"], c["truth"], c["lost"], c["covered"], c["covered_other_families"]) == (hard["id"], 8, 6, 2, 1)
     assert c["lost_behaviour"] == {"accuracy": 1.0, "critical_errors": 1} and c["passes_below"] == [5]
+
+
+def test_the_survive_end_moved_up_is_never_optimistic_at_a_price():
+    """raised moves a up the supported bit-widths (past the largest: none settled) and leaves b.
+    Held out on three families whose thresholds move with them, the inner folds (fitted on one
+    family, judged on the other) are optimistic, so every fold moves its survive end up: never
+    optimistic, at the price of the exactness and the width the tier alone has there."""
+    assert tiers.raised((5, 3), 1) == (6, 3) and tiers.raised((6, 3), 1) == (8, 3)
+    assert tiers.raised((8, 3), 1) == (None, 3) and tiers.raised((None, 4), 2) == (None, 4)
+    assert tiers.raised((5, 3), 0) == (5, 3)
+    results = moving_families()
+    m, w = tiers.margin_held_out(results), tiers.weights_tier(results)["held_out"]
+    assert m["n"] == len(results) and m["optimistic"] == 0 and min(m["margins"].values()) >= 1
+    assert m["exact"] < w["exact"] and m["mean_between"] > w["mean_between"]

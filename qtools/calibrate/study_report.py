@@ -16,6 +16,7 @@ from .tiers import (
     constant_tier,
     every_statistic_held_out,
     fake_vs_real,
+    margin_held_out,
     monotone_ceiling,
     optimistic_covers,
     probe_tier,
@@ -55,6 +56,7 @@ def analyse(usable: list, excluded: list, min_accuracy: float) -> dict:
         "inversions": scale_inversions(usable),
         "every_statistic": every_statistic_held_out(usable),
         "optimistic_covers": optimistic_covers(usable, weights["predictions"], min_accuracy),
+        "margin": margin_held_out(usable),
         # whatever the rule: one for all families (what delta-survival ships), one per family
         "monotone": {"one_rule": monotone_ceiling(usable), "per_family": monotone_ceiling(usable, by_family=True)},
         # the point rule delta-survival printed before the bracket (one bit-width, not a bracket)
@@ -118,7 +120,10 @@ def goals(a: dict) -> list[tuple[str, str, bool]]:
         ("weights tier, held out: never optimistic", f"{w['optimistic']}/{w['n']} optimistic"
          + "".join(f"; {c['id']} loses {c['lost']} bits with every statistic at least as high as {c['covered']} "
                    f"fine-tunes ({c['covered_other_families']} of other families) show at the threshold they keep "
-                   "(below)" for c in a.get("optimistic_covers", [])),
+                   "(below)" for c in a.get("optimistic_covers", []))
+         + (f"; its survive end moved up until never optimistic without the held-out family: "
+            f"{a['margin']['optimistic']} optimistic, {a['margin']['mean_between']:.2f} between (below)"
+            if a.get("margin") else ""),
          w["n"] > 0 and w["optimistic"] == 0),
         (f"weights tier, held out: at least {GOAL_WEIGHTS_EXACT:.0%} exact, or the measurement that shows what the "
          "weights cannot see", f"{w['exact']}/{w['n']}; no rule monotone in the {m['statistics']} statistics, one per family and "
@@ -222,6 +227,19 @@ def _covers_text(covers: list) -> list:
                    f"{c['lost']}: its loss at {c['lost']} is not one the delta's survival orders." if below else ""),
                 ""]
     return out
+
+
+def _margin_text(m: dict | None) -> list:
+    """The bracket made never optimistic held out (margin_held_out), and what it costs."""
+    if not m:
+        return []
+    ms = ", ".join(f"{f} {k}" for f, k in m["margins"].items())
+    return [f"Never optimistic, at a price: with its survive end moved up as many bit-widths as it takes to be never "
+            "optimistic on the training families' own held-out answers (chosen without the held-out family; per "
+            f"held-out family: {ms}), the bracket held out is optimistic for {m['optimistic']}/{m['n']}, exact for "
+            f"{m['exact']}, and leaves {m['mean_between']:.2f} bit-widths between (the probe runs "
+            f"{m['mean_check']:.2f} of {len(BITS)}), against the goal of {GOAL_WEIGHTS_BETWEEN:g}. Never optimistic and "
+            f"at most {GOAL_WEIGHTS_BETWEEN:g} between are not both reached by either bracket.", ""]
 
 
 def _every_statistic_text(per_stat: dict) -> list:
@@ -356,6 +374,7 @@ def write_study_report(usable: list, excluded: list, fams: list, path, min_accur
                                   for i, p, t in opt) if opt else "")
               + ". The probe of the bracket's check set, which includes its survive end, overrules it.", "",
               *_covers_text(a.get("optimistic_covers", [])),
+              *_margin_text(a.get("margin")),
               *_every_statistic_text(a["every_statistic"]),
               *_ceiling_text(w.get("ceiling"), a["n"]),
               *_monotone_text(a),

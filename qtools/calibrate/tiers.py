@@ -269,6 +269,37 @@ def weights_tier(results: list, bits_list=BITS) -> dict:
             "bracket": final.to_dict() if final else None, "ceiling": weights_ceiling(results, bits_list)}
 
 
+def raised(pred: tuple, m: int, bits_list=BITS) -> tuple:
+    """A bracket's answer (a, b) with its survive end a moved up m supported bit-widths (past the
+    largest: none settled as kept); b as it was."""
+    a, b = pred
+    ranked = sorted(bits_list)
+    if m == 0 or a is None:
+        return a, b
+    i = ranked.index(a) + m
+    return (ranked[i] if i < len(ranked) else None), b
+
+
+def margin_held_out(results: list, bits_list=BITS) -> dict:
+    """What never being optimistic costs the bracket held out: in each fold its survive end moved up
+    m bit-widths, m the smallest that makes the training families' own held-out answers (each held
+    out in turn, choose_bracket refitted without it) never optimistic; judged on the held-out family.
+    Returns judge_brackets' scores and each fold's m."""
+    pairs, margins = [], {}
+    for name, train, test in folds(results):
+        br = choose_bracket(train, bits_list)
+        inner = []
+        for _, rest, held in folds(train):
+            ib = choose_bracket(rest, bits_list)
+            inner += [((None, None) if ib is None else predict_bracket(ib, r, bits_list), truth(r)) for r in held]
+        m = next(m for m in range(len(bits_list) + 1)
+                 if judge_brackets([(raised(p, m, bits_list), t) for p, t in inner], bits_list)["optimistic"] == 0)
+        margins[name] = m
+        pairs += [(raised((None, None) if br is None else predict_bracket(br, r, bits_list), m, bits_list), truth(r))
+                  for r in test]
+    return {**judge_brackets(pairs, bits_list), "margins": margins}
+
+
 # ----------------------------------------------------------------------------- probe tier
 
 def probe_keeps(r: dict, b, margin: float | None) -> bool:
