@@ -339,6 +339,34 @@ def test_reference_answers_are_teacher_forced(fam, tmp_path):
     assert r.exit_code == 1 and r.output.startswith("Error: ") and "not the same model family" in r.output
 
 
+def test_a_validate_logs_answers_are_read_not_generated_again(fam, tmp_path):
+    """--reference LOG (qtools validate of the reference model on the same suite, one case at a time
+    or batched): the answers it kept are teacher-forced, the same report as --reference MODEL gives.
+    A log of another suite or generation limit, or one without the answers, is one error line."""
+    d, model, suite = fam
+    by_model = json.loads(run(model, "--suite", suite, "--bits", 4, "--reference", d / "q4", "--json").stdout)
+    for flags in ([], ["--batch"]):
+        log = tmp_path / f"q4{''.join(flags)}.json"
+        v = CliRunner().invoke(cli, ["validate", str(d / "q4"), "--suite", str(suite), "--output", str(log), *flags])
+        assert v.exit_code in (0, 3), v.output
+        r = run(model, "--suite", suite, "--bits", 4, "--reference", log, "--json")
+        assert r.exit_code == 0, r.output
+        by_log = json.loads(r.stdout)
+        assert by_log["answers"].startswith("the greedy answers kept in the validate log")
+        assert by_log["by_bits"] == by_model["by_bits"] and by_log["cases"] == by_model["cases"], flags
+    other = write_suite(tmp_path / "other.jsonl", CASES[:-1])
+    r = run(model, "--suite", other, "--bits", 4, "--reference", log)
+    assert r.exit_code == 1 and r.output.startswith("Error: ") and "another suite" in r.output
+    r = run(model, "--suite", suite, "--bits", 4, "--reference", log, "--max-tokens", 3)
+    assert r.exit_code == 1 and "give the same --max-tokens" in r.output
+    d2 = json.loads(log.read_text())
+    for c in d2["cases"]:
+        c.pop("answer_tokens", None)
+    log.write_text(json.dumps(d2))
+    r = run(model, "--suite", suite, "--bits", 4, "--reference", log)
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "keeps no answer tokens" in r.output
+
+
 def test_probe_from_base_and_adapter_equals_the_probe_of_the_fused_model(tmp_path):
     """`qtools probe --base B --adapter A` fuses every pass on the fly: the same report as on the
     model `qtools fuse` writes, with no fused model on disk (a dense model and a Hub MoE)."""

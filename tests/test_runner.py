@@ -130,3 +130,27 @@ def test_numpy_experts_compute_what_gather_mm_computes(case, monkeypatch):
     a, b = np.array(want.astype(mx.float32)), np.array(got.astype(mx.float32))
     assert np.all(np.abs(a - b) <= np.spacing(np.abs(a).astype(np.float16)).astype(np.float32) + 1e-4)
     assert (a == b).mean() > 0.95
+
+
+def test_validates_answers_keep_their_token_ids_as_batch_generate_and_stream_generate_give_them(base):
+    """batch_texts gives batch_generate's texts and counts, with the ids that end in the stop token
+    where one stopped them; generate_one's ids are greedy_tokens' (what the probe teacher-forces)."""
+    from mlx_lm import batch_generate
+
+    from qtools.io.suite import load_suite
+    from qtools.pipeline import runner
+    from qtools.pipeline.scoring import build_prompt
+
+    net, tok, _config, _s = runner.load_model(base)
+    suite = load_suite("suites/demo.jsonl")
+    prompts = [build_prompt(tok, c, suite) for c in suite.cases[:6]]
+    limits = [3, 8, 8, 16, 16, 16]
+    texts, counts, ids = runner.batch_texts(net, tok, prompts, limits)
+    ref = batch_generate(net, tok, prompts, max_tokens=limits, return_token_ids=True)
+    assert texts == list(ref.texts) and counts == [len(x) for x in ref.token_ids]
+    stops = set(tok.eos_token_ids)
+    for got, want, limit in zip(ids, ref.token_ids, limits):
+        assert got[:len(want)] == list(want) and len(got) - len(want) in (0, 1)
+        assert len(got) == len(want) or (got[-1] in stops and len(got) <= limit)
+    text, n, _secs, one = runner.generate_one(net, tok, prompts[3], limits[3])
+    assert one == runner.greedy_tokens(net, tok, prompts[3], limits[3]) and len(one) >= n

@@ -387,6 +387,7 @@ def test_the_probes_cost_timed_alone_is_read_beside_the_studys_own(tmp_path):
     assert p["cost"]["median"] == 44.0 / 24.0
     alone = p["cost_alone"]
     assert (alone["median"], alone["n"], alone["generate"], alone["score_per_precision"]) == (11.0 / 24.0, 1, 0.75, 0.25)
+    assert alone["median_answers_read"] == 8.0 / 24.0  # the float answers read from a validate log
     # the check set of bracket (6, 4) is 3 bit-widths: 1 + 3 + 1 x 4 = 8 s
     assert tiers.bracket_probe_tier([r], {"predictions": {r["id"]: (6, 4)}})["cost_median_alone"] == 8.0 / 24.0
 

@@ -4,7 +4,6 @@ an uninterrupted run writes."""
 
 import json
 import shutil
-from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -59,9 +58,7 @@ class FakeGeneration:
         self.calls, self.batched, self.stop, self.check = [], [], stop, check
         monkeypatch.setattr(V, "build_prompt", lambda tok, case, suite: case.id)
         monkeypatch.setattr(V, "generate_one", self.one)
-        import mlx_lm
-
-        monkeypatch.setattr(mlx_lm, "batch_generate", self.batch)
+        monkeypatch.setattr(V, "batch_texts", self.batch)
 
     def one(self, net, tok, prompt, max_tokens):
         if self.check:
@@ -71,11 +68,11 @@ class FakeGeneration:
         self.calls.append(prompt)
         return ANSWERS[prompt], 3, SECONDS[prompt]
 
-    def batch(self, net, tok, prompts, max_tokens, return_token_ids=True):
+    def batch(self, net, tok, prompts, max_tokens):
         if self.stop is not None and len(self.calls) >= self.stop:
             raise KeyboardInterrupt
         self.batched += list(prompts)
-        return SimpleNamespace(texts=[ANSWERS[p] for p in prompts], token_ids=[[1, 2, 3] for _ in prompts])
+        return [ANSWERS[p] for p in prompts], [3] * len(prompts), [[1, 2, 3] for _ in prompts]
 
 
 def partial_of(log):

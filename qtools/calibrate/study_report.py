@@ -141,8 +141,10 @@ def _parts_text(cost: dict, check_median) -> str:
             f"answers {cost['generate']:.2f}, each precision's teacher-forced pass {cost['score_per_precision']:.2f}. "
             "On these tiny models on a CPU a pass over the suite costs about what generating its answers does (no "
             f"memory-bound decoding to save), so the float answers alone are {cost['generate'] / len(BITS):.0%} of a "
-            f"{len(BITS)}-bit-width sweep. The probe of the bracket's check set alone, estimated from the same parts: "
-            f"median {check_median:.0%} of the sweep.")
+            f"{len(BITS)}-bit-width sweep; read from the float model's validate log instead (`qtools probe "
+            f"--reference LOG`: the float16 model is validated before anything is quantized), the probe is median "
+            f"{cost['median_answers_read']:.0%}. The probe of the bracket's check set alone, estimated from the same "
+            f"parts: median {check_median:.0%} of the sweep.")
 
 
 def _cost_text(p: dict, bp: dict) -> list:

@@ -368,7 +368,7 @@ def _probe_cost(res: list, bits_list, alone: bool) -> dict:
     """The probe of every bit-width against the sweep (every bit-width quantized and validated, from
     the real models' mean seconds) on the same fine-tune: as the study measured both (two fine-tunes
     at a time), or timed alone (r["timed_alone"], qtools.calibrate.timing) where it was."""
-    ratios, per_precision, generate = [], [], []
+    ratios, per_precision, generate, read = [], [], [], []
     for r in res:
         sec = _seconds(r, alone)
         if sec is None:
@@ -378,8 +378,10 @@ def _probe_cost(res: list, bits_list, alone: bool) -> dict:
         if "score" in parts and "generate" in parts:  # the float model and each bit-width: one copy each
             per_precision.append(parts["score"] / probed / one)
             generate.append(parts["generate"] / one)
+            # the float answers read from the float model's validate log (probe --reference LOG)
+            read.append((total - parts["generate"]) / (one * len(bits_list)))
     return {"median": _median(ratios), "min": min(ratios) if ratios else None,
-            "max": max(ratios) if ratios else None, "n": len(ratios),
+            "max": max(ratios) if ratios else None, "n": len(ratios), "median_answers_read": _median(read),
             # in units of one bit-width's quantize + validate: what one precision's
             # teacher-forced pass costs, and the float model's own answers
             "score_per_precision": _median(per_precision), "generate": _median(generate)}

@@ -26,7 +26,8 @@ from .options import Number, Supported, ValuesOption
 @click.option("--reference", type=click.Path(), default=None,
               help="Teacher-force the greedy answers of this model (loaded whole, same tokenizer), e.g. the "
                    "8-bit model, instead of generating the float model's own layer by layer (one read of "
-                   "the float model per generated token).")
+                   "the float model per generated token); or of a qtools validate log of such a model on the "
+                   "same suite: its answers are read, not generated again.")
 @click.option("--base", type=click.Path(), default=None,
               help="Without MODEL: the base the --adapter is fused into on the fly, pass by pass (no fused model "
                    "on disk; each pass over the weights costs a streamed fuse).")

@@ -263,21 +263,61 @@ def _precision_summary(records: list, probe_suite: Suite, min_accuracy: float, f
 
 # ---------------------------------------------------------------- entry point
 
-def _answers_from(reference, tokenizer, path: Path, prompts: list, limits: list, progress: bool):
-    """Greedy answers of a --reference model (loaded whole), checked to share the probed model's vocabulary."""
-    ref = check_model_dir(reference, "reference model")
+def _check_vocabulary(ref: Path, path: Path) -> None:
     want = text_config(read_config(path)).get("vocab_size")
     got = text_config(read_config(ref)).get("vocab_size")
     if want and got and want != got:
         raise QtoolsError(f"reference {ref} has a vocabulary of {got} tokens but {path} has {want}: "
                           "not the same model family")
-    net, ref_tok, _config, _s = runner.load_model(ref)
+
+
+def _check_tokenizer(ref: Path, ref_tok, tokenizer, path: Path) -> None:
     if ref_tok.get_vocab() != tokenizer.get_vocab():
         raise QtoolsError(f"reference {ref} has another tokenizer than {path}: its answers cannot be "
                           "teacher-forced through the probed model")
+
+
+def _answers_from(reference, tokenizer, path: Path, prompts: list, limits: list, progress: bool):
+    """Greedy answers of a --reference model (loaded whole), checked to share the probed model's vocabulary."""
+    ref = check_model_dir(reference, "reference model")
+    _check_vocabulary(ref, path)
+    net, ref_tok, _config, _s = runner.load_model(ref)
+    _check_tokenizer(ref, ref_tok, tokenizer, path)
     answers = runner.batch_answers(net, ref_tok, prompts, limits, progress, "reference answers")
     del net
     return answers, ref
+
+
+def _answers_from_log(log, tokenizer, path: Path, suite, cases: list, max_tokens: int | None,
+                      suite_max_tokens: int) -> tuple[list, Path]:
+    """The greedy answers a `qtools validate` log kept (its cases' answer_tokens), read instead of
+    generated: the log must be of this suite, at the same generation limit, of a model with this
+    model's tokenizer (the model it names is checked, so it must still be there)."""
+    from ..io.atomic import read_json_or_none
+    from .validate import suite_sha256
+
+    log = Path(log)
+    d = read_json_or_none(log)
+    if not isinstance(d, dict) or d.get("qtools_log") != 1 or not isinstance(d.get("cases"), list):
+        raise QtoolsError(f"--reference {log}: neither a model directory nor a qtools validate log")
+    if d.get("suite_sha256") != suite_sha256(suite):
+        raise QtoolsError(f"--reference {log} is a validate log of another suite than {suite} (or of a qtools that "
+                          "did not record which): validate on this suite, or give the model")
+    if d.get("max_tokens") != (max_tokens or suite_max_tokens):
+        raise QtoolsError(f"--reference {log} generated at most {d.get('max_tokens')} tokens an answer, this probe "
+                          f"{max_tokens or suite_max_tokens}: give the same --max-tokens")
+    ref = check_model_dir(d.get("model_path") or "", f"the model {log} validated")
+    _check_vocabulary(ref, path)
+    _check_tokenizer(ref, load_tokenizer(ref), tokenizer, path)
+    kept = {c.get("id"): c.get("answer_tokens") for c in d["cases"] if isinstance(c, dict)}
+    answers = []
+    for case in cases:
+        ids = kept.get(case.id)
+        if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise QtoolsError(f"--reference {log} keeps no answer tokens for case {case.id} (a log written before "
+                              "validate kept them): validate again, or give the model")
+        answers.append(ids)
+    return answers, log
 
 
 def probe(model, suite, bits=(), group_size: int | None = None, min_accuracy: float = DEFAULT_MIN_ACCURACY,
@@ -348,7 +388,10 @@ def probe(model, suite, bits=(), group_size: int | None = None, min_accuracy: fl
     prompts = [list(build_prompt(tokenizer, c, probe_suite)) for c in cases]
     limits = [max_tokens or c.max_tokens or probe_suite.max_tokens for c in cases]
     t_gen = time.perf_counter()
-    if reference is not None:
+    if reference is not None and Path(reference).is_file():  # a validate log: its answers, read
+        answers, reference = _answers_from_log(reference, tokenizer, path, suite, cases, max_tokens,
+                                               probe_suite.max_tokens)
+    elif reference is not None:
         answers, reference = _answers_from(reference, tokenizer, path, prompts, limits, progress)
     else:
         answers = runner.batch_answers(net, tokenizer, prompts, limits, progress, "float answers")
@@ -425,7 +468,8 @@ def probe(model, suite, bits=(), group_size: int | None = None, min_accuracy: fl
                    "; decision token: tool-call marker vs best other token, or the labels' first tokens; "
                    f"KL over the reference's top-{DEFAULT_TOP_K} tokens plus a tail bucket"),
         "rule": {"provisional": True, "evidence": probe_evidence()},
-        "answers": ("the reference model's greedy answers: " + str(Path(reference).resolve())) if reference
+        "answers": (("the greedy answers kept in the validate log " if Path(reference).is_file()
+                     else "the reference model's greedy answers: ") + str(Path(reference).resolve())) if reference
                    else "the model's own greedy answers (mlx-lm's BatchGenerator, all cases in one batch)",
         "execution": ("loaded whole" if quant["quantized"] else
                       f"streamed layer by layer from the memory-mapped files, every precision in one pass "

@@ -39,18 +39,20 @@ def load_model(path: Path):
 
 # ---------------------------------------------------------------- greedy answers
 
-def generate_one(net, tokenizer, prompt, max_tokens: int) -> tuple[str, int, float]:
-    """Greedy generation of one prompt (mlx-lm's stream_generate); (text, generated tokens, seconds)."""
+def generate_one(net, tokenizer, prompt, max_tokens: int) -> tuple[str, int, float, list]:
+    """Greedy generation of one prompt (mlx-lm's stream_generate); (text, generated tokens, seconds,
+    the answer's token ids, end-of-sequence included when generated, as greedy_tokens gives them)."""
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
     sampler = make_sampler(temp=0.0)
     tic = time.perf_counter()
-    text, tokens = "", 0
+    text, tokens, ids = "", 0, []
     for resp in stream_generate(net, tokenizer, prompt, max_tokens=max_tokens, sampler=sampler):
         text += resp.text
         tokens = resp.generation_tokens
-    return text, tokens, time.perf_counter() - tic
+        ids.append(int(resp.token))
+    return text, tokens, time.perf_counter() - tic, ids
 
 
 def greedy_tokens(net, tokenizer, prompt, max_tokens: int) -> list:
@@ -62,25 +64,27 @@ def greedy_tokens(net, tokenizer, prompt, max_tokens: int) -> list:
     return [int(r.token) for r in stream_generate(net, tokenizer, prompt, max_tokens=max_tokens, sampler=sampler)]
 
 
-def batch_texts(net, tokenizer, prompts: list, max_tokens: list) -> tuple[list, list]:
-    """Greedy answers of many prompts in batches (mlx-lm's batch_generate, left-padded, one KV
-    cache per layer): (texts, generated token counts), in prompt order."""
-    from mlx_lm import batch_generate
-
-    resp = batch_generate(net, tokenizer, prompts, max_tokens=max_tokens, return_token_ids=True)
-    return list(resp.texts), [len(ids) for ids in resp.token_ids]
+def batch_texts(net, tokenizer, prompts: list, max_tokens: list) -> tuple[list, list, list]:
+    """Greedy answers of many prompts in batches, as mlx-lm's batch_generate gives them (its
+    BatchGenerator at its own batch sizes, left-padded, one KV cache per layer): (texts, generated
+    token counts, token ids with the end-of-sequence that stopped them), in prompt order."""
+    ids = batch_answers(net, tokenizer, prompts, max_tokens, all_at_once=False)
+    stops = set(tokenizer.eos_token_ids)
+    kept = [x[:-1] if x and x[-1] in stops else x for x in ids]  # batch_generate leaves the stop out
+    return [tokenizer.decode(x) for x in kept], [len(x) for x in kept], ids
 
 
 def batch_answers(net, tokenizer, prompts: list, max_tokens: list, progress: bool = False,
-                  desc: str = "answers") -> list:
+                  desc: str = "answers", all_at_once: bool = True) -> list:
     """Greedy answers' token ids (end-of-sequence included, as stream_generate gives it) of every
-    prompt, all in one batch (mlx-lm's BatchGenerator, left-padded, one KV cache per layer): a
-    streamed model reads its weights once per generated token, not once per prompt."""
+    prompt (mlx-lm's BatchGenerator, left-padded, one KV cache per layer): all in one batch, so a
+    streamed model reads its weights once per generated token, not once per prompt; or, with
+    all_at_once False, at BatchGenerator's own batch sizes (a model held whole)."""
     from mlx_lm.generate import BatchGenerator
 
     n = len(prompts)
-    gen = BatchGenerator(net, stop_tokens=[[t] for t in tokenizer.eos_token_ids],
-                         prefill_batch_size=n, completion_batch_size=n)
+    sizes = {"prefill_batch_size": n, "completion_batch_size": n} if all_at_once else {}
+    gen = BatchGenerator(net, stop_tokens=[[t] for t in tokenizer.eos_token_ids], **sizes)
     bar = progress_bar(None, desc, enabled=progress, total=max(max_tokens))
     try:
         uids = gen.insert([list(p) for p in prompts], list(max_tokens))

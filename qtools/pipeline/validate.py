@@ -48,9 +48,11 @@ def run_cases(net, tokenizer, suite_obj: Suite, max_tokens: int | None = None, b
     prompts = {i: build_prompt(tokenizer, cases[i], suite_obj) for i in pending}
     by_index = {}
 
-    def finish(i, text, ntok, secs):
+    def finish(i, text, ntok, secs, ids=None):
         record = score_case(cases[i], suite_obj, text, tool_format)
         record.update({"gen_s": secs, "tokens": ntok})
+        if ids is not None:  # what `qtools probe --reference LOG` teacher-forces instead of generating
+            record["answer_tokens"] = ids
         by_index[i] = record
         if on_record is not None:
             on_record(record)
@@ -62,10 +64,10 @@ def run_cases(net, tokenizer, suite_obj: Suite, max_tokens: int | None = None, b
             finish(0, *generate_one(net, tokenizer, prompts[0], limits[0]))
             pending = pending[1:]
         tic = time.perf_counter()
-        texts, counts = batch_texts(net, tokenizer, [prompts[i] for i in pending], [limits[i] for i in pending])
+        texts, counts, ids = batch_texts(net, tokenizer, [prompts[i] for i in pending], [limits[i] for i in pending])
         per = (time.perf_counter() - tic) / len(pending)
-        for i, text, n in zip(pending, texts, counts):
-            finish(i, text, n, per)
+        for i, text, n, x in zip(pending, texts, counts, ids):
+            finish(i, text, n, per, x)
     else:
         it = progress_bar(pending, f"validate {label}", enabled=progress)
         for i in it:
@@ -75,7 +77,8 @@ def run_cases(net, tokenizer, suite_obj: Suite, max_tokens: int | None = None, b
         if i not in by_index:
             old = done[case.id]
             by_index[i] = {**score_case(case, suite_obj, old["output"], tool_format),
-                           "gen_s": old["gen_s"], "tokens": old["tokens"]}
+                           "gen_s": old["gen_s"], "tokens": old["tokens"],
+                           **({"answer_tokens": old["answer_tokens"]} if "answer_tokens" in old else {})}
         records.append(by_index[i])
     total_tokens = sum(r["tokens"] for r in records)
     total_time = sum(r["gen_s"] for r in records)
@@ -90,7 +93,7 @@ def partial_path(log: str | Path) -> Path:
     return log.with_name(f"{log.stem}.partial.jsonl")
 
 
-def _suite_sha256(suite: str | Path) -> str:
+def suite_sha256(suite: str | Path) -> str:
     import hashlib
 
     return hashlib.sha256(Path(suite).read_bytes()).hexdigest()
@@ -103,7 +106,7 @@ def partial_header(model: Path, suite: str | Path, max_tokens: int | None, batch
 
     v = versions()
     return {"qtools_partial_log": 1, "model": model.resolve().name, "model_fingerprint": fingerprint(model),
-            "suite_sha256": _suite_sha256(suite), "settings": {"max_tokens": max_tokens, "batch": batch},
+            "suite_sha256": suite_sha256(suite), "settings": {"max_tokens": max_tokens, "batch": batch},
             "versions": {"mlx": v.get("mlx"), "mlx-lm": v.get("mlx-lm")}}
 
 
@@ -304,6 +307,7 @@ def validate(
         "model_path": str(path.resolve()),
         "suite": suite_obj.name,
         "suite_path": str(Path(suite).resolve()),
+        "suite_sha256": suite_sha256(suite),
         **{k: quant[k] for k in ("quantized", "bits", "group_size", "mixed")},
         "bits_per_weight": float(compute_bits_per_weight(net)),
         "disk_bytes": disk,
