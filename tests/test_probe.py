@@ -365,6 +365,9 @@ def test_a_validate_logs_answers_are_read_not_generated_again(fam, tmp_path):
     log.write_text(json.dumps(d2))
     r = run(model, "--suite", suite, "--bits", 4, "--reference", log)
     assert r.exit_code == 1 and r.output.count("\n") == 1 and "keeps no answer tokens" in r.output
+    before = log.read_bytes()
+    r = run(model, "--suite", suite, "--bits", 4, "--reference", log, "--output", log)
+    assert r.exit_code == 1 and "would destroy the input" in r.output and log.read_bytes() == before
 
 
 def test_probe_from_base_and_adapter_equals_the_probe_of_the_fused_model(tmp_path):

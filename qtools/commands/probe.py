@@ -45,7 +45,7 @@ def probe_cmd(model, suite, bits, group_size, min_accuracy, max_tokens, referenc
 
     if output:
         # before the probe's minutes of work, not after; never over the model or the suite
-        check_writable(check_output(output, [model, base, adapter, suite]), file=True)
+        check_writable(check_output(output, [model, base, adapter, suite, reference]), file=True)
     report = probe(model, suite, bits=[int(b) for b in bits],
                    group_size=None if group_size is None else int(group_size), min_accuracy=min_accuracy,
                    max_tokens=max_tokens, progress=not as_json, reference=reference, base=base, adapter=adapter)
