@@ -134,7 +134,7 @@ def test_numpy_experts_compute_what_gather_mm_computes(case, monkeypatch):
 
 def test_validates_answers_keep_their_token_ids_as_batch_generate_and_stream_generate_give_them(base):
     """batch_texts gives batch_generate's texts and counts, with the ids that end in the stop token
-    where one stopped them; generate_one's ids are greedy_tokens' (what the probe teacher-forces)."""
+    where one stopped them; generate_one's are stream_generate's, its stop token included."""
     from mlx_lm import batch_generate
 
     from qtools.io.suite import load_suite
@@ -152,5 +152,9 @@ def test_validates_answers_keep_their_token_ids_as_batch_generate_and_stream_gen
     for got, want, limit in zip(ids, ref.token_ids, limits):
         assert got[:len(want)] == list(want) and len(got) - len(want) in (0, 1)
         assert len(got) == len(want) or (got[-1] in stops and len(got) <= limit)
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
     text, n, _secs, one = runner.generate_one(net, tok, prompts[3], limits[3])
-    assert one == runner.greedy_tokens(net, tok, prompts[3], limits[3]) and len(one) >= n
+    streamed = list(stream_generate(net, tok, prompts[3], max_tokens=limits[3], sampler=make_sampler(temp=0.0)))
+    assert one == [int(r.token) for r in streamed] and text == "".join(r.text for r in streamed) and len(one) >= n

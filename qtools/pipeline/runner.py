@@ -41,7 +41,7 @@ def load_model(path: Path):
 
 def generate_one(net, tokenizer, prompt, max_tokens: int) -> tuple[str, int, float, list]:
     """Greedy generation of one prompt (mlx-lm's stream_generate); (text, generated tokens, seconds,
-    the answer's token ids, end-of-sequence included when generated, as greedy_tokens gives them)."""
+    the answer's token ids, end-of-sequence included when generated)."""
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
@@ -56,12 +56,8 @@ def generate_one(net, tokenizer, prompt, max_tokens: int) -> tuple[str, int, flo
 
 
 def greedy_tokens(net, tokenizer, prompt, max_tokens: int) -> list:
-    """The greedy answer's token ids (end-of-sequence included when generated)."""
-    from mlx_lm import stream_generate
-    from mlx_lm.sample_utils import make_sampler
-
-    sampler = make_sampler(temp=0.0)
-    return [int(r.token) for r in stream_generate(net, tokenizer, prompt, max_tokens=max_tokens, sampler=sampler)]
+    """The greedy answer's token ids (end-of-sequence included when generated): generate_one's."""
+    return generate_one(net, tokenizer, prompt, max_tokens)[3]
 
 
 def batch_texts(net, tokenizer, prompts: list, max_tokens: list) -> tuple[list, list, list]:
