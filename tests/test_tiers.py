@@ -502,6 +502,7 @@ def test_the_survive_end_moved_up_is_never_optimistic_at_a_price():
     assert tiers.raised((8, 3), 1) == (None, 3) and tiers.raised((None, 4), 2) == (None, 4)
     assert tiers.raised((5, 3), 0) == (5, 3)
     results = moving_families()
-    m, w = tiers.margin_held_out(results), tiers.weights_tier(results)["held_out"]
+    wt = tiers.weights_tier(results)
+    m, w = tiers.margin_held_out(results, wt["predictions"]), wt["held_out"]
     assert m["n"] == len(results) and m["optimistic"] == 0 and min(m["margins"].values()) >= 1
     assert m["exact"] < w["exact"] and m["mean_between"] > w["mean_between"]

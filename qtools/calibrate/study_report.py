@@ -56,7 +56,7 @@ def analyse(usable: list, excluded: list, min_accuracy: float) -> dict:
         "inversions": scale_inversions(usable),
         "every_statistic": every_statistic_held_out(usable),
         "optimistic_covers": optimistic_covers(usable, weights["predictions"], min_accuracy),
-        "margin": margin_held_out(usable),
+        "margin": margin_held_out(usable, weights["predictions"]),
         # whatever the rule: one for all families (what delta-survival ships), one per family
         "monotone": {"one_rule": monotone_ceiling(usable), "per_family": monotone_ceiling(usable, by_family=True)},
         # the point rule delta-survival printed before the bracket (one bit-width, not a bracket)
@@ -231,15 +231,17 @@ def _covers_text(covers: list) -> list:
     return out
 
 
-def _margin_text(m: dict | None) -> list:
-    """The bracket made never optimistic held out (margin_held_out), and what it costs."""
+def _margin_text(m: dict | None, constant: dict) -> list:
+    """The bracket made never optimistic held out (margin_held_out), and what it costs, beside the
+    constant guess."""
     if not m:
         return []
     ms = ", ".join(f"{f} {k}" for f, k in m["margins"].items())
     return [f"Never optimistic, at a price: with its survive end moved up as many bit-widths as it takes to be never "
             "optimistic on the training families' own held-out answers (chosen without the held-out family; per "
             f"held-out family: {ms}), the bracket held out is optimistic for {m['optimistic']}/{m['n']}, exact for "
-            f"{m['exact']}, and leaves {m['mean_between']:.2f} bit-widths between (the probe runs "
+            f"{m['exact']} (the constant guess: {constant['exact']} exact, {constant['optimistic']} optimistic), "
+            f"and leaves {m['mean_between']:.2f} bit-widths between (the probe runs "
             f"{m['mean_check']:.2f} of {len(BITS)}), against the goal of {GOAL_WEIGHTS_BETWEEN:g}. Never optimistic and "
             f"at most {GOAL_WEIGHTS_BETWEEN:g} between are not both reached by either bracket.", ""]
 
@@ -376,7 +378,7 @@ def write_study_report(usable: list, excluded: list, fams: list, path, min_accur
                                   for i, p, t in opt) if opt else "")
               + ". The probe of the bracket's check set, which includes its survive end, overrules it.", "",
               *_covers_text(a.get("optimistic_covers", [])),
-              *_margin_text(a.get("margin")),
+              *_margin_text(a.get("margin"), a["constant"]),
               *_every_statistic_text(a["every_statistic"]),
               *_ceiling_text(w.get("ceiling"), a["n"]),
               *_monotone_text(a),

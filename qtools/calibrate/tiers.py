@@ -187,13 +187,12 @@ def monotone_ceiling(results: list, bits_list=BITS, by_family: bool = False) -> 
     family and fitted knowing its truths (the most a held-out weights tier can reach).
     Returns n, exact and, per fine-tune it cannot be exact for, the first covered bit-width and
     the lost one covering it."""
-    vec = _vector
-    lost = [(r, b, vec(r, b)) for r in results for b in bits_list if b < bits_rank(truth(r))]
+    lost = [(r, b, _vector(r, b)) for r in results for b in bits_list if b < bits_rank(truth(r))]
     blocked = []
     for r in results:
         t = bits_rank(truth(r))
         for b in sorted(x for x in bits_list if x >= t):
-            v = vec(r, b)
+            v = _vector(r, b)
             by = next(((o, ob) for o, ob, w in lost
                        if ob >= b and (not by_family or family(o) == family(r)) and _covers(w, v)), None)
             if by is not None:
@@ -280,14 +279,13 @@ def raised(pred: tuple, m: int, bits_list=BITS) -> tuple:
     return (ranked[i] if i < len(ranked) else None), b
 
 
-def margin_held_out(results: list, bits_list=BITS) -> dict:
-    """What never being optimistic costs the bracket held out: in each fold its survive end moved up
-    m bit-widths, m the smallest that makes the training families' own held-out answers (each held
-    out in turn, choose_bracket refitted without it) never optimistic; judged on the held-out family.
-    Returns judge_brackets' scores and each fold's m."""
+def margin_held_out(results: list, predictions: dict, bits_list=BITS) -> dict:
+    """What never being optimistic costs the bracket held out: in each fold its held-out answer
+    (predictions, weights_tier's) with the survive end moved up m bit-widths, m the smallest that
+    makes the training families' own held-out answers (each held out in turn, choose_bracket
+    refitted without it) never optimistic. Returns judge_brackets' scores and each fold's m."""
     pairs, margins = [], {}
     for name, train, test in folds(results):
-        br = choose_bracket(train, bits_list)
         inner = []
         for _, rest, held in folds(train):
             ib = choose_bracket(rest, bits_list)
@@ -295,8 +293,7 @@ def margin_held_out(results: list, bits_list=BITS) -> dict:
         m = next(m for m in range(len(bits_list) + 1)
                  if judge_brackets([(raised(p, m, bits_list), t) for p, t in inner], bits_list)["optimistic"] == 0)
         margins[name] = m
-        pairs += [(raised((None, None) if br is None else predict_bracket(br, r, bits_list), m, bits_list), truth(r))
-                  for r in test]
+        pairs += [(raised(predictions[r["id"]], m, bits_list), truth(r)) for r in test]
     return {**judge_brackets(pairs, bits_list), "margins": margins}
 
 
