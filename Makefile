@@ -53,7 +53,7 @@ bench-scale: $(STAMP) ## Time + peak memory of fuse, delta-survival, ... on a Qw
 demo: $(STAMP) ## The built-in demo: tiny model + LoRA, fuse, predict, sweep 8..2 bits, validate, compare
 	scripts/demo.sh
 
-outside: $(STAMP) ## Fine-tunes the study never saw (PAIRS="g12:1 g36:1 g24:2": family:seed, a demo-task family or a study one such as agent-moe-g24), each judged as make demo is: bracket, probe, point rule, constant guess against its real sweep -> logs/outside (docs/outside.md; ~10 min each)
+outside: $(STAMP) ## Fine-tunes the study never saw (PAIRS="g12:1 g36:1 g24:2": family:seed, a demo-task family or a study one such as agent-moe-g24; a study family takes :KEYS:LR, e.g. agent-moe-g24:13::2e-3), each judged as make demo is: bracket, probe, point rule, constant guess against its real sweep -> logs/outside (docs/outside.md; ~10 min each)
 	scripts/outside.sh
 
 calibrate: $(STAMP) ## The study: 6 families x 24 fine-tunes, fake + real quantized truth, weights bracket and probe judged leave-one-family-out (hours; resumable, results kept in calibration/results; FROM_CACHE=1 refits) -> docs/study.md

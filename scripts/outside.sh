@@ -6,7 +6,8 @@
 # adapter recipe trained with that seed, judged on SUITE) or a study family (agent-moe-g24,
 # access-g24, ...: its cached base, a recipe the study's grid never ran, judged on its task's suite
 # at its bar: python -m qtools.calibrate.outside --build; FAMILY:SEED:all puts that recipe on every
-# linear layer, on qwen3_moe the experts too). Logs in logs/outside/FAMILY-sSEED/, one
+# linear layer, on qwen3_moe the experts too; FAMILY:SEED:KEYS:LR trains it at learning rate LR,
+# KEYS empty for attention). Logs in logs/outside/FAMILY-sSEED/, one
 # summary line per fine-tune on stdout (docs/outside.md). Reuses what is built; FORCE=1 rebuilds.
 set -euo pipefail
 QTOOLS=${QTOOLS:-.venv/bin/qtools}
@@ -18,15 +19,16 @@ root=${OUTSIDE_MODELS:-models/outside}
 "$PY" -m qtools.calibrate.outside --check-pairs $PAIRS
 field() { "$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"; }
 for pair in $PAIRS; do
-  # FAMILY:SEED, or FAMILY:SEED:all for a study family's recipe on every linear layer
-  IFS=: read -r fam seed keys <<<"$pair"
-  m="$root/$fam" logs="logs/outside/$fam-s$seed${keys:+-$keys}"
-  echo "== $fam, adapter seed $seed${keys:+, LoRA on $keys}"
+  # FAMILY:SEED, or FAMILY:SEED:all for a study family's recipe on every linear layer, :KEYS:LR at
+  # another learning rate
+  IFS=: read -r fam seed keys lr <<<"$pair"
+  m="$root/$fam" logs="logs/outside/$fam-s$seed${keys:+-$keys}${lr:+-lr$lr}"
+  echo "== $fam, adapter seed $seed${keys:+, LoRA on $keys}${lr:+, learning rate $lr}"
   mkdir -p "$logs"
   if "$PY" -m qtools.calibrate.outside --is-study "$fam"; then
     [ -z "${FORCE:-}" ] || rm -rf "$m/${fam}_adapter"
     # JSON, not *.json (compare reads those); the judge reads the bar from it; written only whole
-    "$PY" -m qtools.calibrate.outside --build "$fam" "$seed" "$m" "${keys:-}" > "$logs/outside.build.tmp" \
+    "$PY" -m qtools.calibrate.outside --build "$fam" "$seed" "$m" "${keys:-}" "${lr:-}" > "$logs/outside.build.tmp" \
       || { rm -f "$logs/outside.build.tmp"; rmdir "$logs" 2>/dev/null || true; exit 1; }
     mv "$logs/outside.build.tmp" "$logs/outside.build"
     base=$(field "$logs/outside.build" base) adapter=$(field "$logs/outside.build" adapter)

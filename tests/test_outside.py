@@ -145,6 +145,15 @@ def test_build_trains_a_recipe_the_studys_grid_never_ran_on_the_familys_cached_b
     assert len(trained) == 2
     outside.build("agent-moe-g24", 8, tmp_path / "out", work=tmp_path / "work", keys="all")
     assert len(trained) == 3 and "mlp.switch_mlp.down_proj" in trained[2]["keys"]  # the experts too
+    outside.build("agent-moe-g24", 8, tmp_path / "out", work=tmp_path / "work", keys="all")
+    assert len(trained) == 3
+    # another learning rate is another recipe: trained again, at that rate, the rest as it was
+    assert outside.main(["--build", "agent-moe-g24", "8", str(tmp_path / "out"), "all", "2e-3",
+                         str(tmp_path / "work")]) == 0
+    assert len(trained) == 4 and trained[3]["lr"] == 2e-3 and trained[3]["keys"] == trained[2]["keys"]
+    assert {k: v for k, v in trained[3].items() if k != "lr"} == {k: v for k, v in trained[2].items() if k != "lr"}
+    assert outside.main(["--build", "agent-moe-g24", "8", str(tmp_path / "out"), "", "0", str(tmp_path / "work")]) == 1
+    assert len(trained) == 4
     assert outside.main(["--build", "agent-moe-g24", "8", str(tmp_path / "out"), "experts"]) == 1
     assert outside.main(["--build", "g24", "1", str(tmp_path / "out")]) == 1
     assert outside.main(["--is-study", "access-g24"]) == 0 and outside.main(["--is-study", "g24"]) == 1
@@ -165,10 +174,13 @@ def test_make_outsides_pairs_are_checked_before_anything_is_built(capsys):
     demo-task family or unknown ones, are one error line each; sound pairs of both kinds pass."""
     from qtools.calibrate import outside
 
-    assert outside.main(["--check-pairs", "g12:1", "agent-moe-g24:8", "agent-moe-g24:11:all", "access-g24:7:attention"]) == 0
+    assert outside.main(["--check-pairs", "g12:1", "agent-moe-g24:8", "agent-moe-g24:11:all", "access-g24:7:attention",
+                         "agent-moe-g24:13::2e-3", "agent-moe-g24:14:all:0.002"]) == 0
     for pair, says in [("nope:1", "the study's agent-g4"), ("g12", "no seed"), ("g12:-2", "negative"),
                        ("g12:x", "not a whole number"), ("g12:1:all", "only a study family"),
-                       ("agent-g24:1:most", "only a study family")]:
+                       ("agent-g24:1:most", "only a study family"), ("g12:1::2e-3", "only a study family"),
+                       ("agent-moe-g24:1::-1e-3", "not a positive number"),
+                       ("agent-moe-g24:1::fast", "not a positive number"), ("agent-moe-g24:1::nan", "not a positive")]:
         capsys.readouterr()
         assert outside.main(["--check-pairs", "g12:1", pair]) == 1
         err = capsys.readouterr().err.strip().splitlines()

@@ -6,6 +6,7 @@ table and tally of every fine-tune under ROOT (logs/outside)."""
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -98,11 +99,13 @@ def study_family(name: str) -> dict | None:
     return next((f for f in study_families() if f["name"] == name), None)
 
 
-def build(name: str, seed: int, out_dir, work="models/calibration", log=sys.stderr, keys="attention") -> dict:
+def build(name: str, seed: int, out_dir, work="models/calibration", log=sys.stderr, keys="attention",
+          lr: float | None = None) -> dict:
     """A fine-tune of study family `name` the study never saw: the family's base (run.build_base,
-    cached in `work` as the study caches it), and OUTSIDE_RECIPE trained with `seed` on the family's
-    task into out_dir/NAME_adapter (reused when built with the same recipe and seed). Returns the
-    base, the adapter, the family's suite and its bar (a float16 model below it is not judged)."""
+    cached in `work` as the study caches it), and OUTSIDE_RECIPE (at learning rate `lr` when given)
+    trained with `seed` on the family's task into out_dir/NAME_adapter (reused when built with the
+    same recipe and seed). Returns the base, the adapter, the family's suite and its bar (a float16
+    model below it is not judged)."""
     import json
     import time
 
@@ -123,7 +126,8 @@ def build(name: str, seed: int, out_dir, work="models/calibration", log=sys.stde
     check_writable(adapter)
     base = build_base(Path(work), family, log=log)
     cfg = read_config(base)
-    recipe = {**OUTSIDE_RECIPE, "seed": seed, "scale": ADAPTER["scale"], "batch_size": ADAPTER["batch_size"],
+    recipe = {**OUTSIDE_RECIPE, **({} if lr is None else {"lr": lr}), "seed": seed, "scale": ADAPTER["scale"],
+              "batch_size": ADAPTER["batch_size"],
               "keys": keys_for(list(ATTENTION if keys == "attention" else ALL_LINEAR), {"arch": cfg.get("model_type")}),
               "num_layers": cfg["num_hidden_layers"], "task": family_task(family)}
     if read_json_or_none(adapter / RECIPE_FILE) != recipe or not (adapter / "adapters.safetensors").exists():
@@ -186,10 +190,24 @@ def _seed(text: str) -> int:
         raise QtoolsError(f"seed {text!r} is not a whole number") from None
 
 
+def _lr(text: str) -> float | None:
+    """A pair's learning rate: none when empty, else a positive number."""
+    if not text:
+        return None
+    try:
+        lr = float(text)
+    except ValueError:
+        lr = math.nan
+    if not (math.isfinite(lr) and lr > 0):
+        raise QtoolsError(f"learning rate {text!r} is not a positive number")
+    return lr
+
+
 def check_pairs(pairs: list) -> None:
-    """Every FAMILY:SEED[:KEYS] of make outside's PAIRS sound before anything is built: a demo-task
-    family (qtools demo-models --family) or a study family, a seed of 0 or more, KEYS (a study
-    family's only) one of OUTSIDE_KEYS."""
+    """Every FAMILY:SEED[:KEYS[:LR]] of make outside's PAIRS sound before anything is built: a
+    demo-task family (qtools demo-models --family) or a study family, a seed of 0 or more, KEYS (a
+    study family's only) one of OUTSIDE_KEYS or empty, LR (a study family's only) a positive
+    learning rate in place of OUTSIDE_RECIPE's."""
     from .grid import default_families, study_families
 
     demo, study = [f["name"] for f in default_families()], [f["name"] for f in study_families()]
@@ -197,7 +215,8 @@ def check_pairs(pairs: list) -> None:
         raise QtoolsError("PAIRS is empty: give FAMILY:SEED pairs, e.g. PAIRS=\"g12:1 agent-moe-g24:8\"")
     for pair in pairs:
         fam, _, rest = pair.partition(":")
-        seed, _, keys = rest.partition(":")
+        seed, _, rest = rest.partition(":")
+        keys, _, lr = rest.partition(":")
         if fam not in demo and fam not in study:
             raise QtoolsError(f"{pair}: unknown family {fam!r}; the demo task's families are {', '.join(demo)}, the "
                               f"study's {', '.join(study)}")
@@ -208,17 +227,24 @@ def check_pairs(pairs: list) -> None:
         if keys and (fam not in study or keys not in OUTSIDE_KEYS):
             raise QtoolsError(f"{pair}: {keys!r} after the seed: only a study family takes one, "
                               f"{' or '.join(OUTSIDE_KEYS)}")
+        if lr and fam not in study:
+            raise QtoolsError(f"{pair}: a learning rate: only a study family takes one")
+        try:
+            _lr(lr)
+        except QtoolsError as e:
+            raise QtoolsError(f"{pair}: {e}") from None
 
 
 def _main(argv: list) -> int | None:
     if argv[:1] == ["--all"]:  # the table and tally of docs/outside.md
         judged = judge_all(argv[1] if len(argv) > 1 else "logs/outside")
         print("\n".join([HEADER, *map(row, judged), "", tally(judged)]))
-    elif argv[:1] == ["--build"] and len(argv) in (4, 5, 6):  # FAMILY SEED OUT [KEYS [WORK]]: a study family's
+    elif argv[:1] == ["--build"] and len(argv) in (4, 5, 6, 7):  # FAMILY SEED OUT [KEYS [LR [WORK]]]: a study family's
         import json
 
         keys = argv[4] if len(argv) > 4 and argv[4] else "attention"
-        print(json.dumps(build(argv[1], _seed(argv[2]), argv[3], *argv[5:], keys=keys)))
+        lr = _lr(argv[5]) if len(argv) > 5 else None
+        print(json.dumps(build(argv[1], _seed(argv[2]), argv[3], *argv[6:], keys=keys, lr=lr)))
     elif argv[:1] == ["--check-pairs"]:  # PAIR...: make outside's PAIRS, before any work
         check_pairs(argv[1:])
     elif argv[:1] == ["--is-study"] and len(argv) == 2:
@@ -227,7 +253,7 @@ def _main(argv: list) -> int | None:
         print(row(judge(argv[0])))
     else:
         raise QtoolsError("usage: python -m qtools.calibrate.outside LOGS | --all [ROOT] | "
-                          "--build FAMILY SEED OUT [KEYS [WORK]] | --is-study FAMILY | --check-pairs PAIR...")
+                          "--build FAMILY SEED OUT [KEYS [LR [WORK]]] | --is-study FAMILY | --check-pairs PAIR...")
 
 
 def main(argv: list) -> int:
