@@ -12,7 +12,7 @@
 set -euo pipefail
 QTOOLS=${QTOOLS:-.venv/bin/qtools}
 PY=${PY:-.venv/bin/python}
-PAIRS=${PAIRS:-g12:1 g36:1 g24:2}
+PAIRS=${PAIRS-g12:1 g36:1 g24:2}  # given empty (make outside PAIRS=""): an error below, not these
 SUITE=${SUITE:-suites/demo.jsonl}
 root=${OUTSIDE_MODELS:-models/outside}
 # every pair checked before anything is built or a log directory made
@@ -24,9 +24,10 @@ for pair in $PAIRS; do
   IFS=: read -r fam seed keys lr <<<"$pair"
   m="$root/$fam" logs="logs/outside/$fam-s$seed${keys:+-$keys}${lr:+-lr$lr}"
   echo "== $fam, adapter seed $seed${keys:+, LoRA on $keys}${lr:+, learning rate $lr}"
-  mkdir -p "$logs"
+  # the log directory only for a fine-tune built: a failed build leaves none
   if "$PY" -m qtools.calibrate.outside --is-study "$fam"; then
     [ -z "${FORCE:-}" ] || rm -rf "$m/${fam}_adapter"
+    mkdir -p "$logs"
     # JSON, not *.json (compare reads those); the judge reads the bar from it; written only whole
     "$PY" -m qtools.calibrate.outside --build "$fam" "$seed" "$m" "${keys:-}" "${lr:-}" > "$logs/outside.build.tmp" \
       || { rm -f "$logs/outside.build.tmp"; rmdir "$logs" 2>/dev/null || true; exit 1; }
@@ -35,6 +36,7 @@ for pair in $PAIRS; do
     suite=$(field "$logs/outside.build" suite)
   else
     "$QTOOLS" demo-models --family "$fam" --seed "$seed" --output "$m" --suite '' ${FORCE:+--force}
+    mkdir -p "$logs"
     base="$m/${fam}_base" adapter="$m/${fam}_adapter" suite="$SUITE"
   fi
   "$QTOOLS" fuse "$base" --adapter "$adapter" --output "$m/fused_f16" --force

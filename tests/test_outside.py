@@ -186,3 +186,24 @@ def test_make_outsides_pairs_are_checked_before_anything_is_built(capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("Error: ") and says in err[0], (pair, err)
     assert outside.main(["--check-pairs"]) == 1
+
+
+def test_make_outside_with_an_empty_pairs_is_an_error_not_the_default_pairs(tmp_path):
+    """`make outside PAIRS=""` hands the script an empty PAIRS: one Error line, nothing built,
+    not the default pairs (left out, PAIRS still defaults to them)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "outside.sh"
+    env = dict(os.environ, PAIRS="", PY=sys.executable, QTOOLS="false", OUTSIDE_MODELS=str(tmp_path / "models"))
+    p = subprocess.run([str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1, p.stdout + p.stderr
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("Error: PAIRS is empty"), p.stderr
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "models").exists() and "==" not in p.stdout
+    del env["PAIRS"]  # the defaults: checked, then the first is built (here QTOOLS fails at once)
+    p = subprocess.run([str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "== g12, adapter seed 1" in p.stdout
+    assert not (tmp_path / "logs" / "outside" / "g12-s1").exists()  # a failed build leaves no log directory
