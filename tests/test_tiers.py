@@ -506,3 +506,37 @@ def test_the_survive_end_moved_up_is_never_optimistic_at_a_price():
     m, w = tiers.margin_held_out(results, wt["predictions"]), wt["held_out"]
     assert m["n"] == len(results) and m["optimistic"] == 0 and min(m["margins"].values()) >= 1
     assert m["exact"] < w["exact"] and m["mean_between"] > w["mean_between"]
+
+
+def test_a_margin_for_each_survive_end_widens_only_the_ends_the_training_answers_were_optimistic_at():
+    """end_margins: answers of 5 where the truth is 6 move 5 up one bit-width; 6 and 8, never
+    optimistic, stay; an end no pair answers gets no move. Held out, the per-end margins are never
+    larger than the fold's single margin, so they leave no more between."""
+    pairs = [((5, 3), 6), ((5, 3), 5), ((6, 4), 6), ((8, 3), 8), ((None, 4), 8), ((4, 2), 6)]
+    assert tiers.end_margins(pairs) == {4: 2, 5: 1, 6: 0, 8: 0}
+    assert tiers.end_margins([((6, 3), 8)]) == {6: 1}  # 6 up one supported bit-width is 8
+    results = moving_families()
+    wt = tiers.weights_tier(results)
+    m = tiers.margin_held_out(results, wt["predictions"])
+    e = m["per_end"]
+    assert e["n"] == m["n"] == len(results) and set(e["margins"]) == set(m["margins"])
+    for fam, moves in e["margins"].items():
+        assert moves and all(0 <= k <= m["margins"][fam] for k in moves.values())
+    assert e["mean_between"] <= m["mean_between"]
+
+
+def test_the_study_report_says_what_each_never_optimistic_bracket_costs():
+    from qtools.calibrate.study_report import _margin_text
+
+    results = moving_families()
+    wt = tiers.weights_tier(results)
+    m = tiers.margin_held_out(results, wt["predictions"])
+    text = " ".join(_margin_text(m, {"exact": 3, "optimistic": 6}))
+    e = m["per_end"]
+    assert f"optimistic for {m['optimistic']}/{m['n']}" in text and "(the constant guess: 3 exact, 6 optimistic)" in text
+    assert "With a move for each survive end instead" in text
+    assert f"leaves {e['mean_between']:.2f} bit-widths between, is exact for {e['exact']} and optimistic for " \
+           f"{e['optimistic']}/{e['n']}" in text
+    for fam, moves in e["margins"].items():
+        assert fam + " " + (" ".join(f"{a}:+{k}" for a, k in moves.items() if k) or "none") in text
+    assert _margin_text(None, {}) == []

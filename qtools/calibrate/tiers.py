@@ -279,22 +279,43 @@ def raised(pred: tuple, m: int, bits_list=BITS) -> tuple:
     return (ranked[i] if i < len(ranked) else None), b
 
 
+def _least_raise(pairs, bits_list=BITS) -> int:
+    """The fewest bit-widths the survive end of every (prediction, truth) pair must move up for
+    none to be optimistic."""
+    return next(m for m in range(len(bits_list) + 1)
+                if judge_brackets([(raised(p, m, bits_list), t) for p, t in pairs], bits_list)["optimistic"] == 0)
+
+
+def end_margins(pairs, bits_list=BITS) -> dict:
+    """{survive end a: the fewest bit-widths it must move up for the pairs answering a to be never
+    optimistic}, for each a the pairs answer. Moving one end's answers changes no other's, and the
+    width left between only grows with the move: each end's least move is the narrowest bracket
+    never optimistic on these pairs. An end they never answer gets none."""
+    ends = {p[0] for p, _t in pairs if p[0] is not None}
+    return {a: _least_raise([(p, t) for p, t in pairs if p[0] == a], bits_list) for a in sorted(ends)}
+
+
 def margin_held_out(results: list, predictions: dict, bits_list=BITS) -> dict:
     """What never being optimistic costs the bracket held out: in each fold its held-out answer
     (predictions, weights_tier's) with the survive end moved up m bit-widths, m the smallest that
     makes the training families' own held-out answers (each held out in turn, choose_bracket
-    refitted without it) never optimistic. Returns judge_brackets' scores and each fold's m."""
-    pairs, margins = [], {}
+    refitted without it) never optimistic. Returns judge_brackets' scores and each fold's m; and
+    under "per_end" the same with a move for each survive end (end_margins of the same answers),
+    which widens only the ends the training families were optimistic at."""
+    pairs, margins, per_end, end_moves = [], {}, [], {}
     for name, train, test in folds(results):
         inner = []
         for _, rest, held in folds(train):
             ib = choose_bracket(rest, bits_list)
             inner += [((None, None) if ib is None else predict_bracket(ib, r, bits_list), truth(r)) for r in held]
-        m = next(m for m in range(len(bits_list) + 1)
-                 if judge_brackets([(raised(p, m, bits_list), t) for p, t in inner], bits_list)["optimistic"] == 0)
-        margins[name] = m
-        pairs += [(raised(predictions[r["id"]], m, bits_list), truth(r)) for r in test]
-    return {**judge_brackets(pairs, bits_list), "margins": margins}
+        margins[name] = m = _least_raise(inner, bits_list)
+        end_moves[name] = moves = end_margins(inner, bits_list)
+        for r in test:
+            p = predictions[r["id"]]
+            pairs.append((raised(p, m, bits_list), truth(r)))
+            per_end.append((raised(p, moves.get(p[0], 0), bits_list), truth(r)))
+    return {**judge_brackets(pairs, bits_list), "margins": margins,
+            "per_end": {**judge_brackets(per_end, bits_list), "margins": end_moves}}
 
 
 # ----------------------------------------------------------------------------- probe tier
