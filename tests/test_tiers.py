@@ -536,7 +536,7 @@ def test_the_study_report_says_what_each_never_optimistic_bracket_costs():
     assert f"optimistic for {m['optimistic']}/{m['n']}" in text and "(the constant guess: 3 exact, 6 optimistic)" in text
     assert "With a move for each survive end instead" in text
     assert f"leaves {e['mean_between']:.2f} bit-widths between, is exact for {e['exact']} and optimistic for " \
-           f"{e['optimistic']}/{e['n']}" in text
+           f"{e['optimistic']}/{e['n']} (the constant guess: 3 exact, 6 optimistic)" in text
     for fam, moves in e["margins"].items():
         assert fam + " " + (" ".join(f"{a}:+{k}" for a, k in moves.items() if k) or "none") in text
     assert _margin_text(None, {}) == []

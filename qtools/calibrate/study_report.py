@@ -244,11 +244,11 @@ def _margin_text(m: dict | None, constant: dict) -> list:
             f"and leaves {m['mean_between']:.2f} bit-widths between (the probe runs "
             f"{m['mean_check']:.2f} of {len(BITS)}), against the goal of {GOAL_WEIGHTS_BETWEEN:g}. Never optimistic and "
             f"at most {GOAL_WEIGHTS_BETWEEN:g} between are not both reached by either bracket.", "",
-            *_per_end_text(m.get("per_end"))]
+            *_per_end_text(m.get("per_end"), constant)]
 
 
-def _per_end_text(e: dict | None) -> list:
-    """The bracket with a move for each survive end (margin_held_out's per_end)."""
+def _per_end_text(e: dict | None, constant: dict) -> list:
+    """The bracket with a move for each survive end (margin_held_out's per_end), beside the constant guess."""
     if not e:
         return []
     moved = ", ".join(f"{f} " + (" ".join(f"{a}:+{k}" for a, k in mv.items() if k) or "none")
@@ -256,7 +256,8 @@ def _per_end_text(e: dict | None) -> list:
     return [f"With a move for each survive end instead (the fewest bit-widths that make the training families' own "
             f"held-out answers at that end never optimistic; per held-out family, the ends moved: {moved}), the bracket "
             f"held out leaves {e['mean_between']:.2f} bit-widths between, is exact for {e['exact']} and optimistic for "
-            f"{e['optimistic']}/{e['n']}: an end at which only the held-out family loses is not moved.", ""]
+            f"{e['optimistic']}/{e['n']} (the constant guess: {constant['exact']} exact, {constant['optimistic']} "
+            "optimistic): an end at which only the held-out family loses is not moved.", ""]
 
 
 def _every_statistic_text(per_stat: dict) -> list:
