@@ -482,3 +482,13 @@ def test_the_calibrated_bracket_is_reported_and_leaves_the_rest_to_the_probe(tri
     assert "held out by family in the study: optimistic for 1/35" in res.output
     assert "Predicted minimum bit-width: 6" in res.output and "optimistic for 7/35; use the bracket" in res.output
     assert "Confirm: qtools probe MODEL --bits 3 4 5 6 (" in res.output  # both ends of the bracket too
+    # the study's move: the survive end 6 goes up one supported bit-width, to 8; 6 is left to the probe
+    rule["bracket"]["raise_by"] = 1
+    path.write_text(json.dumps(rule))
+    moved = survival_json(fused, "--adapter", adapter, "--bits", 2, 3, 4, 5, 6, 8)
+    assert (moved["bracket"]["survives_at"], moved["bracket"]["rounded_away_at"]) == (8, 3)
+    assert moved["bracket"]["check"] == [3, 4, 5, 6, 8] and moved["predicted_min_bits"] == 8
+    assert "survives at >= 8, rounded away at <= 3, probe between: 4 5 6\n" in \
+        run("delta-survival", fused, "--adapter", adapter, "--bits", 2, 3, 4, 5, 6, 8).output
+    # asked only up to 6: nothing the weights settle as kept, the probe checks from 3 up
+    assert survival_json(fused, "--adapter", adapter, "--bits", 3, 4, 5, 6)["bracket"]["survives_at"] is None

@@ -35,19 +35,26 @@ def test_truth_is_the_real_models_threshold_where_measured():
 
 def test_bracket_held_out_settles_a_statistic_that_follows_the_family():
     """delta_to_noise crosses 10 at each fine-tune's threshold, whatever its family: fitted on two
-    families, the bracket settles the third exactly, never optimistic, nothing left to the probe."""
+    families, the bracket on the statistic settles the third exactly, never optimistic, nothing left
+    to the probe. Fitted on one family, the inner folds cannot choose the statistic and are
+    optimistic, so the bracket shipped moves its survive end up: never optimistic still."""
     results = moving_families()
     w = tiers.weights_tier(results)
-    assert w["held_out"] == {"n": 9, "optimistic": 0, "exact": 9, "settled": 9, "wrongly_lost": 0, "lost_above": 0,
-                             "exact_rate": 1.0, "mean_between": 0.0, "mean_check": 2.0, "mean_lost": 3.0}
+    assert w["unmoved"] == {"n": 9, "optimistic": 0, "exact": 9, "settled": 9, "wrongly_lost": 0, "lost_above": 0,
+                            "exact_rate": 1.0, "mean_between": 0.0, "mean_check": 2.0, "mean_lost": 3.0}
     for r in results:
-        a, b = w["predictions"][r["id"]]
+        a, b = w["unmoved_predictions"][r["id"]]
         assert a == r["true_min_bits"] and b == max(x for x in BITS if x < a)
+    assert w["held_out"]["optimistic"] == 0 and w["held_out"]["lost_above"] == 0
 
 
-def test_bracket_is_never_optimistic_on_what_it_was_fitted_on_and_leaves_overlap_between():
+def test_bracket_is_never_optimistic_on_what_it_was_fitted_on_and_calls_an_overlap_lost_for_the_probe():
     """Two fine-tunes show the same statistic at a bit-width one keeps and the other loses: no
-    threshold separates them, so the bracket leaves that bit-width to the probe for both."""
+    threshold separates them. The survive side does not claim it for either; the rounded-away side
+    calls it lost for both, at most the truth (never above it): the probe checks the rounded-away
+    end and keeps it where it is the threshold, so both answers come out exact."""
+    from qtools.survival.rule import answer_with_probe, check_set
+
     results = moving_families()
     odd = family_result(20, "gd", 5, 40.0)  # loses 4 bits at a value above what one of ga's keeps it at (12)
     for d in (odd["summary"]["4"], odd["layers"][0]["by_bits"]["4"]):
@@ -56,10 +63,16 @@ def test_bracket_is_never_optimistic_on_what_it_was_fitted_on_and_leaves_overlap
     br = tiers.fit_bracket_on(results, "delta_to_noise", "weighted")
     preds = [(tiers.predict_bracket(br, r), r["true_min_bits"]) for r in results]
     s = tiers.judge_brackets(preds)
-    assert s["optimistic"] == 0 and s["wrongly_lost"] == 0
-    a, b = tiers.predict_bracket(br, odd)
-    assert a == 5 and b == 3  # 4 bits is left between
-    assert s["mean_between"] > 0
+    assert s["optimistic"] == 0 and s["lost_above"] == 0
+    assert tiers.predict_bracket(br, odd) == (5, 4)  # 4 lost at 13
+    # every fine-tune whose value at its threshold is at most 13 (each family's weakest, 12)
+    at_13 = [r for r in results if r["summary"][str(r["true_min_bits"])]["delta_to_noise"] <= 13.0 and r is not odd]
+    assert len(at_13) == 3 and s["wrongly_lost"] == 3
+    for r in at_13 + [odd]:  # its threshold called lost, or the bit-width below: with the probe, exact
+        a, b = tiers.predict_bracket(br, r)
+        assert b <= r["true_min_bits"] <= a
+        assert answer_with_probe(BITS, a, check_set(BITS, a, b),
+                                 lambda x, r=r: x >= r["true_min_bits"]) == r["true_min_bits"]
 
 
 def test_judge_brackets_counts():
@@ -503,9 +516,13 @@ def test_the_survive_end_moved_up_is_never_optimistic_at_a_price():
     assert tiers.raised((5, 3), 0) == (5, 3)
     results = moving_families()
     wt = tiers.weights_tier(results)
-    m, w = tiers.margin_held_out(results, wt["predictions"]), wt["held_out"]
-    assert m["n"] == len(results) and m["optimistic"] == 0 and min(m["margins"].values()) >= 1
+    m, w = wt["held_out"], wt["unmoved"]
+    assert m["n"] == len(results) and m["optimistic"] == 0 and min(wt["margins"].values()) >= 1
     assert m["exact"] < w["exact"] and m["mean_between"] > w["mean_between"]
+    # the move is the bracket's own: its held-out answers are the unmoved ones moved up the fold's margin
+    for name, _train, test in tiers.folds(results):
+        for r in test:
+            assert wt["predictions"][r["id"]] == tiers.raised(wt["unmoved_predictions"][r["id"]], wt["margins"][name])
 
 
 def test_a_margin_for_each_survive_end_widens_only_the_ends_the_training_answers_were_optimistic_at():
@@ -517,11 +534,10 @@ def test_a_margin_for_each_survive_end_widens_only_the_ends_the_training_answers
     assert tiers.end_margins([((6, 3), 8)]) == {6: 1}  # 6 up one supported bit-width is 8
     results = moving_families()
     wt = tiers.weights_tier(results)
-    m = tiers.margin_held_out(results, wt["predictions"])
-    e = m["per_end"]
-    assert e["n"] == m["n"] == len(results) and set(e["margins"]) == set(m["margins"])
+    m, e = wt["held_out"], wt["per_end"]
+    assert e["n"] == m["n"] == len(results) and set(e["margins"]) == set(wt["margins"])
     for fam, moves in e["margins"].items():
-        assert moves and all(0 <= k <= m["margins"][fam] for k in moves.values())
+        assert moves and all(0 <= k <= wt["margins"][fam] for k in moves.values())
     assert e["mean_between"] <= m["mean_between"]
 
 
@@ -530,13 +546,44 @@ def test_the_study_report_says_what_each_never_optimistic_bracket_costs():
 
     results = moving_families()
     wt = tiers.weights_tier(results)
-    m = tiers.margin_held_out(results, wt["predictions"])
-    text = " ".join(_margin_text(m, {"exact": 3, "optimistic": 6}))
-    e = m["per_end"]
-    assert f"optimistic for {m['optimistic']}/{m['n']}" in text and "(the constant guess: 3 exact, 6 optimistic)" in text
+    m, u = wt["held_out"], wt["unmoved"]
+    text = " ".join(_margin_text(wt, {"exact": 3, "optimistic": 6}))
+    e = wt["per_end"]
+    assert f"optimistic for {m['optimistic']}/{m['n']}, exact for {m['exact']} (the constant guess: 3 exact, " \
+           "6 optimistic)" in text
+    assert f"Unmoved, it is optimistic for {u['optimistic']}/{u['n']}, exact for {u['exact']} and leaves " \
+           f"{u['mean_between']:.2f} between" in text
+    assert "per held-out family: " + ", ".join(f"{f} {k}" for f, k in wt["margins"].items()) in text
     assert "With a move for each survive end instead" in text
     assert f"leaves {e['mean_between']:.2f} bit-widths between, is exact for {e['exact']} and optimistic for " \
            f"{e['optimistic']}/{e['n']} (the constant guess: 3 exact, 6 optimistic)" in text
     for fam, moves in e["margins"].items():
         assert fam + " " + (" ".join(f"{a}:+{k}" for a, k in moves.items() if k) or "none") in text
-    assert _margin_text(None, {}) == []
+    assert _margin_text({}, {}) == []
+
+
+def test_the_bracket_file_carries_its_move_and_settle_applies_it(tmp_path):
+    """raise_by round-trips through the rule file (a file without it: no move; a negative one: no
+    bracket); settle moves the survive end up the supported bit-widths, then to the smallest asked
+    at or above; the rounded-away end stays below the statistic's own survive end."""
+    from qtools.survival.rule import Bracket, raised
+
+    assert raised(5, 1, (2, 3, 4, 5, 6, 8)) == 6 and raised(6, 1, (2, 3, 4, 5, 6, 8)) == 8
+    assert raised(6, 1, (4, 5, 6)) is None and raised(4, 1, (4, 6)) == 6 and raised(4, 2, (4, 8)) == 8
+    assert raised(None, 2, (4, 5)) is None and raised(5, 0, (5,)) == 5
+    br = Bracket("cosine", "weighted", survive=0.8, lost=0.5, raise_by=1)
+    path = tmp_path / "rule.json"
+    path.write_text(json.dumps({"bracket": br.to_dict()}))
+    assert Bracket.load(path) == br
+    path.write_text(json.dumps({"bracket": {**br.to_dict(), "raise_by": -1}}))
+    assert Bracket.load(path) is None
+    d = br.to_dict()
+    d.pop("raise_by")
+    path.write_text(json.dumps({"bracket": d}))
+    assert Bracket.load(path).raise_by == 0
+    vals = {2: 0.1, 3: 0.4, 4: 0.6, 5: 0.9, 6: 0.95, 8: 0.99}
+    assert Bracket.load(path).settle(vals.get, BITS) == (5, 3)
+    assert br.settle(vals.get, BITS) == (6, 3)  # 5 moved up to 6; 3 still the last at most 0.5
+    # the lost side (another statistic, at most 0.5 up to 4) stops below the statistic's own end, 5
+    lost = {2: 0.1, 3: 0.2, 4: 0.3, 5: 0.4, 6: 0.45, 8: 0.6}
+    assert br.settle(vals.get, BITS, lost.get) == (6, 4)

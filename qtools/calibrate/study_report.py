@@ -16,7 +16,6 @@ from .tiers import (
     constant_tier,
     every_statistic_held_out,
     fake_vs_real,
-    margin_held_out,
     monotone_ceiling,
     optimistic_covers,
     probe_tier,
@@ -55,8 +54,8 @@ def analyse(usable: list, excluded: list, min_accuracy: float) -> dict:
         "constant": constant_tier(usable),
         "inversions": scale_inversions(usable),
         "every_statistic": every_statistic_held_out(usable),
-        "optimistic_covers": optimistic_covers(usable, weights["predictions"], min_accuracy),
-        "margin": margin_held_out(usable, weights["predictions"]),
+        # where the bracket unmoved was optimistic: what being right there would have cost
+        "optimistic_covers": optimistic_covers(usable, weights["unmoved_predictions"], min_accuracy),
         # whatever the rule: one for all families (what delta-survival ships), one per family
         "monotone": {"one_rule": monotone_ceiling(usable), "per_family": monotone_ceiling(usable, by_family=True)},
         # the point rule delta-survival printed before the bracket (one bit-width, not a bracket)
@@ -97,7 +96,7 @@ def _below(r: dict) -> str:
 
 def goals(a: dict) -> list[tuple[str, str, bool]]:
     """(goal, measured, met) for each of the study's goals."""
-    w, p = a["weights"]["held_out"], a["probe"]["held_out"]
+    w, u, p = a["weights"]["held_out"], a["weights"]["unmoved"], a["probe"]["held_out"]
     m = a["monotone"]["per_family"]
     alone = a["probe"]["cost_alone"]
     cost = alone if alone["n"] else a["probe"]["cost"]
@@ -117,14 +116,12 @@ def goals(a: dict) -> list[tuple[str, str, bool]]:
          + (f" (timed alone, {alone['n']} of {a['probe']['n']} fine-tunes; {a['probe']['cost']['median']:.1%} as measured "
             "two at a time)" if alone["n"] else ""),
          cost["median"] is not None and cost["max"] <= GOAL_PROBE_COST and cost["n"] == a["probe"]["n"]),
-        ("weights tier, held out: never optimistic", f"{w['optimistic']}/{w['n']} optimistic"
+        ("weights tier, held out: never optimistic", f"{w['optimistic']}/{w['n']} optimistic, its survive end moved "
+         f"up as far as the training families show it must be (unmoved: {u['optimistic']} optimistic"
          + "".join(f"; {c['id']} loses {c['lost']} bits with every statistic at least as high as {c['covered']} "
-                   f"fine-tunes ({c['covered_other_families']} of other families) show at the threshold they keep "
-                   "(below)" for c in a.get("optimistic_covers", []))
-         + (f"; its survive end moved up until never optimistic without the held-out family: "
-            f"{a['margin']['optimistic']} optimistic, {a['margin']['mean_between']:.2f} between (below)"
-            if a.get("margin") else ""),
-         w["n"] > 0 and w["optimistic"] == 0),
+                   f"fine-tunes ({c['covered_other_families']} of other families) show at the threshold they keep"
+                   for c in a.get("optimistic_covers", []))
+         + "; below)", w["n"] > 0 and w["optimistic"] == 0),
         (f"weights tier, held out: at least {GOAL_WEIGHTS_EXACT:.0%} exact, or the measurement that shows what the "
          "weights cannot see", f"{w['exact']}/{w['n']}; no rule monotone in the {m['statistics']} statistics, one per family and "
          f"never optimistic on it, is exact for more than {m['exact']}/{m['n']} (below)",
@@ -170,7 +167,8 @@ def _cost_text(p: dict, bp: dict) -> list:
 
 def _bracket_text(br: dict) -> str:
     lost = ("" if not br.get("lost_statistic") else f"{br['lost_statistic']} ({br['lost_aggregate']}) ")
-    return f"{br['statistic']} ({br['aggregate']}) > {br['survive']:.4g}; lost: {lost}<= {br['lost']:.4g}"
+    up = f", then {br['raise_by']} up" if br.get("raise_by") else ""
+    return f"{br['statistic']} ({br['aggregate']}) > {br['survive']:.4g}{up}; lost: {lost}<= {br['lost']:.4g}"
 
 
 def _ceiling_text(c: dict | None, n: int) -> list:
@@ -231,24 +229,28 @@ def _covers_text(covers: list) -> list:
     return out
 
 
-def _margin_text(m: dict | None, constant: dict) -> list:
-    """The bracket made never optimistic held out (margin_held_out), and what it costs, beside the
-    constant guess."""
-    if not m:
+def _margin_text(w: dict, constant: dict) -> list:
+    """The move that makes the bracket never optimistic held out (weights_tier), what it costs
+    against the bracket unmoved, beside the constant guess."""
+    if not w.get("margins"):
         return []
-    ms = ", ".join(f"{f} {k}" for f, k in m["margins"].items())
-    return [f"Never optimistic, at a price: with its survive end moved up as many bit-widths as it takes to be never "
-            "optimistic on the training families' own held-out answers (chosen without the held-out family; per "
-            f"held-out family: {ms}), the bracket held out is optimistic for {m['optimistic']}/{m['n']}, exact for "
-            f"{m['exact']} (the constant guess: {constant['exact']} exact, {constant['optimistic']} optimistic), "
-            f"and leaves {m['mean_between']:.2f} bit-widths between (the probe runs "
-            f"{m['mean_check']:.2f} of {len(BITS)}), against the goal of {GOAL_WEIGHTS_BETWEEN:g}. Never optimistic and "
-            f"at most {GOAL_WEIGHTS_BETWEEN:g} between are not both reached by either bracket.", "",
-            *_per_end_text(m.get("per_end"), constant)]
+    ms = ", ".join(f"{f} {k}" for f, k in w["margins"].items())
+    h, u = w["held_out"], w["unmoved"]
+    final = (w.get("bracket") or {}).get("raise_by", 0)
+    return [f"The move: the bracket's survive end goes up as many supported bit-widths as it takes to make the "
+            "training families' own held-out answers never optimistic (chosen without the held-out family; per "
+            f"held-out family: {ms}; fitted on every family: {final}). Held out, the bracket is then optimistic for "
+            f"{h['optimistic']}/{h['n']}, exact for {h['exact']} (the constant guess: {constant['exact']} exact, "
+            f"{constant['optimistic']} optimistic) and leaves {h['mean_between']:.2f} bit-widths between (the probe "
+            f"runs {h['mean_check']:.2f} of {len(BITS)}). Unmoved, it is optimistic for {u['optimistic']}/{u['n']}, "
+            f"exact for {u['exact']} and leaves {u['mean_between']:.2f} between: the move gives up the answers the "
+            "weights settled alone for never being optimistic, and the probe, which checks the bracket, gives "
+            "them back.", "",
+            *_per_end_text(w.get("per_end"), constant)]
 
 
 def _per_end_text(e: dict | None, constant: dict) -> list:
-    """The bracket with a move for each survive end (margin_held_out's per_end), beside the constant guess."""
+    """The bracket with a move for each survive end (weights_tier's per_end), beside the constant guess."""
     if not e:
         return []
     moved = ", ".join(f"{f} " + (" ".join(f"{a}:+{k}" for a, k in mv.items() if k) or "none")
@@ -383,16 +385,17 @@ def write_study_report(usable: list, excluded: list, fams: list, path, min_accur
                         for f in w["folds"]],
                        headers=["held-out family", "exact", "optimistic", "between", "bracket"], tablefmt="github"), ""]
     lines += _cost_text(p, bp)
-    opt = [(rid, pred[0], truth(r)) for r in usable for rid, pred in [(r["id"], w["predictions"].get(r["id"]))]
+    opt = [(rid, pred[0], truth(r)) for r in usable for rid, pred in [(r["id"], w["unmoved_predictions"].get(r["id"]))]
            if pred is not None and bits_rank(pred[0]) < bits_rank(truth(r))]
     inv = a["inversions"]
     lines += ["## What the weights cannot see", "",
-              f"Held out, the weights bracket is optimistic for {len(opt)} fine-tune(s)"
+              f"Held out, the bracket on its statistic alone (unmoved) is optimistic for {len(opt)} fine-tune(s)"
               + (": " + "; ".join(f"{i} (survives at >= {_bits(p)}, truly {_bits(t)}{_blind(i, inv)})"
                                   for i, p, t in opt) if opt else "")
-              + ". The probe of the bracket's check set, which includes its survive end, overrules it.", "",
+              + ". The bracket delta-survival ships moves its survive end up (below); the probe of the bracket's "
+              "check set, which includes its survive end, would overrule it too.", "",
               *_covers_text(a.get("optimistic_covers", [])),
-              *_margin_text(a.get("margin"), a["constant"]),
+              *_margin_text(w, a["constant"]),
               *_every_statistic_text(a["every_statistic"]),
               *_ceiling_text(w.get("ceiling"), a["n"]),
               *_monotone_text(a),
@@ -412,12 +415,16 @@ def write_study_report(usable: list, excluded: list, fams: list, path, min_accur
         lost_stat, lost_agg = br.get("lost_statistic") or br["statistic"], br.get("lost_aggregate") or br["aggregate"]
         lines += ["## The bracket delta-survival reports", "",
                   f"Fitted on every family: survives at >= a where {br['statistic']} ({br['aggregate']}) > "
-                  f"{br['survive']:.4g} at a and every larger bit-width; rounded away at <= b where {lost_stat} "
-                  f"({lost_agg}) is at most {br['lost']:.4g}; `qtools probe` checks the bit-widths between, and both "
-                  "ends (a and b). Each side's statistic is chosen across the families, each held out in turn: the "
-                  "survive side's for the fewest optimistic answers, the rounded-away side's for the fewest "
-                  "rounded away above the truth (an answer the probe of b cannot correct), then the fewest left "
-                  "between.", ""]
+                  f"{br['survive']:.4g} at a and every larger bit-width, then a moved up {br.get('raise_by', 0)} "
+                  f"supported bit-width(s); rounded away at <= b where {lost_stat} "
+                  f"({lost_agg}) is at most {br['lost']:.4g} (below the statistic's own a); `qtools probe` checks "
+                  "the bit-widths between, and both ends (a and b). Each side's statistic is chosen across the "
+                  "families, each held out in turn: the survive side's for the fewest optimistic answers, the "
+                  "rounded-away side's for the fewest rounded away above the truth (an answer the probe of b cannot "
+                  "correct), then the fewest left between. The lost bound lies below every value seen above a "
+                  "threshold, not below the threshold's own: calling the threshold lost costs nothing, the probe "
+                  "checks b and keeps it. The move is the fewest bit-widths that make the families' own held-out "
+                  "answers never optimistic.", ""]
     if excluded:
         lines += ["## Not used (float16 below the bar)", "",
                   tabulate([[r["id"], f"{r['behaviour']['16']['accuracy']:.1%}", r["behaviour"]["16"]["critical_errors"]]
@@ -425,6 +432,6 @@ def write_study_report(usable: list, excluded: list, fams: list, path, min_accur
                            tablefmt="github"), ""]
     write_text_atomic(Path(path), "\n".join(lines) + "\n")
     return {**{k: v for k, v in a.items() if k not in ("weights", "probe")},
-            "weights": {k: v for k, v in a["weights"].items() if k != "predictions"},
+            "weights": {k: v for k, v in a["weights"].items() if k not in ("predictions", "unmoved_predictions")},
             "probe": {k: v for k, v in a["probe"].items() if k != "predictions"},
             "goals": [{"goal": n, "measured": m, "met": ok} for n, m, ok in g], "goals_met": met}

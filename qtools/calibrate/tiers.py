@@ -3,8 +3,10 @@ quantized models' threshold, beside the constant guess and the ceiling a re-draw
 
 - The weights tier (delta-survival) answers with a bracket that must never be optimistic:
   "survives at >= a" (the statistic clears `survive`, a value no training fine-tune reached at a
-  bit-width it lost), "rounded away at <= b" (the statistic at most `lost`, below every value a
-  training fine-tune showed where it survived); the bit-widths between are left to the probe.
+  bit-width it lost, then a moved up as far as the training families held out in turn show it
+  must be: fit_weights_bracket), "rounded away at <= b" (the statistic at most `lost`, below every
+  value a training fine-tune showed above its threshold: b may be the threshold, which the probe
+  of the check set keeps); the bit-widths between are left to the probe.
 - The probe tier: `qtools probe`'s own verdicts, or with a calibrated margin (a bit-width counts
   as kept only when, besides the verdict, no decision the float model gets right is nearer to
   flipping than `margin`), chosen so that training families are never predicted optimistically.
@@ -17,8 +19,10 @@ from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import replace
 
 from ..survival.rule import AGGREGATES, Bracket, answer_with_probe, check_set, smallest_surviving
+from ..survival.rule import raised as raise_end
 from .fit import STATISTICS, bits_rank, constant_guess, family, folds, rule_input, score_predictions
 from .grid import BITS
 
@@ -50,18 +54,23 @@ def _finite(x) -> bool:
 def _bounds(train: list, stat: str, agg: str, bits_list=BITS) -> tuple | None:
     """(survive, lost) on one statistic: kept from the smallest value seen where kept, or above the
     largest seen where lost if that is higher; lost up to the largest value seen where lost, or
-    below the smallest seen where kept if that is lower."""
-    lost_vals, kept_vals = [], []
+    below the smallest seen above a threshold if that is lower. The threshold itself may fall on
+    the lost side: the probe checks the rounded-away end and keeps it (check_set), so calling it
+    lost costs nothing, where calling a bit-width above it lost makes the answer pessimistic."""
+    lost_vals, kept_vals, above_vals = [], [], []
     for r in train:
         t = bits_rank(truth(r))
         for b in bits_list:
             v = rule_input(r, b, stat, agg)
             if _finite(v):
                 (kept_vals if b >= t else lost_vals).append(v)
+                if b > t:
+                    above_vals.append(v)
     if not lost_vals or not kept_vals:
         return None
     below_kept = math.nextafter(min(kept_vals), -math.inf)  # strictly below every kept value
-    return max(max(lost_vals), below_kept), min(max(lost_vals), below_kept)
+    below_above = math.nextafter(min(above_vals), -math.inf) if above_vals else math.inf
+    return max(max(lost_vals), below_kept), min(max(lost_vals), below_above)
 
 
 def fit_bracket_on(train: list, stat: str, agg: str, bits_list=BITS, lost_side: tuple | None = None) -> Bracket | None:
@@ -252,31 +261,50 @@ def optimistic_covers(results: list, predictions: dict, min_accuracy: float, bit
     return out
 
 
+def fit_weights_bracket(train: list, bits_list=BITS) -> tuple[Bracket | None, list]:
+    """The bracket delta-survival ships, fitted on train: choose_bracket's, with its survive end
+    moved up the fewest supported bit-widths that make train's families' own held-out answers
+    (each family held out in turn, choose_bracket refitted without it) never optimistic. A family
+    held out may lose bit-widths at statistic values the others never lost at; the move is how
+    much of that train itself shows. Returns the bracket and those held-out answers."""
+    inner = _inner_pairs(folds(train), lambda rest: choose_bracket(rest, bits_list), bits_list)
+    br = choose_bracket(train, bits_list)
+    return (None if br is None else replace(br, raise_by=_least_raise(inner, bits_list))), inner
+
+
 def weights_tier(results: list, bits_list=BITS) -> dict:
-    """The bracket judged leave-one-family-out (statistic, aggregate and bounds all refitted
-    without the held-out family), and the bracket fitted on every family."""
-    pairs, rows, predictions = [], [], {}
+    """The bracket judged leave-one-family-out (statistic, aggregate, bounds and move all refitted
+    without the held-out family: fit_weights_bracket), and fitted on every family. Beside it, what
+    the move buys: the same brackets unmoved, and with a move for each survive end instead
+    (end_margins of the same held-out answers, which widens only the ends the training families
+    were optimistic at)."""
+    pairs, unmoved, per_end, rows = [], [], [], []
+    predictions, unmoved_predictions, margins, end_moves = {}, {}, {}, {}
     for name, train, test in folds(results):
-        br = choose_bracket(train, bits_list)
-        fold = [((None, None) if br is None else predict_bracket(br, r, bits_list), truth(r)) for r in test]
-        for r, (p, _t) in zip(test, fold):
-            predictions[r["id"]] = p
+        br, inner = fit_weights_bracket(train, bits_list)
+        margins[name] = 0 if br is None else br.raise_by
+        end_moves[name] = moves = end_margins(inner, bits_list)
+        fold = []
+        for r in test:
+            p = (None, None) if br is None else predict_bracket(br, r, bits_list)
+            p0 = (None, None) if br is None else predict_bracket(replace(br, raise_by=0), r, bits_list)
+            predictions[r["id"]], unmoved_predictions[r["id"]] = p, p0
+            fold.append((p, truth(r)))
+            unmoved.append((p0, truth(r)))
+            per_end.append((raised(p0, moves.get(p0[0], 0), bits_list), truth(r)))
         pairs += fold
         rows.append({"family": name, "bracket": br.to_dict() if br else None, **judge_brackets(fold, bits_list)})
-    final = choose_bracket(results, bits_list)
+    final, _ = fit_weights_bracket(results, bits_list)
     return {"held_out": judge_brackets(pairs, bits_list), "folds": rows, "predictions": predictions,
+            "margins": margins, "unmoved": judge_brackets(unmoved, bits_list), "unmoved_predictions": unmoved_predictions,
+            "per_end": {**judge_brackets(per_end, bits_list), "margins": end_moves},
             "bracket": final.to_dict() if final else None, "ceiling": weights_ceiling(results, bits_list)}
 
 
 def raised(pred: tuple, m: int, bits_list=BITS) -> tuple:
     """A bracket's answer (a, b) with its survive end a moved up m supported bit-widths (past the
     largest: none settled as kept); b as it was."""
-    a, b = pred
-    ranked = sorted(bits_list)
-    if m == 0 or a is None:
-        return a, b
-    i = ranked.index(a) + m
-    return (ranked[i] if i < len(ranked) else None), b
+    return raise_end(pred[0], m, bits_list), pred[1]
 
 
 def _least_raise(pairs, bits_list=BITS) -> int:
@@ -293,29 +321,6 @@ def end_margins(pairs, bits_list=BITS) -> dict:
     never optimistic on these pairs. An end they never answer gets none."""
     ends = {p[0] for p, _t in pairs if p[0] is not None}
     return {a: _least_raise([(p, t) for p, t in pairs if p[0] == a], bits_list) for a in sorted(ends)}
-
-
-def margin_held_out(results: list, predictions: dict, bits_list=BITS) -> dict:
-    """What never being optimistic costs the bracket held out: in each fold its held-out answer
-    (predictions, weights_tier's) with the survive end moved up m bit-widths, m the smallest that
-    makes the training families' own held-out answers (each held out in turn, choose_bracket
-    refitted without it) never optimistic. Returns judge_brackets' scores and each fold's m; and
-    under "per_end" the same with a move for each survive end (end_margins of the same answers),
-    which widens only the ends the training families were optimistic at."""
-    pairs, margins, per_end, end_moves = [], {}, [], {}
-    for name, train, test in folds(results):
-        inner = []
-        for _, rest, held in folds(train):
-            ib = choose_bracket(rest, bits_list)
-            inner += [((None, None) if ib is None else predict_bracket(ib, r, bits_list), truth(r)) for r in held]
-        margins[name] = m = _least_raise(inner, bits_list)
-        end_moves[name] = moves = end_margins(inner, bits_list)
-        for r in test:
-            p = predictions[r["id"]]
-            pairs.append((raised(p, m, bits_list), truth(r)))
-            per_end.append((raised(p, moves.get(p[0], 0), bits_list), truth(r)))
-    return {**judge_brackets(pairs, bits_list), "margins": margins,
-            "per_end": {**judge_brackets(per_end, bits_list), "margins": end_moves}}
 
 
 # ----------------------------------------------------------------------------- probe tier

@@ -547,8 +547,8 @@ def bracket_answer(bracket, summary: dict, layers: list, bits) -> dict | None:
     """The weights tier's answer from a report's statistics (summary, layers): survives at >= a,
     rounded away at <= b, each bit-width's verdict (True, False, None: left to the probe) and what
     to run the probe on (rule.check_set: the bit-widths between, and both ends, which are
-    extrapolated from the study's fine-tunes: the demo's keeps 5 bits where the study's bracket
-    calls 5 lost, docs/study.md). None without a bracket, or without its statistic."""
+    extrapolated from the study's fine-tunes, and the rounded-away end may be the threshold
+    itself: docs/study.md). None without a bracket, or without its statistic."""
     if bracket is None or (summary.get(str(max(bits))) or {}).get(bracket.statistic) is None:
         return None
     a, b = bracket.predict(summary, layers, bits)

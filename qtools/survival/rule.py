@@ -21,6 +21,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .. import SUPPORTED_BITS
+
 RULE_FILE = Path(__file__).with_name("calibration.json")
 AGGREGATES = ("weighted", "weakest_layer")
 
@@ -101,24 +103,29 @@ class Bracket:
     a bit-width survives, with every larger one, where the statistic is above `survive` (no
     calibration fine-tune lost a bit-width at a value that high); it is rounded away, with every
     smaller one, where the lost side's statistic (lost_statistic, lost_aggregate: the survive
-    side's unless the study chose another) is at most `lost` (below every value at which one
-    survived). The bit-widths between are left to `qtools probe`."""
+    side's unless the study chose another) is at most `lost` (below every value at which a
+    bit-width above a threshold survived: the threshold itself may be called lost, the probe
+    confirms it). The survive end is then moved up `raise_by` supported bit-widths: held out, a
+    family lost bit-widths at values no other family lost at, and the move is what made the
+    bracket never optimistic without it. The bit-widths between are left to `qtools probe`."""
     statistic: str
     aggregate: str
     survive: float
     lost: float
     lost_statistic: str | None = None
     lost_aggregate: str | None = None
+    raise_by: int = 0
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> Bracket | None:
         """The rule file's bracket; None when it has none (not calibrated by the study) or is unreadable."""
         try:
             d = json.loads(Path(path or RULE_FILE).read_text())["bracket"]
-            return cls(d["statistic"], d["aggregate"], float(d["survive"]), float(d["lost"]),
-                       d.get("lost_statistic"), d.get("lost_aggregate"))
+            br = cls(d["statistic"], d["aggregate"], float(d["survive"]), float(d["lost"]),
+                     d.get("lost_statistic"), d.get("lost_aggregate"), int(d.get("raise_by", 0)))
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
             return None
+        return br if br.raise_by >= 0 else None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,10 +144,10 @@ class Bracket:
         a = smallest_surviving(bits, lambda x: v[x] is not None and v[x] > self.survive)
         b = None
         for x in sorted(bits):
-            if w[x] is None or w[x] > self.lost or (a is not None and x >= a):
+            if w[x] is None or w[x] > self.lost or (a is not None and x >= a):  # below the statistic's own a
                 break
             b = x
-        return a, b
+        return raised(a, self.raise_by, bits), b
 
     def predict(self, summary: dict, layers: list, bits) -> tuple:
         """settle() on a delta-survival report's statistics."""
@@ -148,11 +155,22 @@ class Bracket:
         return self.settle(lambda b: rule.value(summary, layers, b), bits, lambda b: lost.value(summary, layers, b))
 
 
+def raised(a, m: int, bits) -> int | None:
+    """A survive end a moved up m supported bit-widths (SUPPORTED_BITS, as the study counted the
+    move), then to the smallest of `bits` at or above that; None (none settled as kept) past them."""
+    if a is None or m == 0:
+        return a
+    ranked = sorted(set(SUPPORTED_BITS) | set(bits))
+    i = ranked.index(a) + m
+    return None if i >= len(ranked) else next((x for x in sorted(bits) if x >= ranked[i]), None)
+
+
 def check_set(bits, a, b) -> list:
     """The bit-widths `qtools probe` runs after a bracket (a: the smallest settled as kept, b: the
     largest settled as rounded away; None: none): those between, and both ends. The ends are
-    extrapolated from the study's fine-tunes (held out, one survive end was optimistic and some
-    rounded-away ends were the threshold itself: docs/study.md), so the probe confirms them; the
+    extrapolated from the study's fine-tunes (the rounded-away end is often the threshold itself,
+    by design, and a survive end unmoved was once optimistic held out: docs/study.md), so the
+    probe confirms them; the
     bit-widths above a and below b it does not run."""
     return [x for x in sorted(bits) if (b is None or x >= b) and (a is None or x <= a)]
 
