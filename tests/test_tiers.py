@@ -575,8 +575,9 @@ def test_the_bracket_file_carries_its_move_and_settle_applies_it(tmp_path):
     path = tmp_path / "rule.json"
     path.write_text(json.dumps({"bracket": br.to_dict()}))
     assert Bracket.load(path) == br
-    path.write_text(json.dumps({"bracket": {**br.to_dict(), "raise_by": -1}}))
-    assert Bracket.load(path) is None
+    for bad in (-1, 1.5, "1", True, None):
+        path.write_text(json.dumps({"bracket": {**br.to_dict(), "raise_by": bad}}))
+        assert Bracket.load(path) is None
     d = br.to_dict()
     d.pop("raise_by")
     path.write_text(json.dumps({"bracket": d}))

@@ -122,10 +122,11 @@ class Bracket:
         try:
             d = json.loads(Path(path or RULE_FILE).read_text())["bracket"]
             br = cls(d["statistic"], d["aggregate"], float(d["survive"]), float(d["lost"]),
-                     d.get("lost_statistic"), d.get("lost_aggregate"), int(d.get("raise_by", 0)))
+                     d.get("lost_statistic"), d.get("lost_aggregate"), d.get("raise_by", 0))
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
             return None
-        return br if br.raise_by >= 0 else None
+        ok = isinstance(br.raise_by, int) and not isinstance(br.raise_by, bool) and br.raise_by >= 0
+        return br if ok else None  # a move that is not a count of bit-widths: no bracket, as unreadable
 
     def to_dict(self) -> dict:
         return asdict(self)
