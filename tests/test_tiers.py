@@ -247,6 +247,11 @@ def test_the_study_refits_from_its_results_byte_for_byte(tmp_path):
     assert res["study"]["n"] == k and res["fine_tunes"] == k
     rule = json.loads(outs[0][1])
     assert rule["provisional"] and rule["bracket"]["statistic"] and rule["study"]["weights_held_out"]["n"] == k
+    # the rule file's bracket carries its move; the report says where its rounded-away end fell
+    w = rule["study"]["weights_held_out"]
+    assert isinstance(rule["bracket"]["raise_by"], int) and rule["bracket"]["raise_by"] >= 0
+    assert (f"rounded-away end at the threshold for {w['wrongly_lost'] - w['lost_above']} (the probe keeps it), "
+            f"above it for {w['lost_above']}") in text
     # a fine-tune timed alone (make calibrate-timing, beside the results): the cost goal reads it
     from qtools.calibrate import timing
 

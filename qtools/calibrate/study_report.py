@@ -369,8 +369,9 @@ def write_study_report(usable: list, excluded: list, fams: list, path, min_accur
                   ["weights tier (upper end of its bracket)", f"{w['held_out']['exact']}/{w['held_out']['n']}",
                    w["held_out"]["optimistic"], f"{w['held_out']['mean_between']:.2f} bit-widths left to the probe; "
                                                 f"{w['held_out']['settled']} settled alone; "
-                                                f"{w['held_out']['wrongly_lost']} wrongly called lost ({w['held_out']['lost_above']} "
-                                                "above the truth)"],
+                                                f"rounded-away end at the threshold for "
+                                                f"{w['held_out']['wrongly_lost'] - w['held_out']['lost_above']} (the "
+                                                f"probe keeps it), above it for {w['held_out']['lost_above']}"],
                   ["bracket + probe of its check set", f"{bp['exact']}/{bp['n']}", bp["optimistic"],
                    f"what a user runs: the probe on {bp['mean_check']:.2f} of {bp['bits']} bit-widths"],
                   ["weights tier's point rule (its single guess)", f"{a['point']['exact']}/{a['point']['n']}",
