@@ -261,13 +261,15 @@ def optimistic_covers(results: list, predictions: dict, min_accuracy: float, bit
     return out
 
 
-def fit_weights_bracket(train: list, bits_list=BITS) -> tuple[Bracket | None, list]:
+def fit_weights_bracket(train: list, bits_list=BITS, inner: list | None = None) -> tuple[Bracket | None, list]:
     """The bracket delta-survival ships, fitted on train: choose_bracket's, with its survive end
     moved up the fewest supported bit-widths that make train's families' own held-out answers
     (each family held out in turn, choose_bracket refitted without it) never optimistic. A family
     held out may lose bit-widths at statistic values the others never lost at; the move is how
-    much of that train itself shows. Returns the bracket and those held-out answers."""
-    inner = _inner_pairs(folds(train), lambda rest: choose_bracket(rest, bits_list), bits_list)
+    much of that train itself shows. inner: those answers where already computed. Returns the
+    bracket and those held-out answers."""
+    if inner is None:
+        inner = _inner_pairs(folds(train), lambda rest: choose_bracket(rest, bits_list), bits_list)
     br = choose_bracket(train, bits_list)
     return (None if br is None else replace(br, raise_by=_least_raise(inner, bits_list))), inner
 
@@ -294,7 +296,7 @@ def weights_tier(results: list, bits_list=BITS) -> dict:
             per_end.append((raised(p0, moves.get(p0[0], 0), bits_list), truth(r)))
         pairs += fold
         rows.append({"family": name, "bracket": br.to_dict() if br else None, **judge_brackets(fold, bits_list)})
-    final, _ = fit_weights_bracket(results, bits_list)
+    final, _ = fit_weights_bracket(results, bits_list, inner=unmoved)  # the folds' answers unmoved: its inner ones
     return {"held_out": judge_brackets(pairs, bits_list), "folds": rows, "predictions": predictions,
             "margins": margins, "unmoved": judge_brackets(unmoved, bits_list), "unmoved_predictions": unmoved_predictions,
             "per_end": {**judge_brackets(per_end, bits_list), "margins": end_moves},
