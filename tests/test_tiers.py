@@ -524,10 +524,16 @@ def test_the_survive_end_moved_up_is_never_optimistic_at_a_price():
     m, w = wt["held_out"], wt["unmoved"]
     assert m["n"] == len(results) and m["optimistic"] == 0 and min(wt["margins"].values()) >= 1
     assert m["exact"] < w["exact"] and m["mean_between"] > w["mean_between"]
-    # the move is the bracket's own: its held-out answers are the unmoved ones moved up the fold's margin
+    # the move is the bracket's own: its held-out answers are the unmoved ones moved up the fold's
+    # margin, and what the fold's bracket (as the rule file keeps it) settles through Bracket.settle
+    from qtools.survival.rule import Bracket
+
+    brackets = {f["family"]: Bracket(**f["bracket"]) for f in wt["folds"]}
     for name, _train, test in tiers.folds(results):
+        assert brackets[name].raise_by == wt["margins"][name]
         for r in test:
             assert wt["predictions"][r["id"]] == tiers.raised(wt["unmoved_predictions"][r["id"]], wt["margins"][name])
+            assert wt["predictions"][r["id"]] == tiers.predict_bracket(brackets[name], r)
 
 
 def test_a_margin_for_each_survive_end_widens_only_the_ends_the_training_answers_were_optimistic_at():

@@ -286,10 +286,10 @@ def weights_tier(results: list, bits_list=BITS) -> dict:
         br, inner = fit_weights_bracket(train, bits_list)
         margins[name] = 0 if br is None else br.raise_by
         end_moves[name] = moves = end_margins(inner, bits_list)
-        fold = []
+        unmoved_br, fold = (None if br is None else replace(br, raise_by=0)), []
         for r in test:
-            p = (None, None) if br is None else predict_bracket(br, r, bits_list)
-            p0 = (None, None) if br is None else predict_bracket(replace(br, raise_by=0), r, bits_list)
+            p0 = (None, None) if br is None else predict_bracket(unmoved_br, r, bits_list)
+            p = raised(p0, margins[name], bits_list)  # as settle moves it
             predictions[r["id"]], unmoved_predictions[r["id"]] = p, p0
             fold.append((p, truth(r)))
             unmoved.append((p0, truth(r)))

@@ -171,8 +171,7 @@ def check_set(bits, a, b) -> list:
     largest settled as rounded away; None: none): those between, and both ends. The ends are
     extrapolated from the study's fine-tunes (the rounded-away end is often the threshold itself,
     by design, and a survive end unmoved was once optimistic held out: docs/study.md), so the
-    probe confirms them; the
-    bit-widths above a and below b it does not run."""
+    probe confirms them; the bit-widths above a and below b it does not run."""
     return [x for x in sorted(bits) if (b is None or x >= b) and (a is None or x <= a)]
 
 
