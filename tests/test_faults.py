@@ -180,3 +180,31 @@ def test_an_interrupted_probe_writes_its_report_whole_or_not_at_all(fam, tmp_pat
         assert leftovers(tmp_path) == [], (i, sig, code)
         if out.exists():
             assert without_timing(json.loads(out.read_text())) == reference, (i, sig, code)
+
+
+def test_the_compiled_extensions_are_imported_with_interrupts_deferred():
+    """Ctrl-C or SIGTERM inside a nanobind module's initialisation (mlx.core, qtools._ext) aborts
+    the process ("Critical nanobind error", SIGABRT) instead of raising: found by the probe's
+    interruption test above, a signal landing while probe imported mlx.core. So a command imports
+    them first with both signals deferred: the interrupt then acts right after, as `Error:
+    interrupted`. Checked where it can be, deterministically: at each import the SIGINT handler is
+    the deferring one, not Python's default."""
+    code = (
+        "import importlib.abc, signal, sys\n"
+        "seen = []\n"
+        "class Watch(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name in ('mlx.core', 'qtools._ext'):\n"
+        "            seen.append((name, signal.getsignal(signal.SIGINT) is signal.default_int_handler))\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, Watch())\n"
+        "from qtools.cli import main\n"
+        "try:\n"
+        "    main(['compare', '--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(sorted(seen), file=sys.stderr)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.strip().splitlines()[-1] == "[('mlx.core', False), ('qtools._ext', False)]", p.stderr
